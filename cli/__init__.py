@@ -1,0 +1,1 @@
+"""The `selfext` command line (installed as selfext_cpp.cli)."""

@@ -1,0 +1,55 @@
+#pragma once
+
+// Self-Extend (Jin et al. 2024, "LLM Maybe LongLM") for libllama.
+//
+// For a query at position i and a key at position j, with group size G (ga_n) and neighbour window W (ga_w):
+//   i - j <  W: normal RoPE attention logit (query rotated at i, key at j);
+//   i - j >= W: query rotated at i/G + W - W/G, key rotated at j/G (integer division);
+// the two logit sets are merged per (i, j), then one softmax, then V. G = 1 is vanilla attention.
+//
+// Positions are the true token positions stored in the KV cells, so prompt caching, llama_memory_seq_rm,
+// several sequences per batch and state save/load behave as without Self-Extend.
+
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define LLAMA_SELF_EXTEND_API_VERSION 1
+
+enum llama_self_extend_status {
+    LLAMA_SELF_EXTEND_OK                =  0,
+    LLAMA_SELF_EXTEND_ERR_INVALID_ARG   = -1, // ga_n < 1, ga_w < 1 (with ga_n > 1) or a null pointer
+    LLAMA_SELF_EXTEND_ERR_NO_ROPE       = -2, // the model has no rotary position embedding
+    LLAMA_SELF_EXTEND_ERR_ROPE_TYPE     = -3, // multi-section RoPE (M-RoPE, vision RoPE): not supported
+    LLAMA_SELF_EXTEND_ERR_MEMORY        = -4, // recurrent, hybrid or no KV cache
+    LLAMA_SELF_EXTEND_ERR_ARCH          = -5, // the architecture's attention path is not covered
+};
+
+// LLAMA_SELF_EXTEND_API_VERSION of the loaded library; lets bindings check they talk to a patched libllama.
+LLAMA_API int32_t llama_self_extend_api_version(void);
+
+// The upstream llama.cpp commit this library was built from (short hash).
+LLAMA_API const char * llama_self_extend_upstream_commit(void);
+
+// A short English description of a llama_self_extend_status value.
+LLAMA_API const char * llama_self_extend_status_str(int32_t status);
+
+// Whether Self-Extend can run exactly on this model, judged from its architecture and RoPE type:
+// LLAMA_SELF_EXTEND_OK or a negative llama_self_extend_status. The memory type is checked per context.
+LLAMA_API int32_t llama_model_self_extend_support(const struct llama_model * model);
+
+// Enable Self-Extend on a context with group size ga_n >= 1 and neighbour window ga_w >= 1.
+// ga_n == 1 disables it (vanilla attention; ga_w is then ignored and stored as 0).
+// Takes effect from the next llama_decode(); the KV cache is kept and stays valid, since cached keys keep
+// their true positions. Returns LLAMA_SELF_EXTEND_OK or a negative llama_self_extend_status (the context is
+// then unchanged). With flash attention on, the Self-Extend layers run the exact non-flash path (logged once).
+LLAMA_API int32_t llama_set_self_extend(struct llama_context * ctx, int32_t ga_n, int32_t ga_w);
+
+// Current setting of a context: *ga_n == 1 and *ga_w == 0 when Self-Extend is off. Either pointer may be null.
+LLAMA_API void llama_get_self_extend(const struct llama_context * ctx, int32_t * ga_n, int32_t * ga_w);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,63 @@
+#pragma once
+
+// Self-Extend inside the attention graph. Upstream files call these from thin hooks; see patches/series.
+
+#include "ggml.h"
+
+#include <cstdint>
+
+struct llama_cparams;
+struct llama_hparams;
+struct llama_ubatch;
+class  llama_kv_cache_context;
+
+// Graph inputs of one KV cache, filled from the KV cells and the ubatch at every llama_decode().
+struct llama_se_inp {
+    ggml_tensor * q_shift = nullptr; // I32 [n_tokens]                    grouped query position - position
+    ggml_tensor * k_shift = nullptr; // I32 [n_kv*n_stream]               grouped key position - position
+    ggml_tensor * nbr     = nullptr; // F32 [n_kv, n_tps, 1, n_stream]    1 where pos_q - pos_k <  W, else 0
+    ggml_tensor * grp     = nullptr; // F32 [n_kv, n_tps, 1, n_stream]    1 - nbr
+};
+
+// The grouped operands of one layer, handed to build_attn_mha.
+struct llama_se_attn {
+    ggml_tensor * q   = nullptr; // F32 [n_embd_head_k, n_head,    n_tokens]          rotated to i/G + W - W/G
+    ggml_tensor * k   = nullptr; // F32 [n_embd_head_k, n_head_kv, n_kv, n_stream]    rotated to j/G
+    ggml_tensor * nbr = nullptr;
+    ggml_tensor * grp = nullptr;
+};
+
+// true when the context runs Self-Extend (ga_n > 1)
+bool llama_se_enabled(const llama_cparams & cparams);
+
+// the inputs for mctx's cells; all null when Self-Extend is off
+llama_se_inp llama_se_build_inp(
+        ggml_context * ctx,
+        const llama_kv_cache_context * mctx,
+        const llama_ubatch & ubatch,
+        const llama_cparams & cparams);
+
+void llama_se_set_inp(
+        const llama_se_inp & inp,
+        const llama_kv_cache_context * mctx,
+        const llama_ubatch * ubatch,
+        const llama_cparams & cparams);
+
+// Builds the grouped q/k of layer il. Returns false (and leaves out untouched) when Self-Extend does not apply
+// to the layer: off, or a layer without RoPE. q: the roped queries as the layer attends with them,
+// k: the KV cache view of the layer, k_rot: the cache's Hadamard rotation (null if none).
+bool llama_se_build_layer(
+        ggml_context * ctx,
+        const llama_se_inp & inp,
+        const llama_kv_cache_context * mctx,
+        const llama_hparams & hparams,
+        const llama_cparams & cparams,
+        ggml_tensor * q,
+        ggml_tensor * k,
+        ggml_tensor * k_rot,
+        int il,
+        llama_se_attn & out);
+
+// Merges the neighbour logits kq [n_kv, n_tps, n_head, n_stream] (as build_attn_mha computes them) with the
+// grouped ones: kq * nbr + kq_grouped * grp. Exact: the masks are 0/1, so each logit is one of the two.
+ggml_tensor * llama_se_merge_kq(ggml_context * ctx, const llama_se_attn & se, ggml_tensor * kq);

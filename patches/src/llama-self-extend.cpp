@@ -1,0 +1,324 @@
+// Self-Extend: the C API and the attention-graph pieces called from the hooks in llama-graph.cpp.
+//
+// Per layer, the neighbour logits are the layer's own (cached keys carry RoPE at their true position j, the
+// queries at i). The grouped logits come from the same tensors rotated further, the way llama.cpp's K-shift
+// rotates cached keys: queries by (i/G + W - W/G) - i, keys by j/G - j. A rotation composes exactly with the
+// one already applied (same frequencies, same YaRN ramp), so these are RoPE at the grouped positions. Both
+// logit sets are merged with 0/1 masks, then the usual softmax and V product run once.
+
+#include "llama-self-extend.h"
+#include "llama-self-extend-impl.h"
+
+#include "llama-context.h"
+#include "llama-graph.h"
+#include "llama-impl.h"
+#include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-model.h"
+
+#include <cmath>
+#include <cstring>
+
+#ifndef SELFEXT_LLAMA_CPP_COMMIT
+#define SELFEXT_LLAMA_CPP_COMMIT "unknown"
+#endif
+
+// the one friend of the upstream classes whose internals we read
+struct llama_se_access {
+    static llama_cparams & cparams(llama_context & ctx)             { return ctx.cparams; }
+    static void            need_reserve(llama_context & ctx)         { ctx.sched_need_reserve = true; }
+    static const llama_kv_cache * kv(const llama_kv_cache_context * m) { return m->kv; }
+    static uint32_t        stream0(const llama_kv_cache_context * m) { return m->sinfos[m->i_cur].s0; }
+    static const llama_model & model(const llama_kv_cache * kv)     { return kv->model; }
+    static const llama_kv_cells & cells(const llama_kv_cache * kv, uint32_t s) { return kv->v_cells[s]; }
+    static uint32_t        stream_of(const llama_kv_cache * kv, llama_seq_id seq) { return kv->seq_to_stream[seq]; }
+};
+
+// grouped positions: neighbour window W, group size G
+static llama_pos se_q_pos(llama_pos i, int32_t G, int32_t W) { return i/G + W - W/G; }
+static llama_pos se_k_pos(llama_pos j, int32_t G)            { return j/G; }
+
+//
+// C API
+//
+
+int32_t llama_self_extend_api_version(void) {
+    return LLAMA_SELF_EXTEND_API_VERSION;
+}
+
+const char * llama_self_extend_upstream_commit(void) {
+    return SELFEXT_LLAMA_CPP_COMMIT;
+}
+
+const char * llama_self_extend_status_str(int32_t status) {
+    switch (status) {
+        case LLAMA_SELF_EXTEND_OK:              return "ok";
+        case LLAMA_SELF_EXTEND_ERR_INVALID_ARG: return "invalid argument: need ga_n >= 1 and ga_w >= 1";
+        case LLAMA_SELF_EXTEND_ERR_NO_ROPE:     return "the model has no rotary position embedding";
+        case LLAMA_SELF_EXTEND_ERR_ROPE_TYPE:   return "the model's multi-section RoPE (M-RoPE/vision) is not supported";
+        case LLAMA_SELF_EXTEND_ERR_MEMORY:      return "the model's memory is not a plain KV cache (recurrent or hybrid)";
+        case LLAMA_SELF_EXTEND_ERR_ARCH:        return "the model's architecture is not covered by Self-Extend";
+        default:                                return "unknown status";
+    }
+}
+
+// architectures whose attention goes through build_attn with a KV cache (plain or iSWA) and plain RoPE on q/k,
+// without position-dependent query scaling
+static bool se_arch_covered(llm_arch arch) {
+    switch (arch) {
+        case LLM_ARCH_LLAMA:
+        case LLM_ARCH_QWEN2:
+        case LLM_ARCH_QWEN2MOE:
+        case LLM_ARCH_QWEN3:
+        case LLM_ARCH_QWEN3MOE:
+        case LLM_ARCH_PHI3:
+        case LLM_ARCH_GEMMA:
+        case LLM_ARCH_GEMMA2:
+        case LLM_ARCH_GEMMA3:
+        case LLM_ARCH_GRANITE:
+        case LLM_ARCH_STARCODER2:
+        case LLM_ARCH_OLMO:
+        case LLM_ARCH_OLMO2:
+        case LLM_ARCH_INTERNLM2:
+        case LLM_ARCH_STABLELM:
+        case LLM_ARCH_EXAONE:
+        case LLM_ARCH_COHERE2:
+        case LLM_ARCH_SMOLLM3:
+        case LLM_ARCH_ERNIE4_5:
+        case LLM_ARCH_SEED_OSS:
+        case LLM_ARCH_APERTUS:
+            return true;
+        default:
+            return false;
+    }
+}
+
+int32_t llama_model_self_extend_support(const llama_model * model) {
+    if (!model) {
+        return LLAMA_SELF_EXTEND_ERR_INVALID_ARG;
+    }
+    const auto & hp = model->hparams;
+    switch (hp.rope_type) {
+        case LLAMA_ROPE_TYPE_NORM:
+        case LLAMA_ROPE_TYPE_NEOX:
+            break;
+        case LLAMA_ROPE_TYPE_NONE:
+            return LLAMA_SELF_EXTEND_ERR_NO_ROPE;
+        default:
+            return LLAMA_SELF_EXTEND_ERR_ROPE_TYPE;
+    }
+    if (!se_arch_covered(model->arch) || hp.n_lora_kv > 0 || hp.use_alibi) {
+        return LLAMA_SELF_EXTEND_ERR_ARCH;
+    }
+    return LLAMA_SELF_EXTEND_OK;
+}
+
+int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
+    if (!ctx || ga_n < 1 || (ga_n > 1 && ga_w < 1)) {
+        return LLAMA_SELF_EXTEND_ERR_INVALID_ARG;
+    }
+    if (ga_n > 1) {
+        const int32_t support = llama_model_self_extend_support(&ctx->get_model());
+        if (support != LLAMA_SELF_EXTEND_OK) {
+            return support;
+        }
+        llama_memory_t mem = ctx->get_memory();
+        if (!dynamic_cast<llama_kv_cache *>(mem) && !dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+            return LLAMA_SELF_EXTEND_ERR_MEMORY;
+        }
+    } else {
+        ga_w = 0;
+    }
+
+    auto & cparams = llama_se_access::cparams(*ctx);
+    if (cparams.se_n == ga_n && cparams.se_w == ga_w) {
+        return LLAMA_SELF_EXTEND_OK;
+    }
+    if (ga_n > 1 && cparams.flash_attn) {
+        LLAMA_LOG_INFO("%s: flash attention is on: layers with Self-Extend use the exact non-flash attention path\n", __func__);
+    }
+    LLAMA_LOG_INFO("%s: ga_n = %d, ga_w = %d\n", __func__, ga_n, ga_w);
+    cparams.se_n = ga_n;
+    cparams.se_w = ga_w;
+    // the graph changes shape and size: drop cached graphs and re-reserve the compute buffers
+    llama_se_access::need_reserve(*ctx);
+    return LLAMA_SELF_EXTEND_OK;
+}
+
+void llama_get_self_extend(const llama_context * ctx, int32_t * ga_n, int32_t * ga_w) {
+    const auto & cparams = llama_se_access::cparams(const_cast<llama_context &>(*ctx));
+    if (ga_n) {
+        *ga_n = cparams.se_n;
+    }
+    if (ga_w) {
+        *ga_w = cparams.se_w;
+    }
+}
+
+//
+// graph
+//
+
+bool llama_se_enabled(const llama_cparams & cparams) {
+    return cparams.se_n > 1;
+}
+
+llama_se_inp llama_se_build_inp(
+        ggml_context * ctx,
+        const llama_kv_cache_context * mctx,
+        const llama_ubatch & ubatch,
+        const llama_cparams & cparams) {
+    llama_se_inp inp;
+    if (!llama_se_enabled(cparams)) {
+        return inp;
+    }
+    const int64_t n_kv     = mctx->get_n_kv();
+    const int64_t n_tokens = ubatch.n_tokens;
+    const int64_t n_stream = cparams.kv_unified ? 1 : ubatch.n_seqs_unq;
+
+    inp.q_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
+    inp.k_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_kv*n_stream);
+    inp.nbr     = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, n_tokens/n_stream, 1, n_stream);
+    inp.grp     = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, n_tokens/n_stream, 1, n_stream);
+
+    ggml_set_input(inp.q_shift); ggml_set_name(inp.q_shift, "se_q_shift");
+    ggml_set_input(inp.k_shift); ggml_set_name(inp.k_shift, "se_k_shift");
+    ggml_set_input(inp.nbr);     ggml_set_name(inp.nbr,     "se_nbr");
+    ggml_set_input(inp.grp);     ggml_set_name(inp.grp,     "se_grp");
+    return inp;
+}
+
+void llama_se_set_inp(
+        const llama_se_inp & inp,
+        const llama_kv_cache_context * mctx,
+        const llama_ubatch * ubatch,
+        const llama_cparams & cparams) {
+    if (!inp.q_shift || !inp.q_shift->buffer) {
+        return;
+    }
+    const int32_t G = cparams.se_n;
+    const int32_t W = cparams.se_w;
+
+    const llama_kv_cache * kv = llama_se_access::kv(mctx);
+
+    const int64_t n_tokens = ubatch->n_tokens;
+    const int64_t n_kv     = inp.nbr->ne[0];
+    const int64_t n_tps    = inp.nbr->ne[1];
+    const int64_t n_stream = inp.nbr->ne[3];
+
+    GGML_ASSERT(ggml_backend_buffer_is_host(inp.q_shift->buffer));
+    GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_shift->buffer));
+    GGML_ASSERT(ggml_backend_buffer_is_host(inp.nbr->buffer) && ggml_backend_buffer_is_host(inp.grp->buffer));
+
+    // queries: [n_tokens]
+    int32_t * q_shift = (int32_t *) inp.q_shift->data;
+    for (int64_t i = 0; i < n_tokens; ++i) {
+        const llama_pos p = ubatch->pos[i];
+        q_shift[i] = se_q_pos(p, G, W) - p;
+    }
+
+    // keys: the cells of the streams the layer's K view covers, in view order
+    int32_t * k_shift = (int32_t *) inp.k_shift->data;
+    const uint32_t s0 = llama_se_access::stream0(mctx);
+    for (int64_t s = 0; s < n_stream; ++s) {
+        const llama_kv_cells & cells = llama_se_access::cells(kv, s0 + s);
+        for (int64_t j = 0; j < n_kv; ++j) {
+            k_shift[s*n_kv + j] = cells.is_empty(j) ? 0 : se_k_pos(cells.pos_get(j), G) - cells.pos_get(j);
+        }
+    }
+
+    // neighbour/grouped selection per (key, query); cells outside the causal mask get 1/0 (masked anyway)
+    float * nbr = (float *) inp.nbr->data;
+    float * grp = (float *) inp.grp->data;
+    for (int64_t i = 0; i < n_tokens; ++i) {
+        const int64_t s = i / n_tps;
+        const llama_pos p1 = ubatch->pos[i];
+        const llama_kv_cells & cells = llama_se_access::cells(kv, llama_se_access::stream_of(kv, ubatch->seq_id[i][0]));
+        float * nr = nbr + (s*n_tps + i % n_tps)*n_kv;
+        float * gr = grp + (s*n_tps + i % n_tps)*n_kv;
+        for (int64_t j = 0; j < n_kv; ++j) {
+            const bool neighbour = cells.is_empty(j) || p1 - cells.pos_get(j) < W;
+            nr[j] = neighbour ? 1.0f : 0.0f;
+            gr[j] = neighbour ? 0.0f : 1.0f;
+        }
+    }
+}
+
+// rotate x [n_embd_head, n_head, n] (already roped at true positions) by the per-row shift, as K-shift does
+static ggml_tensor * se_rotate(
+        ggml_context * ctx,
+        ggml_tensor * x,
+        ggml_tensor * shift,
+        ggml_tensor * factors,
+        const llama_hparams & hparams,
+        const llama_cparams & cparams,
+        int il) {
+    const float freq_base  = hparams.is_swa(il) ? hparams.rope_freq_base_train_swa  : cparams.rope_freq_base;
+    const float freq_scale = hparams.is_swa(il) ? hparams.rope_freq_scale_train_swa : cparams.rope_freq_scale;
+    // ggml's YaRN multiplies cos/sin by 1 + 0.1 ln(1/freq_scale) when ext_factor != 0; the extra rotation must
+    // not scale a second time
+    const float mscale = cparams.yarn_ext_factor != 0.0f ? 1.0f/(1.0f + 0.1f*logf(1.0f/freq_scale)) : 1.0f;
+    return ggml_rope_ext(ctx, x, shift, factors, hparams.n_rot(il), hparams.rope_type, cparams.n_ctx_orig_yarn,
+            freq_base, freq_scale, cparams.yarn_ext_factor, mscale, cparams.yarn_beta_fast, cparams.yarn_beta_slow);
+}
+
+bool llama_se_build_layer(
+        ggml_context * ctx,
+        const llama_se_inp & inp,
+        const llama_kv_cache_context * mctx,
+        const llama_hparams & hparams,
+        const llama_cparams & cparams,
+        ggml_tensor * q,
+        ggml_tensor * k,
+        ggml_tensor * k_rot,
+        int il,
+        llama_se_attn & out) {
+    if (!inp.q_shift || !hparams.has_rope(il)) {
+        return false;
+    }
+    const llama_model & model = llama_se_access::model(llama_se_access::kv(mctx));
+    ggml_tensor * factors = model.get_rope_factors(cparams, il);
+
+    // queries [n_embd_head_k, n_head, n_tokens]; undo the cache's Hadamard rotation (H*H = I) so RoPE applies
+    // to the true coordinates; the dot product is the same either way since H is orthogonal
+    ggml_tensor * qg = ggml_is_contiguous(q) ? q : ggml_cont(ctx, q);
+    if (k_rot) {
+        qg = llama_mul_mat_hadamard(ctx, qg, k_rot);
+    }
+    qg = se_rotate(ctx, qg, inp.q_shift, factors, hparams, cparams, il);
+    ggml_format_name(qg, "se_q_grouped-%d", il);
+
+    // keys [n_embd_head_k, n_head_kv, n_kv, n_stream] -> f32, rotated per cell
+    const int64_t d = k->ne[0], h = k->ne[1], n_kv = k->ne[2], ns = k->ne[3];
+    ggml_tensor * kg = ggml_cast(ctx, k, GGML_TYPE_F32);
+    if (k_rot) {
+        kg = llama_mul_mat_hadamard(ctx, kg, k_rot);
+    }
+    kg = ggml_reshape_3d(ctx, kg, d, h, n_kv*ns);
+    kg = se_rotate(ctx, kg, inp.k_shift, factors, hparams, cparams, il);
+    kg = ggml_reshape_4d(ctx, kg, d, h, n_kv, ns);
+    ggml_format_name(kg, "se_k_grouped-%d", il);
+
+    out.q   = qg;
+    out.k   = kg;
+    out.nbr = inp.nbr;
+    out.grp = inp.grp;
+    return true;
+}
+
+ggml_tensor * llama_se_merge_kq(ggml_context * ctx, const llama_se_attn & se, ggml_tensor * kq) {
+    // same stream split and permutes as build_attn_mha applies to q and k
+    const int64_t n_stream = se.k->ne[3];
+    ggml_tensor * q = se.q;
+    q = ggml_view_4d(ctx, q, q->ne[0], q->ne[1], q->ne[2]/n_stream, n_stream,
+            q->nb[1], q->nb[2], q->nb[2]*(q->ne[2]/n_stream), 0);
+    q = ggml_permute(ctx, q, 0, 2, 1, 3);
+    ggml_tensor * k = ggml_permute(ctx, se.k, 0, 2, 1, 3);
+
+    ggml_tensor * kq_g = ggml_mul_mat(ctx, k, q); // [n_kv, n_tps, n_head, n_stream]
+    ggml_prec_set_acc(kq_g, GGML_PREC_F32);
+
+    kq   = ggml_mul_inplace(ctx, kq,   se.nbr);
+    kq_g = ggml_mul_inplace(ctx, kq_g, se.grp);
+    return ggml_add_inplace(ctx, kq, kq_g);
+}

@@ -1,0 +1,56 @@
+"""Loading our libllama under llama-cpp-python.
+
+llama-cpp-python's Python layer (``llama_cpp``) loads libllama from ``LLAMA_CPP_LIB_PATH`` when it is first
+imported. We point it at the libraries installed inside this package (or at ``SELFEXT_LIB_PATH``, for a
+development build), then check that the library it loaded exports the Self-Extend API.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from .errors import LibraryError
+
+PACKAGE_LIB_DIR = Path(__file__).resolve().parent / "lib"
+API_VERSION = 1  # LLAMA_SELF_EXTEND_API_VERSION this package speaks
+
+
+def lib_dir() -> Path:
+    """The directory our libllama is loaded from."""
+    override = os.environ.get("SELFEXT_LIB_PATH")
+    return Path(override).resolve() if override else PACKAGE_LIB_DIR
+
+
+def _lib_file(directory: Path) -> Path:
+    if sys.platform == "win32":
+        return directory / "llama.dll"
+    if sys.platform == "darwin" and (directory / "libllama.dylib").exists():
+        return directory / "libllama.dylib"
+    return directory / "libllama.so"
+
+
+def load_llama_cpp() -> ModuleType:
+    """Import ``llama_cpp`` bound to our libllama and return it.
+
+    Raises LibraryError when the library is missing, or when ``llama_cpp`` was already imported with another
+    libllama (then restart Python and import selfext_cpp first).
+    """
+    directory = lib_dir()
+    if "llama_cpp.llama_cpp" not in sys.modules:
+        path = _lib_file(directory)
+        if not path.exists():
+            raise LibraryError(f"no libllama at {path}: reinstall selfext (pip install selfext) "
+                               "or set SELFEXT_LIB_PATH to a directory holding a selfext build")
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(directory)
+    try:
+        import llama_cpp
+    except OSError as exc:  # the CDLL load itself failed
+        raise LibraryError(f"could not load libllama from {directory}: {exc}") from exc
+    lib = llama_cpp.llama_cpp._lib
+    if not hasattr(lib, "llama_self_extend_api_version"):
+        raise LibraryError(f"the loaded libllama ({getattr(lib, '_name', '?')}) has no Self-Extend API: "
+                           "import selfext_cpp before llama_cpp, and do not set LLAMA_CPP_LIB_PATH yourself")
+    return llama_cpp

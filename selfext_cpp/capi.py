@@ -1,0 +1,86 @@
+"""ctypes binding of libllama's Self-Extend API (patches/include/llama-self-extend.h)."""
+
+from __future__ import annotations
+
+import ctypes
+
+from ._lib import API_VERSION, load_llama_cpp
+from .errors import LibraryError
+
+_llama_cpp = load_llama_cpp()
+_lib = _llama_cpp.llama_cpp._lib
+llama_cpp = _llama_cpp.llama_cpp  # the low-level module, for callers of this binding
+ctypes_function = _llama_cpp.llama_cpp.ctypes_function
+
+llama_context_p = _llama_cpp.llama_cpp.llama_context_p_ctypes
+llama_model_p = _llama_cpp.llama_cpp.llama_model_p_ctypes
+
+LLAMA_SELF_EXTEND_OK = 0
+LLAMA_SELF_EXTEND_ERR_INVALID_ARG = -1
+LLAMA_SELF_EXTEND_ERR_NO_ROPE = -2
+LLAMA_SELF_EXTEND_ERR_ROPE_TYPE = -3
+LLAMA_SELF_EXTEND_ERR_MEMORY = -4
+LLAMA_SELF_EXTEND_ERR_ARCH = -5
+
+
+# LLAMA_API int32_t llama_self_extend_api_version(void);
+@ctypes_function("llama_self_extend_api_version", [], ctypes.c_int32)
+def llama_self_extend_api_version() -> int:
+    """LLAMA_SELF_EXTEND_API_VERSION of the loaded library."""
+    ...
+
+
+# LLAMA_API const char * llama_self_extend_upstream_commit(void);
+@ctypes_function("llama_self_extend_upstream_commit", [], ctypes.c_char_p)
+def llama_self_extend_upstream_commit() -> bytes:
+    """The upstream llama.cpp commit the library was built from."""
+    ...
+
+
+# LLAMA_API const char * llama_self_extend_status_str(int32_t status);
+@ctypes_function("llama_self_extend_status_str", [ctypes.c_int32], ctypes.c_char_p)
+def llama_self_extend_status_str(status: int, /) -> bytes:
+    """A short English description of a status value."""
+    ...
+
+
+# LLAMA_API int32_t llama_model_self_extend_support(const struct llama_model * model);
+@ctypes_function("llama_model_self_extend_support", [llama_model_p], ctypes.c_int32)
+def llama_model_self_extend_support(model: llama_model_p, /) -> int:
+    """LLAMA_SELF_EXTEND_OK when Self-Extend can run exactly on the model, else a negative status."""
+    ...
+
+
+# LLAMA_API int32_t llama_set_self_extend(struct llama_context * ctx, int32_t ga_n, int32_t ga_w);
+@ctypes_function("llama_set_self_extend", [llama_context_p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32)
+def llama_set_self_extend(ctx: llama_context_p, ga_n: int, ga_w: int, /) -> int:
+    """Enable Self-Extend (ga_n > 1) or disable it (ga_n == 1) on a context; returns a status."""
+    ...
+
+
+# LLAMA_API void llama_get_self_extend(const struct llama_context * ctx, int32_t * ga_n, int32_t * ga_w);
+@ctypes_function("llama_get_self_extend",
+                 [llama_context_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int32)], None)
+def llama_get_self_extend(ctx: llama_context_p, ga_n: "ctypes._Pointer[ctypes.c_int32]",
+                          ga_w: "ctypes._Pointer[ctypes.c_int32]", /) -> None:
+    """The context's current setting (1, 0 when off)."""
+    ...
+
+
+if llama_self_extend_api_version() != API_VERSION:
+    raise LibraryError(f"libllama speaks Self-Extend API {llama_self_extend_api_version()}, this package "
+                       f"{API_VERSION}: reinstall selfext so the library and the package match")
+
+
+def upstream_commit() -> str:
+    return llama_self_extend_upstream_commit().decode()
+
+
+def status_str(status: int) -> str:
+    return llama_self_extend_status_str(status).decode()
+
+
+def get_self_extend(ctx: llama_context_p) -> tuple[int, int]:
+    n, w = ctypes.c_int32(), ctypes.c_int32()
+    llama_get_self_extend(ctx, ctypes.byref(n), ctypes.byref(w))
+    return n.value, w.value
