@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+from . import eval as eval_cmd
+from . import info, pull, run, serve
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Exact Self-Extend for llama.cpp models: read far past the trained context.")
 
 
@@ -20,6 +23,13 @@ def _version(value: bool) -> None:
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and the pinned llama.cpp commit.")) -> None:
     pass
+
+
+app.command("run")(run.run)
+app.command("pull")(pull.pull)
+app.command("info")(info.info)
+app.command("serve")(serve.serve)
+app.add_typer(eval_cmd.app, name="eval")
 
 
 def main() -> None:

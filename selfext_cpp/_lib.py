@@ -19,9 +19,28 @@ API_VERSION = 1  # LLAMA_SELF_EXTEND_API_VERSION this package speaks
 
 
 def lib_dir() -> Path:
-    """The directory our libllama is loaded from."""
+    """The directory our libllama is loaded from: SELFEXT_LIB_PATH, else where the wheel installed it."""
     override = os.environ.get("SELFEXT_LIB_PATH")
-    return Path(override).resolve() if override else PACKAGE_LIB_DIR
+    if override:
+        return Path(override).resolve()
+    if _lib_file(PACKAGE_LIB_DIR).exists():
+        return PACKAGE_LIB_DIR
+    return _installed_lib_dir() or PACKAGE_LIB_DIR
+
+
+def _installed_lib_dir() -> Path | None:
+    """The lib/ folder recorded by the installed distribution (an editable install keeps it apart from the
+    sources)."""
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution("selfext").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.parent.name == "lib" and f.name == _lib_file(Path()).name:
+            return Path(str(f.locate())).resolve().parent
+    return None
 
 
 def _lib_file(directory: Path) -> Path:

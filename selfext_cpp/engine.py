@@ -94,16 +94,20 @@ def model_support(llm: Llama) -> tuple[bool, str]:
 def enable_self_extend(llm: Llama, ga_n: int, ga_w: int = 0) -> SelfExtend:
     """Turn Self-Extend on (ga_n > 1) or off (ga_n == 1) for ``llm``; completion, chat and streaming then use it.
 
-    The KV cache stays valid: cached keys keep their true positions, so a cached prefix is reused as before.
+    Cached keys keep their true positions, so prefix caching works as without Self-Extend. Changing the
+    setting resets ``llm`` (tokens decoded under the old setting are recomputed on the next call).
     """
     params = SelfExtend(ga_n, ga_w)
     params.check(n_ctx_train(llm))
     capi = _capi()
+    changed = capi.get_self_extend(llm.ctx) != (params.ga_n, params.ga_w if params.enabled else 0)
     status = capi.llama_set_self_extend(llm.ctx, params.ga_n, params.ga_w if params.enabled else 0)
     if status == capi.LLAMA_SELF_EXTEND_ERR_INVALID_ARG:
         raise ParameterError(capi.status_str(status))
     if status != capi.LLAMA_SELF_EXTEND_OK:
         raise UnsupportedModelError(f"Self-Extend is not available for this model: {capi.status_str(status)}")
+    if changed:
+        llm.reset()  # also clears the KV cache
     return params
 
 

@@ -42,9 +42,11 @@ LLAMA_API int32_t llama_model_self_extend_support(const struct llama_model * mod
 
 // Enable Self-Extend on a context with group size ga_n >= 1 and neighbour window ga_w >= 1.
 // ga_n == 1 disables it (vanilla attention; ga_w is then ignored and stored as 0).
-// Takes effect from the next llama_decode(); the KV cache is kept and stays valid, since cached keys keep
-// their true positions. Returns LLAMA_SELF_EXTEND_OK or a negative llama_self_extend_status (the context is
-// then unchanged). With flash attention on, the Self-Extend layers run the exact non-flash path (logged once).
+// Takes effect from the next llama_decode(). Cached keys keep their true positions, so the KV cache stays
+// usable, but the cells already decoded were computed under the previous setting (deeper layers saw other
+// attention): to get the same results as a fresh run, clear the memory (llama_memory_clear) after a change.
+// Returns LLAMA_SELF_EXTEND_OK or a negative llama_self_extend_status (the context is then unchanged).
+// With flash attention on, the Self-Extend layers run the exact non-flash path (logged once).
 LLAMA_API int32_t llama_set_self_extend(struct llama_context * ctx, int32_t ga_n, int32_t ga_w);
 
 // Current setting of a context: *ga_n == 1 and *ga_w == 0 when Self-Extend is off. Either pointer may be null.

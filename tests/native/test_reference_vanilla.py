@@ -8,9 +8,9 @@ max 1.4e-6). ATOL = 1e-5 leaves 7x headroom and still catches real mistakes: cha
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,10 +29,6 @@ ATOL_F16 = 1e-2  # f16 K/V rounding (rel 5e-4 per element) gives ~1.2e-3 without
 
 RunnerFactory = Callable[..., LlamaRunner]
 
-needs_lib = pytest.mark.skipif(
-    not os.environ.get("LLAMA_CPP_LIB_PATH"),
-    reason="LLAMA_CPP_LIB_PATH is not set; point it at a libllama build dir (e.g. /work/build-dev/bin)",
-)
 
 MODELS = {  # id: (arch, n_head_kv); n_head = 4
     "llama-mha": ("llama", 4),
@@ -59,7 +55,7 @@ def runner_for(model: TinyModel) -> Iterator[RunnerFactory]:
     """Factory of LlamaRunners on ``model``, all closed after the test."""
     made: list[LlamaRunner] = []
 
-    def make(path: Path | None = None, **kw: object) -> LlamaRunner:
+    def make(path: Path | None = None, **kw: Any) -> LlamaRunner:
         made.append(LlamaRunner(path or model.path, **kw))
         return made[-1]
 
@@ -147,7 +143,6 @@ def test_rope_keeps_relative_position_only() -> None:
 # --- reference vs vanilla llama.cpp ------------------------------------------------------------
 
 
-@needs_lib
 @pytest.mark.parametrize("n_ubatch", [1, 7, None], ids=["ubatch1", "ubatch7", "ubatch-all"])
 def test_reference_matches_llama_cpp(model: TinyModel, runner_for: RunnerFactory, n_ubatch: int | None) -> None:
     tokens = random_tokens(model, 40)
@@ -155,14 +150,14 @@ def test_reference_matches_llama_cpp(model: TinyModel, runner_for: RunnerFactory
     np.testing.assert_allclose(got, reference_logits(model, tokens), rtol=0, atol=ATOL)
 
 
-@needs_lib
-def test_reference_matches_llama_cpp_over_several_decode_calls(model: TinyModel, runner_for: RunnerFactory) -> None:
+def test_reference_matches_llama_cpp_over_several_decode_calls(
+    model: TinyModel, runner_for: RunnerFactory
+) -> None:
     tokens = random_tokens(model, 40, seed=1)
     got = runner_for(n_ctx=64, n_batch=16, n_ubatch=5).decode(tokens, chunk=9)  # 9+9+9+9+4
     np.testing.assert_allclose(got, reference_logits(model, tokens), rtol=0, atol=ATOL)
 
 
-@needs_lib
 @pytest.mark.parametrize("kv_unified", [False, True], ids=["split-kv", "unified-kv"])
 def test_two_sequences_in_one_batch(model: TinyModel, runner_for: RunnerFactory, kv_unified: bool) -> None:
     a, b = random_tokens(model, 23, seed=2), random_tokens(model, 17, seed=3)
@@ -176,7 +171,6 @@ def test_two_sequences_in_one_batch(model: TinyModel, runner_for: RunnerFactory,
     np.testing.assert_allclose(got[rows == 1], reference_logits(model, b), rtol=0, atol=ATOL)
 
 
-@needs_lib
 def test_seq_rm_then_redecode(model: TinyModel, runner_for: RunnerFactory) -> None:
     first, second = random_tokens(model, 30, seed=4), random_tokens(model, 14, seed=5)
     runner = runner_for(n_ctx=64, n_batch=32, n_ubatch=7)
@@ -189,7 +183,6 @@ def test_seq_rm_then_redecode(model: TinyModel, runner_for: RunnerFactory) -> No
     np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
 
-@needs_lib
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_reference_positions_follow_kv_cells_after_shift(tmp_path: Path, arch: str) -> None:
     # One layer: cached K/V depend on the token alone, so a shifted cache equals a fresh run at the
@@ -207,9 +200,10 @@ def test_reference_positions_follow_kv_cells_after_shift(tmp_path: Path, arch: s
     np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
 
-@needs_lib
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["f16-kv", "flash-attn"])
-def test_reference_matches_llama_cpp_with_f16_kv(model: TinyModel, runner_for: RunnerFactory, flash_attn: bool) -> None:
+def test_reference_matches_llama_cpp_with_f16_kv(
+    model: TinyModel, runner_for: RunnerFactory, flash_attn: bool
+) -> None:
     # llama.cpp's flash-attention path casts an f32 cache to f16, so FA is always an f16-K/V comparison.
     tokens = random_tokens(model, 40, seed=8)
     runner = runner_for(n_ctx=64, n_batch=64, flash_attn=flash_attn, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16)

