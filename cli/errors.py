@@ -45,5 +45,10 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def hint(message: str) -> None:
+    """A one-line note on stderr (``selfext: message``): default model, --auto's choice and the like."""
+    typer.echo(f"selfext: {message}", err=True)
+
+
 def stderr_is_tty() -> bool:
     return sys.stderr.isatty()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
 import math
-from dataclasses import dataclass
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,8 +52,10 @@ class SelfExtend:
         if n_needed is not None and n_needed > self.capacity(n_ctx_train):
             hint = choose(n_ctx_train, n_needed, strict=False)
             fix = f"; try --ga-n {hint.ga_n} --ga-w {hint.ga_w}" if hint else ""
-            raise CapacityError(f"{n_needed} tokens exceed the capacity {self.capacity(n_ctx_train)} of "
-                                f"--ga-n {self.ga_n} --ga-w {self.ga_w} on a {n_ctx_train}-token model{fix}")
+            what = (f"the capacity {self.capacity(n_ctx_train)} of --ga-n {self.ga_n} --ga-w {self.ga_w} on a "
+                    f"{n_ctx_train}-token model" if self.enabled else
+                    f"the model's trained context ({n_ctx_train}), and Self-Extend is off")
+            raise CapacityError(f"{n_needed} tokens exceed {what}{fix}")
 
 
 def capacity(n_ctx_train: int, ga_n: int, ga_w: int) -> int:
@@ -130,10 +136,11 @@ def load(model_path: str | Path, *, ga_n: int = 1, ga_w: int = 0, n_ctx: int = 0
     params = SelfExtend(ga_n, ga_w)  # validate before the (slow) load
     from ._lib import load_llama_cpp
     llama_cpp = load_llama_cpp()
+    set_llama_log(verbose)
     try:
         llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, verbose=verbose, **llama_kwargs)
     except ValueError as exc:
-        raise ModelError(f"llama.cpp could not load {path}: {exc}") from exc
+        raise ModelError(f"llama.cpp could not load {path}: {last_llama_error() or exc}") from exc
     enable_self_extend(llm, params.ga_n, params.ga_w)
     return llm
 
@@ -156,3 +163,124 @@ def check_gguf(path: Path) -> None:
         raise ModelError(f"{path} is not a GGUF model file (no GGUF magic)")
     if len(head) < 8:
         raise ModelError(f"{path} is truncated")
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's log
+# ---------------------------------------------------------------------------------------------
+
+GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+GGML_LOG_LEVEL_CONT = 5
+_log: dict[str, Any] = {"verbose": False, "errors": [], "callback": None, "last_level": 0}
+
+
+def set_llama_log(verbose: bool) -> None:
+    """Route llama.cpp's log (process-wide): to stderr when ``verbose``, else nowhere. Either way its error
+    lines are kept for :func:`last_llama_error`. (llama-cpp-python's own callback still prints errors when
+    ``verbose=False``, and with outdated level numbers.)"""
+    _log["verbose"] = verbose
+    if _log["callback"] is None:
+        ll = _capi().llama_cpp
+
+        @ll.llama_log_callback
+        def callback(level: int, text: bytes, user_data: Any) -> None:
+            msg = text.decode("utf-8", errors="replace")
+            if level == GGML_LOG_LEVEL_CONT:
+                level = _log["last_level"]
+            _log["last_level"] = level
+            if level == GGML_LOG_LEVEL_ERROR:
+                _log["errors"] = (_log["errors"] + [msg])[:16]
+            if _log["verbose"]:
+                sys.stderr.write(msg)
+                sys.stderr.flush()
+
+        _log["callback"] = callback  # keep the ctypes thunk alive as long as llama.cpp may call it
+        ll.llama_log_set(callback, None)
+    _log["errors"] = []
+
+
+def last_llama_error() -> str:
+    """The first error line llama.cpp logged since the last :func:`set_llama_log` (the cause; later lines only
+    report the failure upwards), without its function-name prefix; "" when none."""
+    lines = [line.strip() for line in "".join(_log["errors"]).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    head, sep, rest = lines[0].partition(": ")
+    line = rest if sep and " " not in head else lines[0]
+    return line.removeprefix("error loading model: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill and generation
+# ---------------------------------------------------------------------------------------------
+
+
+def prefill(llm: Llama, tokens: Sequence[int], on_progress: Callable[[int, int], None] | None = None) -> None:
+    """Evaluate ``tokens`` into ``llm``'s KV cache from position 0, ``n_batch`` at a time, calling
+    ``on_progress(done, total)`` after each batch. A following ``llm.generate(tokens)`` (or completion on the
+    same token list) finds the whole prompt cached and samples at once, without evaluating it again."""
+    tokens = list(tokens)
+    if not tokens:
+        raise ParameterError("the prompt is empty: give some text with -p, -f or on stdin")
+    if len(tokens) >= llm.n_ctx():
+        raise ParameterError(f"the prompt has {len(tokens)} tokens, the context holds {llm.n_ctx()}: "
+                             f"raise --ctx-size to at least {len(tokens) + 1}")
+    llm.n_tokens = 0  # eval() first drops every cell from position n_tokens on
+    step = llm.n_batch
+    for i in range(0, len(tokens), step):
+        llm.eval(tokens[i : i + step])
+        if on_progress is not None:
+            on_progress(min(i + step, len(tokens)), len(tokens))
+
+
+@dataclass
+class Generation:
+    """Counts and timings of one :func:`stream` run, filled in as it goes."""
+
+    n_prompt: int = 0
+    n_generated: int = 0
+    finish_reason: str = "length"  # "stop": the model ended its text
+    prefill_s: float = 0.0
+    generate_s: float = 0.0
+    text: list[str] = field(default_factory=list)
+
+
+def stream(llm: Llama, tokens: Sequence[int], *, max_tokens: int, temp: float = 0.8, top_k: int = 40,
+           top_p: float = 0.95, min_p: float = 0.05, seed: int | None = None,
+           on_progress: Callable[[int, int], None] | None = None,
+           result: Generation | None = None) -> Iterator[str]:
+    """Prefill ``tokens`` (with progress), then yield the generated text piece by piece (whole UTF-8
+    characters), until an end-of-generation token, ``max_tokens`` tokens or a full context.
+    ``result`` receives the counts and timings."""
+    res = result if result is not None else Generation()
+    res.n_prompt = len(tokens)
+    t0 = time.perf_counter()
+    prefill(llm, tokens, on_progress)
+    res.prefill_s = time.perf_counter() - t0
+    ll = _capi().llama_cpp
+    vocab = llm._model.vocab
+    if seed is not None:
+        llm.set_seed(seed & 0xFFFFFFFF)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    limit = min(max_tokens, llm.n_ctx() - len(tokens))
+    t1 = time.perf_counter()
+    try:
+        if limit <= 0:
+            return
+        for token in llm.generate(tokens, top_k=top_k, top_p=top_p, min_p=min_p, temp=temp):
+            if ll.llama_vocab_is_eog(vocab, token):
+                res.finish_reason = "stop"
+                break
+            res.n_generated += 1
+            piece = decoder.decode(llm.detokenize([token]))
+            if piece:
+                res.text.append(piece)
+                yield piece
+            if res.n_generated >= limit:
+                break
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            res.text.append(tail)
+            yield tail
+    finally:
+        res.generate_s = time.perf_counter() - t1

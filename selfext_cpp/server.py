@@ -1,0 +1,347 @@
+"""An OpenAI-compatible server with Self-Extend: llama-cpp-python's server on our libllama.
+
+    from selfext_cpp import server
+    settings = server.model_settings("model.gguf", auto_max_ctx=16384)
+    app = server.create_app(settings, api_key="secret")
+    server.run(app, server.bind("127.0.0.1", 8080))
+
+We reuse llama-cpp-python's FastAPI app whole (routes, request types, API key, streaming, one request at a time)
+and add what Self-Extend needs, and what a client needs to tell its own mistakes from the server's:
+
+- :class:`SelfExtendProxy`: its ``LlamaProxy``, enabling Self-Extend on each ``Llama`` it builds and capping the
+  context llama-cpp-python enforces at what Self-Extend reaches (llama.cpp pads ``n_ctx`` up to 256s);
+- 400 answers (:func:`client_error`): ``context_length_exceeded`` naming that reach, invalid requests, logprobs
+  on a server without them; for streaming requests too (:class:`EarlyErrors`). llama-cpp-python answers most
+  of these with 500;
+- ``GET /health`` with the setting in force.
+
+Their app keeps its state in module globals (one app per process); so does this module (:data:`_loaded`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import socket
+import sys
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ._lib import load_llama_cpp
+from .engine import SelfExtend, choose, enable_self_extend, last_llama_error, n_ctx_train, set_llama_log
+from .errors import ModelError, ParameterError, SelfextError, UnsupportedModelError
+
+
+class ServerError(SelfextError):
+    """The server could not start: a missing dependency, or an address it cannot listen on."""
+
+
+load_llama_cpp()  # llama_cpp must bind our libllama before llama_cpp.server imports it
+try:
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from llama_cpp import Llama
+    from llama_cpp.server import app as base
+    from llama_cpp.server.errors import RouteErrorHandler
+    from llama_cpp.server.model import LlamaProxy
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+    from pydantic import Field
+except ModuleNotFoundError as exc:
+    raise ServerError(f"the server needs llama-cpp-python's server extra ({exc.name} is missing): "
+                      "pip install 'selfext[server]'") from exc
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A loaded model: its Self-Extend setting, trained context, and the context served per request."""
+
+    model: str  # the id clients see in /v1/models
+    self_extend: SelfExtend
+    n_ctx_train: int
+    n_ctx: int  # prompt + completion tokens of one request
+
+    @property
+    def capacity(self) -> int:
+        return self.self_extend.capacity(self.n_ctx_train)
+
+    def to_dict(self) -> dict[str, Any]:
+        se = self.self_extend
+        return {"model": self.model, "n_ctx": self.n_ctx, "n_ctx_train": self.n_ctx_train,
+                "self_extend": {"ga_n": se.ga_n, "ga_w": se.ga_w, "capacity": self.capacity} if se.enabled else None}
+
+
+_loaded: Serving | None = None  # the model the proxy holds now (it holds one at a time)
+
+
+def plan(n_ctx_train: int, *, ga_n: int = 1, ga_w: int = 0, n_ctx: int = 0,
+         auto_max_ctx: int | None = None) -> tuple[SelfExtend, int]:
+    """The Self-Extend setting and the context (prompt + completion tokens of a request) to serve.
+
+    With ``auto_max_ctx`` N: G and W from :func:`choose` (off when N fits the trained context), context N.
+    Otherwise G and W as given, and context ``n_ctx``, or when 0 all that G and W reach (the trained context
+    when Self-Extend is off). Raises ParameterError on conflicting options, CapacityError when the context is
+    longer than G and W reach.
+    """
+    if auto_max_ctx is not None:
+        if ga_n > 1:
+            raise ParameterError("give either --ga-n/--ga-w or --auto-max-ctx, not both")
+        if n_ctx:
+            raise ParameterError(f"give either -c or --auto-max-ctx, not both (--auto-max-ctx {auto_max_ctx} "
+                                 f"serves a {auto_max_ctx}-token context)")
+        return choose(n_ctx_train, auto_max_ctx) or SelfExtend(), auto_max_ctx
+    params = SelfExtend(ga_n, ga_w if ga_n > 1 else 0)
+    params.check(n_ctx_train, n_ctx or None)
+    return params, n_ctx or params.capacity(n_ctx_train)
+
+
+class SelfExtendModelSettings(ModelSettings):
+    """llama-cpp-python's ModelSettings plus Self-Extend's group size and window."""
+
+    ga_n: int = Field(default=1, ge=1, description="Self-Extend group size G (1 = off).")
+    ga_w: int = Field(default=0, ge=0, description="Self-Extend neighbour window W, in tokens.")
+
+
+def model_settings(model_path: str | Path, *, ga_n: int = 1, ga_w: int = 0, n_ctx: int = 0,
+                   auto_max_ctx: int | None = None, **settings: Any) -> SelfExtendModelSettings:
+    """Settings that serve ``model_path`` with G, W and the context from :func:`plan`, read from its header.
+
+    Other keyword arguments are ModelSettings fields: n_threads, n_gpu_layers, chat_format, model_alias, ...
+    """
+    from .models import inspect
+
+    meta = inspect(model_path)  # the header only: milliseconds
+    params, context = plan(meta.n_ctx_train, ga_n=ga_n, ga_w=ga_w, n_ctx=n_ctx, auto_max_ctx=auto_max_ctx)
+    if params.enabled and not meta.self_extend_supported:
+        raise UnsupportedModelError(f"Self-Extend is not available for {meta.path}: {meta.self_extend_status}; "
+                                    "serve it without --ga-n/--auto-max-ctx")
+    settings.setdefault("model_alias", Path(model_path).name)
+    return SelfExtendModelSettings(model=str(model_path), ga_n=params.ga_n, ga_w=params.ga_w, n_ctx=context,
+                                   **settings)
+
+
+class SelfExtendProxy(LlamaProxy):
+    """llama-cpp-python's LlamaProxy, with Self-Extend on every Llama it builds."""
+
+    @staticmethod
+    def load_llama_from_model_settings(settings: ModelSettings) -> Llama:
+        global _loaded
+        params = SelfExtend(getattr(settings, "ga_n", 1), getattr(settings, "ga_w", 0))  # before the slow load
+        set_llama_log(settings.verbose)  # keeps llama.cpp's error lines for the message below
+        try:
+            llm = LlamaProxy.load_llama_from_model_settings(settings)
+        except ValueError as exc:
+            raise ModelError(f"llama.cpp could not load {settings.model}: {last_llama_error() or exc}") from exc
+        try:
+            enable_self_extend(llm, params.ga_n, params.ga_w)
+            trained = n_ctx_train(llm)
+            wanted = settings.n_ctx or trained  # llama-cpp-python's n_ctx=0: the trained context
+            params.check(trained, wanted)
+            # llama-cpp-python rejects prompts of _n_ctx tokens or more and stops completions there; llama.cpp
+            # padded the real context (to 256s), which may reach past what Self-Extend serves
+            llm._n_ctx = min(wanted, llm.n_ctx())
+        except BaseException:
+            llm.close()
+            raise
+        _loaded = Serving(settings.model_alias or settings.model, params, trained, llm._n_ctx)
+        return llm
+
+
+def context_length_error(n_prompt: int, param: str) -> tuple[int, dict[str, Any]]:
+    """The 400 answer to a prompt of ``n_prompt`` tokens that leaves no room for a completion."""
+    s = loaded()
+    noun = "messages" if param == "messages" else "prompt"
+    se = s.self_extend
+    if not se.enabled:
+        reach = f"Self-Extend is off (the model was trained on {s.n_ctx_train} tokens)."
+    elif s.n_ctx < s.capacity:
+        reach = (f"The server was started with -c {s.n_ctx}; Self-Extend (--ga-n {se.ga_n} --ga-w {se.ga_w}) "
+                 f"would reach {s.capacity}.")
+    else:
+        reach = (f"Self-Extend (--ga-n {se.ga_n} --ga-w {se.ga_w}) stretches the model's trained "
+                 f"{s.n_ctx_train} tokens to a capacity of {s.capacity}, and no further.")
+    message = (f"This model's maximum context length is {s.n_ctx} tokens, prompt and completion together; "
+               f"however your {noun} came to {n_prompt} tokens. {reach} Shorten the {noun}, or restart the "
+               "server with a larger --auto-max-ctx.")
+    return 400, _error(message, noun, "context_length_exceeded")
+
+
+# what llama-cpp-python raises for requests the loaded model cannot take
+CONTEXT_EXCEEDED = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
+NO_LOGPROBS = re.compile(r"logprobs is not supported for models created with logits_all=False")
+
+
+def client_error(exc: BaseException, path: str) -> tuple[int, dict[str, Any]] | None:
+    """The 400 answer when ``exc``, raised serving ``path``, is the client's doing; None when it is not.
+
+    llama-cpp-python answers all of these with 500 but a prompt beyond the context (a 400 that names no
+    Self-Extend capacity), and the openai client retries a 500: same request, same failure, three times.
+    """
+    param = "messages" if path.rstrip("/").endswith("chat/completions") else "prompt"
+    if match := CONTEXT_EXCEEDED.search(str(exc)):
+        return context_length_error(int(match.group(1)), param)
+    if NO_LOGPROBS.search(str(exc)):
+        return 400, _error("logprobs are off on this server: restart it with --logprobs", "logprobs")
+    if isinstance(exc, json.JSONDecodeError):
+        return 400, _error(f"the request body is not JSON: {exc}")
+    if isinstance(exc, RequestValidationError):
+        problems = [(".".join(str(x) for x in e["loc"] if x != "body"), e["msg"]) for e in exc.errors()]
+        text = "; ".join(f"{where}: {msg}" if where else msg for where, msg in problems[:3])
+        return 400, _error(f"invalid request: {text}", problems[0][0] if problems else None)
+    return None
+
+
+def _error(message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+
+
+def _answer_client_errors() -> None:
+    """Let :func:`client_error` answer first on every route of llama-cpp-python's app.
+
+    Its RouteErrorHandler maps two llama-cpp-python messages to 400 and all else, FastAPI's
+    RequestValidationError included, to 500, with no hook for other errors; so we wrap its error_message_wrapper
+    (class-wide: FastAPI may copy routes; their app is one per process anyway).
+    """
+    default = RouteErrorHandler.error_message_wrapper
+    if getattr(default, "answers_client_errors", False):
+        return
+
+    def error_message_wrapper(self: RouteErrorHandler, error: Exception,
+                              body: Any = None) -> tuple[int, dict[str, Any]]:
+        return client_error(error, self.path) or default(self, error=error, body=body)
+
+    error_message_wrapper.answers_client_errors = True  # type: ignore[attr-defined]
+    RouteErrorHandler.error_message_wrapper = error_message_wrapper  # type: ignore[method-assign]
+
+
+class EarlyErrors:
+    """ASGI middleware: an error raised before a response started becomes an OpenAI-style JSON error.
+
+    llama-cpp-python's streaming routes answer ``200 text/event-stream`` before the model has seen the prompt,
+    so an error on the first token (a prompt beyond the context) would end a 200 stream with nothing in it.
+    Such a response's headers are held back until its first event, so that the error is still answered as
+    without streaming. Malformed JSON also escapes the routes' own error handling, and is answered here.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        held: list[dict[str, Any]] = []
+        sent = False
+
+        async def send_when_ready(message: dict[str, Any]) -> None:
+            nonlocal sent
+            if not sent and (held or _is_event_stream_start(message)) and not message.get("body"):
+                held.append(message)  # the start, and empty bodies (the end of a stream cut by an error)
+                return
+            for m in held:
+                await send(m)
+            held.clear()
+            sent = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_when_ready)
+        except Exception as exc:
+            if sent:
+                raise
+            answer = client_error(exc, scope["path"])
+            if answer is None:  # as llama-cpp-python's RouteErrorHandler answers errors without streaming
+                print(f"Exception: {exc}", file=sys.stderr)
+                traceback.print_exc(file=sys.stderr)
+                answer = 500, {"message": str(exc), "type": "internal_server_error", "param": None, "code": None}
+            status, error = answer
+            await JSONResponse({"error": error}, status_code=status)(scope, receive, send)
+            return
+        for m in held:  # a stream that ended without an event
+            await send(m)
+
+
+def _is_event_stream_start(message: dict[str, Any]) -> bool:
+    if message["type"] != "http.response.start":
+        return False
+    headers = dict(message.get("headers") or [])
+    return headers.get(b"content-type", b"").startswith(b"text/event-stream")
+
+
+@contextmanager
+def _proxy_class(cls: type[LlamaProxy]) -> Iterator[None]:
+    """llama-cpp-python's create_app builds its proxy from the module name LlamaProxy: build ours instead."""
+    saved = base.LlamaProxy
+    base.LlamaProxy = cls  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        base.LlamaProxy = saved  # type: ignore[misc]
+
+
+def create_app(settings: ModelSettings | list[ModelSettings], *, api_key: str | None = None) -> FastAPI:
+    """llama-cpp-python's app serving ``settings`` (the first model is the default) with Self-Extend.
+
+    Loads the default model now. Requests run one at a time; a request that arrives during a stream waits
+    for it rather than cutting it short. With ``api_key``, every route but /health needs
+    ``Authorization: Bearer <api_key>``.
+    """
+    models = settings if isinstance(settings, list) else [settings]
+    server_settings = ServerSettings(api_key=api_key, interrupt_requests=False)
+    with _proxy_class(SelfExtendProxy):
+        app = base.create_app(server_settings=server_settings, model_settings=models)
+    _answer_client_errors()
+    app.add_middleware(EarlyErrors)
+    app.add_api_route("/health", health, methods=["GET"], summary="Health", tags=["Extras"])
+    return app
+
+
+async def health() -> dict[str, Any]:
+    """Ready (the model is loaded), with the Self-Extend setting and the context served."""
+    assert _loaded is not None
+    return {"status": "ok", **_loaded.to_dict()}
+
+
+def loaded() -> Serving:
+    """The model the server holds now."""
+    if _loaded is None:
+        raise ServerError("no model is loaded: call create_app first")
+    return _loaded
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (0: any free port), before the slow model load so that a busy port fails
+    at once. Connections are refused until :func:`run` listens on it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ServerError(f"cannot resolve --host {host}: {exc.strerror}") from exc
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from exc
+    return sock
+
+
+def url(sock: socket.socket) -> str:
+    """http://host:port of a bound socket."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def run(app: FastAPI, sock: socket.socket, *, verbose: bool = False) -> None:
+    """Serve ``app`` on ``sock`` until interrupted (uvicorn; request logs only when ``verbose``)."""
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout is for results; a server has none
+    config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
+                            log_config=log_config)
+    uvicorn.Server(config).run(sockets=[sock])

