@@ -34,3 +34,7 @@ app.add_typer(eval_cmd.app, name="eval")
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -16,12 +16,14 @@ from .errors import fail, handle_errors, hint
 from .options import Auto, FlashAttn, GaN, GaW, GpuLayers, Json, ModelArg, Threads, Verbose
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="Measure Self-Extend on a model: passkey retrieval, perplexity, speed.")
+                  help="Measure Self-Extend on a model: passkey retrieval, perplexity, speed.",
+                  epilog="Example: selfext eval passkey --lengths 4k,8k,16k --depths 10,50,90 --trials 3")
 
 Lengths = Annotated[str, typer.Option("--lengths", "-l", help="Prompt lengths in tokens, comma-separated "
                                                                "(k = 1024).")]
 Modes = Annotated[str, typer.Option("--modes", "-m", help="Comma-separated: vanilla (no scaling), selfext, "
-                                    "shift (llama.cpp's group-attention approximation), yarn, linear.")]
+                                    "shift (llama.cpp's group-attention approximation), shift-upstream (the same "
+                                    "with llama.cpp's seq_div and its K-shift bug), yarn, linear.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Tokens per llama_decode (n_batch).")]
 Plot = Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG plot here (needs matplotlib).",
                                               dir_okay=False, show_default=False)]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -96,19 +98,17 @@ def run(
         raise ParameterError(f"the prompt has {n_prompt} tokens, --ctx-size {ctx_size} holds fewer: raise it to "
                              f"at least {n_prompt + 1}, or leave it out")
     n_needed = min(n_prompt + n_predict, ctx_size) if ctx_size else n_prompt + n_predict
+    _check_support(meta, manual)
     se = _plan(n_ctx_train, n_needed, manual, auto)
-    if se.enabled and not meta.self_extend_supported:
-        from selfext_cpp.errors import UnsupportedModelError
-        raise UnsupportedModelError(f"Self-Extend is not available for {meta.architecture} models "
-                                    f"({meta.self_extend_status}); run without --ga-n/--auto")
+    _check_support(meta, se)
     n_ctx = ctx_size or -(-n_needed // CTX_ROUND) * CTX_ROUND
 
     t0 = time.perf_counter()
-    kwargs: dict[str, Any] = dict(n_threads=threads, n_threads_batch=threads) if threads else {}
+    n_threads = threads or os.cpu_count() or 1
     llm = engine.load(path, ga_n=se.ga_n, ga_w=se.ga_w, n_ctx=n_ctx, verbose=verbose, n_gpu_layers=gpu_layers,
-                      flash_attn=flash_attn, **kwargs)
+                      flash_attn=flash_attn, n_threads=n_threads, n_threads_batch=n_threads)
     load_s = time.perf_counter() - t0
-    se = engine.get_self_extend(llm)  # report what the context runs with
+    se, n_ctx = engine.get_self_extend(llm), llm.n_ctx()  # report what the context has (llama.cpp pads n_ctx)
     if logs:
         setting = f"--ga-n {se.ga_n} --ga-w {se.ga_w}" if se.enabled else "off"
         hint(f"loaded {path.name} in {load_s:.1f} s: trained context {n_ctx_train}, n_ctx {n_ctx}, "
@@ -116,8 +116,8 @@ def run(
 
     gen = engine.Generation()
     with _prefill_bar(enabled=logs and (verbose or not json_out), total=n_prompt) as on_progress:
-        pieces = engine.stream(llm, tokens, max_tokens=n_predict, temp=temp, top_k=top_k, top_p=top_p, seed=seed,
-                               on_progress=on_progress, result=gen)
+        pieces = engine.stream(llm, tokens, max_tokens=n_needed - n_prompt, temp=temp, top_k=top_k, top_p=top_p,
+                               seed=seed, on_progress=on_progress, result=gen)
         if json_out:
             for _ in pieces:
                 pass
@@ -157,7 +157,7 @@ def _read_prompt(prompt: Optional[str], file: Optional[str]) -> str:
         try:
             data = Path(file).expanduser().read_bytes()
         except OSError as exc:
-            raise fail(f"cannot read prompt file {file}: {exc.strerror or exc}", 1)
+            raise fail(f"cannot read prompt file {file}: {exc.strerror or exc}", 1) from None
         text = _decode(data, file)
     else:
         raise ParameterError("no prompt: give -p TEXT or -f FILE, or pipe text in")
@@ -172,7 +172,7 @@ def _decode(data: bytes | str, where: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise fail(f"the prompt in {where} is not UTF-8 text (byte {exc.start})", 1)
+        raise fail(f"the prompt in {where} is not UTF-8 text (byte {exc.start})", 1) from None
 
 
 def _use_chat(mf: ModelFile, chat: Optional[bool], system: Optional[str]) -> bool:
@@ -191,6 +191,14 @@ def _tokenize(mf: ModelFile, text: str, use_chat: bool, system: Optional[str]) -
     messages = ([{"role": "system", "content": system}] if system is not None else [])
     messages.append({"role": "user", "content": text})
     return mf.tokenize(mf.apply_chat_template(messages), add_special=False, parse_special=True)  # BOS in template
+
+
+def _check_support(meta: Any, se: SelfExtend) -> None:
+    from selfext_cpp.errors import UnsupportedModelError
+
+    if se.enabled and not meta.self_extend_supported:
+        raise UnsupportedModelError(f"Self-Extend is not available for {meta.architecture} models "
+                                    f"({meta.self_extend_status}); run without --ga-n/--auto")
 
 
 def _plan(n_ctx_train: int, n_needed: int, manual: SelfExtend, auto: bool) -> SelfExtend:
@@ -257,10 +265,8 @@ def _write_stream(pieces: Iterator[str], on_first: Optional[Callable[[], None]] 
             out.write("\n")
             out.flush()
     except BrokenPipeError:  # `selfext run ... | head`: stop quietly
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
-        raise typer.Exit(0)
+        raise typer.Exit(0) from None
 
 
 def _rate(n: int, seconds: float) -> str:

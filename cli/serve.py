@@ -67,7 +67,11 @@ def serve(
         flash_attn=flash_attn, logits_all=logprobs, verbose=verbose,
     )  # fmt: skip
     sock = server.bind(host, port)  # a busy port fails now, not after the model load
-    app = server.create_app(settings, api_key=api_key)
+    try:
+        app = server.create_app(settings, api_key=api_key)
+    except BaseException:
+        sock.close()
+        raise
     s = server.loaded()
     se = s.self_extend
     setting = f"Self-Extend --ga-n {se.ga_n} --ga-w {se.ga_w}" if se.enabled else "Self-Extend off"

@@ -225,7 +225,7 @@ def prefill(llm: Llama, tokens: Sequence[int], on_progress: Callable[[int, int],
     if len(tokens) >= llm.n_ctx():
         raise ParameterError(f"the prompt has {len(tokens)} tokens, the context holds {llm.n_ctx()}: "
                              f"raise --ctx-size to at least {len(tokens) + 1}")
-    llm.n_tokens = 0  # eval() first drops every cell from position n_tokens on
+    llm.reset()  # n_tokens = 0: eval() then drops every cached cell first
     step = llm.n_batch
     for i in range(0, len(tokens), step):
         llm.eval(tokens[i : i + step])

@@ -33,3 +33,7 @@ class CapacityError(SelfextError):
 
 class HubError(SelfextError):
     """A model could not be obtained from the Hugging Face Hub."""
+
+
+class ServerError(SelfextError):
+    """The server could not start: a missing dependency, or an address it cannot listen on."""

@@ -5,19 +5,20 @@ References:
     owner/repo:Q4_K_M           the repo's GGUF whose name carries that quant label (all shards if split)
     owner/repo                  the repo's only GGUF
 
-Downloads go through ``huggingface_hub`` into its cache (``HF_HOME``/``HF_HUB_CACHE``): they resume, show its
-progress bar, honour ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and the saved token or ``HF_TOKEN``, and a file only
-appears in the cache once complete. ``huggingface_hub`` is imported on first use.
+Downloads go through ``huggingface_hub`` into its cache (``HF_HOME``/``HF_HUB_CACHE``): a connection dropped
+mid-file resumes with a Range request, its progress bar shows, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and the saved
+token or ``HF_TOKEN`` apply, and a file only appears in the cache once complete. ``huggingface_hub`` is imported
+on first use.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .errors import HubError, ParameterError
 
@@ -118,7 +119,11 @@ def download(ref: HubRef, *, progress: bool = False, local_hint: str | None = No
     import huggingface_hub as hf
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
+    from huggingface_hub.utils import logging as hf_logging
+
     (enable_progress_bars if progress else disable_progress_bars)()
+    if not progress:  # its retry warnings too: stderr stays one line unless it is a terminal or -v
+        hf_logging.set_verbosity_error()
     with _hub_errors(ref, local_hint):
         if ref.filename:
             files = [ref.filename]
@@ -153,9 +158,14 @@ def _cache_dir() -> str:
 @contextmanager
 def _hub_errors(ref: HubRef, local_hint: str | None) -> Iterator[None]:
     """Turn huggingface_hub's exceptions (multi-line, sometimes tracebacks) into one-line HubErrors."""
-    from huggingface_hub import errors as e
+    try:
+        from huggingface_hub import errors as e
+    except ImportError:  # huggingface_hub < 0.24
+        from huggingface_hub import utils as e
+    remote_404 = getattr(e, "RemoteEntryNotFoundError", e.EntryNotFoundError)  # the name before 1.0
+    metadata_error = getattr(e, "FileMetadataError", ())
 
-    nofile = f"no local file {local_hint!r} and " if local_hint and "/" in local_hint else ""
+    nofile = f"no local file {local_hint!r} and " if local_hint and ":" not in local_hint else ""
     try:
         yield
     except (HubError, ParameterError):
@@ -168,25 +178,36 @@ def _hub_errors(ref: HubRef, local_hint: str | None) -> Iterator[None]:
                        "with hf auth login or set HF_TOKEN)") from exc
     except e.RevisionNotFoundError as exc:
         raise HubError(f"{ref.repo_id} has no such revision") from exc
-    except e.RemoteEntryNotFoundError as exc:
-        name = ref.filename or str(ref)
-        raise HubError(f"{nofile}{ref.repo_id} has no file {name} (HTTP 404)" if ref.filename else
-                       f"{ref.repo_id}: a file of {name} is missing on the Hub (HTTP 404)") from exc
-    except e.LocalEntryNotFoundError as exc:  # offline, or the Hub unreachable, and not in the cache
+    except e.LocalEntryNotFoundError as exc:  # offline, or the Hub failed, and not in the cache
+        cause = exc.__cause__
         if _offline():
             raise HubError(f"{ref} is not in the Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE is set: "
                            "unset it to download") from exc
+        if isinstance(cause, e.HfHubHTTPError):
+            raise HubError(f"the Hugging Face Hub answered HTTP {_status(cause)} for {ref}, and it is not cached; "
+                           "check the token (HF_TOKEN) or try again later") from exc
+        if isinstance(cause, metadata_error):
+            raise HubError(f"{_endpoint()} does not answer like the Hugging Face Hub (no X-Repo-Commit/ETag); "
+                           "check HF_ENDPOINT") from exc
         raise HubError(f"could not reach the Hugging Face Hub ({_endpoint()}) and {ref} is not cached: "
                        f"check the connection{_cause(exc)}") from exc
+    except remote_404 as exc:
+        name = ref.filename or str(ref)
+        raise HubError(f"{nofile}{ref.repo_id} has no file {name} (HTTP 404)" if ref.filename else
+                       f"{ref.repo_id}: a file of {name} is missing on the Hub (HTTP 404)") from exc
     except e.HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", "?")
-        raise HubError(f"the Hugging Face Hub answered HTTP {status} for {ref}: try again later") from exc
-    except OSError as exc:
-        if _under_cache(exc):
-            raise HubError(f"cannot write the Hugging Face cache {_cache_dir()}: {exc.strerror or exc}; set HF_HOME "
+        raise HubError(f"the Hugging Face Hub answered HTTP {_status(exc)} for {ref}: check the token (HF_TOKEN) "
+                       "or try again later") from exc
+    except OSError as exc:  # also requests' ConnectionError, in huggingface_hub < 1.0
+        if _is_connection_error(exc):
+            raise HubError(f"could not reach the Hugging Face Hub ({_endpoint()}): check the connection, or set "
+                           f"HF_HUB_OFFLINE=1 to use the cache{_cause(exc)}") from exc
+        folder = _hf_folder_of(exc)
+        if folder:
+            raise HubError(f"cannot write the Hugging Face cache {folder}: {exc.strerror or exc}; set HF_HOME "
                            "to a writable folder") from exc
         if "Consistency check failed" in str(exc):
-            raise HubError(f"the download of {ref} was cut short: run the command again to resume it") from exc
+            raise HubError(f"the download of {ref} was cut short: run the command again") from exc
         raise HubError(f"could not download {ref}: {exc.strerror or exc}") from exc
     except Exception as exc:
         if _is_connection_error(exc):
@@ -195,17 +216,26 @@ def _hub_errors(ref: HubRef, local_hint: str | None) -> Iterator[None]:
         raise
 
 
+def _status(exc: BaseException) -> str:
+    return str(getattr(getattr(exc, "response", None), "status_code", "?"))
+
+
 def _endpoint() -> str:
     from huggingface_hub import constants
 
     return str(constants.ENDPOINT)
 
 
-def _under_cache(exc: OSError) -> bool:
-    cache = os.path.realpath(_cache_dir())
-    names = [n for n in (exc.filename, getattr(exc, "filename2", None)) if n]
-    return any(os.path.realpath(str(n)).startswith(cache) or cache.startswith(os.path.realpath(str(n)) + os.sep)
-               for n in names)
+def _hf_folder_of(exc: OSError) -> str | None:
+    """The Hugging Face folder (HF_HUB_CACHE, else HF_HOME) that the failed path is in or above, if any."""
+    from huggingface_hub import constants
+
+    names = [os.path.realpath(str(n)) for n in (exc.filename, getattr(exc, "filename2", None)) if n]
+    for folder in (str(constants.HF_HUB_CACHE), str(constants.HF_HOME)):
+        real = os.path.realpath(folder)
+        if any(n == real or n.startswith(real + os.sep) or real.startswith(n + os.sep) for n in names):
+            return folder
+    return None
 
 
 def _is_connection_error(exc: BaseException | None) -> bool:

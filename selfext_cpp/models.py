@@ -78,18 +78,28 @@ class ModelFile:
         self._model = ll.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             raise ModelError(f"llama.cpp could not read {self.path}: {last_llama_error() or 'unknown error'}")
-        self._vocab = ll.llama_model_get_vocab(self._model)
-        status = capi.llama_model_self_extend_support(self._model)
+        try:
+            self._vocab = ll.llama_model_get_vocab(self._model)
+            self.chat_template = self.meta_str("tokenizer.chat_template")
+            self.meta = self._read_meta(capi)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_meta(self, capi: Any) -> ModelMeta:
+        ll, model = self._ll, self._model
+        status = capi.llama_model_self_extend_support(model)
         arch = self.meta_str("general.architecture") or "?"
-        base = self.meta_str(f"{arch}.rope.freq_base")
-        self.chat_template = self.meta_str("tokenizer.chat_template")
-        self.meta = ModelMeta(
+        try:
+            base: float | None = float(self.meta_str(f"{arch}.rope.freq_base") or "")
+        except ValueError:
+            base = None
+        return ModelMeta(
             path=str(self.path), architecture=arch, name=self.meta_str("general.name"),
-            n_ctx_train=int(ll.llama_model_n_ctx_train(self._model)),
-            rope_type=ROPE_TYPES.get(int(ll.llama_model_rope_type(self._model)), "other"),
-            rope_freq_base=float(base) if base else None,
-            n_layer=int(ll.llama_model_n_layer(self._model)), n_head=int(ll.llama_model_n_head(self._model)),
-            n_head_kv=int(ll.llama_model_n_head_kv(self._model)), n_embd=int(ll.llama_model_n_embd(self._model)),
+            n_ctx_train=int(ll.llama_model_n_ctx_train(model)),
+            rope_type=ROPE_TYPES.get(int(ll.llama_model_rope_type(model)), "other"), rope_freq_base=base,
+            n_layer=int(ll.llama_model_n_layer(model)), n_head=int(ll.llama_model_n_head(model)),
+            n_head_kv=int(ll.llama_model_n_head_kv(model)), n_embd=int(ll.llama_model_n_embd(model)),
             n_vocab=int(ll.llama_vocab_n_tokens(self._vocab)), file_size=self.path.stat().st_size,
             self_extend_supported=status == capi.LLAMA_SELF_EXTEND_OK, self_extend_status=capi.status_str(status),
             has_chat_template=self.chat_template is not None,

@@ -33,11 +33,7 @@ from typing import Any, Iterator
 
 from ._lib import load_llama_cpp
 from .engine import SelfExtend, choose, enable_self_extend, last_llama_error, n_ctx_train, set_llama_log
-from .errors import ModelError, ParameterError, SelfextError, UnsupportedModelError
-
-
-class ServerError(SelfextError):
-    """The server could not start: a missing dependency, or an address it cannot listen on."""
+from .errors import ModelError, ParameterError, ServerError, UnsupportedModelError
 
 
 load_llama_cpp()  # llama_cpp must bind our libllama before llama_cpp.server imports it
@@ -160,8 +156,8 @@ def context_length_error(n_prompt: int, param: str) -> tuple[int, dict[str, Any]
     if not se.enabled:
         reach = f"Self-Extend is off (the model was trained on {s.n_ctx_train} tokens)."
     elif s.n_ctx < s.capacity:
-        reach = (f"The server was started with -c {s.n_ctx}; Self-Extend (--ga-n {se.ga_n} --ga-w {se.ga_w}) "
-                 f"would reach {s.capacity}.")
+        reach = (f"The server was started for {s.n_ctx} (-c or --auto-max-ctx); Self-Extend (--ga-n {se.ga_n} "
+                 f"--ga-w {se.ga_w}) would reach {s.capacity}.")
     else:
         reach = (f"Self-Extend (--ga-n {se.ga_n} --ga-w {se.ga_w}) stretches the model's trained "
                  f"{s.n_ctx_train} tokens to a capacity of {s.capacity}, and no further.")
@@ -303,8 +299,7 @@ def create_app(settings: ModelSettings | list[ModelSettings], *, api_key: str | 
 
 async def health() -> dict[str, Any]:
     """Ready (the model is loaded), with the Self-Extend setting and the context served."""
-    assert _loaded is not None
-    return {"status": "ok", **_loaded.to_dict()}
+    return {"status": "ok", **loaded().to_dict()}
 
 
 def loaded() -> Serving:

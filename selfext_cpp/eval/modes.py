@@ -3,6 +3,7 @@
 vanilla  plain RoPE at the true positions, no scaling (fails past the trained context, as it should)
 selfext  exact Self-Extend in libllama (G/W given, or chosen by ``choose`` for the length needed)
 shift    llama.cpp's approximation: cached positions rewritten block-wise (see shift.py); Self-Extend off
+shift-upstream  the same with llama.cpp's own llama_memory_seq_div, whose K-shift sign bug it keeps
 yarn     llama.cpp's YaRN RoPE scaling, factor = needed length / n_ctx_train, yarn_orig_ctx = n_ctx_train
 linear   llama.cpp's linear RoPE scaling (position interpolation), rope_freq_scale = 1 / factor
 """
@@ -22,7 +23,8 @@ from .shift import GroupShift, check_params, shift_window
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
-MODES = ("vanilla", "selfext", "shift", "yarn", "linear")
+MODES = ("vanilla", "selfext", "shift", "shift-upstream", "yarn", "linear")
+SHIFT_MODES = ("shift", "shift-upstream")
 ROPE_SCALING = {"linear": 1, "yarn": 2}  # llama_rope_scaling_type
 
 
@@ -75,11 +77,11 @@ def setting(mode: str, n_ctx_train: int, n_needed: int, ga: SelfExtend | None = 
     """The Setting of ``mode`` for a sequence of ``n_needed`` tokens on a model trained on ``n_ctx_train``."""
     if mode == "vanilla":
         return Setting("vanilla")
-    if mode in ("selfext", "shift"):
+    if mode == "selfext" or mode in SHIFT_MODES:
         se = self_extend_for(n_ctx_train, n_needed, ga)
         if not se.enabled:
             return Setting(mode)
-        if mode == "shift":
+        if mode in SHIFT_MODES:
             w = se.ga_w if ga is not None else shift_window(se.ga_n, se.ga_w)
             check_params(se.ga_n, w)
             return Setting(mode, se.ga_n, w)
@@ -135,7 +137,9 @@ class Contexts:
             enable_self_extend(llm, s.ga_n, s.ga_w)
         else:
             enable_self_extend(llm, 1, 0)
-        shift = GroupShift(s.ga_n, s.ga_w) if s.mode == "shift" and s.ga_n > 1 else None
+        shift = None
+        if s.mode in SHIFT_MODES and s.ga_n > 1:
+            shift = GroupShift(s.ga_n, s.ga_w, exact_div=s.mode == "shift")
         return Sequence0(runner, shift)
 
     def close(self) -> None:

@@ -86,7 +86,8 @@ def passkey_table(results: Sequence[TrialResult], title: str = "passkey accuracy
     rows: dict[tuple[str, int], list[TrialResult]] = {}
     for r in results:
         rows.setdefault((r.mode, r.length), []).append(r)
-    for (mode, n), rs in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    order = {m: i for i, m in enumerate(dict.fromkeys(r.mode for r in results))}  # modes as given
+    for (mode, n), rs in sorted(rows.items(), key=lambda kv: (kv[0][1], order[kv[0][0]])):
         cells = []
         for d in depths:
             hit = [r.correct for r in rs if r.depth == d]
@@ -156,22 +157,24 @@ def plot_passkey(results: Sequence[TrialResult], path: str | Path, title: str = 
     lengths = sorted({r.length for r in results})
     depths = sorted({r.depth for r in results})
     acc = {(a["mode"], a["length"], a["depth"]): a["accuracy"] for a in accuracy(results)}
-    fig, axes = plt.subplots(1, len(modes), figsize=(1.2 + 1.1 * len(lengths) * len(modes), 3.2), squeeze=False)
+    panel = max(1.7, 0.8 * len(lengths))
+    fig, axes = plt.subplots(1, len(modes), figsize=(1.5 + panel * len(modes), 1.6 + 0.35 * len(depths)),
+                             squeeze=False, sharey=True)
     for ax, mode in zip(axes[0], modes):
         grid = [[acc.get((mode, n, d), float("nan")) for n in lengths] for d in depths]
         im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
         ax.set_xticks(range(len(lengths)), [_k(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d * 100:g}%" for d in depths])
-        ax.set_title(mode)
-        ax.set_xlabel("prompt length (tokens)")
+        ax.set_title(mode, fontsize=10)
         for i in range(len(depths)):
             for j in range(len(lengths)):
                 if grid[i][j] == grid[i][j]:  # not NaN
                     ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=8)
     axes[0][0].set_ylabel("key depth")
+    fig.supxlabel("prompt length (tokens)", fontsize=10, y=-0.06)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.06)
     return _save(fig, plt, path)
 
 
@@ -183,8 +186,15 @@ def plot_ppl(results: Sequence[PplResult], path: str | Path, n_ctx_train: int, t
         rs = sorted((r for r in results if r.mode == mode), key=lambda r: r.length)
         ax.plot([r.length for r in rs], [r.ppl for r in rs], marker="o", label=mode)
     ax.axvline(n_ctx_train, color="grey", linestyle="--", linewidth=1, label="trained context")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    lengths = sorted({r.length for r in results} | {n_ctx_train})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [_k(n) for n in lengths])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity of the final window")
     ax.legend()

@@ -73,6 +73,13 @@ class Runner:
     def seq_div(self, p0: int, p1: int, d: int) -> None:
         self._ll.llama_memory_seq_div(self.memory, 0, p0, p1, d)
 
+    def seq_div_exact(self, p0: int, p1: int, d: int) -> None:
+        """What seq_div means to do, with keys rotated the right way: one seq_add per position, ascending, so a
+        moved cell (p -> p // d <= p) lands where the loop has already been and is not moved twice."""
+        for p in range(max(p0, 0), p1):
+            if p // d != p:
+                self._ll.llama_memory_seq_add(self.memory, 0, p, p + 1, p // d - p)
+
     def seq_rm(self, p0: int, p1: int = -1) -> None:
         self._ll.llama_memory_seq_rm(self.memory, 0, p0, p1)
 

@@ -16,6 +16,13 @@ difference from exact Self-Extend: keys are moved once and for all, so every que
 same grouped positions; the "neighbour window" is whatever tail has not been grouped yet (between 0 and
 W + n_batch tokens, not the last W), and tokens inside one batch attend with plain positions. Self-Extend
 must be OFF on a context used this way.
+
+A bug in the pinned llama.cpp: ``llama_memory_seq_div`` records the pending K-shift of each cell with the
+wrong sign (``shift += p_old - p_new`` in llama_kv_cells::pos_div, where pos_add records ``p_new - p_old``),
+so a divided cell keeps the position p_new for masking while its key is rotated to 2·p_old - p_new.
+``exact_div=True`` (mode ``shift``) divides with one ``llama_memory_seq_add`` per position instead, which
+leaves keys where the arithmetic above says; ``exact_div=False`` (mode ``shift-upstream``) calls
+``llama_memory_seq_div`` as llama.cpp's tools do, bug included.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ class PositionCache(Protocol):
 
     def seq_div(self, p0: int, p1: int, d: int) -> None: ...
 
+    def seq_div_exact(self, p0: int, p1: int, d: int) -> None: ...
+
 
 def check_params(ga_n: int, ga_w: int) -> None:
     """llama.cpp's own asserts on --grp-attn-n/--grp-attn-w, as a ParameterError."""
@@ -63,6 +72,7 @@ class GroupShift:
 
     ga_n: int
     ga_w: int
+    exact_div: bool = True  # divide by per-position seq_add (see the module docstring) or by seq_div
     ga_i: int = 0  # start of the ungrouped tail, in compressed positions
     steps: int = 0  # blocks grouped so far (k)
 
@@ -97,6 +107,8 @@ class GroupShift:
             if op.kind == "add":
                 if op.value:
                     cache.seq_add(op.p0, op.p1, op.value)
+            elif self.exact_div:
+                cache.seq_div_exact(op.p0, op.p1, op.value)
             else:
                 cache.seq_div(op.p0, op.p1, op.value)
         return n_past

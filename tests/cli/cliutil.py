@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tinymodel import _spm_vocab
+from typer.testing import Result
+
+TINY_L = 256  # n_ctx_train of the tiny llama model: W = 64 and G = 4 reach (256 - 64)·4 + 64 = 832 tokens
+
+Invoke = Callable[..., Result]  # the `cli` fixture
+Selfext = Callable[..., "subprocess.CompletedProcess[str]"]  # the `selfext` fixture
 
 
 def make_gpt2_gguf(path: Path, *, n_ctx_train: int = 64, n_embd: int = 32, n_head: int = 2, n_ff: int = 64,

@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner, Result
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "native"))  # tinymodel.py
 
-from cliutil import base_env, make_gpt2_gguf  # noqa: E402
+from cliutil import TINY_L, Invoke, Selfext, base_env, make_gpt2_gguf  # noqa: E402
 from fakehub import FakeHub, serve  # noqa: E402
 from tinymodel import make_tiny_gguf  # noqa: E402
 
-TINY_L = 256  # n_ctx_train of the tiny llama model: W = 64 and G = 4 reach (256 - 64)·4 + 64 = 832 tokens
-
-Invoke = Callable[..., Result]
-Selfext = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
 @pytest.fixture(scope="session")

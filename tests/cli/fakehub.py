@@ -5,7 +5,9 @@ Routes (huggingface_hub 2.x):
     HEAD /{owner}/{repo}/resolve/{revision}/{path}      hf_hub_download's metadata: ETag, X-Repo-Commit, Content-Length
     GET  /{owner}/{repo}/resolve/{revision}/{path}      the bytes; honours "Range: bytes=N-" with 206
 Missing repos and files answer 404 with the Hub's X-Error-Code (RepoNotFound, EntryNotFound).
-``drop_after[path] = n`` cuts the next GET of ``path`` after n body bytes (the connection closes mid-body), once.
+``status[path] = code`` answers every request for ``path`` with that HTTP status (e.g. 403).
+``plan[path]`` scripts the next GETs of ``path``, one entry each: ("drop", n) sends n body bytes of the promised
+length and hangs up; ("status", code) answers with that HTTP error. Later GETs are served normally.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ class Request:
 @dataclass
 class FakeHub:
     repos: dict[str, dict[str, bytes]] = field(default_factory=dict)  # repo id -> {path in repo: content}
-    drop_after: dict[str, int] = field(default_factory=dict)
+    plan: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    status: dict[str, int] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     url: str = ""
 
@@ -83,6 +86,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return self._error(404, "RepoNotFound")
             if name not in files:
                 return self._error(404, "EntryNotFound")
+            if name in hub.status:
+                return self._error(hub.status[name], "Forbidden")
             content = files[name]
             headers = {"ETag": f'"{hashlib.sha256(content).hexdigest()}"', "X-Repo-Commit": COMMIT,
                        "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
@@ -95,13 +100,15 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if not body:
                 headers["Content-Length"] = str(len(content))
                 return self._send(200, b"", headers, length=len(content))
-            cut = hub.drop_after.pop(name, None)
-            if cut is not None:  # promise the whole body, send part of it, hang up
+            action, n = hub.plan[name].pop(0) if hub.plan.get(name) else ("serve", 0)
+            if action == "status":
+                return self._error(n, "Error")
+            if action == "drop":  # promise the whole body, send part of it, hang up
                 self.send_response(status)
                 for k, v in {**headers, "Content-Length": str(len(part))}.items():
                     self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(part[:cut])
+                self.wfile.write(part[:n])
                 self.wfile.flush()
                 self.close_connection = True
                 return
@@ -129,7 +136,7 @@ def serve(hub: FakeHub) -> Iterator[FakeHub]:
     """Run ``hub`` on 127.0.0.1 (a free port) in a thread; ``hub.url`` is its HF_ENDPOINT."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     hub.url = f"http://127.0.0.1:{server.server_address[1]}"
     try:

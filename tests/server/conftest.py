@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "native"))  # tinymodel
 
-from live_server import N_CTX_TRAIN, SELF_EXTEND_ARGS, LiveServer, start  # noqa: E402
+from live_server import N_CTX_TRAIN, SELF_EXTEND_ARGS, LiveServer, StartServer, start  # noqa: E402
 from tinymodel import make_tiny_gguf  # noqa: E402
-
-StartServer = Callable[..., LiveServer]
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-SELFEXT = [sys.executable, "-c", "from selfext_cpp.cli.app import main; main()"]
+SELFEXT = [sys.executable, "-m", "selfext_cpp"]  # the `selfext` command
 STARTUP_TIMEOUT = 60.0  # seconds; a tiny model starts in ~2 s, but the machine is shared
 REQUEST_TIMEOUT = 30.0
 READY = re.compile(r"^selfext: serving .* at (http://\S+)/v1 ", re.MULTILINE)
@@ -70,6 +70,9 @@ class LiveServer:
                 self.proc.kill()
                 self.proc.wait(10)
         return self.proc.returncode
+
+
+StartServer = Callable[..., LiveServer]  # the start_server fixture: start_server(*args, env=None)
 
 
 def start(model: Path, *args: str, log_dir: Path, env: dict[str, str] | None = None) -> LiveServer:

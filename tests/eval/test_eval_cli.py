@@ -1,0 +1,143 @@
+"""`selfext eval passkey | ppl | speed` on a tiny model: JSON documents, tables, exit codes, Ctrl-C, --help."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tinymodel import TinyModel
+from typer.testing import CliRunner
+
+from selfext_cpp.cli.eval import app
+from selfext_cpp.eval.passkey import PasskeyRun
+
+runner = CliRunner()
+SMALL = ["-t", "2", "-b", "64"]
+PASSKEY = ["passkey", "--lengths", "300,400", "--depths", "10,90", "--trials", "2", "--ga-n", "4", "--ga-w", "16",
+           "-n", "4", *SMALL]
+
+
+def invoke(*args: str) -> Any:
+    return runner.invoke(app, list(args))
+
+
+def test_passkey_json_document(tiny: TinyModel) -> None:
+    result = invoke(*PASSKEY, str(tiny.path), "--modes", "vanilla,selfext,shift", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)  # exactly one JSON document on stdout
+    assert doc["schema"] == "selfext.eval.passkey/1"
+    assert doc["complete"] is True
+    assert doc["model"] == {"path": str(tiny.path), "n_ctx_train": 64}
+    assert doc["config"] == {"lengths": [300, 400], "depths": [0.1, 0.9], "trials": 2,
+                             "modes": ["vanilla", "selfext", "shift"], "seed": 0, "haystack": "repeat", "ga_n": 4,
+                             "ga_w": 16, "auto": False, "n_predict": 4, "n_batch": 64}
+    assert [(s["mode"], s["length"], s["ga_n"], s["ga_w"]) for s in doc["settings"]] == [
+        ("vanilla", 300, 1, 0), ("selfext", 300, 4, 16), ("shift", 300, 4, 16),
+        ("vanilla", 400, 1, 0), ("selfext", 400, 4, 16), ("shift", 400, 4, 16)]
+    assert len(doc["results"]) == 2 * 2 * 2 * 3
+    assert set(doc["results"][0]) == {"mode", "length", "n_tokens", "depth", "trial", "key", "key_position",
+                                      "output", "correct", "ga_n", "ga_w", "rope_factor", "seconds"}
+    assert len(doc["accuracy"]) == 2 * 2 * 3
+    assert all(a["trials"] == 2 and 0.0 <= a["accuracy"] <= 1.0 for a in doc["accuracy"])
+
+
+def test_passkey_table_and_plot(tiny: TinyModel, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "passkey.png"
+    result = invoke(*PASSKEY, str(tiny.path), "--modes", "vanilla,yarn", "--plot", str(plot))
+    assert result.exit_code == 0, result.stderr
+    assert "passkey accuracy" in result.stdout
+    assert "×4.75" in result.stdout  # yarn's factor at 300 tokens: (300 + 4) / 64
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot written to {plot}" in result.stderr
+
+
+def interrupt_after_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = PasskeyRun.run
+
+    def run(self: PasskeyRun, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        gen = original(self, *args, **kwargs)
+        yield next(gen)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PasskeyRun, "run", run)
+
+
+def test_ctrl_c_prints_the_partial_json_and_exits_130(tiny: TinyModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    interrupt_after_first(monkeypatch)
+    result = invoke(*PASSKEY, str(tiny.path), "--json")
+    assert result.exit_code == 130
+    doc = json.loads(result.stdout)
+    assert doc["complete"] is False
+    assert len(doc["results"]) == 1
+    assert "interrupted" in result.stderr
+
+
+def test_ctrl_c_prints_the_partial_table(tiny: TinyModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    interrupt_after_first(monkeypatch)
+    result = invoke(*PASSKEY, str(tiny.path))
+    assert result.exit_code == 130
+    assert "passkey accuracy (interrupted: partial)" in result.stdout
+    assert "vanilla" in result.stdout
+
+
+def test_ppl_json_and_plot_from_a_text_file(tiny: TinyModel, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(["the hello world"] * 200))
+    result = invoke("ppl", str(tiny.path), "-f", str(text), "--lengths", "48,128", "--window", "16",
+                    "--ga-n", "4", "--ga-w", "16", *SMALL, "--json", "--plot", str(tmp_path / "ppl.png"))
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["schema"] == "selfext.eval.ppl/1"
+    assert (tmp_path / "ppl.png").read_bytes()[:4] == b"\x89PNG"
+    assert doc["text"]["source"] == str(text) and doc["text"]["tokens"] > 128
+    assert [(r["mode"], r["length"]) for r in doc["results"]] == [
+        ("vanilla", 48), ("selfext", 48), ("vanilla", 128), ("selfext", 128)]
+    assert all(r["ppl"] > 1.0 and r["window"] == 16 for r in doc["results"])
+
+
+def test_ppl_refuses_a_text_shorter_than_the_longest_length(tiny: TinyModel, tmp_path: Path) -> None:
+    text = tmp_path / "short.txt"
+    text.write_text("the hello world")
+    result = invoke("ppl", str(tiny.path), "-f", str(text), "--lengths", "48", "--window", "16", *SMALL)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("selfext: error: the text has")
+
+
+def test_speed_json_with_ratios(tiny: TinyModel) -> None:
+    result = invoke("speed", str(tiny.path), "--depths", "0,100", "-p", "16", "-n", "2", "-r", "1", "--fa", "off",
+                    "--ga-n", "4", "--ga-w", "16", *SMALL, "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["schema"] == "selfext.eval.speed/1"
+    assert [(r["depth"], r["flash_attn"], r["mode"]) for r in doc["results"]] == [
+        (0, False, "vanilla"), (0, False, "selfext"), (100, False, "vanilla"), (100, False, "selfext")]
+    assert [(r["depth"], r["flash_attn"]) for r in doc["ratios"]] == [(0, False), (100, False)]
+    assert all(r["prefill"] > 0 and r["decode"] > 0 for r in doc["ratios"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["passkey", "--auto", "--ga-n", "4", "--ga-w", "16"], "--auto and --ga-n/--ga-w exclude each other"),
+    (["passkey", "--ga-n", "4"], "give both --ga-n and --ga-w"),
+    (["passkey", "--modes", "vanilla,rope"], "unknown mode rope"),
+    (["passkey", "--lengths", "4q"], "not a token count"),
+    (["passkey", "--modes", "shift", "--ga-n", "3", "--ga-w", "16"], "multiple of --ga-n"),
+    (["speed", "--fa", "maybe"], "--fa takes"),
+])
+def test_usage_errors_exit_2_with_one_line(tiny: TinyModel, args: list[str], message: str) -> None:
+    result = invoke(*args[:1], str(tiny.path), *args[1:], *SMALL)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["passkey", "ppl", "speed", ""])
+def test_help_ends_with_a_real_example(command: str) -> None:
+    result = invoke(*([command] if command else []), "--help")
+    assert result.exit_code == 0
+    tail = result.stdout[result.stdout.rindex("╰"):]  # after the last option box
+    assert f"Example: selfext eval {command or 'passkey'} " in " ".join(tail.split())
