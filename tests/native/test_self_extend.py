@@ -10,47 +10,16 @@ K caches round every cached key (rel. 5e-4 and ~4e-3): ATOL_F16 = 1e-2, ATOL_Q8 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 import pytest
-from tinymodel import GGML_TYPE_F16, GPU_ATOL, ON_GPU, LlamaRunner, TinyModel, make_tiny_gguf, reference_logits
+from tinymodel import (GGML_TYPE_F16, GPU_ATOL, ON_GPU, LlamaRunner, RunnerFactory, TinyModel, make_tiny_gguf,
+                       reference_logits)
 
 ATOL = GPU_ATOL if ON_GPU else 1e-4
 ATOL_F16 = max(1e-2, GPU_ATOL) if ON_GPU else 1e-2
 ATOL_Q8 = 5e-2
 GGML_TYPE_Q8_0 = 8
 N_TOKENS = 100  # the tiny models are trained to 64 positions
-
-MODELS = {  # id: (arch, n_head_kv); n_head = 4; llama: RoPE NORM, qwen2: RoPE NEOX
-    "llama-mha": ("llama", 4),
-    "llama-gqa": ("llama", 2),
-    "qwen2-mha": ("qwen2", 4),
-    "qwen2-gqa": ("qwen2", 1),
-}
-
-
-@pytest.fixture(scope="module", params=list(MODELS), ids=list(MODELS))
-def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    arch, n_head_kv = MODELS[request.param]
-    path = tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf"
-    return make_tiny_gguf(path, arch=arch, n_head_kv=n_head_kv, seed=7 + len(request.param))
-
-
-@pytest.fixture
-def runner_for(model: TinyModel) -> Iterator[Callable[..., LlamaRunner]]:
-    made: list[LlamaRunner] = []
-
-    def make(path: Path | None = None, **kw: Any) -> LlamaRunner:
-        kw.setdefault("n_ctx", 256)
-        made.append(LlamaRunner(path or model.path, **kw))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
 
 
 def tokens_for(model: TinyModel, n: int = N_TOKENS, seed: int = 0) -> list[int]:
@@ -64,7 +33,7 @@ def assert_close(got: np.ndarray, want: np.ndarray, atol: float) -> None:
 
 @pytest.mark.parametrize("ga_w", [1, 4, 16, 33])
 @pytest.mark.parametrize("ga_n", [1, 2, 3, 4, 8])
-def test_logits_match_reference(model: TinyModel, runner_for: Callable[..., LlamaRunner], ga_n: int,
+def test_logits_match_reference(model: TinyModel, runner_for: RunnerFactory, ga_n: int,
                                 ga_w: int) -> None:
     tokens = tokens_for(model)
     r = runner_for()
@@ -74,7 +43,7 @@ def test_logits_match_reference(model: TinyModel, runner_for: Callable[..., Llam
 
 @pytest.mark.parametrize("ubatch", [1, 7, 64, N_TOKENS])
 @pytest.mark.parametrize(("ga_n", "ga_w"), [(4, 16), (3, 33)])
-def test_any_ubatch_size(model: TinyModel, runner_for: Callable[..., LlamaRunner], ubatch: int, ga_n: int,
+def test_any_ubatch_size(model: TinyModel, runner_for: RunnerFactory, ubatch: int, ga_n: int,
                          ga_w: int) -> None:
     tokens = tokens_for(model, seed=1)
     r = runner_for(n_batch=N_TOKENS, n_ubatch=ubatch)
@@ -82,7 +51,7 @@ def test_any_ubatch_size(model: TinyModel, runner_for: Callable[..., LlamaRunner
     assert_close(r.decode(tokens), reference_logits(model, tokens, ga_n=ga_n, ga_w=ga_w), ATOL)
 
 
-def test_token_by_token_decode(model: TinyModel, runner_for: Callable[..., LlamaRunner]) -> None:
+def test_token_by_token_decode(model: TinyModel, runner_for: RunnerFactory) -> None:
     tokens = tokens_for(model, 80, seed=2)
     r = runner_for()
     assert r.set_self_extend(4, 16) == 0
@@ -90,7 +59,7 @@ def test_token_by_token_decode(model: TinyModel, runner_for: Callable[..., Llama
 
 
 @pytest.mark.parametrize("kv_unified", [False, True])
-def test_two_sequences_in_one_batch(model: TinyModel, runner_for: Callable[..., LlamaRunner],
+def test_two_sequences_in_one_batch(model: TinyModel, runner_for: RunnerFactory,
                                     kv_unified: bool) -> None:
     a, b = tokens_for(model, 90, seed=3), tokens_for(model, 70, seed=4)
     r = runner_for(n_ctx=512, n_batch=256, n_seq_max=2, kv_unified=kv_unified)
@@ -108,7 +77,7 @@ def test_two_sequences_in_one_batch(model: TinyModel, runner_for: Callable[..., 
     assert_close(logits[seqs_arr == 1], reference_logits(model, b, ga_n=2, ga_w=16), ATOL)
 
 
-def test_seq_rm_then_redecode(model: TinyModel, runner_for: Callable[..., LlamaRunner]) -> None:
+def test_seq_rm_then_redecode(model: TinyModel, runner_for: RunnerFactory) -> None:
     first, other = tokens_for(model, 100, seed=5), tokens_for(model, 40, seed=6)
     r = runner_for()
     assert r.set_self_extend(4, 8) == 0
@@ -119,7 +88,7 @@ def test_seq_rm_then_redecode(model: TinyModel, runner_for: Callable[..., LlamaR
     assert_close(got, reference_logits(model, tokens, ga_n=4, ga_w=8)[60:], ATOL)
 
 
-def test_group_size_one_equals_vanilla(model: TinyModel, runner_for: Callable[..., LlamaRunner]) -> None:
+def test_group_size_one_equals_vanilla(model: TinyModel, runner_for: RunnerFactory) -> None:
     tokens = tokens_for(model, seed=7)
     vanilla = runner_for().decode(tokens)
     r = runner_for()
@@ -128,7 +97,7 @@ def test_group_size_one_equals_vanilla(model: TinyModel, runner_for: Callable[..
 
 
 def test_switching_on_a_live_context_after_clearing_the_memory(
-        model: TinyModel, runner_for: Callable[..., LlamaRunner]) -> None:
+        model: TinyModel, runner_for: RunnerFactory) -> None:
     tokens = tokens_for(model, seed=8)
     r = runner_for()
     vanilla = r.decode(tokens)
@@ -140,7 +109,7 @@ def test_switching_on_a_live_context_after_clearing_the_memory(
     np.testing.assert_array_equal(r.decode(tokens), vanilla)
 
 
-def test_state_save_and_load(model: TinyModel, runner_for: Callable[..., LlamaRunner]) -> None:
+def test_state_save_and_load(model: TinyModel, runner_for: RunnerFactory) -> None:
     tokens = tokens_for(model, seed=9)
     src = runner_for()
     assert src.set_self_extend(3, 16) == 0
@@ -158,7 +127,7 @@ def test_state_save_and_load(model: TinyModel, runner_for: Callable[..., LlamaRu
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])
-def test_f16_cache_and_flash_attention(model: TinyModel, runner_for: Callable[..., LlamaRunner],
+def test_f16_cache_and_flash_attention(model: TinyModel, runner_for: RunnerFactory,
                                        flash_attn: bool) -> None:
     tokens = tokens_for(model, seed=10)
     r = runner_for(type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16, flash_attn=flash_attn)
@@ -166,7 +135,7 @@ def test_f16_cache_and_flash_attention(model: TinyModel, runner_for: Callable[..
     assert_close(r.decode(tokens), reference_logits(model, tokens, ga_n=4, ga_w=16), ATOL_F16)
 
 
-def test_get_self_extend_reads_back(model: TinyModel, runner_for: Callable[..., LlamaRunner]) -> None:
+def test_get_self_extend_reads_back(model: TinyModel, runner_for: RunnerFactory) -> None:
     from selfext_cpp import capi
 
     r = runner_for()
@@ -179,7 +148,7 @@ def test_get_self_extend_reads_back(model: TinyModel, runner_for: Callable[..., 
 
 @pytest.mark.parametrize(("ga_n", "ga_w"), [(0, 16), (-1, 16), (2, 0), (4, -3)])
 def test_invalid_values_are_refused_and_leave_the_context_unchanged(
-        model: TinyModel, runner_for: Callable[..., LlamaRunner], ga_n: int, ga_w: int) -> None:
+        model: TinyModel, runner_for: RunnerFactory, ga_n: int, ga_w: int) -> None:
     from selfext_cpp import capi
 
     r = runner_for()

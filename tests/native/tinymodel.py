@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -473,3 +473,6 @@ class LlamaRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+RunnerFactory = Callable[..., LlamaRunner]  # the runner_for fixture (conftest.py)
