@@ -113,7 +113,7 @@ def enable_self_extend(llm: Llama, ga_n: int, ga_w: int = 0) -> SelfExtend:
     if status != capi.LLAMA_SELF_EXTEND_OK:
         raise UnsupportedModelError(f"Self-Extend is not available for this model: {capi.status_str(status)}")
     if changed:
-        llm.reset()  # also clears the KV cache
+        llm.reset()  # the next eval drops the cached cells and decodes from the start
     return params
 
 
