@@ -26,6 +26,7 @@
 // the one friend of the upstream classes whose internals we read
 struct llama_se_access {
     static llama_cparams & cparams(llama_context & ctx)             { return ctx.cparams; }
+    static const llama_cparams & cparams(const llama_context & ctx) { return ctx.cparams; }
     static void            need_reserve(llama_context & ctx)         { ctx.sched_need_reserve = true; }
     static const llama_kv_cache * kv(const llama_kv_cache_context * m) { return m->kv; }
     static uint32_t        stream0(const llama_kv_cache_context * m) { return m->sinfos[m->i_cur].s0; }
@@ -146,7 +147,7 @@ int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
 }
 
 void llama_get_self_extend(const llama_context * ctx, int32_t * ga_n, int32_t * ga_w) {
-    const auto & cparams = llama_se_access::cparams(const_cast<llama_context &>(*ctx));
+    const auto & cparams = llama_se_access::cparams(*ctx);
     if (ga_n) {
         *ga_n = cparams.se_n;
     }
@@ -203,7 +204,6 @@ void llama_se_set_inp(
 
     const int64_t n_tokens = ubatch->n_tokens;
     const int64_t n_kv     = inp.nbr->ne[0];
-    const int64_t n_tps    = inp.nbr->ne[1];
     const int64_t n_stream = inp.nbr->ne[3];
 
     GGML_ASSERT(ggml_backend_buffer_is_host(inp.q_shift->buffer));
@@ -230,12 +230,11 @@ void llama_se_set_inp(
     // neighbour/grouped selection per (key, query); cells outside the causal mask get 1/0 (masked anyway)
     float * nbr = (float *) inp.nbr->data;
     float * grp = (float *) inp.grp->data;
-    for (int64_t i = 0; i < n_tokens; ++i) {
-        const int64_t s = i / n_tps;
+    for (int64_t i = 0; i < n_tokens; ++i) { // token i is row i % n_tps of stream i / n_tps: offset i*n_kv
         const llama_pos p1 = ubatch->pos[i];
         const llama_kv_cells & cells = llama_se_access::cells(kv, llama_se_access::stream_of(kv, ubatch->seq_id[i][0]));
-        float * nr = nbr + (s*n_tps + i % n_tps)*n_kv;
-        float * gr = grp + (s*n_tps + i % n_tps)*n_kv;
+        float * nr = nbr + i*n_kv;
+        float * gr = grp + i*n_kv;
         for (int64_t j = 0; j < n_kv; ++j) {
             const bool neighbour = cells.is_empty(j) || p1 - cells.pos_get(j) < W;
             nr[j] = neighbour ? 1.0f : 0.0f;

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.slow
 def passkey(length: str, *args: str) -> dict:
     ngl = os.environ.get("SELFEXT_TEST_NGL", "0")
     model = [os.environ["SELFEXT_TEST_MODEL"]] if "SELFEXT_TEST_MODEL" in os.environ else []  # default: SmolLM2
-    cmd = [sys.executable, "-m", "selfext_cpp", "eval", "passkey", *model, "--lengths", length,
+    script = Path(sys.executable).with_name("selfext")  # the installed command, not a source checkout's package
+    cmd = [str(script), "eval", "passkey", *model, "--lengths", length,
            "--depths", "10,50,90", "--trials", "1", "--seed", "1", "-ngl", ngl, "--json", "-q", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0, out.stderr

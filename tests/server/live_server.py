@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-SELFEXT = [sys.executable, "-m", "selfext_cpp"]  # the `selfext` command
+# the installed `selfext` command (next to this Python); `python -m selfext_cpp` would import a source checkout
+# in the working directory instead of the installed package
+_SCRIPT = Path(sys.executable).with_name("selfext")
+SELFEXT = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "selfext_cpp"]
 STARTUP_TIMEOUT = 60.0  # seconds; a tiny model starts in ~2 s, but the machine is shared
 REQUEST_TIMEOUT = 30.0
 READY = re.compile(r"^selfext: serving .* at (http://\S+)/v1 ", re.MULTILINE)
