@@ -339,4 +339,9 @@ def run(app: FastAPI, sock: socket.socket, *, verbose: bool = False) -> None:
     log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout is for results; a server has none
     config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
                             log_config=log_config)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal, but that re-raise can be
+    # absorbed by asyncio's own SIGINT handling; a stop by signal must still end as an interrupt (exit 130)
+    if server.should_exit:
+        raise KeyboardInterrupt
