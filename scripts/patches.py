@@ -117,7 +117,7 @@ def series() -> list[str]:
 def export(repo: Path) -> None:
     commits = git(repo, "rev-list", "--reverse", f"{BASE_TAG}..HEAD", capture=True).split()
     for old in series():
-        (PATCHES / old).unlink()
+        (PATCHES / old).unlink(missing_ok=True)
     names = []
     for n, sha in enumerate(commits, 1):
         subject = git(repo, "log", "-1", "--format=%s", sha, capture=True).strip()

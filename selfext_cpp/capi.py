@@ -30,6 +30,11 @@ def llama_self_extend_api_version() -> int:
     ...
 
 
+if llama_self_extend_api_version() != API_VERSION:
+    raise LibraryError(f"libllama speaks Self-Extend API {llama_self_extend_api_version()}, this package "
+                       f"{API_VERSION}: reinstall selfext so the library and the package match")
+
+
 # LLAMA_API const char * llama_self_extend_upstream_commit(void);
 @ctypes_function("llama_self_extend_upstream_commit", [], ctypes.c_char_p)
 def llama_self_extend_upstream_commit() -> bytes:
@@ -67,9 +72,11 @@ def llama_get_self_extend(ctx: llama_context_p, ga_n: "ctypes._Pointer[ctypes.c_
     ...
 
 
-if llama_self_extend_api_version() != API_VERSION:
-    raise LibraryError(f"libllama speaks Self-Extend API {llama_self_extend_api_version()}, this package "
-                       f"{API_VERSION}: reinstall selfext so the library and the package match")
+# LLAMA_API bool llama_self_extend_fused(const struct llama_context * ctx);
+@ctypes_function("llama_self_extend_fused", [llama_context_p], ctypes.c_bool)
+def llama_self_extend_fused(ctx: llama_context_p, /) -> bool:
+    """Whether the context's Self-Extend layers run the fused flash-attention op."""
+    ...
 
 
 def upstream_commit() -> str:

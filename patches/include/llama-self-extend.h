@@ -16,7 +16,7 @@
 extern "C" {
 #endif
 
-#define LLAMA_SELF_EXTEND_API_VERSION 1
+#define LLAMA_SELF_EXTEND_API_VERSION 2
 
 enum llama_self_extend_status {
     LLAMA_SELF_EXTEND_OK                =  0,
@@ -46,11 +46,17 @@ LLAMA_API int32_t llama_model_self_extend_support(const struct llama_model * mod
 // usable, but the cells already decoded were computed under the previous setting (deeper layers saw other
 // attention): to get the same results as a fresh run, clear the memory (llama_memory_clear) after a change.
 // Returns LLAMA_SELF_EXTEND_OK or a negative llama_self_extend_status (the context is then unchanged).
-// With flash attention on, the Self-Extend layers run the exact non-flash path (logged once).
+// With flash attention on, the Self-Extend layers run the fused op (llama_self_extend_fused).
 LLAMA_API int32_t llama_set_self_extend(struct llama_context * ctx, int32_t ga_n, int32_t ga_w);
 
 // Current setting of a context: *ga_n == 1 and *ga_w == 0 when Self-Extend is off. Either pointer may be null.
 LLAMA_API void llama_get_self_extend(const struct llama_context * ctx, int32_t * ga_n, int32_t * ga_w);
+
+// Whether the context's Self-Extend layers run the fused flash-attention op (one pass, one dot product per
+// query/key pair): Self-Extend and flash attention are on and every device holding the KV cache has the op
+// (CPU; CUDA for f16 caches). Otherwise they run the exact generic path: two KQ products merged before
+// one softmax, several times slower at long context. Both give the same results up to rounding.
+LLAMA_API bool llama_self_extend_fused(const struct llama_context * ctx);
 
 #ifdef __cplusplus
 }

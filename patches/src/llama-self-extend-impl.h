@@ -12,19 +12,25 @@ struct llama_ubatch;
 class  llama_kv_cache_context;
 
 // Graph inputs of one KV cache, filled from the KV cells and the ubatch at every llama_decode().
+// The fused op (cparams.se_fa) reads positions; the generic path reads 0/1 selection masks.
 struct llama_se_inp {
     ggml_tensor * q_shift = nullptr; // I32 [n_tokens]                    grouped query position - position
     ggml_tensor * k_shift = nullptr; // I32 [n_kv*n_stream]               grouped key position - position
-    ggml_tensor * nbr     = nullptr; // F32 [n_kv, n_tps, 1, n_stream]    1 where pos_q - pos_k <  W, else 0
-    ggml_tensor * grp     = nullptr; // F32 [n_kv, n_tps, 1, n_stream]    1 - nbr
+    ggml_tensor * pos_q   = nullptr; // I32 [n_tps, n_stream]             fused: query positions
+    ggml_tensor * pos_k   = nullptr; // I32 [n_kv, n_stream]              fused: key (cell) positions
+    ggml_tensor * nbr     = nullptr; // F32 [n_kv, n_tps, 1, n_stream]    generic: 1 where pos_q - pos_k <  W, else 0
+    ggml_tensor * grp     = nullptr; // F32 [n_kv, n_tps, 1, n_stream]    generic: 1 - nbr
 };
 
 // The grouped operands of one layer, handed to build_attn_mha.
 struct llama_se_attn {
-    ggml_tensor * q   = nullptr; // F32 [n_embd_head_k, n_head,    n_tokens]          rotated to i/G + W - W/G
-    ggml_tensor * k   = nullptr; // F32/F16 [n_embd_head_k, n_head_kv, n_kv, n_stream] rotated to j/G
-    ggml_tensor * nbr = nullptr;
-    ggml_tensor * grp = nullptr;
+    ggml_tensor * q     = nullptr; // F32 [n_embd_head_k, n_head,    n_tokens]          rotated to i/G + W - W/G
+    ggml_tensor * k     = nullptr; // F32/F16 [n_embd_head_k, n_head_kv, n_kv, n_stream] rotated to j/G
+    ggml_tensor * nbr   = nullptr;
+    ggml_tensor * grp   = nullptr;
+    ggml_tensor * pos_q = nullptr; // set: build_attn_mha uses the fused op (llama_se_build_fattn)
+    ggml_tensor * pos_k = nullptr;
+    int32_t       n_window = 0;
 };
 
 // true when the context runs Self-Extend (ga_n > 1)
@@ -57,6 +63,18 @@ bool llama_se_build_layer(
         ggml_tensor * k_rot,
         int il,
         llama_se_attn & out);
+
+// The fused op: attention of the permuted q [n_embd_head_k, n_tps, n_head, n_stream] over the permuted k/v
+// views, as build_attn_mha's flash-attention branch; returns [n_embd_head_v, n_head, n_tps, n_stream].
+ggml_tensor * llama_se_build_fattn(
+        ggml_context * ctx,
+        const llama_se_attn & se,
+        ggml_tensor * q,
+        ggml_tensor * k,
+        ggml_tensor * v,
+        ggml_tensor * kq_mask,
+        float kq_scale,
+        float softcap);
 
 // Merges the neighbour logits kq [n_kv, n_tps, n_head, n_stream] (as build_attn_mha computes them) with the
 // grouped ones: kq * nbr + kq_grouped * grp. Exact: the masks are 0/1, so each logit is one of the two.

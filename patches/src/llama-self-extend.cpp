@@ -16,6 +16,10 @@
 #include "llama-kv-cache-iswa.h"
 #include "llama-model.h"
 
+#include "ggml-backend.h"
+#include "ggml-cpp.h"
+#include "ggml-self-extend.h"
+
 #include <cmath>
 #include <cstring>
 
@@ -33,6 +37,7 @@ struct llama_se_access {
     static const llama_model & model(const llama_kv_cache * kv)     { return kv->model; }
     static const llama_kv_cells & cells(const llama_kv_cache * kv, uint32_t s) { return kv->v_cells[s]; }
     static uint32_t        stream_of(const llama_kv_cache * kv, llama_seq_id seq) { return kv->seq_to_stream[seq]; }
+    static const auto &    layers(const llama_kv_cache * kv)        { return kv->layers; }
 };
 
 // grouped positions: neighbour window W, group size G
@@ -114,6 +119,52 @@ int32_t llama_model_self_extend_support(const llama_model * model) {
     return LLAMA_SELF_EXTEND_OK;
 }
 
+// the KV caches of a context's memory (one, or base + SWA)
+static std::vector<const llama_kv_cache *> se_kv_caches(llama_context & ctx) {
+    llama_memory_t mem = ctx.get_memory();
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        return { kv };
+    }
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return { iswa->get_base(), iswa->get_swa() };
+    }
+    return {};
+}
+
+// whether the device of every KV layer runs GGML_OP_FLASH_ATTN_EXT_SE for that layer's shapes and cache types
+static bool se_fused_supported(llama_context & ctx) {
+    const llama_hparams & hp = ctx.get_model().hparams;
+    for (const llama_kv_cache * kv : se_kv_caches(ctx)) {
+        for (const auto & layer : llama_se_access::layers(kv)) {
+            ggml_init_params ip = { 16*ggml_tensor_overhead(), nullptr, true };
+            ggml_context_ptr tmp { ggml_init(ip) };
+            ggml_context * c = tmp.get();
+            const int64_t dk = hp.n_embd_head_k(layer.il), dv = hp.n_embd_head_v(layer.il);
+            const int64_t nh = hp.n_head(layer.il), nkv = hp.n_head_kv(layer.il), n = 256;
+            const ggml_type tg = layer.k->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+            ggml_tensor * op = ggml_flash_attn_ext_se(c,
+                    ggml_new_tensor_3d(c, GGML_TYPE_F32, dk, 1, nh),
+                    ggml_new_tensor_3d(c, layer.k->type, dk, n, nkv),
+                    ggml_new_tensor_3d(c, layer.v->type, dv, n, nkv),
+                    ggml_new_tensor_2d(c, GGML_TYPE_F16, n, 1),
+                    ggml_new_tensor_3d(c, GGML_TYPE_F32, dk, 1, nh),
+                    ggml_new_tensor_3d(c, tg, dk, n, nkv),
+                    ggml_new_tensor_1d(c, GGML_TYPE_I32, 1),
+                    ggml_new_tensor_1d(c, GGML_TYPE_I32, n),
+                    1, 1.0f, 0.0f);
+            ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
+            ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+            if (!dev && ggml_backend_buft_is_host(buft)) {
+                dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU); // the CPU buffer type names no device
+            }
+            if (!dev || !ggml_backend_dev_supports_op(dev, op)) {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
 int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
     if (!ctx || ga_n < 1 || (ga_n > 1 && ga_w < 1)) {
         return LLAMA_SELF_EXTEND_ERR_INVALID_ARG;
@@ -135,12 +186,15 @@ int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
     if (cparams.se_n == ga_n && cparams.se_w == ga_w) {
         return LLAMA_SELF_EXTEND_OK;
     }
-    if (ga_n > 1 && cparams.flash_attn) {
-        LLAMA_LOG_INFO("%s: flash attention is on: layers with Self-Extend use the exact non-flash attention path\n", __func__);
+    // flash attention on: the fused op where every KV device has it, else the exact generic path
+    const bool fused = ga_n > 1 && cparams.flash_attn && se_fused_supported(*ctx);
+    if (ga_n > 1 && cparams.flash_attn && !fused) {
+        LLAMA_LOG_INFO("%s: a device lacks the fused Self-Extend attention op: using the exact non-flash path\n", __func__);
     }
-    LLAMA_LOG_INFO("%s: ga_n = %d, ga_w = %d\n", __func__, ga_n, ga_w);
-    cparams.se_n = ga_n;
-    cparams.se_w = ga_w;
+    LLAMA_LOG_INFO("%s: ga_n = %d, ga_w = %d%s\n", __func__, ga_n, ga_w, fused ? " (fused flash attention)" : "");
+    cparams.se_n  = ga_n;
+    cparams.se_w  = ga_w;
+    cparams.se_fa = fused;
     // the graph changes shape and size: drop cached graphs and re-reserve the compute buffers
     llama_se_access::need_reserve(*ctx);
     return LLAMA_SELF_EXTEND_OK;
@@ -154,6 +208,10 @@ void llama_get_self_extend(const llama_context * ctx, int32_t * ga_n, int32_t * 
     if (ga_w) {
         *ga_w = cparams.se_w;
     }
+}
+
+bool llama_self_extend_fused(const llama_context * ctx) {
+    return ctx && llama_se_access::cparams(*ctx).se_fa;
 }
 
 //
@@ -179,13 +237,20 @@ llama_se_inp llama_se_build_inp(
 
     inp.q_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
     inp.k_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_kv*n_stream);
-    inp.nbr     = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, n_tokens/n_stream, 1, n_stream);
-    inp.grp     = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, n_tokens/n_stream, 1, n_stream);
-
     ggml_set_input(inp.q_shift); ggml_set_name(inp.q_shift, "se_q_shift");
     ggml_set_input(inp.k_shift); ggml_set_name(inp.k_shift, "se_k_shift");
-    ggml_set_input(inp.nbr);     ggml_set_name(inp.nbr,     "se_nbr");
-    ggml_set_input(inp.grp);     ggml_set_name(inp.grp,     "se_grp");
+
+    if (cparams.se_fa) {
+        inp.pos_q = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_tokens/n_stream, n_stream);
+        inp.pos_k = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_kv, n_stream);
+        ggml_set_input(inp.pos_q); ggml_set_name(inp.pos_q, "se_pos_q");
+        ggml_set_input(inp.pos_k); ggml_set_name(inp.pos_k, "se_pos_k");
+    } else {
+        inp.nbr = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, n_tokens/n_stream, 1, n_stream);
+        inp.grp = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, n_tokens/n_stream, 1, n_stream);
+        ggml_set_input(inp.nbr); ggml_set_name(inp.nbr, "se_nbr");
+        ggml_set_input(inp.grp); ggml_set_name(inp.grp, "se_grp");
+    }
     return inp;
 }
 
@@ -203,12 +268,11 @@ void llama_se_set_inp(
     const llama_kv_cache * kv = llama_se_access::kv(mctx);
 
     const int64_t n_tokens = ubatch->n_tokens;
-    const int64_t n_kv     = inp.nbr->ne[0];
-    const int64_t n_stream = inp.nbr->ne[3];
+    const int64_t n_stream = cparams.kv_unified ? 1 : ubatch->n_seqs_unq;
+    const int64_t n_kv     = inp.k_shift->ne[0]/n_stream;
 
     GGML_ASSERT(ggml_backend_buffer_is_host(inp.q_shift->buffer));
     GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_shift->buffer));
-    GGML_ASSERT(ggml_backend_buffer_is_host(inp.nbr->buffer) && ggml_backend_buffer_is_host(inp.grp->buffer));
 
     // queries: [n_tokens]
     int32_t * q_shift = (int32_t *) inp.q_shift->data;
@@ -227,7 +291,26 @@ void llama_se_set_inp(
         }
     }
 
+    if (inp.pos_q) {
+        GGML_ASSERT(ggml_backend_buffer_is_host(inp.pos_q->buffer) && ggml_backend_buffer_is_host(inp.pos_k->buffer));
+        // queries: token i is row i % n_tps of stream i / n_tps, so [n_tps, n_stream] is the ubatch order
+        int32_t * pos_q = (int32_t *) inp.pos_q->data;
+        for (int64_t i = 0; i < n_tokens; ++i) {
+            pos_q[i] = ubatch->pos[i];
+        }
+        // keys: empty cells are masked; -1 classifies them with the distant (grouped) keys
+        int32_t * pos_k = (int32_t *) inp.pos_k->data;
+        for (int64_t s = 0; s < n_stream; ++s) {
+            const llama_kv_cells & cells = llama_se_access::cells(kv, s0 + s);
+            for (int64_t j = 0; j < n_kv; ++j) {
+                pos_k[s*n_kv + j] = cells.is_empty(j) ? -1 : cells.pos_get(j);
+            }
+        }
+        return;
+    }
+
     // neighbour/grouped selection per (key, query); cells outside the causal mask get 1/0 (masked anyway)
+    GGML_ASSERT(ggml_backend_buffer_is_host(inp.nbr->buffer) && ggml_backend_buffer_is_host(inp.grp->buffer));
     float * nbr = (float *) inp.nbr->data;
     float * grp = (float *) inp.grp->data;
     for (int64_t i = 0; i < n_tokens; ++i) { // token i is row i % n_tps of stream i / n_tps: offset i*n_kv
@@ -303,20 +386,41 @@ bool llama_se_build_layer(
     }
     ggml_format_name(kg, "se_k_grouped-%d", il);
 
-    out.q   = qg;
-    out.k   = kg;
-    out.nbr = inp.nbr;
-    out.grp = inp.grp;
+    out.q        = qg;
+    out.k        = kg;
+    out.nbr      = inp.nbr;
+    out.grp      = inp.grp;
+    out.pos_q    = inp.pos_q;
+    out.pos_k    = inp.pos_k;
+    out.n_window = cparams.se_w;
     return true;
+}
+
+// the grouped queries split into streams and permuted the way build_attn_mha treats q
+static ggml_tensor * se_q_streams(ggml_context * ctx, ggml_tensor * q, int64_t n_stream) {
+    q = ggml_view_4d(ctx, q, q->ne[0], q->ne[1], q->ne[2]/n_stream, n_stream,
+            q->nb[1], q->nb[2], q->nb[2]*(q->ne[2]/n_stream), 0);
+    return ggml_permute(ctx, q, 0, 2, 1, 3);
+}
+
+ggml_tensor * llama_se_build_fattn(
+        ggml_context * ctx,
+        const llama_se_attn & se,
+        ggml_tensor * q,
+        ggml_tensor * k,
+        ggml_tensor * v,
+        ggml_tensor * kq_mask,
+        float kq_scale,
+        float softcap) {
+    GGML_ASSERT(se.pos_q && v->nb[0] == ggml_type_size(v->type)); // flash attention: V not transposed
+    ggml_tensor * qg = se_q_streams(ctx, se.q, k->ne[3]);
+    ggml_tensor * kg = ggml_permute(ctx, se.k, 0, 2, 1, 3);
+    return ggml_flash_attn_ext_se(ctx, q, k, v, kq_mask, qg, kg, se.pos_q, se.pos_k, se.n_window, kq_scale, softcap);
 }
 
 ggml_tensor * llama_se_merge_kq(ggml_context * ctx, const llama_se_attn & se, ggml_tensor * kq) {
     // same stream split and permutes as build_attn_mha applies to q and k
-    const int64_t n_stream = se.k->ne[3];
-    ggml_tensor * q = se.q;
-    q = ggml_view_4d(ctx, q, q->ne[0], q->ne[1], q->ne[2]/n_stream, n_stream,
-            q->nb[1], q->nb[2], q->nb[2]*(q->ne[2]/n_stream), 0);
-    q = ggml_permute(ctx, q, 0, 2, 1, 3);
+    ggml_tensor * q = se_q_streams(ctx, se.q, se.k->ne[3]);
     ggml_tensor * k = ggml_permute(ctx, se.k, 0, 2, 1, 3);
 
     ggml_tensor * kq_g = ggml_mul_mat(ctx, k, q); // [n_kv, n_tps, n_head, n_stream]

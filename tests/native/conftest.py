@@ -24,12 +24,19 @@ def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture
-def runner_for(model: TinyModel) -> Iterator[RunnerFactory]:
+def attn_path() -> str:
+    """Which attention path runners take by default: "generic" (flash attention off) or "fused" (on)."""
+    return "generic"
+
+
+@pytest.fixture
+def runner_for(model: TinyModel, attn_path: str) -> Iterator[RunnerFactory]:
     """Factory of LlamaRunners on ``model`` (n_ctx 256 unless given), all closed after the test."""
     made: list[LlamaRunner] = []
 
     def make(path: Path | None = None, **kw: Any) -> LlamaRunner:
         kw.setdefault("n_ctx", 256)
+        kw.setdefault("flash_attn", attn_path == "fused")
         made.append(LlamaRunner(path or model.path, **kw))
         return made[-1]
 

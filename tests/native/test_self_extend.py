@@ -25,6 +25,13 @@ GGML_TYPE_Q8_0 = 8
 N_TOKENS = 100  # the tiny models are trained to 64 positions
 
 
+@pytest.fixture(params=["generic", "fused"])
+def attn_path(request: pytest.FixtureRequest) -> str:
+    """Every test below runs on both Self-Extend paths: the generic graph (flash attention off) and the fused
+    GGML_OP_FLASH_ATTN_EXT_SE (flash attention on; with an f32 cache the op computes in f32, same ATOL)."""
+    return str(request.param)
+
+
 def tokens_for(model: TinyModel, n: int = N_TOKENS, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(3, model.vocab_size, n).tolist()
 
@@ -36,12 +43,14 @@ def assert_close(got: np.ndarray, want: np.ndarray, atol: float) -> None:
 
 @pytest.mark.parametrize("ga_w", [1, 4, 16, 33])
 @pytest.mark.parametrize("ga_n", [1, 2, 3, 4, 8])
-def test_logits_match_reference(model: TinyModel, runner_for: RunnerFactory, ga_n: int,
+def test_logits_match_reference(model: TinyModel, runner_for: RunnerFactory, attn_path: str, ga_n: int,
                                 ga_w: int) -> None:
     tokens = tokens_for(model)
     r = runner_for()
     assert r.set_self_extend(ga_n, ga_w) == 0
-    assert_close(r.decode(tokens), reference_logits(model, tokens, ga_n=ga_n, ga_w=ga_w), ATOL)
+    # G = 1 is plain llama.cpp, whose flash attention casts an f32 cache to f16
+    atol = ATOL_F16 if attn_path == "fused" and ga_n == 1 else ATOL
+    assert_close(r.decode(tokens), reference_logits(model, tokens, ga_n=ga_n, ga_w=ga_w), atol)
 
 
 @pytest.mark.parametrize("ubatch", [1, 7, 64, N_TOKENS])
@@ -127,6 +136,21 @@ def test_state_save_and_load(model: TinyModel, runner_for: RunnerFactory) -> Non
     del ctypes_u8
     assert_close(dst.decode(tokens[80:], positions=range(80, N_TOKENS)),
                  reference_logits(model, tokens, ga_n=3, ga_w=16)[80:], ATOL)
+
+
+@pytest.mark.parametrize(("flash_attn", "fused"), [(False, False), (True, not ON_GPU)])
+def test_flash_attention_selects_the_fused_op(model: TinyModel, runner_for: RunnerFactory, flash_attn: bool,
+                                              fused: bool) -> None:
+    # the CPU runs the op for any cache type; the CUDA kernel takes f16 caches (an f32 one keeps the generic path)
+    r = runner_for(flash_attn=flash_attn)
+    assert not r.fused
+    assert r.set_self_extend(4, 16) == 0
+    assert r.fused == fused
+    assert r.set_self_extend(1, 0) == 0
+    assert not r.fused
+    f16 = runner_for(flash_attn=flash_attn, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16)
+    assert f16.set_self_extend(4, 16) == 0
+    assert f16.fused == flash_attn
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])

@@ -440,6 +440,13 @@ class LlamaRunner:
 
         return int(capi.llama_set_self_extend(self.ctx, ga_n, ga_w))
 
+    @property
+    def fused(self) -> bool:
+        """Whether the Self-Extend layers run the fused flash-attention op."""
+        from selfext_cpp import capi
+
+        return bool(capi.llama_self_extend_fused(self.ctx))
+
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """Remove the sequence's cells with positions in [p0, p1) (-1: open end)."""
         return bool(self._ll.llama_memory_seq_rm(self.memory, seq_id, p0, p1))

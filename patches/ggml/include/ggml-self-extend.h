@@ -1,0 +1,51 @@
+#pragma once
+
+// GGML_OP_FLASH_ATTN_EXT_SE: exact Self-Extend attention in one flash-attention pass.
+//
+// For query row i (stream s) and key cell j, with W = the neighbour window:
+//
+//   neighbour (pos_q[i,s] - pos_k[j,s] <  W):  x = q  [:, i, h] . k  [:, j, h/r]
+//   grouped   (pos_q[i,s] - pos_k[j,s] >= W):  x = q_g[:, i, h] . k_g[:, j, h/r]
+//   logit     = softcap ? softcap*tanh(scale*x/softcap) : scale*x,   plus mask[j, i]
+//   out[:, h, i, s] = sum_j softmax_j(logit) v[:, j, h/r]              (one softmax over all j)
+//
+// r = n_head/n_head_kv (GQA). q_g/k_g are the same queries/keys rotated to the grouped positions
+// (i/G + W - W/G and j/G); the op never needs G itself. Kernels evaluate only the dot products the rule
+// selects: a tile of (queries, keys) entirely on one side of i - j = W uses one operand pair.
+//
+// Shapes and types (as ggml_flash_attn_ext, plus the grouped operands and the positions):
+//   q, q_g : F32          [DK, n_q,  n_head,    ne3]
+//   k      : F16/F32/Q8_0 [DK, n_kv, n_head_kv, ne3]  rows contiguous (a view of a KV cache)
+//   k_g    : F16/F32      [DK, n_kv, n_head_kv, ne3]
+//   v      : F16/F32      [DV, n_kv, n_head_kv, ne3]  not transposed
+//   mask   : F16          [n_kv, n_q_pad >= n_q, 1, ne3 or 1], or NULL
+//   pos_q  : I32          [n_q,  ne3]
+//   pos_k  : I32          [n_kv, ne3]
+//   result : F32          [DV, n_head, n_q, ne3]      (permuted like ggml_flash_attn_ext)
+//
+// src[0..3] = q, k, v, mask (src[4], the sinks slot of ggml_flash_attn_ext, stays NULL), src[5..8] = q_g, k_g,
+// pos_q, pos_k; op_params = { scale, max_bias (must be 0), logit_softcap, precision, W }.
+
+#include "ggml.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+GGML_API struct ggml_tensor * ggml_flash_attn_ext_se(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * q,
+        struct ggml_tensor  * k,
+        struct ggml_tensor  * v,
+        struct ggml_tensor  * mask,
+        struct ggml_tensor  * q_g,
+        struct ggml_tensor  * k_g,
+        struct ggml_tensor  * pos_q,
+        struct ggml_tensor  * pos_k,
+        int32_t               n_window,
+        float                 scale,
+        float                 logit_softcap);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,362 @@
+// CPU kernel of GGML_OP_FLASH_ATTN_EXT_SE (see ggml-self-extend.h for what it computes).
+//
+// Work is cut into tiles of rows x keys. A row is one (query, head) pair; the rows of a tile are consecutive
+// queries times all the query heads that share one KV head (GQA), so each K/V row is converted once and used
+// by every head of its group. Per key tile:
+//
+//   1. the mask and the positions of the tile decide, per (query, key), masked / neighbour / grouped;
+//      a tile with nothing visible is skipped,
+//   2. only the operand pairs the tile needs are multiplied (q.k, q_g.k_g, or both near i - j = W),
+//   3. the chosen logit of each pair goes through one online softmax (running max M, sum L per row),
+//   4. the probabilities multiply the V tile into the row's accumulator.
+//
+// When there are too few tiles of rows to keep every thread busy (decode), the keys are also split into
+// chunks; each chunk leaves (M, L, O) per row and a reduction merges them exactly.
+
+#include "ops-self-extend.h"
+
+#include "ggml-cpu.h"
+#include "ggml-impl.h"
+#include "simd-gemm.h"
+#include "vec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t SE_TILE_ROWS = 64; // rows (query x head) per tile, at most
+constexpr int64_t SE_TILE_KV   = 64; // keys per tile
+constexpr int64_t SE_MIN_CHUNK = 256; // keys per chunk when the keys are split, at least
+
+// how the op is cut into work items; shared by the kernel and the work-size estimate
+struct se_plan {
+    int64_t DK, DV, n_q, n_kv, n_head, n_head_kv, ne3;
+    int64_t gqa;      // query heads per KV head
+    int64_t q_blk;    // queries per tile
+    int64_t n_qblk;   // tiles of queries per (stream, KV head)
+    int64_t n_chunk;  // key chunks (1: no split)
+    int64_t chunk;    // keys per chunk
+    int64_t n_item() const { return ne3*n_head_kv*n_qblk*n_chunk; }
+};
+
+se_plan se_make_plan(const ggml_tensor * dst, int nth) {
+    const ggml_tensor * q = dst->src[0];
+    const ggml_tensor * k = dst->src[1];
+    const ggml_tensor * v = dst->src[2];
+
+    se_plan p;
+    p.DK        = k->ne[0];
+    p.DV        = v->ne[0];
+    p.n_q       = q->ne[1];
+    p.n_kv      = k->ne[1];
+    p.n_head    = q->ne[2];
+    p.n_head_kv = k->ne[2];
+    p.ne3       = q->ne[3];
+    p.gqa       = p.n_head/p.n_head_kv;
+    p.q_blk     = std::max<int64_t>(1, SE_TILE_ROWS/p.gqa);
+    p.n_qblk    = (p.n_q + p.q_blk - 1)/p.q_blk;
+
+    // enough items for the threads to balance (4 per thread), but chunks of at least SE_MIN_CHUNK keys
+    const int64_t n_base = p.ne3*p.n_head_kv*p.n_qblk;
+    p.n_chunk = 1;
+    if (nth > 1 && n_base < 4*nth) {
+        p.n_chunk = std::min((4*nth + n_base - 1)/n_base, std::max<int64_t>(1, p.n_kv/SE_MIN_CHUNK));
+    }
+    p.chunk = (p.n_kv + p.n_chunk - 1)/p.n_chunk;
+    return p;
+}
+
+// per-thread scratch: the tile buffers, then the accumulators of one work item
+struct se_scratch {
+    float * Q, * Qg;   // [R, DK]            rows of the tile (query t, head hh) at t*gqa + hh
+    float * Kt;        // [DK, SE_TILE_KV]   K or K_g tile, transposed
+    float * S, * Sg;   // [R, SE_TILE_KV]    q.k and q_g.k_g; S then holds the probabilities
+    float * V;         // [SE_TILE_KV, DV]
+    float * sel;       // [q_blk, SE_TILE_KV] mask value per (query, key), -inf: not visible
+    float * row;       // [max(DK, DV)]      one converted row
+    float * M, * L;    // [R]                running max and sum
+    float * O;         // [R, DV]            unnormalized output
+    size_t  n_floats;
+
+    se_scratch(const se_plan & p, float * base) {
+        const int64_t R = p.q_blk*p.gqa;
+        int64_t off = 0; // 64-byte aligned pieces
+        auto take = [&](int64_t n) { float * r = base ? base + off : nullptr; off += (n + 15) & ~int64_t(15); return r; };
+        Q   = take(R*p.DK);
+        Qg  = take(R*p.DK);
+        Kt  = take(p.DK*SE_TILE_KV);
+        S   = take(R*SE_TILE_KV);
+        Sg  = take(R*SE_TILE_KV);
+        V   = take(SE_TILE_KV*p.DV);
+        sel = take(p.q_blk*SE_TILE_KV);
+        row = take(std::max(p.DK, p.DV));
+        M   = take(R);
+        L   = take(R);
+        O   = take(R*p.DV);
+        n_floats = off;
+    }
+};
+
+size_t se_partial_floats(const se_plan & p) {
+    return p.n_chunk > 1 ? (size_t) (p.ne3*p.n_q*p.n_head)*p.n_chunk*(2 + p.DV) : 0;
+}
+
+// row of a K/V-like tensor converted to f32
+inline void se_row_to_f32(const ggml_tensor * t, const char * row, float * out, int64_t n) {
+    switch (t->type) {
+        case GGML_TYPE_F32: memcpy(out, row, n*sizeof(float)); break;
+        case GGML_TYPE_F16: ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) row, out, n); break;
+        default:            ggml_get_type_traits(t->type)->to_float(row, out, n); break;
+    }
+}
+
+// K rows [c0, c0 + nk) of KV head hk, stream s, as Kt[d*SE_TILE_KV + key] (zero padded to SE_TILE_KV keys)
+void se_pack_k(const ggml_tensor * k, int64_t c0, int64_t nk, int64_t hk, int64_t s, float * Kt, float * row) {
+    const int64_t DK = k->ne[0];
+    for (int64_t t = 0; t < nk; ++t) {
+        se_row_to_f32(k, (const char *) k->data + (c0 + t)*k->nb[1] + hk*k->nb[2] + s*k->nb[3], row, DK);
+        for (int64_t d = 0; d < DK; ++d) {
+            Kt[d*SE_TILE_KV + t] = row[d];
+        }
+    }
+    for (int64_t d = 0; d < DK; ++d) {
+        for (int64_t t = nk; t < SE_TILE_KV; ++t) {
+            Kt[d*SE_TILE_KV + t] = 0.0f;
+        }
+    }
+}
+
+struct se_args {
+    const ggml_tensor * q, * k, * v, * mask, * q_g, * k_g, * pos_q, * pos_k;
+    float   scale, softcap;
+    int32_t W;
+};
+
+// One work item: queries [i0, i0 + nq) of stream s, the query heads of KV head hk, keys [c0, c1).
+// Leaves M, L and the unnormalized O of each row in M_out/L_out/O_out (row r = query t*gqa + head hh).
+void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_t i0, int64_t nq,
+             int64_t c0, int64_t c1, const se_scratch & w) {
+    const int64_t DK = p.DK, DV = p.DV, gqa = p.gqa, R = nq*gqa;
+
+    float * Q   = w.Q,  * Qg = w.Qg, * Kt = w.Kt, * S = w.S, * Sg = w.Sg, * V = w.V;
+    float * sel = w.sel, * row = w.row, * M = w.M, * L = w.L, * O = w.O;
+    uint8_t grouped[SE_TILE_ROWS*SE_TILE_KV]; // per (query, key): 1 when the pair uses the grouped operands
+
+    for (int64_t t = 0; t < nq; ++t) {
+        for (int64_t hh = 0; hh < gqa; ++hh) {
+            const int64_t h = hk*gqa + hh;
+            const int64_t r = t*gqa + hh;
+            memcpy(Q  + r*DK, (const char *) a.q->data   + (i0 + t)*a.q->nb[1]   + h*a.q->nb[2]   + s*a.q->nb[3],   DK*sizeof(float));
+            memcpy(Qg + r*DK, (const char *) a.q_g->data + (i0 + t)*a.q_g->nb[1] + h*a.q_g->nb[2] + s*a.q_g->nb[3], DK*sizeof(float));
+        }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+        M[r] = -INFINITY;
+        L[r] = 0.0f;
+    }
+    memset(O, 0, R*DV*sizeof(float));
+
+    const int32_t * pq = (const int32_t *) ((const char *) a.pos_q->data + s*a.pos_q->nb[1]) + i0;
+    const int32_t * pk = (const int32_t *) ((const char *) a.pos_k->data + s*a.pos_k->nb[1]);
+
+    for (int64_t ic = c0; ic < c1; ic += SE_TILE_KV) {
+        const int64_t nk = std::min(SE_TILE_KV, c1 - ic);
+
+        // 1. classify every (query, key) of the tile
+        bool need_n = false, need_g = false;
+        for (int64_t t = 0; t < nq; ++t) {
+            const ggml_fp16_t * mp = a.mask ? (const ggml_fp16_t *) ((const char *) a.mask->data
+                    + (i0 + t)*a.mask->nb[1] + (s % a.mask->ne[3])*a.mask->nb[3]) + ic : nullptr;
+            float   * sl = sel     + t*SE_TILE_KV;
+            uint8_t * gr = grouped + t*SE_TILE_KV;
+            for (int64_t j = 0; j < nk; ++j) {
+                sl[j] = mp ? GGML_CPU_FP16_TO_FP32(mp[j]) : 0.0f;
+                gr[j] = pq[t] - pk[ic + j] >= a.W;
+                if (sl[j] != -INFINITY) {
+                    need_g |=  gr[j];
+                    need_n |= !gr[j];
+                }
+            }
+            for (int64_t j = nk; j < SE_TILE_KV; ++j) {
+                sl[j] = -INFINITY;
+            }
+        }
+        if (!need_n && !need_g) {
+            continue;
+        }
+
+        // 2. the products the tile needs
+        if (need_n) {
+            se_pack_k(a.k, ic, nk, hk, s, Kt, row);
+            memset(S, 0, R*SE_TILE_KV*sizeof(float));
+            simd_gemm(S, Q, Kt, R, DK, SE_TILE_KV);
+        }
+        if (need_g) {
+            se_pack_k(a.k_g, ic, nk, hk, s, Kt, row);
+            memset(Sg, 0, R*SE_TILE_KV*sizeof(float));
+            simd_gemm(Sg, Qg, Kt, R, DK, SE_TILE_KV);
+        }
+
+        // 3. select, scale, mask; online softmax
+        for (int64_t r = 0; r < R; ++r) {
+            const int64_t t = r/gqa;
+            const float   * sl = sel     + t*SE_TILE_KV;
+            const uint8_t * gr = grouped + t*SE_TILE_KV;
+            float * sr  = S  + r*SE_TILE_KV;
+            float * sgr = Sg + r*SE_TILE_KV;
+            float tile_max = -INFINITY;
+            for (int64_t j = 0; j < SE_TILE_KV; ++j) {
+                float x = -INFINITY;
+                if (sl[j] != -INFINITY) {
+                    x = (gr[j] ? sgr[j] : sr[j])*a.scale;
+                    if (a.softcap != 0.0f) {
+                        x = a.softcap*tanhf(x);
+                    }
+                    x += sl[j];
+                }
+                sr[j] = x;
+                tile_max = std::max(tile_max, x);
+            }
+            if (tile_max == -INFINITY) {
+                memset(sr, 0, SE_TILE_KV*sizeof(float));
+                continue;
+            }
+            const float m_new = std::max(M[r], tile_max);
+            if (m_new > M[r]) {
+                const float ms = expf(M[r] - m_new); // 0 on the first visible tile
+                ggml_vec_scale_f32(DV, O + r*DV, ms);
+                L[r] *= ms;
+                M[r]  = m_new;
+            }
+            L[r] += (float) ggml_vec_soft_max_f32(SE_TILE_KV, sr, sr, m_new);
+        }
+
+        // 4. O += P V
+        for (int64_t j = 0; j < nk; ++j) {
+            se_row_to_f32(a.v, (const char *) a.v->data + (ic + j)*a.v->nb[1] + hk*a.v->nb[2] + s*a.v->nb[3], V + j*DV, DV);
+        }
+        if (nk < SE_TILE_KV) {
+            memset(V + nk*DV, 0, (SE_TILE_KV - nk)*DV*sizeof(float));
+        }
+        simd_gemm(O, S, V, R, SE_TILE_KV, DV);
+    }
+}
+
+// row (query i, head h) of stream s in dst
+inline float * se_dst_row(ggml_tensor * dst, const se_plan & p, int64_t s, int64_t i, int64_t h) {
+    return (float *) ((char *) dst->data + ((s*p.n_q + i)*p.n_head + h)*dst->nb[1]);
+}
+
+} // namespace
+
+size_t ggml_cpu_flash_attn_ext_se_work_size(const ggml_tensor * dst, int n_tasks) {
+    const se_plan p = se_make_plan(dst, n_tasks);
+    return sizeof(float)*(se_scratch(p, nullptr).n_floats*n_tasks + se_partial_floats(p));
+}
+
+void ggml_compute_forward_flash_attn_ext_se(const ggml_compute_params * params, ggml_tensor * dst) {
+    se_args a;
+    a.q     = dst->src[0];
+    a.k     = dst->src[1];
+    a.v     = dst->src[2];
+    a.mask  = dst->src[3];
+    a.q_g   = dst->src[5];
+    a.k_g   = dst->src[6];
+    a.pos_q = dst->src[7];
+    a.pos_k = dst->src[8];
+    memcpy(&a.scale,   (const float *) dst->op_params + 0, sizeof(float));
+    memcpy(&a.softcap, (const float *) dst->op_params + 2, sizeof(float));
+    a.W = ggml_get_op_params_i32(dst, 4);
+    if (a.softcap != 0.0f) {
+        a.scale /= a.softcap;
+    }
+
+    GGML_ASSERT(a.q->type == GGML_TYPE_F32 && a.q_g->type == GGML_TYPE_F32);
+    GGML_ASSERT(a.q->nb[0] == sizeof(float) && a.q_g->nb[0] == sizeof(float));
+    GGML_ASSERT(a.k->nb[0] == ggml_type_size(a.k->type) && a.k_g->nb[0] == ggml_type_size(a.k_g->type));
+    GGML_ASSERT(a.v->nb[0] == ggml_type_size(a.v->type));
+
+    const int ith = params->ith;
+    const int nth = params->nth;
+    const se_plan p = se_make_plan(dst, nth);
+
+    const size_t per_thread = se_scratch(p, nullptr).n_floats;
+    const se_scratch w(p, (float *) params->wdata + ith*per_thread);
+    float * partials = (float *) params->wdata + nth*per_thread;
+    float * M = w.M, * L = w.L, * O = w.O;
+
+    if (ith == 0) {
+        ggml_threadpool_chunk_set(params->threadpool, nth);
+    }
+    ggml_barrier(params->threadpool);
+
+    const int64_t n_item = p.n_item();
+    for (int64_t item = ith; item < n_item; item = ggml_threadpool_chunk_add(params->threadpool, 1)) {
+        // item = ((s*n_head_kv + hk)*n_qblk + qb)*n_chunk + ch
+        const int64_t ch = item % p.n_chunk;
+        const int64_t qb = (item/p.n_chunk) % p.n_qblk;
+        const int64_t hk = (item/(p.n_chunk*p.n_qblk)) % p.n_head_kv;
+        const int64_t s  =  item/(p.n_chunk*p.n_qblk*p.n_head_kv);
+
+        const int64_t i0 = qb*p.q_blk;
+        const int64_t nq = std::min(p.q_blk, p.n_q - i0);
+        const int64_t c0 = ch*p.chunk;
+        const int64_t c1 = std::min(c0 + p.chunk, p.n_kv);
+
+        se_tile(a, p, s, hk, i0, nq, c0, c1, w);
+
+        for (int64_t t = 0; t < nq; ++t) {
+            for (int64_t hh = 0; hh < p.gqa; ++hh) {
+                const int64_t r = t*p.gqa + hh;
+                const int64_t h = hk*p.gqa + hh;
+                if (p.n_chunk == 1) {
+                    const float inv = L[r] == 0.0f ? 0.0f : 1.0f/L[r];
+                    float * out = se_dst_row(dst, p, s, i0 + t, h);
+                    for (int64_t d = 0; d < p.DV; ++d) {
+                        out[d] = O[r*p.DV + d]*inv;
+                    }
+                } else {
+                    float * part = partials + (((s*p.n_q + i0 + t)*p.n_head + h)*p.n_chunk + ch)*(2 + p.DV);
+                    part[0] = M[r];
+                    part[1] = L[r];
+                    memcpy(part + 2, O + r*p.DV, p.DV*sizeof(float));
+                }
+            }
+        }
+    }
+
+    if (p.n_chunk == 1) {
+        return;
+    }
+
+    // merge the chunks of each row: O = sum_c exp(M_c - M) O_c / sum_c exp(M_c - M) L_c
+    ggml_barrier(params->threadpool);
+    const int64_t n_rows = p.ne3*p.n_q*p.n_head;
+    for (int64_t rr = ith; rr < n_rows; rr += nth) {
+        const float * part = partials + rr*p.n_chunk*(2 + p.DV);
+        float m = -INFINITY;
+        for (int64_t c = 0; c < p.n_chunk; ++c) {
+            m = std::max(m, part[c*(2 + p.DV)]);
+        }
+        float * out = (float *) ((char *) dst->data + rr*dst->nb[1]);
+        memset(out, 0, p.DV*sizeof(float));
+        float l = 0.0f;
+        if (m != -INFINITY) {
+            for (int64_t c = 0; c < p.n_chunk; ++c) {
+                const float * pc = part + c*(2 + p.DV);
+                if (pc[1] == 0.0f) {
+                    continue;
+                }
+                const float w = expf(pc[0] - m);
+                l += w*pc[1];
+                for (int64_t d = 0; d < p.DV; ++d) {
+                    out[d] += w*pc[2 + d];
+                }
+            }
+        }
+        const float inv = l == 0.0f ? 0.0f : 1.0f/l;
+        ggml_vec_scale_f32(p.DV, out, inv);
+    }
+}

@@ -1,0 +1,59 @@
+// GGML_OP_FLASH_ATTN_EXT_SE: the graph-building side (patches/ggml/include/ggml-self-extend.h)
+
+#include "ggml-self-extend.h"
+#include "ggml-impl.h"
+
+struct ggml_tensor * ggml_flash_attn_ext_se(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * q,
+        struct ggml_tensor  * k,
+        struct ggml_tensor  * v,
+        struct ggml_tensor  * mask,
+        struct ggml_tensor  * q_g,
+        struct ggml_tensor  * k_g,
+        struct ggml_tensor  * pos_q,
+        struct ggml_tensor  * pos_k,
+        int32_t               n_window,
+        float                 scale,
+        float                 logit_softcap) {
+    GGML_ASSERT(k->ne[0] == q->ne[0]);
+    GGML_ASSERT(ggml_are_same_shape(q, q_g) && ggml_are_same_shape(k, k_g));
+    GGML_ASSERT(q->type == GGML_TYPE_F32 && q_g->type == GGML_TYPE_F32);
+    GGML_ASSERT(q->ne[3] == k->ne[3] && q->ne[3] == v->ne[3]);
+    GGML_ASSERT(k->ne[1] == v->ne[1] && k->ne[2] == v->ne[2]);
+    GGML_ASSERT(q->ne[2] % k->ne[2] == 0);
+    GGML_ASSERT(v->nb[0] == ggml_type_size(v->type) && "V must not be transposed");
+    GGML_ASSERT(pos_q->type == GGML_TYPE_I32 && pos_q->ne[0] == q->ne[1] && pos_q->ne[1] == q->ne[3]);
+    GGML_ASSERT(pos_k->type == GGML_TYPE_I32 && pos_k->ne[0] == k->ne[1] && pos_k->ne[1] == k->ne[3]);
+    GGML_ASSERT(ggml_is_contiguous(pos_q) && ggml_is_contiguous(pos_k));
+    GGML_ASSERT(n_window >= 1);
+    if (mask) {
+        GGML_ASSERT(mask->type == GGML_TYPE_F16);
+        GGML_ASSERT(ggml_is_contiguous(mask));
+        GGML_ASSERT(mask->ne[0] == k->ne[1] && mask->ne[1] >= q->ne[1] && mask->ne[2] == 1);
+        GGML_ASSERT(q->ne[3] % mask->ne[3] == 0);
+    }
+
+    // permute(0, 2, 1, 3), as ggml_flash_attn_ext
+    const int64_t ne[4] = { v->ne[0], q->ne[2], q->ne[1], q->ne[3] };
+    struct ggml_tensor * result = ggml_new_tensor(ctx, GGML_TYPE_F32, 4, ne);
+
+    const float max_bias = 0.0f;
+    ggml_set_op_params_f32(result, 0, scale);
+    ggml_set_op_params_f32(result, 1, max_bias);
+    ggml_set_op_params_f32(result, 2, logit_softcap);
+    ggml_set_op_params_i32(result, 3, GGML_PREC_F32);
+    ggml_set_op_params_i32(result, 4, n_window);
+
+    result->op     = GGML_OP_FLASH_ATTN_EXT_SE;
+    result->src[0] = q;
+    result->src[1] = k;
+    result->src[2] = v;
+    result->src[3] = mask;
+    result->src[5] = q_g;
+    result->src[6] = k_g;
+    result->src[7] = pos_q;
+    result->src[8] = pos_k;
+
+    return result;
+}
