@@ -9,13 +9,16 @@
 struct llama_cparams;
 struct llama_hparams;
 struct llama_ubatch;
+class  llama_kv_cache;
 class  llama_kv_cache_context;
 
 // Graph inputs of one KV cache, filled from the KV cells and the ubatch at every llama_decode().
 // The fused op (cparams.se_fa) reads positions; the generic path reads 0/1 selection masks.
 struct llama_se_inp {
     ggml_tensor * q_shift = nullptr; // I32 [n_tokens]                    grouped query position - position
-    ggml_tensor * k_shift = nullptr; // I32 [n_kv*n_stream]               grouped key position - position
+    ggml_tensor * k_shift = nullptr; // I32 [n_kv*n_stream]               grouped key position - position, per cell
+    ggml_tensor * k_shift_cur = nullptr; // I32 [n_tokens]                fused: the same for the ubatch's keys
+    bool          k_g_rebuild = false;   // fused: this graph rewrites every grouped key of its streams
     ggml_tensor * pos_q   = nullptr; // I32 [n_tps, n_stream]             fused: query positions
     ggml_tensor * pos_k   = nullptr; // I32 [n_kv, n_stream]              fused: key (cell) positions
     ggml_tensor * nbr     = nullptr; // F32 [n_kv, n_tps, 1, n_stream]    generic: 1 where pos_q - pos_k <  W, else 0
@@ -51,7 +54,8 @@ void llama_se_set_inp(
 
 // Builds the grouped q/k of layer il. Returns false (and leaves out untouched) when Self-Extend does not apply
 // to the layer: off, or a layer without RoPE. q: the roped queries as the layer attends with them,
-// k: the KV cache view of the layer, k_rot: the cache's Hadamard rotation (null if none).
+// k: the KV cache view of the layer, k_cur/k_idxs: the ubatch's keys and their cells (k_cur null when the
+// layer stores no keys of its own), k_rot: the cache's Hadamard rotation (null if none).
 bool llama_se_build_layer(
         ggml_context * ctx,
         const llama_se_inp & inp,
@@ -60,9 +64,18 @@ bool llama_se_build_layer(
         const llama_cparams & cparams,
         ggml_tensor * q,
         ggml_tensor * k,
+        ggml_tensor * k_cur,
+        ggml_tensor * k_idxs,
         ggml_tensor * k_rot,
         int il,
         llama_se_attn & out);
+
+// false when a graph built for inp cannot serve mctx's next ubatch: it rebuilt the grouped keys, or they
+// must be rebuilt now
+bool llama_se_can_reuse(const llama_se_inp & inp, const llama_kv_cache_context * mctx);
+
+// the cache's keys moved or were replaced (K-shift, stream copy, state load): rebuild the grouped keys
+void llama_se_kcache_invalidate(const llama_kv_cache & kv);
 
 // The fused op: attention of the permuted q [n_embd_head_k, n_tps, n_head, n_stream] over the permuted k/v
 // views, as build_attn_mha's flash-attention branch; returns [n_embd_head_v, n_head, n_tps, n_stream].

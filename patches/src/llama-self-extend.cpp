@@ -22,10 +22,24 @@
 
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <memory>
 
 #ifndef SELFEXT_LLAMA_CPP_COMMIT
 #define SELFEXT_LLAMA_CPP_COMMIT "unknown"
 #endif
+
+// Self-Extend's grouped keys of one KV cache: every cached key rotated on to its grouped position j/G, written
+// once, when the key is stored. The fused path reads them instead of rotating the whole cache every ubatch;
+// they cost one more K cache of memory (f16, or f32 for an f32 cache). Rebuilt from K, in the graph of the next
+// ubatch, after the keys move (K-shift, stream copy, state load) or G changes.
+struct llama_se_kcache {
+    std::vector<ggml_context_ptr>        ctxs;
+    std::vector<ggml_backend_buffer_ptr> bufs;
+    std::vector<ggml_tensor *>           k_g;   // per KV layer, as llama_kv_cache::layers: [n_embd_k_gqa, kv_size, n_stream]
+    int32_t                              G = 0; // group size the valid streams hold
+    std::vector<bool>                    valid; // per stream
+};
 
 // the one friend of the upstream classes whose internals we read
 struct llama_se_access {
@@ -38,6 +52,10 @@ struct llama_se_access {
     static const llama_kv_cells & cells(const llama_kv_cache * kv, uint32_t s) { return kv->v_cells[s]; }
     static uint32_t        stream_of(const llama_kv_cache * kv, llama_seq_id seq) { return kv->seq_to_stream[seq]; }
     static const auto &    layers(const llama_kv_cache * kv)        { return kv->layers; }
+    static int32_t         layer_index(const llama_kv_cache * kv, int32_t il) { return kv->map_layer_ids.at(il); }
+    static uint32_t        stream1(const llama_kv_cache_context * m) { return m->sinfos[m->i_cur].s1; }
+    static std::shared_ptr<llama_se_kcache> & kcache(llama_kv_cache * kv)   { return kv->se_kcache; }
+    static llama_se_kcache * kcache(const llama_kv_cache * kv)              { return kv->se_kcache.get(); }
 };
 
 // grouped positions: neighbour window W, group size G
@@ -131,6 +149,58 @@ static std::vector<const llama_kv_cache *> se_kv_caches(llama_context & ctx) {
     return {};
 }
 
+// allocates the grouped keys of a cache next to its K tensors (same buffer types); false when out of memory
+static bool se_kcache_alloc(llama_kv_cache * kv) {
+    auto kc = std::make_shared<llama_se_kcache>();
+    std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
+    for (const auto & layer : llama_se_access::layers(kv)) {
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
+        if (!ctx_of.count(buft)) {
+            ggml_init_params ip = { llama_se_access::layers(kv).size()*ggml_tensor_overhead(), nullptr, true };
+            kc->ctxs.emplace_back(ggml_init(ip));
+            ctx_of[buft] = kc->ctxs.back().get();
+        }
+        const ggml_type type = layer.k->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+        ggml_tensor * t = ggml_new_tensor_3d(ctx_of[buft], type, layer.k->ne[0], layer.k->ne[1], layer.k->ne[2]);
+        ggml_format_name(t, "se_k_grouped_l%d", layer.il);
+        kc->k_g.push_back(t);
+    }
+    size_t total = 0;
+    for (auto & [buft, c] : ctx_of) {
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, buft);
+        if (!buf) {
+            LLAMA_LOG_WARN("%s: cannot allocate Self-Extend's grouped keys in %s\n", __func__, ggml_backend_buft_name(buft));
+            return false;
+        }
+        ggml_backend_buffer_clear(buf, 0);
+        total += ggml_backend_buffer_get_size(buf);
+        kc->bufs.emplace_back(buf);
+    }
+    kc->valid.assign(kc->k_g.empty() ? 0 : kc->k_g[0]->ne[2], false);
+    LLAMA_LOG_INFO("%s: grouped keys: %.2f MiB\n", __func__, total/1024.0/1024.0);
+    llama_se_access::kcache(kv) = std::move(kc);
+    return true;
+}
+
+void llama_se_kcache_invalidate(const llama_kv_cache & kv) {
+    if (llama_se_kcache * kc = llama_se_access::kcache(&kv)) {
+        kc->valid.assign(kc->valid.size(), false);
+    }
+}
+
+// whether the streams of mctx's ubatch need their grouped keys rebuilt for group size G
+static bool se_kcache_stale(const llama_kv_cache_context * mctx, int32_t G) {
+    const llama_se_kcache * kc = llama_se_access::kcache(llama_se_access::kv(mctx));
+    if (!kc) {
+        return false;
+    }
+    bool stale = kc->G != G;
+    for (uint32_t s = llama_se_access::stream0(mctx); s <= llama_se_access::stream1(mctx); ++s) {
+        stale |= !kc->valid[s];
+    }
+    return stale;
+}
+
 // whether the device of every KV layer runs GGML_OP_FLASH_ATTN_EXT_SE for that layer's shapes and cache types
 static bool se_fused_supported(llama_context & ctx) {
     const llama_hparams & hp = ctx.get_model().hparams;
@@ -186,8 +256,23 @@ int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
     if (cparams.se_n == ga_n && cparams.se_w == ga_w) {
         return LLAMA_SELF_EXTEND_OK;
     }
-    // flash attention on: the fused op where every KV device has it, else the exact generic path
-    const bool fused = ga_n > 1 && cparams.flash_attn && se_fused_supported(*ctx);
+    // flash attention on: the fused op where every KV device has it and the grouped keys fit, else the generic path
+    bool fused = ga_n > 1 && cparams.flash_attn && se_fused_supported(*ctx);
+    for (const llama_kv_cache * kv : se_kv_caches(*ctx)) {
+        if (!fused) {
+            break;
+        }
+        if (llama_se_access::kcache(kv)) {
+            llama_se_kcache_invalidate(*kv); // built for another G
+        } else {
+            fused = se_kcache_alloc(const_cast<llama_kv_cache *>(kv));
+        }
+    }
+    if (!fused) {
+        for (const llama_kv_cache * kv : se_kv_caches(*ctx)) {
+            llama_se_access::kcache(const_cast<llama_kv_cache *>(kv)).reset();
+        }
+    }
     if (ga_n > 1 && cparams.flash_attn && !fused) {
         LLAMA_LOG_INFO("%s: a device lacks the fused Self-Extend attention op: using the exact non-flash path\n", __func__);
     }
@@ -222,6 +307,14 @@ bool llama_se_enabled(const llama_cparams & cparams) {
     return cparams.se_n > 1;
 }
 
+bool llama_se_can_reuse(const llama_se_inp & inp, const llama_kv_cache_context * mctx) {
+    if (!inp.q_shift) {
+        return true;
+    }
+    // a graph that rebuilt the grouped keys must not run again, and a stale cache needs that graph
+    return !inp.k_g_rebuild && !(inp.k_shift_cur && se_kcache_stale(mctx, llama_se_access::kcache(llama_se_access::kv(mctx))->G));
+}
+
 llama_se_inp llama_se_build_inp(
         ggml_context * ctx,
         const llama_kv_cache_context * mctx,
@@ -236,9 +329,17 @@ llama_se_inp llama_se_build_inp(
     const int64_t n_stream = cparams.kv_unified ? 1 : ubatch.n_seqs_unq;
 
     inp.q_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
-    inp.k_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_kv*n_stream);
     ggml_set_input(inp.q_shift); ggml_set_name(inp.q_shift, "se_q_shift");
-    ggml_set_input(inp.k_shift); ggml_set_name(inp.k_shift, "se_k_shift");
+
+    // keys: the fused path rotates only the ubatch's keys into the grouped-key cache, unless it must be rebuilt
+    inp.k_g_rebuild = cparams.se_fa && se_kcache_stale(mctx, cparams.se_n);
+    if (cparams.se_fa && !inp.k_g_rebuild) {
+        inp.k_shift_cur = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
+        ggml_set_input(inp.k_shift_cur); ggml_set_name(inp.k_shift_cur, "se_k_shift_cur");
+    } else {
+        inp.k_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_kv*n_stream);
+        ggml_set_input(inp.k_shift); ggml_set_name(inp.k_shift, "se_k_shift");
+    }
 
     if (cparams.se_fa) {
         inp.pos_q = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_tokens/n_stream, n_stream);
@@ -269,10 +370,9 @@ void llama_se_set_inp(
 
     const int64_t n_tokens = ubatch->n_tokens;
     const int64_t n_stream = cparams.kv_unified ? 1 : ubatch->n_seqs_unq;
-    const int64_t n_kv     = inp.k_shift->ne[0]/n_stream;
+    const int64_t n_kv     = mctx->get_n_kv();
 
     GGML_ASSERT(ggml_backend_buffer_is_host(inp.q_shift->buffer));
-    GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_shift->buffer));
 
     // queries: [n_tokens]
     int32_t * q_shift = (int32_t *) inp.q_shift->data;
@@ -282,12 +382,31 @@ void llama_se_set_inp(
     }
 
     // keys: the cells of the streams the layer's K view covers, in view order
-    int32_t * k_shift = (int32_t *) inp.k_shift->data;
     const uint32_t s0 = llama_se_access::stream0(mctx);
-    for (int64_t s = 0; s < n_stream; ++s) {
-        const llama_kv_cells & cells = llama_se_access::cells(kv, s0 + s);
-        for (int64_t j = 0; j < n_kv; ++j) {
-            k_shift[s*n_kv + j] = cells.is_empty(j) ? 0 : se_k_pos(cells.pos_get(j), G) - cells.pos_get(j);
+    if (inp.k_shift) {
+        GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_shift->buffer));
+        int32_t * k_shift = (int32_t *) inp.k_shift->data;
+        for (int64_t s = 0; s < n_stream; ++s) {
+            const llama_kv_cells & cells = llama_se_access::cells(kv, s0 + s);
+            for (int64_t j = 0; j < n_kv; ++j) {
+                k_shift[s*n_kv + j] = cells.is_empty(j) ? 0 : se_k_pos(cells.pos_get(j), G) - cells.pos_get(j);
+            }
+        }
+    }
+    // or the ubatch's keys only, in ubatch order
+    if (inp.k_shift_cur) {
+        GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_shift_cur->buffer));
+        int32_t * k_shift = (int32_t *) inp.k_shift_cur->data;
+        for (int64_t i = 0; i < n_tokens; ++i) {
+            k_shift[i] = se_k_pos(ubatch->pos[i], G) - ubatch->pos[i];
+        }
+    }
+    if (inp.k_g_rebuild) {
+        // this graph rewrites the grouped keys of every used cell of its streams
+        llama_se_kcache * kc = llama_se_access::kcache(kv);
+        kc->G = G;
+        for (uint32_t s = s0; s <= llama_se_access::stream1(mctx); ++s) {
+            kc->valid[s] = true;
         }
     }
 
@@ -352,6 +471,8 @@ bool llama_se_build_layer(
         const llama_cparams & cparams,
         ggml_tensor * q,
         ggml_tensor * k,
+        ggml_tensor * k_cur,
+        ggml_tensor * k_idxs,
         ggml_tensor * k_rot,
         int il,
         llama_se_attn & out) {
@@ -370,19 +491,53 @@ bool llama_se_build_layer(
     qg = se_rotate(ctx, qg, inp.q_shift, factors, hparams, cparams, il);
     ggml_format_name(qg, "se_q_grouped-%d", il);
 
-    // keys [n_embd_head_k, n_head_kv, n_kv, n_stream] -> f32, rotated per cell
     const int64_t d = k->ne[0], h = k->ne[1], n_kv = k->ne[2], ns = k->ne[3];
-    ggml_tensor * kg = ggml_cast(ctx, k, GGML_TYPE_F32);
-    if (k_rot) {
-        kg = llama_mul_mat_hadamard(ctx, kg, k_rot);
-    }
-    kg = ggml_reshape_3d(ctx, kg, d, h, n_kv*ns);
-    kg = se_rotate(ctx, kg, inp.k_shift, factors, hparams, cparams, il);
-    kg = ggml_reshape_4d(ctx, kg, d, h, n_kv, ns);
-    if (k->type != GGML_TYPE_F32) {
-        // keep the grouped keys at the cache's precision (f16 for f16/quantized caches): half the memory
-        // traffic, and the same fast KQ kernels as the neighbour logits
-        kg = ggml_cast(ctx, kg, GGML_TYPE_F16);
+
+    // keys [n_embd_head_k, n_head_kv, n_kv, n_stream] -> f32, rotated per cell
+    auto rotate_view = [&]() {
+        ggml_tensor * r = ggml_cast(ctx, k, GGML_TYPE_F32);
+        if (k_rot) {
+            r = llama_mul_mat_hadamard(ctx, r, k_rot);
+        }
+        r = ggml_reshape_3d(ctx, r, d, h, n_kv*ns);
+        r = se_rotate(ctx, r, inp.k_shift, factors, hparams, cparams, il);
+        return ggml_reshape_4d(ctx, r, d, h, n_kv, ns);
+    };
+
+    ggml_tensor * kg = nullptr;
+    if (!cparams.se_fa) {
+        // generic path: rotate the whole view; keep the grouped keys at the cache's precision (f16 for
+        // f16/quantized caches): half the memory traffic, and the same fast KQ kernels as the neighbour logits
+        kg = rotate_view();
+        if (k->type != GGML_TYPE_F32) {
+            kg = ggml_cast(ctx, kg, GGML_TYPE_F16);
+        }
+    } else {
+        // fused path: the grouped-key cache, viewed like the K cache
+        const llama_kv_cache * kv = llama_se_access::kv(mctx);
+        ggml_tensor * all = llama_se_access::kcache(kv)->k_g[llama_se_access::layer_index(kv, il)];
+        const int64_t n_embd = all->ne[0], kv_size = all->ne[1];
+        GGML_ASSERT(n_embd == d*h);
+        auto view = [&](ggml_tensor * base) {
+            const size_t row = ggml_row_size(all->type, n_embd), strm = row*kv_size;
+            return ggml_view_4d(ctx, base, d, h, n_kv, ns, ggml_row_size(all->type, d), row, strm,
+                                strm*llama_se_access::stream0(mctx));
+        };
+        if (inp.k_g_rebuild) {
+            // every cell of the view, from the cached keys (this ubatch's included: cpy_k runs first)
+            kg = ggml_cpy(ctx, rotate_view(), view(all));
+        } else if (k_cur) {
+            // only the ubatch's keys [n_embd_head_k, n_head_kv, n_tokens], stored at their cells as cpy_k does
+            ggml_tensor * kc = ggml_is_contiguous(k_cur) ? k_cur : ggml_cont(ctx, k_cur);
+            if (k_rot) {
+                kc = llama_mul_mat_hadamard(ctx, kc, k_rot);
+            }
+            kc = se_rotate(ctx, kc, inp.k_shift_cur, factors, hparams, cparams, il);
+            kc = ggml_reshape_2d(ctx, kc, n_embd, kc->ne[2]);
+            kg = view(ggml_set_rows(ctx, ggml_reshape_2d(ctx, all, n_embd, kv_size*all->ne[2]), kc, k_idxs));
+        } else {
+            kg = view(all); // a layer that reads another layer's keys: that layer stored them
+        }
     }
     ggml_format_name(kg, "se_k_grouped-%d", il);
 

@@ -193,13 +193,15 @@ def wide_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     return make_tiny_gguf(path, arch="llama", n_embd=128, n_head=2, n_head_kv=1, seed=11)
 
 
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["generic", "fused"])
 @pytest.mark.parametrize("type_k", [GGML_TYPE_F16, GGML_TYPE_Q8_0])
-def test_quantized_k_cache(wide_model: TinyModel, type_k: int) -> None:
+def test_quantized_k_cache(wide_model: TinyModel, type_k: int, flash_attn: bool) -> None:
     tokens = tokens_for(wide_model, seed=12)
-    with LlamaRunner(wide_model.path, n_ctx=256, type_k=type_k, type_v=GGML_TYPE_F16) as r:
+    kw = dict(n_ctx=256, type_k=type_k, type_v=GGML_TYPE_F16, flash_attn=flash_attn)
+    with LlamaRunner(wide_model.path, **kw) as r:
         assert r.set_self_extend(4, 16) == 0
         got = r.decode(tokens)
-    with LlamaRunner(wide_model.path, n_ctx=256, type_k=type_k, type_v=GGML_TYPE_F16) as r:
+    with LlamaRunner(wide_model.path, **kw) as r:
         vanilla = r.decode(tokens)
     want = reference_logits(wide_model, tokens, ga_n=4, ga_w=16)
     atol = ATOL_Q8 if type_k == GGML_TYPE_Q8_0 else ATOL_F16
@@ -212,14 +214,16 @@ def test_quantized_k_cache(wide_model: TinyModel, type_k: int) -> None:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["generic", "fused"])
 @pytest.mark.parametrize(("ga_n", "ga_w", "shift"), [(1, 0, 30000), (8, 16, 30000), (4, 33, 5000)])
-def test_long_positions(tmp_path: Path, arch: str, ga_n: int, ga_w: int, shift: int) -> None:
+def test_long_positions(tmp_path: Path, arch: str, ga_n: int, ga_w: int, shift: int, flash_attn: bool) -> None:
     """Cells moved to positions ~30K with llama_memory_seq_add (a 1-layer model, where a shifted cache equals a
     fresh run at the new positions). float32 RoPE at such positions rounds to ~3e-4 in llama.cpp already
-    (vanilla, ga_n = 1, is in this table too), so ATOL_LONG = 2e-3; a wrong grouped position costs ~1e-1."""
+    (vanilla, ga_n = 1, is in this table too), so ATOL_LONG = 2e-3; a wrong grouped position costs ~1e-1.
+    On the fused path the shift also makes the grouped-key cache rebuild itself from the moved keys."""
     model = make_tiny_gguf(tmp_path / f"{arch}-1layer.gguf", arch=arch, n_layer=1, n_head_kv=2, seed=5)
     tokens = tokens_for(model, seed=13)
-    with LlamaRunner(model.path, n_ctx=256) as r:
+    with LlamaRunner(model.path, n_ctx=256, flash_attn=flash_attn) as r:
         assert r.set_self_extend(ga_n, ga_w) == 0
         r.decode(tokens[:60])
         r.seq_add(0, 30, -1, shift)
