@@ -13,7 +13,8 @@ JSON documents (``schema`` names the kind and version; ``complete`` is false aft
      "results": [{"mode", "length", "window", "nll", "ppl", "ga_n", "ga_w", "rope_factor", "seconds"}, ...]}
     {"schema": "selfext.eval.speed/1", ..., "results": [{"depth", "flash_attn", "mode", "ga_n", "ga_w",
      "prefill_tps", "decode_tps", "prefill_runs", "decode_runs"}, ...],
-     "ratios": [{"depth", "flash_attn", "prefill", "decode"}, ...]}
+     "ratios": [{"depth", "flash_attn", "prefill", "decode"}, ...],
+     "best_ratios": [{"depth", "prefill", "decode"}, ...]}   (faster of FA off/on, each side)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..errors import SelfextError
 from .modes import Setting
 from .passkey import TrialResult, accuracy
 from .ppl import PplResult
-from .speed import SpeedResult, ratios
+from .speed import SpeedResult, best_ratios, ratios
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -60,7 +61,7 @@ def ppl_document(model: dict[str, Any], config: dict[str, Any], text: dict[str, 
 def speed_document(model: dict[str, Any], config: dict[str, Any], results: Sequence[SpeedResult],
                    complete: bool = True) -> dict[str, Any]:
     return {**_header("speed", model, config, complete), "results": [r.to_json() for r in results],
-            "ratios": ratios(results)}
+            "ratios": ratios(results), "best_ratios": best_ratios(results)}
 
 
 # -- tables ---------------------------------------------------------------------------------------------------
@@ -134,6 +135,10 @@ def speed_table(results: Sequence[SpeedResult], title: str = "speed (tokens/s, m
                       f"{s.prefill_tps / v.prefill_tps:.2f}" if v and s else "",
                       f"{v.decode_tps:.1f}" if v else "", f"{s.decode_tps:.1f}" if s else "",
                       f"{s.decode_tps / v.decode_tps:.2f}" if v and s else "")
+    if len({r.flash_attn for r in results}) > 1:
+        for b in best_ratios(results):
+            table.add_row(str(b["depth"]), "best", "", "", f"{b['prefill']:.2f}" if b["prefill"] else "",
+                          "", "", f"{b['decode']:.2f}" if b["decode"] else "")
     return table
 
 

@@ -81,6 +81,21 @@ def ratios(results: Sequence[SpeedResult]) -> list[dict[str, Any]]:
     return out
 
 
+def best_ratios(results: Sequence[SpeedResult]) -> list[dict[str, Any]]:
+    """Per depth, the faster Self-Extend setting over the faster vanilla one (flash attention off or on, each
+    chosen separately for prefill and decode): what a user who picks the best setting of each gets."""
+    out = []
+    for depth in dict.fromkeys(r.depth for r in results):
+        at = [r for r in results if r.depth == depth]
+        row: dict[str, Any] = {"depth": depth}
+        for key, attr in (("prefill", "prefill_tps"), ("decode", "decode_tps")):
+            s = max((getattr(r, attr) for r in at if r.mode == "selfext"), default=0.0)
+            v = max((getattr(r, attr) for r in at if r.mode == "vanilla"), default=0.0)
+            row[key] = round(s / v, 3) if s and v else None
+        out.append(row)
+    return out
+
+
 class SpeedRun:
     def __init__(self, model_path: str | Path, config: SpeedConfig) -> None:
         if config.n_prompt < 1 or config.n_gen < 1 or config.repeats < 1 or not config.depths:

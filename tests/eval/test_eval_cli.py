@@ -141,3 +141,14 @@ def test_help_ends_with_a_real_example(command: str) -> None:
     assert result.exit_code == 0
     tail = result.stdout[result.stdout.rindex("╰"):]  # after the last option box
     assert f"Example: selfext eval {command or 'passkey'} " in " ".join(tail.split())
+
+
+def test_best_ratios_take_the_faster_setting_of_each_side() -> None:
+    from selfext_cpp.eval.speed import SpeedResult, best_ratios
+
+    def r(fa: bool, mode: str, pp: float, tg: float) -> SpeedResult:
+        return SpeedResult(8192, fa, mode, 4 if mode == "selfext" else 1, 0, pp, tg, [pp], [tg])
+
+    got = best_ratios([r(False, "vanilla", 80, 27), r(False, "selfext", 40, 20),
+                       r(True, "vanilla", 105, 18), r(True, "selfext", 100, 25)])
+    assert got == [{"depth": 8192, "prefill": round(100 / 105, 3), "decode": round(25 / 27, 3)}]
