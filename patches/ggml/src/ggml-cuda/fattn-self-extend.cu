@@ -1,259 +1,1090 @@
-// CUDA kernel of GGML_OP_FLASH_ATTN_EXT_SE (patches/ggml/include/ggml-self-extend.h).
+// Self-Extend flash attention, GGML_OP_FLASH_ATTN_EXT_SE (see ggml-self-extend.h), for NVIDIA GPUs with Ampere or newer
+// tensor cores (mma.sync + cp.async through mma.cuh / cp-async.cuh).
 //
-// A block takes one query, the query heads of one KV head (GQA group) and one chunk of keys; each of its warps
-// walks every SE_WARPS-th key of the chunk. Per key the positions choose the operand pair (k/q or k_g/q_g), so
-// each (query, key) costs one dot product, the key row is read once for the whole head group, and the V row is
-// shared the same way. Masked keys are skipped before any load. Each warp keeps an online softmax (max, sum, O)
-// per head; the warps of a block merge in shared memory and leave one partial per chunk; a second kernel merges
-// the chunks exactly. Chunks are sized so that even one query fills the GPU (decode).
+// Work decomposition
+//   A CUDA block owns NC "columns", a column being one (query, head) pair: RPB consecutive queries times NHB query heads
+//   of a single KV head (GQA), column c = (query c/NHB, head c%NHB), so every K/V row the block loads serves NHB heads.
+//   It walks a range of KV tiles of T keys. Per tile:
+//     1. the tile is classified from the actual positions and the mask, never from indices (KV cells may hold several
+//        sequences, holes, arbitrary position orders):
+//          skip       no (query, key) pair of the tile is visible: nothing is loaded,
+//          neighbour  every pair with a visible key has pos_q - pos_k <  W: S = Q   K^T, only K is loaded,
+//          grouped    every pair with a visible key has pos_q - pos_k >= W: S = Q_g K_g^T, only K_g is loaded,
+//          mixed      the tile straddles pos_q - pos_k = W: both products, selected per element from the positions;
+//     2. S (f16 x f16 -> f32 mma) gets the softcap and the mask, then one online softmax per column;
+//     3. O += P V with P rounded to f16 and O accumulated in f32.
+//   Everything runs in base 2: log2(e) is folded into the Q scale (or the softcap factor) and into the mask.
+//
+//   Two configurations of one kernel:
+//     prefill (NWC = 4): 64 columns, each warp owns 16 of them and all keys of a tile (T = 64);
+//     decode  (NWC = 1): 16 columns (few queries), the 4 warps split the keys of a tile and are merged at the end.
+//   When the blocks alone cannot fill the GPU the KV range of each block is also split (nsplit): every split leaves an
+//   unnormalized partial (max, sum, O) and flash_attn_ext_se_combine merges them exactly.
+//
+// Pipeline (cp.async, two __syncthreads per tile)
+//   The loads of a tile depend on its class, so positions and mask run one tile ahead of K/V:
+//     A: wait for [K part(t), V(t), pos/mask(t+1)], sync;
+//        each warp classifies a quarter of tile t+1 into shared memory; S-phase of tile t
+//     B: sync; every thread merges the quarters -> class(t+1);
+//        issue K part(t+1), V(t+1) (other V buffer), pos/mask(t+2) (slot of tile t); PV-phase of tile t.
+//
+// mma tile layouts used here (ggml_cuda_mma::tile, Ampere):
+//   tile<16, 8, half2>  A/B operands, 16 rows x 16 halves; loaded with ldmatrix from row-major shared memory.
+//   tile<16, 16, float> mma(C, A, B) gives C[i][j] += sum_k A[i][k] B[j][k]; element l of a thread is at
+//                       row get_i(l) = 8*((l/2)%2) + lane/4 and column get_j(l) = 8*(l/4) + 2*(lane%4) + l%2.
+//   S = Q K^T:  A = Q (columns x dims), B = K rows (keys x dims)      -> C = columns x keys
+//   O += P V:   A = P (columns x keys), B = V^T via ldmatrix.trans   -> C = columns x dims
+//   So a thread holds the columns 16*wc + lane/4 and + 8 ("rows" j = 0, 1 below) of every C tile.
 
 #include "fattn-self-extend.cuh"
+#include "cp-async.cuh"
+#include "mma.cuh"
 
-#include <cfloat>
+#include <climits>
 
-namespace {
+using namespace ggml_cuda_mma;
 
-constexpr int SE_WARPS   = 4;
-constexpr int SE_MAX_GQA = 8;
+#define FATTN_SE_NWARPS   4
+#define FATTN_SE_NTHREADS (FATTN_SE_NWARPS*WARP_SIZE)
+#define FATTN_SE_LOG2E    1.4426950408889634f
+// running maximum of a column before its first visible key: finite, so exp2f(max_old - max_new) is never NaN
+#define FATTN_SE_MAX_INIT (-FLT_MAX/2.0f)
 
-struct se_params {
-    const char * q, * q_g, * k, * k_g, * v, * mask;
-    const int32_t * pos_q, * pos_k;
-    float * part; // [n_rows][n_chunk][2 + D]: max, sum, unnormalized O
-    int n_q, n_kv, n_head, n_head_kv, gqa, chunk, n_chunk, mask_ne3;
-    size_t nbq1, nbq2, nbq3, nbqg1, nbqg2, nbqg3;
-    size_t nbk1, nbk2, nbk3, nbkg1, nbkg2, nbkg3, nbv1, nbv2, nbv3, nbm1, nbm3;
-    int pos_q_s, pos_k_s; // stream strides of pos_q/pos_k in elements
-    float scale, softcap;
-    int W;
+enum fattn_se_class {
+    FATTN_SE_SKIP      = 0,
+    FATTN_SE_NEIGHBOUR = 1,
+    FATTN_SE_GROUPED   = 2,
+    FATTN_SE_MIXED     = FATTN_SE_NEIGHBOUR | FATTN_SE_GROUPED,
 };
 
-template <int D, int GQA>
-__global__ void __launch_bounds__(SE_WARPS*WARP_SIZE)
-se_fattn_partial(const se_params p) {
-    constexpr int E = D/WARP_SIZE; // elements per lane
+// The op as raw device pointers and byte strides, so that the kernels can also be driven without ggml tensors
+// (fattn-self-extend-selftest.cu).
+struct fattn_se_params {
+    const char * q;     int64_t nb_q1,  nb_q2,  nb_q3;  // F32 [D, n_q,  n_head,    ne3]
+    const char * q_g;   int64_t nb_qg1, nb_qg2, nb_qg3; // F32 [D, n_q,  n_head,    ne3]
+    const char * k;     int64_t nb_k1,  nb_k2,  nb_k3;  // F16 [D, n_kv, n_head_kv, ne3], rows contiguous
+    const char * k_g;   int64_t nb_kg1, nb_kg2, nb_kg3; // F16 [D, n_kv, n_head_kv, ne3]
+    const char * v;     int64_t nb_v1,  nb_v2,  nb_v3;  // F16 [D, n_kv, n_head_kv, ne3]
+    const char * mask;  int64_t nb_m1,  nb_m3;          // F16 [>= n_kv (padded to 8), >= n_q, 1, ne_m3] or nullptr
+    int          ne_m3;                                 // 1 (broadcast over the streams) or ne3
+    const char * pos_q; int64_t nb_pq1;                 // I32 [n_q,  ne3]
+    const char * pos_k; int64_t nb_pk1;                 // I32 [n_kv, ne3]
+    float      * dst;                                   // F32 [D, n_head, n_q, ne3], contiguous
 
-    const int c  = blockIdx.x;                 // chunk
-    const int i  = blockIdx.y;                 // query
-    const int hk = blockIdx.z % p.n_head_kv;   // KV head
-    const int s  = blockIdx.z / p.n_head_kv;   // stream
-    const int warp = threadIdx.x / WARP_SIZE;
-    const int lane = threadIdx.x % WARP_SIZE;
+    int   D, n_q, n_kv, n_head, n_head_kv, ne3;
+    int   W;
+    float scale, softcap;
+};
 
-    float q[GQA][E], qg[GQA][E], o[GQA][E], m[GQA], l[GQA];
+// How the op is cut into blocks; made on the host by fattn_se_make_plan.
+struct fattn_se_plan {
+    bool   decode;        // NWC = 1 configuration
+    int    NHB;           // query heads per block, all of one KV head
+    int    RPB;           // queries per block
+    int    n_rg;          // blocks along the queries
+    int    ntiles;        // KV tiles of the cache
+    int    nsplit;        // KV ranges per block of columns, merged by flash_attn_ext_se_combine if > 1
+    bool   use_range;     // skip the leading/trailing tiles without a visible key (flash_attn_ext_se_kv_range)
+    float  q_scale;       // Q is multiplied by this: scale*log2(e), or scale/softcap with a softcap
+    float  logit_mul;     // softcap*log2(e)
+    size_t nbytes_shared;
+    size_t off_range, off_ML, off_O, nbytes_ws; // workspace layout
+
+    // workspace pointers, set by fattn_se_run
+    int2   * range;       // [ne_m3][n_rg]: first and last + 1 tile to visit
+    float2 * part_ML;     // [rows][nsplit]: max (base 2) and sum of each partial
+    float  * part_O;      // [rows][nsplit][D]: unnormalized O of each partial
+};
+
+static constexpr __host__ __device__ int fattn_se_ncols(const bool decode) {
+    return decode ? 16 : 64;
+}
+
+// Keys per tile. Decode is memory bound: 128 keys keep 32 KiB of K/V in flight per block for D = 64; larger heads use 64
+// so that the block fits the 99 KiB of shared memory of consumer GPUs.
+static constexpr __host__ __device__ int fattn_se_T(const int D, const bool decode) {
+    return decode && D <= 64 ? 128 : 64;
+}
+
+static constexpr __host__ __device__ int fattn_se_min_blocks(const int D, const int NWC) {
+    return NWC == 4 && D <= 64 ? 3 : 2;
+}
+
+// Must match the carving of shared memory in flash_attn_ext_se_f16.
+static size_t fattn_se_nbytes_shared(const int D, const bool decode, const int RPB) {
+    const int T = fattn_se_T(D, decode);
+    size_t n = 4*T*(D + 8)*sizeof(half)        // K, K_g, 2x V tiles, rows padded by 16 bytes
+             + 2*RPB*(T + 8)*sizeof(half)      // mask, 2 slots
+             + 2*T*sizeof(int)                 // pos_k, 2 slots
+             + FATTN_SE_NWARPS*sizeof(int4);   // per warp parts of the class of the next tile
+    if (decode) {
+        n += 2*fattn_se_ncols(decode)*(D + 8)*sizeof(half); // Q, Q_g staging (prefill stages them in the K, K_g tiles)
+    }
+    return n;
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// device helpers
+
+static __device__ __forceinline__ int fattn_se_warp_min(const int x) {
+#if defined(AMPERE_MMA_AVAILABLE)
+    return __reduce_min_sync(0xFFFFFFFF, x);
+#else
+    GGML_UNUSED(x);
+    NO_DEVICE_CODE;
+    return 0;
+#endif // defined(AMPERE_MMA_AVAILABLE)
+}
+
+static __device__ __forceinline__ int fattn_se_warp_max(const int x) {
+#if defined(AMPERE_MMA_AVAILABLE)
+    return __reduce_max_sync(0xFFFFFFFF, x);
+#else
+    GGML_UNUSED(x);
+    NO_DEVICE_CODE;
+    return 0;
+#endif // defined(AMPERE_MMA_AVAILABLE)
+}
+
+// 4 byte cp.async: the positions have no alignment beyond their element size.
+static __device__ __forceinline__ void fattn_se_cp_async_4(const unsigned int dst, const void * src) {
+#ifdef CP_ASYNC_AVAILABLE
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" : : "r"(dst), "l"(src));
+#else
+    GGML_UNUSED_VARS(dst, src);
+    NO_DEVICE_CODE;
+#endif // CP_ASYNC_AVAILABLE
+}
+
+// One K/V tile, T rows of D halves, into shared memory rows of D + 8 halves (the padding makes ldmatrix conflict-free).
+// Rows past the end of the cache repeat its last row: their keys are masked, but V must stay finite since P = 0 multiplies it.
+template <int D, int T>
+static __device__ __forceinline__ void fattn_se_load_kv(
+        half * __restrict__ tile, const char * __restrict__ src, const int64_t nb1, const int k0, const int n_kv, const int tid) {
+    constexpr int chunks_row = D/8; // 16 byte chunks per row
+    static_assert((T*chunks_row) % FATTN_SE_NTHREADS == 0, "bad K/V tile size");
+    const unsigned int tile_s = ggml_cuda_cvta_generic_to_shared(tile);
 #pragma unroll
-    for (int h = 0; h < GQA; ++h) {
-        const float * qr  = (const float *) (p.q   + i*p.nbq1  + (hk*GQA + h)*p.nbq2  + s*p.nbq3);
-        const float * qgr = (const float *) (p.q_g + i*p.nbqg1 + (hk*GQA + h)*p.nbqg2 + s*p.nbqg3);
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-            q[h][e]  = qr [e*WARP_SIZE + lane]*p.scale;
-            qg[h][e] = qgr[e*WARP_SIZE + lane]*p.scale;
-            o[h][e]  = 0.0f;
+    for (int c0 = 0; c0 < T*chunks_row; c0 += FATTN_SE_NTHREADS) {
+        const int c  = c0 + tid;
+        const int j  = c / chunks_row;
+        const int jc = c % chunks_row;
+        const int64_t k = min(k0 + j, n_kv - 1);
+        cp_async_cg_16<64>(tile_s + (j*(D + 8) + 8*jc)*sizeof(half), src + k*nb1 + 16*jc);
+    }
+}
+
+// pos_k of the keys [k0, k0 + T) and the mask of the block's rows for them (keys past n_kv are left out).
+template <int T>
+static __device__ __forceinline__ void fattn_se_load_pos_mask(
+        int * __restrict__ pos_tile, const char * __restrict__ pos_k, half * __restrict__ mask_tile,
+        const char * __restrict__ mask_rows, const int64_t nb_m1, const int rows, const int k0, const int n_kv, const int tid) {
+    if (tid < T && k0 + tid < n_kv) {
+        fattn_se_cp_async_4(ggml_cuda_cvta_generic_to_shared(pos_tile + tid), pos_k + int64_t(k0 + tid)*sizeof(int));
+    }
+    if (mask_rows) {
+        constexpr int chunks_row = T/8;
+        const unsigned int tile_s = ggml_cuda_cvta_generic_to_shared(mask_tile);
+        for (int c = tid; c < rows*chunks_row; c += FATTN_SE_NTHREADS) {
+            const int r  = c / chunks_row;
+            const int jc = c % chunks_row;
+            const int k  = k0 + 8*jc;
+            if (k < n_kv) {
+                cp_async_cg_16<0>(tile_s + (r*(T + 8) + 8*jc)*sizeof(half), mask_rows + r*nb_m1 + int64_t(k)*sizeof(half));
+            }
         }
-        m[h] = -FLT_MAX;
-        l[h] = 0.0f;
+    }
+}
+
+// Warp w's quarter of the class of a tile: keys [w*T/4, (w + 1)*T/4), all rows of the block. Leaves
+// {any visible pair, any non-zero mask value, min and max pos_k over the keys visible to at least one row}.
+// A key is visible to a row if its mask value is not -inf; nvalid: keys of the tile that exist (0: a tile past the range).
+template <int T>
+static __device__ __forceinline__ void fattn_se_class_part(
+        int4 * __restrict__ part, const int * __restrict__ pos_tile, const half * __restrict__ mask_tile,
+        const int rows, const int nvalid) {
+    constexpr int KPW = T/FATTN_SE_NWARPS; // keys per warp
+    constexpr int CPW = KPW/8;             // 8-key mask chunks per row and warp
+    constexpr int RPP = WARP_SIZE/CPW;     // rows per pass over the warp's chunks
+    static_assert(KPW <= WARP_SIZE && KPW % 8 == 0, "bad tile size");
+
+    const int lane = threadIdx.x;
+    const int kw   = threadIdx.y*KPW;
+    const int jc   = lane % CPW;
+    const int k    = kw + 8*jc;                        // first key of the lane's chunk
+    const int nk   = min(max(nvalid - k, 0), 8);       // keys of the chunk that exist
+    const uint32_t kmask = (1u << nk) - 1;
+
+    uint32_t vis = 0; // bit i: key k + i is visible to some row
+    uint32_t nz  = 0; // bit i: some row has a non-zero mask value for key k + i
+    if (mask_tile) {
+        if (nk > 0) {
+            for (int r = lane/CPW; r < rows; r += RPP) {
+                const uint4 m8 = *(const uint4 *) (mask_tile + r*(T + 8) + k);
+                const uint32_t m2[4] = {m8.x, m8.y, m8.z, m8.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const uint32_t lo = m2[i] & 0xFFFF;
+                    const uint32_t hi = m2[i] >> 16;
+                    vis |= uint32_t(lo != 0xFC00) << (2*i) | uint32_t(hi != 0xFC00) << (2*i + 1); // 0xFC00 = f16 -inf
+                    nz  |= uint32_t((lo & 0x7FFF) != 0) << (2*i) | uint32_t((hi & 0x7FFF) != 0) << (2*i + 1);
+                }
+            }
+        }
+        vis &= kmask;
+        nz  &= kmask;
+        // OR over the lanes that looked at the same chunk in other rows:
+#pragma unroll
+        for (int offset = CPW; offset < WARP_SIZE; offset <<= 1) {
+            vis |= __shfl_xor_sync(0xFFFFFFFF, vis, offset, WARP_SIZE);
+            nz  |= __shfl_xor_sync(0xFFFFFFFF, nz,  offset, WARP_SIZE);
+        }
+    } else {
+        vis = kmask;
     }
 
-    const int32_t pq = p.pos_q[s*p.pos_q_s + i];
-    const int32_t * pk = p.pos_k + s*p.pos_k_s;
-    const half * mrow = p.mask ? (const half *) (p.mask + i*p.nbm1 + (s % p.mask_ne3)*p.nbm3) : nullptr;
+    // lane j < KPW looks at key kw + j, whose visibility is bit j%8 of chunk j/8 (held by lane j/8, among others)
+    const uint32_t vis_chunk = __shfl_sync(0xFFFFFFFF, vis, (lane/8) % CPW, WARP_SIZE);
+    int pk_min = INT_MAX;
+    int pk_max = INT_MIN;
+    if (lane < KPW && (vis_chunk >> (lane % 8)) & 1) {
+        pk_min = pos_tile[kw + lane];
+        pk_max = pk_min;
+    }
+    pk_min = fattn_se_warp_min(pk_min);
+    pk_max = fattn_se_warp_max(pk_max);
+    const int any_vis = __any_sync(0xFFFFFFFF, vis != 0);
+    const int any_nz  = __any_sync(0xFFFFFFFF, nz  != 0);
+    if (lane == 0) {
+        *part = make_int4(any_vis, any_nz, pk_min, pk_max);
+    }
+}
 
-    const int j0 = c*p.chunk;
-    const int j1 = min(j0 + p.chunk, p.n_kv);
-    for (int j = j0 + warp; j < j1; j += SE_WARPS) {
-        const float mv = mrow ? __half2float(mrow[j]) : 0.0f;
-        if (mv == -INFINITY) {
-            continue;
+// Class of a tile from the 4 quarters; nz: the mask of the tile has non-zero values (else adding it can be skipped).
+static __device__ __forceinline__ int fattn_se_class_merge(
+        const int4 * __restrict__ parts, const int pq_min, const int pq_max, const int W, bool & nz) {
+    int vis = 0, nzi = 0, pk_min = INT_MAX, pk_max = INT_MIN;
+#pragma unroll
+    for (int w = 0; w < FATTN_SE_NWARPS; ++w) {
+        const int4 part = parts[w];
+        vis   |= part.x;
+        nzi   |= part.y;
+        pk_min = min(pk_min, part.z);
+        pk_max = max(pk_max, part.w);
+    }
+    nz = nzi != 0;
+    if (!vis) {
+        return FATTN_SE_SKIP;
+    }
+    if (pq_max - pk_min < W) {
+        return FATTN_SE_NEIGHBOUR;
+    }
+    if (pq_min - pk_max >= W) {
+        return FATTN_SE_GROUPED;
+    }
+    return FATTN_SE_MIXED;
+}
+
+// S[kk] = Q K^T for the 16 columns of a warp and the keys [16*kk, 16*kk + 16), kk < NK, of the K rows at K (smem, stride in half2).
+template <int D, int NK>
+static __device__ __forceinline__ void fattn_se_kq(
+        tile<16, 16, float> * S, const tile<16, 8, half2> * Q, const half2 * __restrict__ K, const int stride) {
+#pragma unroll
+    for (int kk = 0; kk < NK; ++kk) {
+        S[kk] = tile<16, 16, float>{};
+#pragma unroll
+        for (int d16 = 0; d16 < D/16; ++d16) {
+            tile<16, 8, half2> K_B;
+            load_ldmatrix(K_B, K + 16*kk*stride + 8*d16, stride);
+            mma(S[kk], Q[d16], K_B);
         }
-        const bool grouped = pq - pk[j] >= p.W;
-        const half * kr = grouped ? (const half *) (p.k_g + j*p.nbkg1 + hk*p.nbkg2 + s*p.nbkg3)
-                                  : (const half *) (p.k   + j*p.nbk1  + hk*p.nbk2  + s*p.nbk3);
-        const half * vr = (const half *) (p.v + j*p.nbv1 + hk*p.nbv2 + s*p.nbv3);
-        float kx[E], vx[E];
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-            kx[e] = __half2float(kr[e*WARP_SIZE + lane]);
-            vx[e] = __half2float(vr[e*WARP_SIZE + lane]);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// kernels
+
+// NWC: warps along the columns (4: prefill, 1: decode), T: keys per tile.
+template <int D, int NWC, int T, bool use_softcap>
+__launch_bounds__(FATTN_SE_NTHREADS, fattn_se_min_blocks(D, NWC))
+static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fattn_se_plan P) {
+#if defined(AMPERE_MMA_AVAILABLE)
+    constexpr int  NWK = FATTN_SE_NWARPS/NWC; // warps along the keys of a tile
+    constexpr int  NC  = 16*NWC;              // columns per block
+    constexpr int  KW  = T/NWK;               // keys per warp and tile
+    constexpr int  SKV = D + 8;               // row stride of the K/V/Q tiles in halves
+    constexpr int  SM  = T + 8;               // row stride of the mask tiles in halves
+    constexpr int  SO  = D + 4;               // row stride of the f32 O staging of the epilogue
+    constexpr bool Q_own_smem = NWC == 1;     // decode: Q has its own staging, so tile 0 can be loaded before Q
+    static_assert(D % 16 == 0 && KW % 16 == 0, "bad tile sizes");
+    static_assert(NC == fattn_se_ncols(NWC == 1) && T == fattn_se_T(D, NWC == 1), "kernel and host configuration differ");
+    static_assert(Q_own_smem || NC == T, "Q, Q_g are staged in the K, K_g tiles");
+    static_assert(NWK*NC*(SO*sizeof(float) + sizeof(float2)) <= 4*T*SKV*sizeof(half), "epilogue does not fit");
+
+    const int lane = threadIdx.x;
+    const int w    = threadIdx.y;
+    const int tid  = w*WARP_SIZE + lane;
+    const int wc   = w / NWK; // the warp's 16 columns: 16*wc ...
+    const int wk   = w % NWK; // the warp's keys of each tile: KW*wk ...
+
+    const int rg    = P.n_rg - 1 - blockIdx.x; // causal masks give the last queries the most keys: start them first
+    const int h0    = blockIdx.y*P.NHB;
+    const int s     = blockIdx.z / P.nsplit;
+    const int split = blockIdx.z % P.nsplit;
+    const int hk    = h0 / (p.n_head/p.n_head_kv);
+    const int i0    = rg*P.RPB;
+    const int rows  = min(P.RPB, p.n_q - i0);
+
+    const char * K         = p.k   + s*p.nb_k3  + hk*p.nb_k2;
+    const char * Kg        = p.k_g + s*p.nb_kg3 + hk*p.nb_kg2;
+    const char * V         = p.v   + s*p.nb_v3  + hk*p.nb_v2;
+    const char * mask_rows = p.mask ? p.mask + (s % p.ne_m3)*p.nb_m3 + i0*p.nb_m1 : nullptr;
+    const int  * pos_q     = (const int *) (p.pos_q + s*p.nb_pq1) + i0;
+    const char * pos_k     = p.pos_k + s*p.nb_pk1;
+
+    // tiles [kt0, kt0 + ntb) of the cache
+    int kt_lo = 0;
+    int kt_hi = P.ntiles;
+    if (P.range) {
+        const int2 r = P.range[(s % p.ne_m3)*P.n_rg + rg];
+        kt_lo = r.x;
+        kt_hi = r.y;
+    }
+    const int kt0 = kt_lo + int(int64_t(kt_hi - kt_lo)* split     /P.nsplit);
+    const int ntb = kt_lo + int(int64_t(kt_hi - kt_lo)*(split + 1)/P.nsplit) - kt0;
+
+    extern __shared__ half2 fattn_se_smem[];
+    half * sK  = (half *) fattn_se_smem;
+    half * sKg = sK  + T*SKV;
+    half * sV  = sKg + T*SKV;               // V of tile t at sV + (t % 2)*T*SKV
+    half * sM  = sV  + 2*T*SKV;             // mask of tile t at sM + (t % 2)*P.RPB*SM
+    int  * sP  = (int *) (sM + 2*P.RPB*SM); // pos_k of tile t at sP + (t % 2)*T
+    int4 * sC  = (int4 *) (sP + 2*T);       // quarters of the class of the next tile
+    half * sQ  = Q_own_smem ? (half *) (sC + FATTN_SE_NWARPS) : sK;
+    half * sQg = sQ + NC*SKV;
+
+    auto nvalid_of = [&](const int t) {
+        return t < ntb ? min(T, p.n_kv - (kt0 + t)*T) : 0;
+    };
+    auto load_pos_mask = [&](const int t, const int slot) {
+        fattn_se_load_pos_mask<T>(sP + slot*T, pos_k, sM + slot*P.RPB*SM, mask_rows, p.nb_m1, rows, (kt0 + t)*T, p.n_kv, tid);
+    };
+    auto load_kv = [&](const int t, const int cls) {
+        const int k0 = (kt0 + t)*T;
+        if (cls & FATTN_SE_NEIGHBOUR) {
+            fattn_se_load_kv<D, T>(sK,  K,  p.nb_k1,  k0, p.n_kv, tid);
         }
-#pragma unroll
-        for (int h = 0; h < GQA; ++h) {
-            float x = 0.0f;
-#pragma unroll
-            for (int e = 0; e < E; ++e) {
-                x += (grouped ? qg[h][e] : q[h][e])*kx[e];
-            }
-            x = warp_reduce_sum(x);
-            if (p.softcap != 0.0f) {
-                x = p.softcap*tanhf(x);
-            }
-            x += mv;
-            const float m_new = fmaxf(m[h], x);
-            const float alpha = expf(m[h] - m_new);
-            const float w     = expf(x - m_new);
-            l[h] = l[h]*alpha + w;
-#pragma unroll
-            for (int e = 0; e < E; ++e) {
-                o[h][e] = o[h][e]*alpha + w*vx[e];
-            }
-            m[h] = m_new;
+        if (cls & FATTN_SE_GROUPED) {
+            fattn_se_load_kv<D, T>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
+        }
+        fattn_se_load_kv<D, T>(sV + (t % 2)*T*SKV, V, p.nb_v1, k0, p.n_kv, tid);
+    };
+
+    if (ntb > 0) {
+        load_pos_mask(0, 0);
+        if (ntb > 1) {
+            load_pos_mask(1, 1);
+        }
+        if constexpr (Q_own_smem) {
+            load_kv(0, FATTN_SE_MIXED); // the class is not known yet: both K operands, so that the load overlaps Q's
         }
     }
 
-    // merge the warps: each writes its (m, l, o) per head, warp 0 combines
-    __shared__ float sm[SE_WARPS][GQA][2];
-    __shared__ float so[SE_WARPS][GQA][D];
-#pragma unroll
-    for (int h = 0; h < GQA; ++h) {
-        if (lane == 0) {
-            sm[warp][h][0] = m[h];
-            sm[warp][h][1] = l[h];
+    // Q and Q_g, scaled, as f16 rows of the columns; columns past the queries are 0
+    for (int c = w; c < NC; c += FATTN_SE_NWARPS) {
+        const int  r  = c / P.NHB;
+        const int  h  = h0 + c % P.NHB;
+        const bool ok = r < rows;
+        const float * q  = (const float *) (p.q   + s*p.nb_q3  + h*p.nb_q2  + (i0 + r)*p.nb_q1);
+        const float * qg = (const float *) (p.q_g + s*p.nb_qg3 + h*p.nb_qg2 + (i0 + r)*p.nb_qg1);
+        for (int d = lane; d < D; d += WARP_SIZE) {
+            sQ [c*SKV + d] = __float2half(ok ? P.q_scale*q[d]  : 0.0f);
+            sQg[c*SKV + d] = __float2half(ok ? P.q_scale*qg[d] : 0.0f);
         }
+    }
+
+    // The thread's columns j = 0, 1 are 16*wc + lane/4 + 8*j: their query (row of the mask tiles) and position.
+    // Columns past the queries borrow the last query's, their results are not written.
+    int mrow[2];
+    int pq[2];
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-            so[warp][h][e*WARP_SIZE + lane] = o[h][e];
+    for (int j = 0; j < 2; ++j) {
+        mrow[j] = min((16*wc + lane/4 + 8*j)/P.NHB, rows - 1);
+        pq[j]   = pos_q[mrow[j]];
+    }
+    int pq_min = INT_MAX;
+    int pq_max = INT_MIN;
+    for (int r = lane; r < rows; r += WARP_SIZE) {
+        pq_min = min(pq_min, pos_q[r]);
+        pq_max = max(pq_max, pos_q[r]);
+    }
+    pq_min = fattn_se_warp_min(pq_min);
+    pq_max = fattn_se_warp_max(pq_max);
+
+    cp_async_wait_all();
+    __syncthreads();
+
+    tile<16, 8, half2> Q_A[D/16];
+    tile<16, 8, half2> Qg_A[D/16];
+#pragma unroll
+    for (int d16 = 0; d16 < D/16; ++d16) {
+        load_ldmatrix(Q_A[d16],  (const half2 *) (sQ  + 16*wc*SKV) + 8*d16, SKV/2);
+        load_ldmatrix(Qg_A[d16], (const half2 *) (sQg + 16*wc*SKV) + 8*d16, SKV/2);
+    }
+    fattn_se_class_part<T>(sC + w, sP, mask_rows ? sM : nullptr, rows, nvalid_of(0));
+    __syncthreads(); // Q staging consumed (prefill reuses it for K, K_g), class parts of tile 0 visible
+
+    bool nz;
+    int  cls = fattn_se_class_merge(sC, pq_min, pq_max, p.W, nz);
+    if constexpr (!Q_own_smem) {
+        if (cls != FATTN_SE_SKIP) {
+            load_kv(0, cls);
+        }
+    }
+
+    tile<16, 16, float> O[D/16];
+    float KQ_max[2] = {FATTN_SE_MAX_INIT, FATTN_SE_MAX_INIT};
+    float KQ_sum[2] = {0.0f, 0.0f}; // partial sums of the thread's keys, reduced over the 4 lanes of a column at the end
+
+    for (int t = 0; t < ntb; ++t) {
+        const int slot   = t % 2;
+        const int nvalid = nvalid_of(t);
+
+        cp_async_wait_all();
+        __syncthreads(); // (A)
+
+        fattn_se_class_part<T>(sC + w, sP + (1 - slot)*T, mask_rows ? sM + (1 - slot)*P.RPB*SM : nullptr, rows, nvalid_of(t + 1));
+
+        tile<16, 8, half2> P_A[KW/16];
+        if (cls != FATTN_SE_SKIP) {
+            tile<16, 16, float> S[KW/16];
+            const half2 * K2  = (const half2 *) (sK  + KW*wk*SKV);
+            const half2 * Kg2 = (const half2 *) (sKg + KW*wk*SKV);
+            if (cls == FATTN_SE_NEIGHBOUR) {
+                fattn_se_kq<D, KW/16>(S, Q_A, K2, SKV/2);
+            } else if (cls == FATTN_SE_GROUPED) {
+                fattn_se_kq<D, KW/16>(S, Qg_A, Kg2, SKV/2);
+            } else {
+                // the tile straddles pos_q - pos_k = W: both products, the positions pick one per (column, key)
+                fattn_se_kq<D, KW/16>(S, Q_A, K2, SKV/2);
+                const int * pk = sP + slot*T + KW*wk;
+#pragma unroll
+                for (int kk = 0; kk < KW/16; ++kk) {
+                    tile<16, 16, float> Sg;
+                    fattn_se_kq<D, 1>(&Sg, Qg_A, Kg2 + 16*kk*(SKV/2), SKV/2);
+#pragma unroll
+                    for (int l = 0; l < Sg.ne; ++l) {
+                        if (pq[(l/2) % 2] - pk[16*kk + Sg.get_j(l)] >= p.W) {
+                            S[kk].x[l] = Sg.x[l];
+                        }
+                    }
+                }
+            }
+
+            if constexpr (use_softcap) {
+#pragma unroll
+                for (int kk = 0; kk < KW/16; ++kk) {
+#pragma unroll
+                    for (int l = 0; l < S[kk].ne; ++l) {
+                        S[kk].x[l] = P.logit_mul*tanhf(S[kk].x[l]);
+                    }
+                }
+            }
+            if (mask_rows && nz) {
+                const half * mt = sM + slot*P.RPB*SM + KW*wk;
+#pragma unroll
+                for (int kk = 0; kk < KW/16; ++kk) {
+#pragma unroll
+                    for (int l = 0; l < S[kk].ne; l += 2) {
+                        const float2 m2 = __half22float2(*(const half2 *) (mt + mrow[(l/2) % 2]*SM + 16*kk + S[kk].get_j(l)));
+                        S[kk].x[l + 0] += FATTN_SE_LOG2E*m2.x;
+                        S[kk].x[l + 1] += FATTN_SE_LOG2E*m2.y;
+                    }
+                }
+            }
+            if (nvalid < T) {
+#pragma unroll
+                for (int kk = 0; kk < KW/16; ++kk) {
+#pragma unroll
+                    for (int l = 0; l < S[kk].ne; ++l) {
+                        if (KW*wk + 16*kk + S[kk].get_j(l) >= nvalid) {
+                            S[kk].x[l] = -INFINITY;
+                        }
+                    }
+                }
+            }
+
+            // online softmax; the 4 lanes lane/4 = const hold the keys of the same columns
+            float KQ_max_new[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+            for (int kk = 0; kk < KW/16; ++kk) {
+#pragma unroll
+                for (int l = 0; l < S[kk].ne; ++l) {
+                    KQ_max_new[(l/2) % 2] = fmaxf(KQ_max_new[(l/2) % 2], S[kk].x[l]);
+                }
+            }
+            float KQ_scale[2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                KQ_max_new[j] = fmaxf(KQ_max_new[j], __shfl_xor_sync(0xFFFFFFFF, KQ_max_new[j], 1, WARP_SIZE));
+                KQ_max_new[j] = fmaxf(KQ_max_new[j], __shfl_xor_sync(0xFFFFFFFF, KQ_max_new[j], 2, WARP_SIZE));
+                KQ_max_new[j] = fmaxf(KQ_max_new[j], KQ_max[j]);
+                KQ_scale[j]   = exp2f(KQ_max[j] - KQ_max_new[j]);
+                KQ_max[j]     = KQ_max_new[j];
+            }
+            float KQ_sum_add[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (int kk = 0; kk < KW/16; ++kk) {
+#pragma unroll
+                for (int l = 0; l < S[kk].ne; ++l) {
+                    S[kk].x[l] = exp2f(S[kk].x[l] - KQ_max[(l/2) % 2]);
+                    KQ_sum_add[(l/2) % 2] += S[kk].x[l];
+                }
+                P_A[kk] = get_half2(S[kk]);
+            }
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                KQ_sum[j] = KQ_scale[j]*KQ_sum[j] + KQ_sum_add[j];
+            }
+            // once a column's maximum has settled its scale is 1: skip the rescaling when it is for the whole warp
+            if (__any_sync(0xFFFFFFFF, KQ_scale[0] != 1.0f || KQ_scale[1] != 1.0f)) {
+#pragma unroll
+                for (int d16 = 0; d16 < D/16; ++d16) {
+#pragma unroll
+                    for (int l = 0; l < O[d16].ne; ++l) {
+                        O[d16].x[l] *= KQ_scale[(l/2) % 2];
+                    }
+                }
+            }
+        }
+
+        __syncthreads(); // (B)
+
+        bool nz_next;
+        const int cls_next = fattn_se_class_merge(sC, pq_min, pq_max, p.W, nz_next);
+        if (cls_next != FATTN_SE_SKIP) {
+            load_kv(t + 1, cls_next);
+        }
+        if (t + 2 < ntb) {
+            load_pos_mask(t + 2, slot);
+        }
+
+        if (cls != FATTN_SE_SKIP) {
+            const half2 * V2 = (const half2 *) (sV + slot*T*SKV + KW*wk*SKV);
+#pragma unroll
+            for (int d16 = 0; d16 < D/16; ++d16) {
+#pragma unroll
+                for (int kk = 0; kk < KW/16; ++kk) {
+                    tile<16, 8, half2> V_B; // V^T: dims x keys
+                    load_ldmatrix_trans(V_B, V2 + 16*kk*(SKV/2) + 8*d16, SKV/2);
+                    mma(O[d16], P_A[kk], V_B);
+                }
+            }
+        }
+
+        cls = cls_next;
+        nz  = nz_next;
+    }
+
+    // Epilogue: the key groups of the warps (decode) are merged through shared memory, which also makes the writes
+    // coalesced. Nothing is in flight anymore, the K/V tiles are reused.
+    cp_async_wait_all();
+    __syncthreads();
+
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        KQ_sum[j] += __shfl_xor_sync(0xFFFFFFFF, KQ_sum[j], 1, WARP_SIZE);
+        KQ_sum[j] += __shfl_xor_sync(0xFFFFFFFF, KQ_sum[j], 2, WARP_SIZE);
+    }
+    float  * eO  = (float *) fattn_se_smem;     // [NWK][NC][SO]
+    float2 * eML = (float2 *) (eO + NWK*NC*SO); // [NWK][NC]: running max and sum
+    if (lane % 4 == 0) {
+        eML[wk*NC + 16*wc + lane/4 + 0] = make_float2(KQ_max[0], KQ_sum[0]);
+        eML[wk*NC + 16*wc + lane/4 + 8] = make_float2(KQ_max[1], KQ_sum[1]);
+    }
+#pragma unroll
+    for (int d16 = 0; d16 < D/16; ++d16) {
+#pragma unroll
+        for (int l = 0; l < O[d16].ne; l += 2) {
+            const int c = 16*wc + O[d16].get_i(l);
+            const int d = 16*d16 + O[d16].get_j(l);
+            *(float2 *) (eO + (wk*NC + c)*SO + d) = make_float2(O[d16].x[l], O[d16].x[l + 1]);
         }
     }
     __syncthreads();
-    if (warp != 0) {
-        return;
-    }
-#pragma unroll
-    for (int h = 0; h < GQA; ++h) {
-        float mm = -FLT_MAX;
-        for (int w = 0; w < SE_WARPS; ++w) {
-            mm = fmaxf(mm, sm[w][h][0]);
+
+    for (int c = w; c < NC; c += FATTN_SE_NWARPS) {
+        const int r = c / P.NHB;
+        if (r >= rows) {
+            continue;
         }
-        float ll = 0.0f, oo[E] = {};
-        for (int w = 0; w < SE_WARPS; ++w) {
-            const float a = sm[w][h][1] == 0.0f ? 0.0f : expf(sm[w][h][0] - mm);
-            ll += a*sm[w][h][1];
+        float M = eML[c].x;
 #pragma unroll
-            for (int e = 0; e < E; ++e) {
-                oo[e] += a*so[w][h][e*WARP_SIZE + lane];
+        for (int k = 1; k < NWK; ++k) {
+            M = fmaxf(M, eML[k*NC + c].x);
+        }
+        float wgt[NWK];
+        float L = 0.0f;
+#pragma unroll
+        for (int k = 0; k < NWK; ++k) {
+            wgt[k] = exp2f(eML[k*NC + c].x - M);
+            L     += wgt[k]*eML[k*NC + c].y;
+        }
+        const int64_t row = (int64_t(s)*p.n_q + i0 + r)*p.n_head + h0 + c % P.NHB;
+        if (P.nsplit == 1) {
+            const float inv = L > 0.0f ? 1.0f/L : 0.0f; // a column without a visible key is 0
+            for (int d = lane; d < D; d += WARP_SIZE) {
+                float o = 0.0f;
+#pragma unroll
+                for (int k = 0; k < NWK; ++k) {
+                    o += wgt[k]*eO[(k*NC + c)*SO + d];
+                }
+                p.dst[row*D + d] = o*inv;
+            }
+        } else {
+            const int64_t prow = row*P.nsplit + split;
+            for (int d = lane; d < D; d += WARP_SIZE) {
+                float o = 0.0f;
+#pragma unroll
+                for (int k = 0; k < NWK; ++k) {
+                    o += wgt[k]*eO[(k*NC + c)*SO + d];
+                }
+                P.part_O[prow*D + d] = o;
+            }
+            if (lane == 0) {
+                P.part_ML[prow] = make_float2(M, L);
             }
         }
-        const int64_t row = ((int64_t) s*p.n_q + i)*p.n_head + hk*GQA + h;
-        float * out = p.part + (row*p.n_chunk + c)*(2 + D);
+    }
+#else
+    GGML_UNUSED_VARS(p, P);
+    NO_DEVICE_CODE;
+#endif // defined(AMPERE_MMA_AVAILABLE)
+}
+
+// First and last + 1 KV tile (prefill tiles, T = 64) with a key visible to some query of each block of RPB queries.
+// Blocks only walk that range: the end of a causal mask and other sequences at the ends of the cache are never loaded.
+__launch_bounds__(FATTN_SE_NTHREADS, 1)
+static __global__ void flash_attn_ext_se_kv_range(const fattn_se_params p, const fattn_se_plan P) {
+    constexpr int T = fattn_se_T(0, false);
+    static_assert(T == 2*WARP_SIZE, "one tile per warp, two keys per lane");
+
+    const int lane = threadIdx.x;
+    const int w    = threadIdx.y;
+    const int rg   = blockIdx.x;
+    const int sm   = blockIdx.y;
+    const int i0   = rg*P.RPB;
+    const int rows = min(P.RPB, p.n_q - i0);
+    const char * mask_rows = p.mask + sm*p.nb_m3 + i0*p.nb_m1;
+
+    // warp-uniform: does tile kt have a visible key (the mask rows are padded to 8 keys, reading key k + 1 is safe)
+    auto visible = [&](const int kt) {
+        const int k = kt*T + 2*lane;
+        bool vis = false;
+        if (kt >= 0 && kt < P.ntiles && k < p.n_kv) {
+#pragma unroll 8
+            for (int r = 0; r < rows; ++r) {
+                const uint32_t m2 = *(const uint32_t *) (mask_rows + r*p.nb_m1 + int64_t(k)*sizeof(half));
+                vis |= (m2 & 0xFFFF) != 0xFC00 || (k + 1 < p.n_kv && (m2 >> 16) != 0xFC00);
+            }
+        }
+        return __any_sync(0xFFFFFFFF, vis);
+    };
+
+    __shared__ int found[FATTN_SE_NWARPS];
+
+    int lo = P.ntiles;
+    for (int kt = 0; kt < P.ntiles && lo == P.ntiles; kt += FATTN_SE_NWARPS) {
+        const bool vis = visible(kt + w);
         if (lane == 0) {
-            out[0] = mm;
-            out[1] = ll;
+            found[w] = vis;
         }
+        __syncthreads();
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-            out[2 + e*WARP_SIZE + lane] = oo[e];
+        for (int ww = FATTN_SE_NWARPS - 1; ww >= 0; --ww) {
+            lo = found[ww] ? kt + ww : lo;
         }
+        __syncthreads();
+    }
+
+    int hi = lo;
+    for (int kt = P.ntiles - 1; kt >= lo && hi == lo && lo < P.ntiles; kt -= FATTN_SE_NWARPS) {
+        const bool vis = visible(kt - w);
+        if (lane == 0) {
+            found[w] = vis;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int ww = FATTN_SE_NWARPS - 1; ww >= 0; --ww) {
+            hi = found[ww] ? kt - ww + 1 : hi;
+        }
+        __syncthreads();
+    }
+
+    if (lane == 0 && w == 0) {
+        P.range[sm*P.n_rg + rg] = make_int2(lo, hi);
     }
 }
 
-// dst row = sum_c exp(m_c - m) o_c / sum_c exp(m_c - m) l_c; a row that saw no key is 0
+// dst row = sum_s 2^(M_s - M) O_s / sum_s 2^(M_s - M) L_s over the splits s of the row; 0 if no split saw a key.
 template <int D>
-__global__ void se_fattn_combine(const float * part, float * dst, const int n_chunk) {
+__launch_bounds__(FATTN_SE_NTHREADS, 1)
+static __global__ void flash_attn_ext_se_combine(
+        const float * __restrict__ part_O, const float2 * __restrict__ part_ML, float * __restrict__ dst, const int nsplit) {
+    constexpr int D4 = D/4;                    // float4 per row
+    constexpr int NG = FATTN_SE_NTHREADS/D4;  // groups of threads, each sums every NG-th split
+    static_assert(D % 4 == 0 && NG >= 1, "bad head size");
+
+    extern __shared__ float combine_wgt[];     // [nsplit]
+    __shared__ float  red[FATTN_SE_NWARPS];
+    __shared__ float4 acc_part[NG][D4];
+
+    const int tid  = threadIdx.x;
+    const int lane = tid % WARP_SIZE;
+    const int w    = tid / WARP_SIZE;
     const int64_t row = blockIdx.x;
-    const float * pr = part + row*n_chunk*(2 + D);
-    float mm = -FLT_MAX;
-    for (int c = 0; c < n_chunk; ++c) {
-        if (pr[c*(2 + D) + 1] != 0.0f) {
-            mm = fmaxf(mm, pr[c*(2 + D)]);
+    const float2 * ML = part_ML + row*nsplit;
+    const float4 * O4 = (const float4 *) (part_O + row*nsplit*D);
+
+    float M = -FLT_MAX;
+    for (int i = tid; i < nsplit; i += FATTN_SE_NTHREADS) {
+        M = fmaxf(M, ML[i].x);
+    }
+    M = warp_reduce_max(M);
+    if (lane == 0) {
+        red[w] = M;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < FATTN_SE_NWARPS; ++i) {
+        M = fmaxf(M, red[i]);
+    }
+    __syncthreads();
+
+    float L = 0.0f;
+    for (int i = tid; i < nsplit; i += FATTN_SE_NTHREADS) {
+        const float2 ml  = ML[i];
+        const float  wgt = exp2f(ml.x - M);
+        combine_wgt[i] = wgt;
+        L += wgt*ml.y;
+    }
+    L = warp_reduce_sum(L);
+    if (lane == 0) {
+        red[w] = L;
+    }
+    __syncthreads();
+    L = 0.0f;
+#pragma unroll
+    for (int i = 0; i < FATTN_SE_NWARPS; ++i) {
+        L += red[i];
+    }
+
+    const int g  = tid / D4;
+    const int d4 = tid % D4;
+    if (g < NG) {
+        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int i = g; i < nsplit; i += NG) {
+            const float  wgt = combine_wgt[i];
+            const float4 o   = O4[i*D4 + d4];
+            acc.x += wgt*o.x;
+            acc.y += wgt*o.y;
+            acc.z += wgt*o.z;
+            acc.w += wgt*o.w;
+        }
+        acc_part[g][d4] = acc;
+    }
+    __syncthreads();
+
+    if (tid < D4) {
+        float4 acc = acc_part[0][tid];
+#pragma unroll
+        for (int gg = 1; gg < NG; ++gg) {
+            acc.x += acc_part[gg][tid].x;
+            acc.y += acc_part[gg][tid].y;
+            acc.z += acc_part[gg][tid].z;
+            acc.w += acc_part[gg][tid].w;
+        }
+        const float inv = L > 0.0f ? 1.0f/L : 0.0f;
+        ((float4 *) (dst + row*D))[tid] = make_float4(acc.x*inv, acc.y*inv, acc.z*inv, acc.w*inv);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// host side
+
+typedef void (* fattn_se_kernel_t)(const fattn_se_params p, const fattn_se_plan P);
+
+// The kernel of a configuration, its shared memory limit raised once per device.
+template <int D, bool decode, bool use_softcap>
+static fattn_se_kernel_t fattn_se_kernel_instance() {
+    constexpr int NWC = decode ? 1 : 4;
+    const fattn_se_kernel_t kernel = flash_attn_ext_se_f16<D, NWC, fattn_se_T(D, decode), use_softcap>;
+
+    static bool smem_limit_raised[GGML_CUDA_MAX_DEVICES] = {false};
+    int device;
+    CUDA_CHECK(cudaGetDevice(&device));
+    if (!smem_limit_raised[device]) {
+        const size_t nbytes_max = fattn_se_nbytes_shared(D, decode, fattn_se_ncols(decode)); // RPB <= columns
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(nbytes_max)));
+        smem_limit_raised[device] = true;
+    }
+    return kernel;
+}
+
+template <int D>
+static fattn_se_kernel_t fattn_se_kernel_d(const bool decode, const bool use_softcap) {
+    if (decode) {
+        return use_softcap ? fattn_se_kernel_instance<D, true,  true>() : fattn_se_kernel_instance<D, true,  false>();
+    }
+    return use_softcap ? fattn_se_kernel_instance<D, false, true>() : fattn_se_kernel_instance<D, false, false>();
+}
+
+static fattn_se_kernel_t fattn_se_kernel(const int D, const bool decode, const bool use_softcap) {
+    switch (D) {
+        case  64: return fattn_se_kernel_d< 64>(decode, use_softcap);
+        case 128: return fattn_se_kernel_d<128>(decode, use_softcap);
+        default:  GGML_ABORT("%s: unsupported head size %d", __func__, D);
+    }
+}
+
+static int fattn_se_largest_divisor(const int n, const int max) {
+    for (int d = std::min(n, max); d > 1; --d) {
+        if (n % d == 0) {
+            return d;
         }
     }
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float ll = 0.0f, oo = 0.0f;
-        for (int c = 0; c < n_chunk; ++c) {
-            const float * pc = pr + c*(2 + D);
-            if (pc[1] != 0.0f) {
-                const float a = expf(pc[0] - mm);
-                ll += a*pc[1];
-                oo += a*pc[2 + d];
+    return 1;
+}
+
+static size_t fattn_se_pad_ws(const size_t n) {
+    return GGML_PAD(n, 256);
+}
+
+// nsm: streaming multiprocessors of the current device, which the kernels will run on.
+static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm) {
+    fattn_se_plan P = {};
+
+    // decode: all queries in one block of 16 columns with every head of the KV head (up to 16 of them)
+    const int gqa        = p.n_head/p.n_head_kv;
+    const int NHB_decode = fattn_se_largest_divisor(gqa, fattn_se_ncols(true));
+    P.decode = p.n_q <= fattn_se_ncols(true)/NHB_decode;
+    P.NHB    = P.decode ? NHB_decode : fattn_se_largest_divisor(gqa, 8);
+    P.RPB    = fattn_se_ncols(P.decode)/P.NHB;
+    P.n_rg   = (p.n_q + P.RPB - 1)/P.RPB;
+
+    const int T = fattn_se_T(p.D, P.decode);
+    P.ntiles    = (p.n_kv + T - 1)/T;
+    P.use_range = !P.decode && p.mask != nullptr;
+
+    P.q_scale   = p.softcap != 0.0f ? p.scale/p.softcap : p.scale*FATTN_SE_LOG2E;
+    P.logit_mul = p.softcap*FATTN_SE_LOG2E;
+
+    P.nbytes_shared = fattn_se_nbytes_shared(p.D, P.decode, P.RPB);
+
+    const fattn_se_kernel_t kernel = fattn_se_kernel(p.D, P.decode, p.softcap != 0.0f);
+    int nblocks_sm = 0;
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nblocks_sm, kernel, FATTN_SE_NTHREADS, P.nbytes_shared));
+    GGML_ASSERT(nblocks_sm > 0);
+    const int64_t nslots = int64_t(nblocks_sm)*nsm;
+
+    // Split the keys when the blocks of columns cannot fill the GPU (decode, short prompts), or when a few splits
+    // even out a poorly filled last wave (prefill). Each split keeps a few tiles so that its pipeline gets going.
+    const int64_t nblocks_base = int64_t(P.n_rg)*(p.n_head/P.NHB)*p.ne3;
+    const int     nsplit_max   = std::max(1, P.ntiles/(P.decode ? 2 : 4));
+    P.nsplit = 1;
+    if (nblocks_base < nslots) {
+        P.nsplit = int(std::min<int64_t>((nslots + nblocks_base - 1)/nblocks_base, nsplit_max));
+    } else if (!P.decode) {
+        int64_t eff_best = 0;
+        for (int nsplit = 1; nsplit <= std::min(4, nsplit_max); ++nsplit) {
+            const int64_t nblocks = nblocks_base*nsplit;
+            const int64_t nwaves  = (nblocks + nslots - 1)/nslots;
+            const int64_t eff     = 100*nblocks/(nwaves*nslots);
+            if (eff > eff_best + 2) {
+                eff_best = eff;
+                P.nsplit = nsplit;
             }
         }
-        dst[row*D + d] = ll == 0.0f ? 0.0f : oo/ll;
     }
-}
+    GGML_ASSERT(int64_t(p.ne3)*P.nsplit <= 65535);
 
-template <int D, int GQA>
-void se_launch(ggml_backend_cuda_context & ctx, const se_params & p, dim3 grid, float * dst, int64_t n_rows) {
-    cudaStream_t stream = ctx.stream();
-    se_fattn_partial<D, GQA><<<grid, SE_WARPS*WARP_SIZE, 0, stream>>>(p);
-    CUDA_CHECK(cudaGetLastError());
-    se_fattn_combine<D><<<n_rows, D, 0, stream>>>(p.part, dst, p.n_chunk);
-    CUDA_CHECK(cudaGetLastError());
+    size_t off = 0;
+    if (P.use_range) {
+        P.off_range = off;
+        off += fattn_se_pad_ws(size_t(p.ne_m3)*P.n_rg*sizeof(int2));
+    }
+    if (P.nsplit > 1) {
+        const size_t nrows = size_t(p.ne3)*p.n_q*p.n_head;
+        P.off_ML = off;
+        off += fattn_se_pad_ws(nrows*P.nsplit*sizeof(float2));
+        P.off_O = off;
+        off += fattn_se_pad_ws(nrows*P.nsplit*p.D*sizeof(float));
+    }
+    P.nbytes_ws = off;
+    return P;
 }
 
 template <int D>
-void se_launch_gqa(ggml_backend_cuda_context & ctx, const se_params & p, dim3 grid, float * dst, int64_t n_rows) {
-    switch (p.gqa) {
-        case 1: se_launch<D, 1>(ctx, p, grid, dst, n_rows); break;
-        case 2: se_launch<D, 2>(ctx, p, grid, dst, n_rows); break;
-        case 4: se_launch<D, 4>(ctx, p, grid, dst, n_rows); break;
-        case 8: se_launch<D, 8>(ctx, p, grid, dst, n_rows); break;
-        default: GGML_ABORT("unsupported GQA ratio %d", p.gqa);
+static void fattn_se_launch_combine(const fattn_se_params & p, const fattn_se_plan & P, cudaStream_t stream) {
+    const int64_t nrows = int64_t(p.ne3)*p.n_q*p.n_head;
+    flash_attn_ext_se_combine<D><<<nrows, FATTN_SE_NTHREADS, P.nsplit*sizeof(float), stream>>>(
+        P.part_O, P.part_ML, p.dst, P.nsplit);
+}
+
+// ws: P.nbytes_ws bytes of device memory.
+static void fattn_se_run(const fattn_se_params & p, fattn_se_plan P, char * ws, cudaStream_t stream) {
+    P.range   = P.use_range  ? (int2   *) (ws + P.off_range) : nullptr;
+    P.part_ML = P.nsplit > 1 ? (float2 *) (ws + P.off_ML)    : nullptr;
+    P.part_O  = P.nsplit > 1 ? (float  *) (ws + P.off_O)     : nullptr;
+
+    const dim3 block_dim(WARP_SIZE, FATTN_SE_NWARPS, 1);
+    if (P.use_range) {
+        flash_attn_ext_se_kv_range<<<dim3(P.n_rg, p.ne_m3, 1), block_dim, 0, stream>>>(p, P);
+        CUDA_CHECK(cudaGetLastError());
+    }
+
+    const fattn_se_kernel_t kernel = fattn_se_kernel(p.D, P.decode, p.softcap != 0.0f);
+    kernel<<<dim3(P.n_rg, p.n_head/P.NHB, p.ne3*P.nsplit), block_dim, P.nbytes_shared, stream>>>(p, P);
+    CUDA_CHECK(cudaGetLastError());
+
+    if (P.nsplit > 1) {
+        switch (p.D) {
+            case  64: fattn_se_launch_combine< 64>(p, P, stream); break;
+            case 128: fattn_se_launch_combine<128>(p, P, stream); break;
+            default:  GGML_ABORT("%s: unsupported head size %d", __func__, p.D);
+        }
+        CUDA_CHECK(cudaGetLastError());
     }
 }
 
-} // namespace
+// ------------------------------------------------------------------------------------------------------------------
+// ggml interface
 
-bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) {
-    GGML_UNUSED(device);
-    const ggml_tensor * q = dst->src[0], * k = dst->src[1], * v = dst->src[2], * mask = dst->src[3];
-    const ggml_tensor * qg = dst->src[5], * kg = dst->src[6];
-    const int64_t D = k->ne[0];
-    const int64_t gqa = q->ne[2]/k->ne[2];
-    float max_bias = 0.0f;
-    memcpy(&max_bias, (const float *) dst->op_params + 1, sizeof(float));
-    return (D == 64 || D == 128) && v->ne[0] == D &&
-        q->type == GGML_TYPE_F32 && qg->type == GGML_TYPE_F32 &&
-        k->type == GGML_TYPE_F16 && kg->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16 &&
-        (!mask || mask->type == GGML_TYPE_F16) && dst->src[4] == nullptr && max_bias == 0.0f &&
-        (gqa == 1 || gqa == 2 || gqa == 4 || gqa == 8);
+#ifndef GGML_CUDA_FATTN_SE_SELFTEST
+
+static fattn_se_params fattn_se_params_from_tensor(const ggml_tensor * dst) {
+    const ggml_tensor * q     = dst->src[0];
+    const ggml_tensor * k     = dst->src[1];
+    const ggml_tensor * v     = dst->src[2];
+    const ggml_tensor * mask  = dst->src[3];
+    const ggml_tensor * q_g   = dst->src[5];
+    const ggml_tensor * k_g   = dst->src[6];
+    const ggml_tensor * pos_q = dst->src[7];
+    const ggml_tensor * pos_k = dst->src[8];
+
+    fattn_se_params p = {};
+    p.q   = (const char *) q->data;   p.nb_q1  = q->nb[1];   p.nb_q2  = q->nb[2];   p.nb_q3  = q->nb[3];
+    p.q_g = (const char *) q_g->data; p.nb_qg1 = q_g->nb[1]; p.nb_qg2 = q_g->nb[2]; p.nb_qg3 = q_g->nb[3];
+    p.k   = (const char *) k->data;   p.nb_k1  = k->nb[1];   p.nb_k2  = k->nb[2];   p.nb_k3  = k->nb[3];
+    p.k_g = (const char *) k_g->data; p.nb_kg1 = k_g->nb[1]; p.nb_kg2 = k_g->nb[2]; p.nb_kg3 = k_g->nb[3];
+    p.v   = (const char *) v->data;   p.nb_v1  = v->nb[1];   p.nb_v2  = v->nb[2];   p.nb_v3  = v->nb[3];
+    if (mask) {
+        p.mask  = (const char *) mask->data;
+        p.nb_m1 = mask->nb[1];
+        p.nb_m3 = mask->nb[3];
+        p.ne_m3 = mask->ne[3];
+    } else {
+        p.ne_m3 = 1;
+    }
+    p.pos_q = (const char *) pos_q->data; p.nb_pq1 = pos_q->nb[1];
+    p.pos_k = (const char *) pos_k->data; p.nb_pk1 = pos_k->nb[1];
+    p.dst   = (float *) dst->data;
+
+    p.D         = q->ne[0];
+    p.n_q       = q->ne[1];
+    p.n_head    = q->ne[2];
+    p.ne3       = q->ne[3];
+    p.n_kv      = k->ne[1];
+    p.n_head_kv = k->ne[2];
+
+    memcpy(&p.scale,   (const float *) dst->op_params + 0, sizeof(float));
+    memcpy(&p.softcap, (const float *) dst->op_params + 2, sizeof(float));
+    p.W = ((const int32_t *) dst->op_params)[4];
+    return p;
 }
 
 void ggml_cuda_flash_attn_ext_se(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
-    const ggml_tensor * q = dst->src[0], * k = dst->src[1], * v = dst->src[2], * mask = dst->src[3];
-    const ggml_tensor * qg = dst->src[5], * kg = dst->src[6], * pos_q = dst->src[7], * pos_k = dst->src[8];
+    const fattn_se_params p = fattn_se_params_from_tensor(dst);
+    const fattn_se_plan   P = fattn_se_make_plan(p, ggml_cuda_info().devices[ctx.device].nsm);
 
-    se_params p;
-    p.q = (const char *) q->data;   p.q_g = (const char *) qg->data;
-    p.k = (const char *) k->data;   p.k_g = (const char *) kg->data;
-    p.v = (const char *) v->data;   p.mask = mask ? (const char *) mask->data : nullptr;
-    p.pos_q = (const int32_t *) pos_q->data;
-    p.pos_k = (const int32_t *) pos_k->data;
-    p.n_q = q->ne[1]; p.n_kv = k->ne[1]; p.n_head = q->ne[2]; p.n_head_kv = k->ne[2];
-    p.gqa = p.n_head/p.n_head_kv;
-    p.mask_ne3 = mask ? mask->ne[3] : 1;
-    p.nbq1 = q->nb[1];  p.nbq2 = q->nb[2];  p.nbq3 = q->nb[3];
-    p.nbqg1 = qg->nb[1]; p.nbqg2 = qg->nb[2]; p.nbqg3 = qg->nb[3];
-    p.nbk1 = k->nb[1];  p.nbk2 = k->nb[2];  p.nbk3 = k->nb[3];
-    p.nbkg1 = kg->nb[1]; p.nbkg2 = kg->nb[2]; p.nbkg3 = kg->nb[3];
-    p.nbv1 = v->nb[1];  p.nbv2 = v->nb[2];  p.nbv3 = v->nb[3];
-    p.nbm1 = mask ? mask->nb[1] : 0; p.nbm3 = mask ? mask->nb[3] : 0;
-    p.pos_q_s = pos_q->ne[0];
-    p.pos_k_s = pos_k->ne[0];
-    memcpy(&p.scale,   (const float *) dst->op_params + 0, sizeof(float));
-    memcpy(&p.softcap, (const float *) dst->op_params + 2, sizeof(float));
-    p.W = ggml_get_op_params_i32(dst, 4);
-    if (p.softcap != 0.0f) {
-        p.scale /= p.softcap;
+    ggml_cuda_pool_alloc<char> ws(ctx.pool());
+    if (P.nbytes_ws > 0) {
+        ws.alloc(P.nbytes_ws);
     }
-
-    // enough blocks to fill the GPU several times over, chunks of at least 128 keys
-    const int ne3 = q->ne[3];
-    const int n_sm = ggml_cuda_info().devices[ctx.device].nsm;
-    const int64_t base = (int64_t) p.n_q*p.n_head_kv*ne3;
-    const int64_t want = (4*n_sm + base - 1)/base;
-    p.n_chunk = (int) std::max<int64_t>(1, std::min<int64_t>(want, (p.n_kv + 127)/128));
-    p.chunk   = (p.n_kv + p.n_chunk - 1)/p.n_chunk;
-
-    const int D = k->ne[0];
-    const int64_t n_rows = (int64_t) ne3*p.n_q*p.n_head;
-    ggml_cuda_pool_alloc<float> part(ctx.pool(), n_rows*p.n_chunk*(2 + D));
-    p.part = part.get();
-
-    const dim3 grid(p.n_chunk, p.n_q, p.n_head_kv*ne3);
-    float * out = (float *) dst->data;
-    switch (D) {
-        case 64:  se_launch_gqa<64>(ctx, p, grid, out, n_rows);  break;
-        case 128: se_launch_gqa<128>(ctx, p, grid, out, n_rows); break;
-        default:  GGML_ABORT("unsupported head size %d", D);
-    }
+    fattn_se_run(p, P, ws.get(), ctx.stream());
 }
+
+bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) {
+    const ggml_tensor * q     = dst->src[0];
+    const ggml_tensor * k     = dst->src[1];
+    const ggml_tensor * v     = dst->src[2];
+    const ggml_tensor * mask  = dst->src[3];
+    const ggml_tensor * q_g   = dst->src[5];
+    const ggml_tensor * k_g   = dst->src[6];
+    const ggml_tensor * pos_q = dst->src[7];
+    const ggml_tensor * pos_k = dst->src[8];
+
+    const int cc = ggml_cuda_info().devices[device].cc;
+    if (!ampere_mma_available(cc)) {
+        return false;
+    }
+    if (!q || !k || !v || !q_g || !k_g || !pos_q || !pos_k || dst->src[4]) {
+        return false;
+    }
+
+    float max_bias = 0.0f;
+    memcpy(&max_bias, (const float *) dst->op_params + 1, sizeof(float));
+    if (max_bias != 0.0f) {
+        return false;
+    }
+
+    const int64_t D    = q->ne[0];
+    const int64_t n_q  = q->ne[1];
+    const int64_t ne3  = q->ne[3];
+    const int64_t n_kv = k->ne[1];
+    if (D != 64 && D != 128) {
+        return false;
+    }
+    if (q->type != GGML_TYPE_F32 || q_g->type != GGML_TYPE_F32 || dst->type != GGML_TYPE_F32 ||
+        k->type != GGML_TYPE_F16 || k_g->type != GGML_TYPE_F16 || v->type != GGML_TYPE_F16 ||
+        pos_q->type != GGML_TYPE_I32 || pos_k->type != GGML_TYPE_I32) {
+        return false;
+    }
+    if (!ggml_are_same_shape(q, q_g) || !ggml_are_same_shape(k, k_g) || !ggml_are_same_shape(k, v) ||
+        k->ne[0] != D || k->ne[3] != ne3 || q->ne[2] % k->ne[2] != 0 || n_q < 1 || n_kv < 1) {
+        return false;
+    }
+    if (pos_q->ne[0] != n_q || pos_q->ne[1] != ne3 || pos_k->ne[0] != n_kv || pos_k->ne[1] != ne3 ||
+        pos_q->nb[0] != sizeof(int32_t) || pos_k->nb[0] != sizeof(int32_t)) {
+        return false;
+    }
+    if (q->nb[0] != sizeof(float) || q_g->nb[0] != sizeof(float)) {
+        return false;
+    }
+    // K, K_g, V are copied to shared memory in 16 byte pieces
+    for (const ggml_tensor * t : {k, k_g, v}) {
+        if (t->nb[0] != sizeof(half) || !ggml_cuda_is_aligned(t, 16)) {
+            return false;
+        }
+    }
+    if (mask) {
+        // 16 byte pieces of 8 keys: the rows must be aligned and padded past the last key
+        if (mask->type != GGML_TYPE_F16 || mask->nb[0] != sizeof(half) || mask->ne[0] < GGML_PAD(n_kv, 8) ||
+            mask->ne[1] < n_q || mask->ne[2] != 1 || ne3 % mask->ne[3] != 0 ||
+            (uintptr_t) mask->data % 16 != 0 || mask->nb[1] % 16 != 0 || mask->nb[3] % 16 != 0) {
+            return false;
+        }
+    }
+    if (dst->ne[0] != D || dst->ne[1] != q->ne[2] || dst->ne[2] != n_q || dst->ne[3] != ne3 || !ggml_is_contiguous(dst)) {
+        return false;
+    }
+    if (n_q*q->ne[2]*ne3*D > INT32_MAX || n_kv > INT32_MAX/2) {
+        return false;
+    }
+
+    const size_t nbytes_shared = std::max(fattn_se_nbytes_shared(D, false, fattn_se_ncols(false)),
+                                          fattn_se_nbytes_shared(D, true,  fattn_se_ncols(true)));
+    return nbytes_shared <= ggml_cuda_info().devices[device].smpbo;
+}
+
+#endif // GGML_CUDA_FATTN_SE_SELFTEST

@@ -1,8 +1,10 @@
 #pragma once
 
-// CUDA kernel of GGML_OP_FLASH_ATTN_EXT_SE (patches/ggml/include/ggml-self-extend.h), called from ggml-cuda.cu
+// CUDA kernels of GGML_OP_FLASH_ATTN_EXT_SE (exact Self-Extend attention, see ggml-self-extend.h).
 
 #include "common.cuh"
 
 void ggml_cuda_flash_attn_ext_se(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
+
+// false: the op has to run elsewhere (the kernels need Ampere tensor cores, F16 K/K_g/V, F32 Q/Q_g, D = 64 or 128).
 bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst);
