@@ -21,6 +21,7 @@
 #include "ggml-self-extend.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -184,6 +185,9 @@ static bool se_kcache_alloc(llama_kv_cache * kv) {
         if (!ggml_backend_buffer_is_host(layer.k->buffer)) {
             kc->max_fused_tokens = 16;
         }
+    }
+    if (const char * env = getenv("LLAMA_SE_FUSED_MAX_TOKENS")) { // tests: exercise both paths on one cache
+        kc->max_fused_tokens = (uint32_t) atoi(env);
     }
     LLAMA_LOG_INFO("%s: grouped keys: %.2f MiB\n", __func__, total/1024.0/1024.0);
     llama_se_access::kcache(kv) = std::move(kc);

@@ -29,6 +29,7 @@ namespace {
 constexpr int64_t SE_TILE_ROWS = 64; // rows (query x head) per tile, at most
 constexpr int64_t SE_TILE_KV   = 64; // keys per tile
 constexpr int64_t SE_MIN_CHUNK = 256; // keys per chunk when the keys are split, at least
+constexpr int64_t SE_ROWS_GEMM = 8;   // tiles of more rows multiply packed f32 tiles; fewer (decode) dot each key
 
 // how the op is cut into work items; shared by the kernel and the work-size estimate
 struct se_plan {
@@ -58,11 +59,11 @@ se_plan se_make_plan(const ggml_tensor * dst, int nth) {
     p.q_blk     = std::max<int64_t>(1, SE_TILE_ROWS/p.gqa);
     p.n_qblk    = (p.n_q + p.q_blk - 1)/p.q_blk;
 
-    // enough items for the threads to balance (4 per thread), but chunks of at least SE_MIN_CHUNK keys
+    // enough items for the threads to balance (8 per thread), but chunks of at least SE_MIN_CHUNK keys
     const int64_t n_base = p.ne3*p.n_head_kv*p.n_qblk;
     p.n_chunk = 1;
-    if (nth > 1 && n_base < 4*nth) {
-        p.n_chunk = std::min((4*nth + n_base - 1)/n_base, std::max<int64_t>(1, p.n_kv/SE_MIN_CHUNK));
+    if (nth > 1 && n_base < 8*nth) {
+        p.n_chunk = std::min((8*nth + n_base - 1)/n_base, std::max<int64_t>(1, p.n_kv/SE_MIN_CHUNK));
     }
     p.chunk = (p.n_kv + p.n_chunk - 1)/p.n_chunk;
     return p;
@@ -71,6 +72,7 @@ se_plan se_make_plan(const ggml_tensor * dst, int nth) {
 // per-thread scratch: the tile buffers, then the accumulators of one work item
 struct se_scratch {
     float * Q, * Qg;   // [R, DK]            rows of the tile (query t, head hh) at t*gqa + hh
+    float * Qc, * Qgc; // [R, DK] (at most)  the same rows in the vec_dot type of K / K_g (few-row tiles)
     float * Kt;        // [DK, SE_TILE_KV]   K or K_g tile, transposed
     float * S, * Sg;   // [R, SE_TILE_KV]    q.k and q_g.k_g; S then holds the probabilities
     float * V;         // [SE_TILE_KV, DV]
@@ -86,6 +88,8 @@ struct se_scratch {
         auto take = [&](int64_t n) { float * r = base ? base + off : nullptr; off += (n + 15) & ~int64_t(15); return r; };
         Q   = take(R*p.DK);
         Qg  = take(R*p.DK);
+        Qc  = take(R*p.DK);
+        Qgc = take(R*p.DK);
         Kt  = take(p.DK*SE_TILE_KV);
         S   = take(R*SE_TILE_KV);
         Sg  = take(R*SE_TILE_KV);
@@ -144,6 +148,13 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
     float * sel = w.sel, * row = w.row, * M = w.M, * L = w.L, * O = w.O;
     uint8_t grouped[SE_TILE_ROWS*SE_TILE_KV]; // per (query, key): 1 when the pair uses the grouped operands
 
+    // few rows (decode): dot products on the cached rows as they are, no f32 tile packing
+    const bool by_key = R <= SE_ROWS_GEMM;
+    const auto * tk  = ggml_get_type_traits_cpu(a.k->type);
+    const auto * tkg = ggml_get_type_traits_cpu(a.k_g->type);
+    const size_t qc_row  = ggml_row_size(tk->vec_dot_type,  DK);
+    const size_t qgc_row = ggml_row_size(tkg->vec_dot_type, DK);
+
     for (int64_t t = 0; t < nq; ++t) {
         for (int64_t hh = 0; hh < gqa; ++hh) {
             const int64_t h = hk*gqa + hh;
@@ -157,6 +168,12 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
         L[r] = 0.0f;
     }
     memset(O, 0, R*DV*sizeof(float));
+    if (by_key) {
+        for (int64_t r = 0; r < R; ++r) {
+            ggml_get_type_traits_cpu(tk->vec_dot_type)->from_float(Q + r*DK, (char *) w.Qc + r*qc_row, DK);
+            ggml_get_type_traits_cpu(tkg->vec_dot_type)->from_float(Qg + r*DK, (char *) w.Qgc + r*qgc_row, DK);
+        }
+    }
 
     const int32_t * pq = (const int32_t *) ((const char *) a.pos_q->data + s*a.pos_q->nb[1]) + i0;
     const int32_t * pk = (const int32_t *) ((const char *) a.pos_k->data + s*a.pos_k->nb[1]);
@@ -188,12 +205,31 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
         }
 
         // 2. the products the tile needs
-        if (need_n) {
+        if (by_key) {
+            for (int64_t j = 0; j < nk; ++j) {
+                for (int64_t t = 0; t < nq; ++t) {
+                    if (sel[t*SE_TILE_KV + j] == -INFINITY) {
+                        continue;
+                    }
+                    const bool g = grouped[t*SE_TILE_KV + j];
+                    const ggml_tensor * kt = g ? a.k_g : a.k;
+                    const char * kr = (const char *) kt->data + (ic + j)*kt->nb[1] + hk*kt->nb[2] + s*kt->nb[3];
+                    for (int64_t hh = 0; hh < gqa; ++hh) {
+                        const int64_t r = t*gqa + hh;
+                        if (g) {
+                            tkg->vec_dot(DK, Sg + r*SE_TILE_KV + j, 0, kr, 0, (const char *) w.Qgc + r*qgc_row, 0, 1);
+                        } else {
+                            tk->vec_dot(DK, S + r*SE_TILE_KV + j, 0, kr, 0, (const char *) w.Qc + r*qc_row, 0, 1);
+                        }
+                    }
+                }
+            }
+        } else if (need_n) {
             se_pack_k(a.k, ic, nk, hk, s, Kt, row);
             memset(S, 0, R*SE_TILE_KV*sizeof(float));
             simd_gemm(S, Q, Kt, R, DK, SE_TILE_KV);
         }
-        if (need_g) {
+        if (need_g && !by_key) {
             se_pack_k(a.k_g, ic, nk, hk, s, Kt, row);
             memset(Sg, 0, R*SE_TILE_KV*sizeof(float));
             simd_gemm(Sg, Qg, Kt, R, DK, SE_TILE_KV);
@@ -234,6 +270,22 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
         }
 
         // 4. O += P V
+        if (by_key) {
+            for (int64_t j = 0; j < nk; ++j) {
+                bool any = false;
+                for (int64_t r = 0; r < R; ++r) {
+                    any |= S[r*SE_TILE_KV + j] != 0.0f;
+                }
+                if (!any) {
+                    continue;
+                }
+                se_row_to_f32(a.v, (const char *) a.v->data + (ic + j)*a.v->nb[1] + hk*a.v->nb[2] + s*a.v->nb[3], row, DV);
+                for (int64_t r = 0; r < R; ++r) {
+                    ggml_vec_mad_f32(DV, O + r*DV, row, S[r*SE_TILE_KV + j]);
+                }
+            }
+            continue;
+        }
         for (int64_t j = 0; j < nk; ++j) {
             se_row_to_f32(a.v, (const char *) a.v->data + (ic + j)*a.v->nb[1] + hk*a.v->nb[2] + s*a.v->nb[3], V + j*DV, DV);
         }

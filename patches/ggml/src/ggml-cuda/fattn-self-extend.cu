@@ -1,19 +1,20 @@
 // Self-Extend flash attention, GGML_OP_FLASH_ATTN_EXT_SE (see ggml-self-extend.h), for NVIDIA GPUs with Ampere or newer
-// tensor cores (mma.sync + cp.async through mma.cuh / cp-async.cuh).
+// tensor cores (mma.sync and cp.async through mma.cuh / cp-async.cuh).
 //
 // Work decomposition
 //   A CUDA block owns NC "columns", a column being one (query, head) pair: RPB consecutive queries times NHB query heads
 //   of a single KV head (GQA), column c = (query c/NHB, head c%NHB), so every K/V row the block loads serves NHB heads.
 //   It walks a range of KV tiles of T keys. Per tile:
 //     1. the tile is classified from the actual positions and the mask, never from indices (KV cells may hold several
-//        sequences, holes, arbitrary position orders):
+//        sequences, holes, positions in any order):
 //          skip       no (query, key) pair of the tile is visible: nothing is loaded,
-//          neighbour  every pair with a visible key has pos_q - pos_k <  W: S = Q   K^T, only K is loaded,
-//          grouped    every pair with a visible key has pos_q - pos_k >= W: S = Q_g K_g^T, only K_g is loaded,
-//          mixed      the tile straddles pos_q - pos_k = W: both products, selected per element from the positions;
+//          neighbour  every visible key has pos_q - pos_k <  W for every query: S = Q   K^T, only K is loaded,
+//          grouped    every visible key has pos_q - pos_k >= W for every query: S = Q_g K_g^T, only K_g is loaded,
+//          mixed      the tile straddles pos_q - pos_k = W: both products, the positions select one per element;
 //     2. S (f16 x f16 -> f32 mma) gets the softcap and the mask, then one online softmax per column;
 //     3. O += P V with P rounded to f16 and O accumulated in f32.
 //   Everything runs in base 2: log2(e) is folded into the Q scale (or the softcap factor) and into the mask.
+//   Q_g stays in registers (at long context most tiles are grouped), Q is read from shared memory when needed.
 //
 //   Two configurations of one kernel:
 //     prefill (NWC = 4): 64 columns, each warp owns 16 of them and all keys of a tile (T = 64);
@@ -28,13 +29,13 @@
 //     B: sync; every thread merges the quarters -> class(t+1);
 //        issue K part(t+1), V(t+1) (other V buffer), pos/mask(t+2) (slot of tile t); PV-phase of tile t.
 //
-// mma tile layouts used here (ggml_cuda_mma::tile, Ampere):
-//   tile<16, 8, half2>  A/B operands, 16 rows x 16 halves; loaded with ldmatrix from row-major shared memory.
-//   tile<16, 16, float> mma(C, A, B) gives C[i][j] += sum_k A[i][k] B[j][k]; element l of a thread is at
-//                       row get_i(l) = 8*((l/2)%2) + lane/4 and column get_j(l) = 8*(l/4) + 2*(lane%4) + l%2.
+// mma tiles (ggml_cuda_mma::tile on Ampere):
+//   tile<16, 8, half2>  A/B operand, 16 rows x 16 halves, loaded with ldmatrix from row-major shared memory.
+//   tile<16, 16, float> mma(C, A, B): C[i][j] += sum_k A[i][k] B[j][k]; element l of a thread is at
+//                       row get_i(l) = 8*((l/2)%2) + lane/4, column get_j(l) = 8*(l/4) + 2*(lane%4) + l%2.
 //   S = Q K^T:  A = Q (columns x dims), B = K rows (keys x dims)      -> C = columns x keys
 //   O += P V:   A = P (columns x keys), B = V^T via ldmatrix.trans   -> C = columns x dims
-//   So a thread holds the columns 16*wc + lane/4 and + 8 ("rows" j = 0, 1 below) of every C tile.
+//   So a thread holds the columns 16*wc + lane/4 + 8*j, j = 0, 1, of every C tile of its warp.
 
 #include "fattn-self-extend.cuh"
 #include "cp-async.cuh"
@@ -47,7 +48,7 @@ using namespace ggml_cuda_mma;
 #define FATTN_SE_NWARPS   4
 #define FATTN_SE_NTHREADS (FATTN_SE_NWARPS*WARP_SIZE)
 #define FATTN_SE_LOG2E    1.4426950408889634f
-// running maximum of a column before its first visible key: finite, so exp2f(max_old - max_new) is never NaN
+// running maximum of a column before its first visible key: finite, so 2^(max_old - max_new) is never NaN
 #define FATTN_SE_MAX_INIT (-FLT_MAX/2.0f)
 
 enum fattn_se_class {
@@ -65,7 +66,7 @@ struct fattn_se_params {
     const char * k;     int64_t nb_k1,  nb_k2,  nb_k3;  // F16 [D, n_kv, n_head_kv, ne3], rows contiguous
     const char * k_g;   int64_t nb_kg1, nb_kg2, nb_kg3; // F16 [D, n_kv, n_head_kv, ne3]
     const char * v;     int64_t nb_v1,  nb_v2,  nb_v3;  // F16 [D, n_kv, n_head_kv, ne3]
-    const char * mask;  int64_t nb_m1,  nb_m3;          // F16 [>= n_kv (padded to 8), >= n_q, 1, ne_m3] or nullptr
+    const char * mask;  int64_t nb_m1,  nb_m3;          // F16 [>= n_kv padded to 8, >= n_q, 1, ne_m3] or nullptr
     int          ne_m3;                                 // 1 (broadcast over the streams) or ne3
     const char * pos_q; int64_t nb_pq1;                 // I32 [n_q,  ne3]
     const char * pos_k; int64_t nb_pk1;                 // I32 [n_kv, ne3]
@@ -76,7 +77,7 @@ struct fattn_se_params {
     float scale, softcap;
 };
 
-// How the op is cut into blocks; made on the host by fattn_se_make_plan.
+// How the op is cut into blocks, made on the host by fattn_se_make_plan.
 struct fattn_se_plan {
     bool   decode;        // NWC = 1 configuration
     int    NHB;           // query heads per block, all of one KV head
@@ -85,7 +86,7 @@ struct fattn_se_plan {
     int    ntiles;        // KV tiles of the cache
     int    nsplit;        // KV ranges per block of columns, merged by flash_attn_ext_se_combine if > 1
     bool   use_range;     // skip the leading/trailing tiles without a visible key (flash_attn_ext_se_kv_range)
-    float  q_scale;       // Q is multiplied by this: scale*log2(e), or scale/softcap with a softcap
+    float  q_scale;       // Q, Q_g are multiplied by this: scale*log2(e), or scale/softcap with a softcap
     float  logit_mul;     // softcap*log2(e)
     size_t nbytes_shared;
     size_t off_range, off_ML, off_O, nbytes_ws; // workspace layout
@@ -101,86 +102,86 @@ static constexpr __host__ __device__ int fattn_se_ncols(const bool decode) {
 }
 
 // Keys per tile. Decode is memory bound: 128 keys keep 32 KiB of K/V in flight per block for D = 64; larger heads use 64
-// so that the block fits the 99 KiB of shared memory of consumer GPUs.
+// so that a block fits the 99 KiB of shared memory of consumer GPUs.
 static constexpr __host__ __device__ int fattn_se_T(const int D, const bool decode) {
     return decode && D <= 64 ? 128 : 64;
 }
 
+// Blocks per SM to fit, i.e. the register cap: prefill with D = 64 fits 3 blocks (168 registers per thread); the other
+// configurations need more than 200 registers for Q_g and the f32 O accumulators, and their shared memory allows 2 anyway.
 static constexpr __host__ __device__ int fattn_se_min_blocks(const int D, const int NWC) {
     return NWC == 4 && D <= 64 ? 3 : 2;
+}
+
+static int fattn_se_largest_divisor(const int n, const int max) {
+    for (int d = std::min(n, max); d > 1; --d) {
+        if (n % d == 0) {
+            return d;
+        }
+    }
+    return 1;
+}
+
+// Configuration and block shape: decode when all queries fit one block of 16 columns together with all the heads of a
+// KV head (up to 16), otherwise 64 columns of up to 8 heads.
+static void fattn_se_block_shape(const int n_q, const int gqa, bool & decode, int & NHB, int & RPB) {
+    const int NHB_decode = fattn_se_largest_divisor(gqa, fattn_se_ncols(true));
+    decode = n_q <= fattn_se_ncols(true)/NHB_decode;
+    NHB    = decode ? NHB_decode : fattn_se_largest_divisor(gqa, 8);
+    RPB    = fattn_se_ncols(decode)/NHB;
 }
 
 // Must match the carving of shared memory in flash_attn_ext_se_f16.
 static size_t fattn_se_nbytes_shared(const int D, const bool decode, const int RPB) {
     const int T = fattn_se_T(D, decode);
-    size_t n = 4*T*(D + 8)*sizeof(half)        // K, K_g, 2x V tiles, rows padded by 16 bytes
-             + 2*RPB*(T + 8)*sizeof(half)      // mask, 2 slots
-             + 2*T*sizeof(int)                 // pos_k, 2 slots
-             + FATTN_SE_NWARPS*sizeof(int4);   // per warp parts of the class of the next tile
-    if (decode) {
-        n += 2*fattn_se_ncols(decode)*(D + 8)*sizeof(half); // Q, Q_g staging (prefill stages them in the K, K_g tiles)
-    }
-    return n;
+    return 4*T*(D + 8)*sizeof(half)                     // K, K_g, 2x V tiles, rows padded by 16 bytes
+         + 2*RPB*(T + 8)*sizeof(half)                   // mask, 2 slots
+         + 2*T*sizeof(int)                              // pos_k, 2 slots
+         + FATTN_SE_NWARPS*sizeof(int4)                 // per warp parts of the class of the next tile
+         + fattn_se_ncols(decode)*(D + 8)*sizeof(half); // Q
 }
 
 // ------------------------------------------------------------------------------------------------------------------
 // device helpers
 
-static __device__ __forceinline__ int fattn_se_warp_min(const int x) {
-#if defined(AMPERE_MMA_AVAILABLE)
-    return __reduce_min_sync(0xFFFFFFFF, x);
-#else
-    GGML_UNUSED(x);
-    NO_DEVICE_CODE;
-    return 0;
-#endif // defined(AMPERE_MMA_AVAILABLE)
-}
-
-static __device__ __forceinline__ int fattn_se_warp_max(const int x) {
-#if defined(AMPERE_MMA_AVAILABLE)
-    return __reduce_max_sync(0xFFFFFFFF, x);
-#else
-    GGML_UNUSED(x);
-    NO_DEVICE_CODE;
-    return 0;
-#endif // defined(AMPERE_MMA_AVAILABLE)
-}
-
-// 4 byte cp.async: the positions have no alignment beyond their element size.
-static __device__ __forceinline__ void fattn_se_cp_async_4(const unsigned int dst, const void * src) {
-#ifdef CP_ASYNC_AVAILABLE
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" : : "r"(dst), "l"(src));
-#else
-    GGML_UNUSED_VARS(dst, src);
-    NO_DEVICE_CODE;
-#endif // CP_ASYNC_AVAILABLE
-}
-
-// One K/V tile, T rows of D halves, into shared memory rows of D + 8 halves (the padding makes ldmatrix conflict-free).
-// Rows past the end of the cache repeat its last row: their keys are masked, but V must stay finite since P = 0 multiplies it.
+// One K/V tile, rows k0 .. k0 + T - 1 of D halves, into shared memory rows of D + 8 halves (the padding makes ldmatrix
+// conflict-free). Rows past the end of the cache repeat its last row: their keys are masked, but V must stay finite since
+// P = 0 multiplies it. Thread tid always copies the same 16 byte column of every (128/(D/8))-th row.
 template <int D, int T>
 static __device__ __forceinline__ void fattn_se_load_kv(
         half * __restrict__ tile, const char * __restrict__ src, const int64_t nb1, const int k0, const int n_kv, const int tid) {
-    constexpr int chunks_row = D/8; // 16 byte chunks per row
-    static_assert((T*chunks_row) % FATTN_SE_NTHREADS == 0, "bad K/V tile size");
-    const unsigned int tile_s = ggml_cuda_cvta_generic_to_shared(tile);
+    constexpr int chunks_row = D/8;
+    constexpr int rows_pass  = FATTN_SE_NTHREADS/chunks_row;
+    static_assert(FATTN_SE_NTHREADS % chunks_row == 0 && T % rows_pass == 0, "bad K/V tile size");
+
+    const int j0 = tid / chunks_row;
+    const int jc = tid % chunks_row;
+    const unsigned int dst = ggml_cuda_cvta_generic_to_shared(tile + j0*(D + 8) + 8*jc);
+    const char * src_c = src + 16*jc;
+    if (k0 + T <= n_kv) {
+        src_c += int64_t(k0 + j0)*nb1;
 #pragma unroll
-    for (int c0 = 0; c0 < T*chunks_row; c0 += FATTN_SE_NTHREADS) {
-        const int c  = c0 + tid;
-        const int j  = c / chunks_row;
-        const int jc = c % chunks_row;
-        const int64_t k = min(k0 + j, n_kv - 1);
-        cp_async_cg_16<64>(tile_s + (j*(D + 8) + 8*jc)*sizeof(half), src + k*nb1 + 16*jc);
+        for (int i = 0; i < T/rows_pass; ++i) {
+            cp_async_cg_16<64>(dst + i*rows_pass*(D + 8)*sizeof(half), src_c + i*rows_pass*nb1);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < T/rows_pass; ++i) {
+            const int64_t k = min(k0 + j0 + i*rows_pass, n_kv - 1);
+            cp_async_cg_16<64>(dst + i*rows_pass*(D + 8)*sizeof(half), src_c + k*nb1);
+        }
     }
 }
 
-// pos_k of the keys [k0, k0 + T) and the mask of the block's rows for them (keys past n_kv are left out).
+// pos_k of the keys k0 .. k0 + T - 1 and the mask of the block's rows for them (keys past n_kv are left out).
 template <int T>
 static __device__ __forceinline__ void fattn_se_load_pos_mask(
         int * __restrict__ pos_tile, const char * __restrict__ pos_k, half * __restrict__ mask_tile,
         const char * __restrict__ mask_rows, const int64_t nb_m1, const int rows, const int k0, const int n_kv, const int tid) {
     if (tid < T && k0 + tid < n_kv) {
-        fattn_se_cp_async_4(ggml_cuda_cvta_generic_to_shared(pos_tile + tid), pos_k + int64_t(k0 + tid)*sizeof(int));
+        // 4 byte cp.async: the positions have no alignment beyond their element size
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;"
+            : : "r"(ggml_cuda_cvta_generic_to_shared(pos_tile + tid)), "l"(pos_k + int64_t(k0 + tid)*sizeof(int)));
     }
     if (mask_rows) {
         constexpr int chunks_row = T/8;
@@ -196,7 +197,7 @@ static __device__ __forceinline__ void fattn_se_load_pos_mask(
     }
 }
 
-// Warp w's quarter of the class of a tile: keys [w*T/4, (w + 1)*T/4), all rows of the block. Leaves
+// Warp w's quarter of the class of a tile: keys w*T/4 .. (w + 1)*T/4 - 1, all rows of the block. Leaves
 // {any visible pair, any non-zero mask value, min and max pos_k over the keys visible to at least one row}.
 // A key is visible to a row if its mask value is not -inf; nvalid: keys of the tile that exist (0: a tile past the range).
 template <int T>
@@ -211,8 +212,8 @@ static __device__ __forceinline__ void fattn_se_class_part(
     const int lane = threadIdx.x;
     const int kw   = threadIdx.y*KPW;
     const int jc   = lane % CPW;
-    const int k    = kw + 8*jc;                        // first key of the lane's chunk
-    const int nk   = min(max(nvalid - k, 0), 8);       // keys of the chunk that exist
+    const int k    = kw + 8*jc;                  // first key of the lane's chunk
+    const int nk   = min(max(nvalid - k, 0), 8); // keys of the chunk that exist
     const uint32_t kmask = (1u << nk) - 1;
 
     uint32_t vis = 0; // bit i: key k + i is visible to some row
@@ -226,7 +227,7 @@ static __device__ __forceinline__ void fattn_se_class_part(
                 for (int i = 0; i < 4; ++i) {
                     const uint32_t lo = m2[i] & 0xFFFF;
                     const uint32_t hi = m2[i] >> 16;
-                    vis |= uint32_t(lo != 0xFC00) << (2*i) | uint32_t(hi != 0xFC00) << (2*i + 1); // 0xFC00 = f16 -inf
+                    vis |= uint32_t(lo != 0xFC00) << (2*i) | uint32_t(hi != 0xFC00) << (2*i + 1); // 0xFC00: f16 -inf
                     nz  |= uint32_t((lo & 0x7FFF) != 0) << (2*i) | uint32_t((hi & 0x7FFF) != 0) << (2*i + 1);
                 }
             }
@@ -243,7 +244,7 @@ static __device__ __forceinline__ void fattn_se_class_part(
         vis = kmask;
     }
 
-    // lane j < KPW looks at key kw + j, whose visibility is bit j%8 of chunk j/8 (held by lane j/8, among others)
+    // lane j < KPW looks at key kw + j, whose visibility is bit j%8 of chunk j/8, known to lane j/8 (among others)
     const uint32_t vis_chunk = __shfl_sync(0xFFFFFFFF, vis, (lane/8) % CPW, WARP_SIZE);
     int pk_min = INT_MAX;
     int pk_max = INT_MIN;
@@ -251,8 +252,8 @@ static __device__ __forceinline__ void fattn_se_class_part(
         pk_min = pos_tile[kw + lane];
         pk_max = pk_min;
     }
-    pk_min = fattn_se_warp_min(pk_min);
-    pk_max = fattn_se_warp_max(pk_max);
+    pk_min = __reduce_min_sync(0xFFFFFFFF, pk_min);
+    pk_max = __reduce_max_sync(0xFFFFFFFF, pk_max);
     const int any_vis = __any_sync(0xFFFFFFFF, vis != 0);
     const int any_nz  = __any_sync(0xFFFFFFFF, nz  != 0);
     if (lane == 0) {
@@ -260,43 +261,29 @@ static __device__ __forceinline__ void fattn_se_class_part(
     }
 }
 
-// Class of a tile from the 4 quarters; nz: the mask of the tile has non-zero values (else adding it can be skipped).
-static __device__ __forceinline__ int fattn_se_class_merge(
-        const int4 * __restrict__ parts, const int pq_min, const int pq_max, const int W, bool & nz) {
-    int vis = 0, nzi = 0, pk_min = INT_MAX, pk_max = INT_MIN;
-#pragma unroll
-    for (int w = 0; w < FATTN_SE_NWARPS; ++w) {
-        const int4 part = parts[w];
-        vis   |= part.x;
-        nzi   |= part.y;
-        pk_min = min(pk_min, part.z);
-        pk_max = max(pk_max, part.w);
-    }
-    nz = nzi != 0;
-    if (!vis) {
-        return FATTN_SE_SKIP;
-    }
-    if (pq_max - pk_min < W) {
-        return FATTN_SE_NEIGHBOUR;
-    }
-    if (pq_min - pk_max >= W) {
-        return FATTN_SE_GROUPED;
-    }
-    return FATTN_SE_MIXED;
-}
-
-// S[kk] = Q K^T for the 16 columns of a warp and the keys [16*kk, 16*kk + 16), kk < NK, of the K rows at K (smem, stride in half2).
+// S[kk] = Q K^T for the 16 columns of a warp and the keys 16*kk .. 16*kk + 15, kk < NK, of the K rows at K (shared memory,
+// stride in half2). Q comes from registers (Q_reg) or, if Q_reg is null, from the shared memory rows Q_sm.
 template <int D, int NK>
 static __device__ __forceinline__ void fattn_se_kq(
-        tile<16, 16, float> * S, const tile<16, 8, half2> * Q, const half2 * __restrict__ K, const int stride) {
+        tile<16, 16, float> * S, const tile<16, 8, half2> * Q_reg, const half2 * __restrict__ Q_sm,
+        const half2 * __restrict__ K, const int stride) {
 #pragma unroll
     for (int kk = 0; kk < NK; ++kk) {
         S[kk] = tile<16, 16, float>{};
+    }
 #pragma unroll
-        for (int d16 = 0; d16 < D/16; ++d16) {
+    for (int d16 = 0; d16 < D/16; ++d16) {
+        tile<16, 8, half2> Q_A;
+        if (Q_reg) {
+            Q_A = Q_reg[d16];
+        } else {
+            load_ldmatrix(Q_A, Q_sm + 8*d16, stride);
+        }
+#pragma unroll
+        for (int kk = 0; kk < NK; ++kk) {
             tile<16, 8, half2> K_B;
             load_ldmatrix(K_B, K + 16*kk*stride + 8*d16, stride);
-            mma(S[kk], Q[d16], K_B);
+            mma(S[kk], Q_A, K_B);
         }
     }
 }
@@ -309,17 +296,23 @@ template <int D, int NWC, int T, bool use_softcap>
 __launch_bounds__(FATTN_SE_NTHREADS, fattn_se_min_blocks(D, NWC))
 static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fattn_se_plan P) {
 #if defined(AMPERE_MMA_AVAILABLE)
-    constexpr int  NWK = FATTN_SE_NWARPS/NWC; // warps along the keys of a tile
-    constexpr int  NC  = 16*NWC;              // columns per block
-    constexpr int  KW  = T/NWK;               // keys per warp and tile
-    constexpr int  SKV = D + 8;               // row stride of the K/V/Q tiles in halves
-    constexpr int  SM  = T + 8;               // row stride of the mask tiles in halves
-    constexpr int  SO  = D + 4;               // row stride of the f32 O staging of the epilogue
-    constexpr bool Q_own_smem = NWC == 1;     // decode: Q has its own staging, so tile 0 can be loaded before Q
-    static_assert(D % 16 == 0 && KW % 16 == 0, "bad tile sizes");
-    static_assert(NC == fattn_se_ncols(NWC == 1) && T == fattn_se_T(D, NWC == 1), "kernel and host configuration differ");
-    static_assert(Q_own_smem || NC == T, "Q, Q_g are staged in the K, K_g tiles");
+    constexpr int  NWK    = FATTN_SE_NWARPS/NWC; // warps along the keys of a tile
+    constexpr int  NC     = 16*NWC;              // columns per block
+    constexpr int  KW     = T/NWK;               // keys per warp and tile
+    constexpr int  SKV    = D + 8;               // row stride of the K/V/Q tiles in halves
+    constexpr int  SM     = T + 8;               // row stride of the mask tiles in halves
+    constexpr int  SO     = D + 4;               // row stride of the f32 O staging of the epilogue
+    constexpr bool decode = NWC == 1;
+    static_assert(D % 16 == 0 && KW % 16 == 0 && NC <= T, "bad tile sizes");
+    static_assert(NC == fattn_se_ncols(decode) && T == fattn_se_T(D, decode), "kernel and host configuration differ");
     static_assert(NWK*NC*(SO*sizeof(float) + sizeof(float2)) <= 4*T*SKV*sizeof(half), "epilogue does not fit");
+
+    // 2^x as one MUFU.EX2 with or without -use_fast_math: the softmax needs neither IEEE rounding nor subnormal results
+    auto exp2_approx = [](const float x) {
+        float y;
+        asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+        return y;
+    };
 
     const int lane = threadIdx.x;
     const int w    = threadIdx.y;
@@ -342,7 +335,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     const int  * pos_q     = (const int *) (p.pos_q + s*p.nb_pq1) + i0;
     const char * pos_k     = p.pos_k + s*p.nb_pk1;
 
-    // tiles [kt0, kt0 + ntb) of the cache
+    // the block walks the tiles kt0 .. kt0 + ntb - 1 of the cache
     int kt_lo = 0;
     int kt_hi = P.ntiles;
     if (P.range) {
@@ -356,12 +349,12 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     extern __shared__ half2 fattn_se_smem[];
     half * sK  = (half *) fattn_se_smem;
     half * sKg = sK  + T*SKV;
-    half * sV  = sKg + T*SKV;               // V of tile t at sV + (t % 2)*T*SKV
+    half * sV  = sKg + T*SKV;               // V of tile t at sV + (t % 2)*T*SKV; Q_g is staged in the second one
     half * sM  = sV  + 2*T*SKV;             // mask of tile t at sM + (t % 2)*P.RPB*SM
     int  * sP  = (int *) (sM + 2*P.RPB*SM); // pos_k of tile t at sP + (t % 2)*T
     int4 * sC  = (int4 *) (sP + 2*T);       // quarters of the class of the next tile
-    half * sQ  = Q_own_smem ? (half *) (sC + FATTN_SE_NWARPS) : sK;
-    half * sQg = sQ + NC*SKV;
+    half * sQ  = (half *) (sC + FATTN_SE_NWARPS);
+    half * sQg = sV + T*SKV;
 
     auto nvalid_of = [&](const int t) {
         return t < ntb ? min(T, p.n_kv - (kt0 + t)*T) : 0;
@@ -385,8 +378,9 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         if (ntb > 1) {
             load_pos_mask(1, 1);
         }
-        if constexpr (Q_own_smem) {
-            load_kv(0, FATTN_SE_MIXED); // the class is not known yet: both K operands, so that the load overlaps Q's
+        if constexpr (decode) {
+            // Short blocks: rather than wait for the class, load both K operands of the first tile along with Q.
+            load_kv(0, FATTN_SE_MIXED);
         }
     }
 
@@ -418,25 +412,49 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         pq_min = min(pq_min, pos_q[r]);
         pq_max = max(pq_max, pos_q[r]);
     }
-    pq_min = fattn_se_warp_min(pq_min);
-    pq_max = fattn_se_warp_max(pq_max);
+    pq_min = __reduce_min_sync(0xFFFFFFFF, pq_min);
+    pq_max = __reduce_max_sync(0xFFFFFFFF, pq_max);
+
+    // class of a tile from the 4 quarters of fattn_se_class_part; nz: its mask has non-zero values (else it is not added)
+    auto class_merge = [&](bool & nz_out) {
+        int vis = 0, nzi = 0, pk_min = INT_MAX, pk_max = INT_MIN;
+#pragma unroll
+        for (int ww = 0; ww < FATTN_SE_NWARPS; ++ww) {
+            const int4 part = sC[ww];
+            vis   |= part.x;
+            nzi   |= part.y;
+            pk_min = min(pk_min, part.z);
+            pk_max = max(pk_max, part.w);
+        }
+        nz_out = nzi != 0;
+        if (!vis) {
+            return int(FATTN_SE_SKIP);
+        }
+        if (pq_max - pk_min < p.W) {
+            return int(FATTN_SE_NEIGHBOUR);
+        }
+        if (pq_min - pk_max >= p.W) {
+            return int(FATTN_SE_GROUPED);
+        }
+        return int(FATTN_SE_MIXED);
+    };
 
     cp_async_wait_all();
     __syncthreads();
 
-    tile<16, 8, half2> Q_A[D/16];
     tile<16, 8, half2> Qg_A[D/16];
 #pragma unroll
     for (int d16 = 0; d16 < D/16; ++d16) {
-        load_ldmatrix(Q_A[d16],  (const half2 *) (sQ  + 16*wc*SKV) + 8*d16, SKV/2);
         load_ldmatrix(Qg_A[d16], (const half2 *) (sQg + 16*wc*SKV) + 8*d16, SKV/2);
     }
+    const half2 * Q_sm = (const half2 *) (sQ + 16*wc*SKV);
+
     fattn_se_class_part<T>(sC + w, sP, mask_rows ? sM : nullptr, rows, nvalid_of(0));
-    __syncthreads(); // Q staging consumed (prefill reuses it for K, K_g), class parts of tile 0 visible
+    __syncthreads(); // Q_g staging consumed, class parts of tile 0 visible
 
     bool nz;
-    int  cls = fattn_se_class_merge(sC, pq_min, pq_max, p.W, nz);
-    if constexpr (!Q_own_smem) {
+    int  cls = class_merge(nz);
+    if constexpr (!decode) {
         if (cls != FATTN_SE_SKIP) {
             load_kv(0, cls);
         }
@@ -444,7 +462,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 
     tile<16, 16, float> O[D/16];
     float KQ_max[2] = {FATTN_SE_MAX_INIT, FATTN_SE_MAX_INIT};
-    float KQ_sum[2] = {0.0f, 0.0f}; // partial sums of the thread's keys, reduced over the 4 lanes of a column at the end
+    float KQ_sum[2] = {0.0f, 0.0f}; // sums of the thread's keys, reduced over the 4 lanes of a column at the end
 
     for (int t = 0; t < ntb; ++t) {
         const int slot   = t % 2;
@@ -460,22 +478,22 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
             tile<16, 16, float> S[KW/16];
             const half2 * K2  = (const half2 *) (sK  + KW*wk*SKV);
             const half2 * Kg2 = (const half2 *) (sKg + KW*wk*SKV);
-            if (cls == FATTN_SE_NEIGHBOUR) {
-                fattn_se_kq<D, KW/16>(S, Q_A, K2, SKV/2);
-            } else if (cls == FATTN_SE_GROUPED) {
-                fattn_se_kq<D, KW/16>(S, Qg_A, Kg2, SKV/2);
+            if (cls == FATTN_SE_GROUPED) {
+                fattn_se_kq<D, KW/16>(S, Qg_A, nullptr, Kg2, SKV/2);
             } else {
-                // the tile straddles pos_q - pos_k = W: both products, the positions pick one per (column, key)
-                fattn_se_kq<D, KW/16>(S, Q_A, K2, SKV/2);
-                const int * pk = sP + slot*T + KW*wk;
+                fattn_se_kq<D, KW/16>(S, nullptr, Q_sm, K2, SKV/2);
+                if (cls == FATTN_SE_MIXED) {
+                    // the tile straddles pos_q - pos_k = W: both products, the positions pick one per (column, key)
+                    const int * pk = sP + slot*T + KW*wk;
 #pragma unroll
-                for (int kk = 0; kk < KW/16; ++kk) {
-                    tile<16, 16, float> Sg;
-                    fattn_se_kq<D, 1>(&Sg, Qg_A, Kg2 + 16*kk*(SKV/2), SKV/2);
+                    for (int kk = 0; kk < KW/16; ++kk) {
+                        tile<16, 16, float> Sg;
+                        fattn_se_kq<D, 1>(&Sg, Qg_A, nullptr, Kg2 + 16*kk*(SKV/2), SKV/2);
 #pragma unroll
-                    for (int l = 0; l < Sg.ne; ++l) {
-                        if (pq[(l/2) % 2] - pk[16*kk + Sg.get_j(l)] >= p.W) {
-                            S[kk].x[l] = Sg.x[l];
+                        for (int l = 0; l < Sg.ne; ++l) {
+                            if (pq[(l/2) % 2] - pk[16*kk + Sg.get_j(l)] >= p.W) {
+                                S[kk].x[l] = Sg.x[l];
+                            }
                         }
                     }
                 }
@@ -514,7 +532,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                 }
             }
 
-            // online softmax; the 4 lanes lane/4 = const hold the keys of the same columns
+            // online softmax; lanes with the same lane/4 hold keys of the same columns
             float KQ_max_new[2] = {-INFINITY, -INFINITY};
 #pragma unroll
             for (int kk = 0; kk < KW/16; ++kk) {
@@ -529,7 +547,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                 KQ_max_new[j] = fmaxf(KQ_max_new[j], __shfl_xor_sync(0xFFFFFFFF, KQ_max_new[j], 1, WARP_SIZE));
                 KQ_max_new[j] = fmaxf(KQ_max_new[j], __shfl_xor_sync(0xFFFFFFFF, KQ_max_new[j], 2, WARP_SIZE));
                 KQ_max_new[j] = fmaxf(KQ_max_new[j], KQ_max[j]);
-                KQ_scale[j]   = exp2f(KQ_max[j] - KQ_max_new[j]);
+                KQ_scale[j]   = exp2_approx(KQ_max[j] - KQ_max_new[j]);
                 KQ_max[j]     = KQ_max_new[j];
             }
             float KQ_sum_add[2] = {0.0f, 0.0f};
@@ -537,7 +555,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
             for (int kk = 0; kk < KW/16; ++kk) {
 #pragma unroll
                 for (int l = 0; l < S[kk].ne; ++l) {
-                    S[kk].x[l] = exp2f(S[kk].x[l] - KQ_max[(l/2) % 2]);
+                    S[kk].x[l] = exp2_approx(S[kk].x[l] - KQ_max[(l/2) % 2]);
                     KQ_sum_add[(l/2) % 2] += S[kk].x[l];
                 }
                 P_A[kk] = get_half2(S[kk]);
@@ -546,7 +564,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
             for (int j = 0; j < 2; ++j) {
                 KQ_sum[j] = KQ_scale[j]*KQ_sum[j] + KQ_sum_add[j];
             }
-            // once a column's maximum has settled its scale is 1: skip the rescaling when it is for the whole warp
+            // once the maxima have settled the scales are 1: skip the rescaling when it is so for the whole warp
             if (__any_sync(0xFFFFFFFF, KQ_scale[0] != 1.0f || KQ_scale[1] != 1.0f)) {
 #pragma unroll
                 for (int d16 = 0; d16 < D/16; ++d16) {
@@ -561,7 +579,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         __syncthreads(); // (B)
 
         bool nz_next;
-        const int cls_next = fattn_se_class_merge(sC, pq_min, pq_max, p.W, nz_next);
+        const int cls_next = class_merge(nz_next);
         if (cls_next != FATTN_SE_SKIP) {
             load_kv(t + 1, cls_next);
         }
@@ -627,33 +645,24 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         float L = 0.0f;
 #pragma unroll
         for (int k = 0; k < NWK; ++k) {
-            wgt[k] = exp2f(eML[k*NC + c].x - M);
+            wgt[k] = exp2_approx(eML[k*NC + c].x - M);
             L     += wgt[k]*eML[k*NC + c].y;
         }
         const int64_t row = (int64_t(s)*p.n_q + i0 + r)*p.n_head + h0 + c % P.NHB;
-        if (P.nsplit == 1) {
-            const float inv = L > 0.0f ? 1.0f/L : 0.0f; // a column without a visible key is 0
-            for (int d = lane; d < D; d += WARP_SIZE) {
-                float o = 0.0f;
+        const bool    fin = P.nsplit == 1;
+        // a column without any visible key is 0
+        const float   inv = !fin ? 1.0f : L > 0.0f ? 1.0f/L : 0.0f;
+        float * out = fin ? p.dst + row*D : P.part_O + (row*P.nsplit + split)*D;
+        for (int d = lane; d < D; d += WARP_SIZE) {
+            float o = 0.0f;
 #pragma unroll
-                for (int k = 0; k < NWK; ++k) {
-                    o += wgt[k]*eO[(k*NC + c)*SO + d];
-                }
-                p.dst[row*D + d] = o*inv;
+            for (int k = 0; k < NWK; ++k) {
+                o += wgt[k]*eO[(k*NC + c)*SO + d];
             }
-        } else {
-            const int64_t prow = row*P.nsplit + split;
-            for (int d = lane; d < D; d += WARP_SIZE) {
-                float o = 0.0f;
-#pragma unroll
-                for (int k = 0; k < NWK; ++k) {
-                    o += wgt[k]*eO[(k*NC + c)*SO + d];
-                }
-                P.part_O[prow*D + d] = o;
-            }
-            if (lane == 0) {
-                P.part_ML[prow] = make_float2(M, L);
-            }
+            out[d] = o*inv;
+        }
+        if (!fin && lane == 0) {
+            P.part_ML[row*P.nsplit + split] = make_float2(M, L);
         }
     }
 #else
@@ -662,8 +671,8 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 #endif // defined(AMPERE_MMA_AVAILABLE)
 }
 
-// First and last + 1 KV tile (prefill tiles, T = 64) with a key visible to some query of each block of RPB queries.
-// Blocks only walk that range: the end of a causal mask and other sequences at the ends of the cache are never loaded.
+// First and last + 1 KV tile (prefill tiles) with a key visible to some query of each block of RPB queries. Blocks only
+// walk that range: the end of a causal mask and other sequences at the ends of the cache are never loaded.
 __launch_bounds__(FATTN_SE_NTHREADS, 1)
 static __global__ void flash_attn_ext_se_kv_range(const fattn_se_params p, const fattn_se_plan P) {
     constexpr int T = fattn_se_T(0, false);
@@ -677,7 +686,7 @@ static __global__ void flash_attn_ext_se_kv_range(const fattn_se_params p, const
     const int rows = min(P.RPB, p.n_q - i0);
     const char * mask_rows = p.mask + sm*p.nb_m3 + i0*p.nb_m1;
 
-    // warp-uniform: does tile kt have a visible key (the mask rows are padded to 8 keys, reading key k + 1 is safe)
+    // warp-uniform: does tile kt have a visible key (mask rows are padded to 8 keys, reading key k + 1 is safe)
     auto visible = [&](const int kt) {
         const int k = kt*T + 2*lane;
         bool vis = false;
@@ -693,6 +702,7 @@ static __global__ void flash_attn_ext_se_kv_range(const fattn_se_params p, const
 
     __shared__ int found[FATTN_SE_NWARPS];
 
+    // forward from the first tile, 4 tiles (one per warp) at a time
     int lo = P.ntiles;
     for (int kt = 0; kt < P.ntiles && lo == P.ntiles; kt += FATTN_SE_NWARPS) {
         const bool vis = visible(kt + w);
@@ -707,8 +717,9 @@ static __global__ void flash_attn_ext_se_kv_range(const fattn_se_params p, const
         __syncthreads();
     }
 
+    // backward from the last tile, down to lo which is visible
     int hi = lo;
-    for (int kt = P.ntiles - 1; kt >= lo && hi == lo && lo < P.ntiles; kt -= FATTN_SE_NWARPS) {
+    for (int kt = P.ntiles - 1; kt >= lo && hi == lo; kt -= FATTN_SE_NWARPS) {
         const bool vis = visible(kt - w);
         if (lane == 0) {
             found[w] = vis;
@@ -731,11 +742,11 @@ template <int D>
 __launch_bounds__(FATTN_SE_NTHREADS, 1)
 static __global__ void flash_attn_ext_se_combine(
         const float * __restrict__ part_O, const float2 * __restrict__ part_ML, float * __restrict__ dst, const int nsplit) {
-    constexpr int D4 = D/4;                    // float4 per row
+    constexpr int D4 = D/4;                   // float4 per row
     constexpr int NG = FATTN_SE_NTHREADS/D4;  // groups of threads, each sums every NG-th split
-    static_assert(D % 4 == 0 && NG >= 1, "bad head size");
+    static_assert(D % 4 == 0 && FATTN_SE_NTHREADS % D4 == 0, "bad head size");
 
-    extern __shared__ float combine_wgt[];     // [nsplit]
+    extern __shared__ float combine_wgt[];    // [nsplit]
     __shared__ float  red[FATTN_SE_NWARPS];
     __shared__ float4 acc_part[NG][D4];
 
@@ -781,22 +792,20 @@ static __global__ void flash_attn_ext_se_combine(
 
     const int g  = tid / D4;
     const int d4 = tid % D4;
-    if (g < NG) {
-        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        for (int i = g; i < nsplit; i += NG) {
-            const float  wgt = combine_wgt[i];
-            const float4 o   = O4[i*D4 + d4];
-            acc.x += wgt*o.x;
-            acc.y += wgt*o.y;
-            acc.z += wgt*o.z;
-            acc.w += wgt*o.w;
-        }
-        acc_part[g][d4] = acc;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int i = g; i < nsplit; i += NG) {
+        const float  wgt = combine_wgt[i];
+        const float4 o   = O4[i*D4 + d4];
+        acc.x += wgt*o.x;
+        acc.y += wgt*o.y;
+        acc.z += wgt*o.z;
+        acc.w += wgt*o.w;
     }
+    acc_part[g][d4] = acc;
     __syncthreads();
 
     if (tid < D4) {
-        float4 acc = acc_part[0][tid];
+        acc = acc_part[0][tid];
 #pragma unroll
         for (int gg = 1; gg < NG; ++gg) {
             acc.x += acc_part[gg][tid].x;
@@ -814,46 +823,39 @@ static __global__ void flash_attn_ext_se_combine(
 
 typedef void (* fattn_se_kernel_t)(const fattn_se_params p, const fattn_se_plan P);
 
-// The kernel of a configuration, its shared memory limit raised once per device.
+// The kernel of a configuration, its shared memory limit raised (per device) to at least nbytes_shared.
 template <int D, bool decode, bool use_softcap>
-static fattn_se_kernel_t fattn_se_kernel_instance() {
+static fattn_se_kernel_t fattn_se_kernel_instance(const size_t nbytes_shared) {
     constexpr int NWC = decode ? 1 : 4;
     const fattn_se_kernel_t kernel = flash_attn_ext_se_f16<D, NWC, fattn_se_T(D, decode), use_softcap>;
 
-    static bool smem_limit_raised[GGML_CUDA_MAX_DEVICES] = {false};
+    static size_t smem_limit[GGML_CUDA_MAX_DEVICES] = {0};
     int device;
     CUDA_CHECK(cudaGetDevice(&device));
-    if (!smem_limit_raised[device]) {
-        const size_t nbytes_max = fattn_se_nbytes_shared(D, decode, fattn_se_ncols(decode)); // RPB <= columns
-        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(nbytes_max)));
-        smem_limit_raised[device] = true;
+    if (nbytes_shared > smem_limit[device]) {
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(nbytes_shared)));
+        smem_limit[device] = nbytes_shared;
     }
     return kernel;
 }
 
 template <int D>
-static fattn_se_kernel_t fattn_se_kernel_d(const bool decode, const bool use_softcap) {
+static fattn_se_kernel_t fattn_se_kernel_d(const bool decode, const bool use_softcap, const size_t nbytes_shared) {
     if (decode) {
-        return use_softcap ? fattn_se_kernel_instance<D, true,  true>() : fattn_se_kernel_instance<D, true,  false>();
+        return use_softcap ? fattn_se_kernel_instance<D, true,  true>(nbytes_shared)
+                           : fattn_se_kernel_instance<D, true,  false>(nbytes_shared);
     }
-    return use_softcap ? fattn_se_kernel_instance<D, false, true>() : fattn_se_kernel_instance<D, false, false>();
+    return use_softcap ? fattn_se_kernel_instance<D, false, true>(nbytes_shared)
+                       : fattn_se_kernel_instance<D, false, false>(nbytes_shared);
 }
 
-static fattn_se_kernel_t fattn_se_kernel(const int D, const bool decode, const bool use_softcap) {
-    switch (D) {
-        case  64: return fattn_se_kernel_d< 64>(decode, use_softcap);
-        case 128: return fattn_se_kernel_d<128>(decode, use_softcap);
-        default:  GGML_ABORT("%s: unsupported head size %d", __func__, D);
+static fattn_se_kernel_t fattn_se_kernel(const fattn_se_params & p, const fattn_se_plan & P) {
+    const bool use_softcap = p.softcap != 0.0f;
+    switch (p.D) {
+        case  64: return fattn_se_kernel_d< 64>(P.decode, use_softcap, P.nbytes_shared);
+        case 128: return fattn_se_kernel_d<128>(P.decode, use_softcap, P.nbytes_shared);
+        default:  GGML_ABORT("%s: unsupported head size %d", __func__, p.D);
     }
-}
-
-static int fattn_se_largest_divisor(const int n, const int max) {
-    for (int d = std::min(n, max); d > 1; --d) {
-        if (n % d == 0) {
-            return d;
-        }
-    }
-    return 1;
 }
 
 static size_t fattn_se_pad_ws(const size_t n) {
@@ -864,13 +866,8 @@ static size_t fattn_se_pad_ws(const size_t n) {
 static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm) {
     fattn_se_plan P = {};
 
-    // decode: all queries in one block of 16 columns with every head of the KV head (up to 16 of them)
-    const int gqa        = p.n_head/p.n_head_kv;
-    const int NHB_decode = fattn_se_largest_divisor(gqa, fattn_se_ncols(true));
-    P.decode = p.n_q <= fattn_se_ncols(true)/NHB_decode;
-    P.NHB    = P.decode ? NHB_decode : fattn_se_largest_divisor(gqa, 8);
-    P.RPB    = fattn_se_ncols(P.decode)/P.NHB;
-    P.n_rg   = (p.n_q + P.RPB - 1)/P.RPB;
+    fattn_se_block_shape(p.n_q, p.n_head/p.n_head_kv, P.decode, P.NHB, P.RPB);
+    P.n_rg = (p.n_q + P.RPB - 1)/P.RPB;
 
     const int T = fattn_se_T(p.D, P.decode);
     P.ntiles    = (p.n_kv + T - 1)/T;
@@ -881,14 +878,14 @@ static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm
 
     P.nbytes_shared = fattn_se_nbytes_shared(p.D, P.decode, P.RPB);
 
-    const fattn_se_kernel_t kernel = fattn_se_kernel(p.D, P.decode, p.softcap != 0.0f);
+    const fattn_se_kernel_t kernel = fattn_se_kernel(p, P);
     int nblocks_sm = 0;
     CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nblocks_sm, kernel, FATTN_SE_NTHREADS, P.nbytes_shared));
     GGML_ASSERT(nblocks_sm > 0);
     const int64_t nslots = int64_t(nblocks_sm)*nsm;
 
-    // Split the keys when the blocks of columns cannot fill the GPU (decode, short prompts), or when a few splits
-    // even out a poorly filled last wave (prefill). Each split keeps a few tiles so that its pipeline gets going.
+    // Split the keys when the blocks of columns cannot fill the GPU (decode, short prompts), or when a few splits even
+    // out a poorly filled last wave (prefill). Each split keeps a few tiles so that its pipeline gets going.
     const int64_t nblocks_base = int64_t(P.n_rg)*(p.n_head/P.NHB)*p.ne3;
     const int     nsplit_max   = std::max(1, P.ntiles/(P.decode ? 2 : 4));
     P.nsplit = 1;
@@ -926,7 +923,7 @@ static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm
 
 template <int D>
 static void fattn_se_launch_combine(const fattn_se_params & p, const fattn_se_plan & P, cudaStream_t stream) {
-    const int64_t nrows = int64_t(p.ne3)*p.n_q*p.n_head;
+    const unsigned int nrows = (unsigned int) p.ne3*p.n_q*p.n_head;
     flash_attn_ext_se_combine<D><<<nrows, FATTN_SE_NTHREADS, P.nsplit*sizeof(float), stream>>>(
         P.part_O, P.part_ML, p.dst, P.nsplit);
 }
@@ -943,7 +940,7 @@ static void fattn_se_run(const fattn_se_params & p, fattn_se_plan P, char * ws, 
         CUDA_CHECK(cudaGetLastError());
     }
 
-    const fattn_se_kernel_t kernel = fattn_se_kernel(p.D, P.decode, p.softcap != 0.0f);
+    const fattn_se_kernel_t kernel = fattn_se_kernel(p, P);
     kernel<<<dim3(P.n_rg, p.n_head/P.NHB, p.ne3*P.nsplit), block_dim, P.nbytes_shared, stream>>>(p, P);
     CUDA_CHECK(cudaGetLastError());
 
@@ -958,7 +955,7 @@ static void fattn_se_run(const fattn_se_params & p, fattn_se_plan P, char * ws, 
 }
 
 // ------------------------------------------------------------------------------------------------------------------
-// ggml interface
+// ggml interface (left out when the self-test includes this file)
 
 #ifndef GGML_CUDA_FATTN_SE_SELFTEST
 
@@ -1024,8 +1021,7 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
     const ggml_tensor * pos_q = dst->src[7];
     const ggml_tensor * pos_k = dst->src[8];
 
-    const int cc = ggml_cuda_info().devices[device].cc;
-    if (!ampere_mma_available(cc)) {
+    if (!ampere_mma_available(ggml_cuda_info().devices[device].cc)) {
         return false;
     }
     if (!q || !k || !v || !q_g || !k_g || !pos_q || !pos_k || dst->src[4]) {
@@ -1051,7 +1047,7 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
         return false;
     }
     if (!ggml_are_same_shape(q, q_g) || !ggml_are_same_shape(k, k_g) || !ggml_are_same_shape(k, v) ||
-        k->ne[0] != D || k->ne[3] != ne3 || q->ne[2] % k->ne[2] != 0 || n_q < 1 || n_kv < 1) {
+        k->ne[0] != D || k->ne[3] != ne3 || q->ne[2] % k->ne[2] != 0 || n_q < 1 || n_kv < 1 || n_kv > INT32_MAX/2) {
         return false;
     }
     if (pos_q->ne[0] != n_q || pos_q->ne[1] != ne3 || pos_k->ne[0] != n_kv || pos_k->ne[1] != ne3 ||
@@ -1061,30 +1057,26 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
     if (q->nb[0] != sizeof(float) || q_g->nb[0] != sizeof(float)) {
         return false;
     }
-    // K, K_g, V are copied to shared memory in 16 byte pieces
+    // K, K_g and V are copied to shared memory in 16 byte pieces
     for (const ggml_tensor * t : {k, k_g, v}) {
         if (t->nb[0] != sizeof(half) || !ggml_cuda_is_aligned(t, 16)) {
             return false;
         }
     }
-    if (mask) {
-        // 16 byte pieces of 8 keys: the rows must be aligned and padded past the last key
-        if (mask->type != GGML_TYPE_F16 || mask->nb[0] != sizeof(half) || mask->ne[0] < GGML_PAD(n_kv, 8) ||
-            mask->ne[1] < n_q || mask->ne[2] != 1 || ne3 % mask->ne[3] != 0 ||
-            (uintptr_t) mask->data % 16 != 0 || mask->nb[1] % 16 != 0 || mask->nb[3] % 16 != 0) {
-            return false;
-        }
+    // so is the mask, 8 keys at a time: its rows must be aligned and padded past the last key
+    if (mask && (mask->type != GGML_TYPE_F16 || mask->nb[0] != sizeof(half) || mask->ne[0] < GGML_PAD(n_kv, 8) ||
+                 mask->ne[1] < n_q || mask->ne[2] != 1 || ne3 % mask->ne[3] != 0 ||
+                 (uintptr_t) mask->data % 16 != 0 || mask->nb[1] % 16 != 0 || mask->nb[3] % 16 != 0)) {
+        return false;
     }
     if (dst->ne[0] != D || dst->ne[1] != q->ne[2] || dst->ne[2] != n_q || dst->ne[3] != ne3 || !ggml_is_contiguous(dst)) {
         return false;
     }
-    if (n_q*q->ne[2]*ne3*D > INT32_MAX || n_kv > INT32_MAX/2) {
-        return false;
-    }
 
-    const size_t nbytes_shared = std::max(fattn_se_nbytes_shared(D, false, fattn_se_ncols(false)),
-                                          fattn_se_nbytes_shared(D, true,  fattn_se_ncols(true)));
-    return nbytes_shared <= ggml_cuda_info().devices[device].smpbo;
+    bool decode;
+    int  NHB, RPB;
+    fattn_se_block_shape(n_q, q->ne[2]/k->ne[2], decode, NHB, RPB);
+    return q->ne[2]/NHB <= 65535 && fattn_se_nbytes_shared(D, decode, RPB) <= ggml_cuda_info().devices[device].smpbo;
 }
 
 #endif // GGML_CUDA_FATTN_SE_SELFTEST

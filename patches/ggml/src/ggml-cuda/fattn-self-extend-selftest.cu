@@ -1,0 +1,420 @@
+// Self-test of the Self-Extend flash attention kernels (fattn-self-extend.cu) without the ggml runtime: random inputs for
+// a set of shapes are checked against a double precision CPU reference of the op (ggml-self-extend.h), then the prefill
+// and decode shapes of the speed benchmarks are timed.
+//
+// From ggml/src/ggml-cuda of the patched llama.cpp, with this file next to fattn-self-extend.cu:
+//   nvcc -std=c++17 -O3 -arch=sm_90 -I../../include -I.. -I. fattn-self-extend-selftest.cu -o selftest && ./selftest
+// Exit status 0: every case within 1e-2 of its output scale (the largest |reference| of the case).
+
+#define GGML_CUDA_FATTN_SE_SELFTEST
+#include "fattn-self-extend.cu"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+// the two ggml functions that the host code of the kernels can reach
+void ggml_abort(const char * file, int line, const char * fmt, ...) {
+    fprintf(stderr, "%s:%d: ", file, line);
+    va_list args;
+    va_start(args, fmt);
+    vfprintf(stderr, fmt, args);
+    va_end(args);
+    fprintf(stderr, "\n");
+    abort();
+}
+
+void ggml_cuda_error(const char * stmt, const char * func, const char * file, int line, const char * msg) {
+    fprintf(stderr, "CUDA error: %s\n  in %s at %s:%d\n  %s\n", msg, func, file, line, stmt);
+    abort();
+}
+
+enum mask_kind {
+    MASK_NONE,   // no mask tensor
+    MASK_CAUSAL, // key visible iff pos_k <= pos_q
+    MASK_HOLES,  // causal by position, ~10% of the cells masked for every query, query 3 sees nothing
+    MASK_SEQS,   // causal by position, the first 64 cells and the second quarter belong to another sequence
+};
+
+struct se_case {
+    const char * name;
+    int   D, n_head, n_head_kv, n_q, n_kv, W, ne3;
+    mask_kind mask;
+    int   mask_ne3;  // 1: broadcast over the streams
+    bool  shuffled;  // positions of the cells in random order, some duplicated; else cell j has position j
+    float softcap;
+};
+
+// Host copies of the inputs, in the layouts (views) that the kernels get.
+struct se_host {
+    int D, n_q, n_kv, n_head, n_head_kv, ne3, mask_ne3, n_cells, n_kv_pad, n_q_pad;
+    std::vector<float>   q, q_g;       // q: [ne3][n_q][n_head][D] (permuted view), q_g: [ne3][n_head][n_q][D]
+    std::vector<half>    k, k_g, v;    // k, v: cache [ne3][n_cells][n_head_kv][D], k_g: [ne3][n_head_kv][n_kv][D]
+    std::vector<half>    mask;         // [mask_ne3][n_q_pad][n_kv_pad]
+    std::vector<int32_t> pos_q, pos_k; // [ne3][n_q], [ne3][n_kv]
+
+    float qv (int s, int i, int h, int d) const { return q  [((size_t(s)*n_q + i)*n_head + h)*D + d]; }
+    float qgv(int s, int i, int h, int d) const { return q_g[((size_t(s)*n_head + h)*n_q + i)*D + d]; }
+    float kv (int s, int j, int h, int d) const { return __half2float(k  [((size_t(s)*n_cells + j)*n_head_kv + h)*D + d]); }
+    float kgv(int s, int j, int h, int d) const { return __half2float(k_g[((size_t(s)*n_head_kv + h)*n_kv + j)*D + d]); }
+    float vv (int s, int j, int h, int d) const { return __half2float(v  [((size_t(s)*n_cells + j)*n_head_kv + h)*D + d]); }
+    float mv (int s, int i, int j)        const { return __half2float(mask[(size_t(s % mask_ne3)*n_q_pad + i)*n_kv_pad + j]); }
+};
+
+struct se_device {
+    float * q = nullptr, * q_g = nullptr, * dst = nullptr;
+    half  * k = nullptr, * k_g = nullptr, * v = nullptr, * mask = nullptr;
+    int32_t * pos_q = nullptr, * pos_k = nullptr;
+    char  * ws = nullptr;
+
+    ~se_device() {
+        for (void * ptr : {(void *) q, (void *) q_g, (void *) dst, (void *) k, (void *) k_g, (void *) v, (void *) mask,
+                           (void *) pos_q, (void *) pos_k, (void *) ws}) {
+            cudaFree(ptr);
+        }
+    }
+};
+
+template <typename T>
+static T * to_device(const std::vector<T> & x) {
+    T * ptr;
+    CUDA_CHECK(cudaMalloc(&ptr, x.size()*sizeof(T)));
+    CUDA_CHECK(cudaMemcpy(ptr, x.data(), x.size()*sizeof(T), cudaMemcpyHostToDevice));
+    return ptr;
+}
+
+static fattn_se_params se_params_of(const se_host & h, const se_device & d, const float scale, const float softcap, const int W) {
+    fattn_se_params p = {};
+    const int64_t D = h.D;
+    p.q   = (const char *) d.q;   p.nb_q1  = h.n_head*D*4;    p.nb_q2  = D*4; p.nb_q3  = int64_t(h.n_q)*h.n_head*D*4;
+    p.q_g = (const char *) d.q_g; p.nb_qg1 = D*4;             p.nb_qg2 = h.n_q*D*4; p.nb_qg3 = int64_t(h.n_head)*h.n_q*D*4;
+    p.k   = (const char *) d.k;   p.nb_k1  = h.n_head_kv*D*2; p.nb_k2  = D*2; p.nb_k3  = int64_t(h.n_cells)*h.n_head_kv*D*2;
+    p.v   = (const char *) d.v;   p.nb_v1  = h.n_head_kv*D*2; p.nb_v2  = D*2; p.nb_v3  = int64_t(h.n_cells)*h.n_head_kv*D*2;
+    p.k_g = (const char *) d.k_g; p.nb_kg1 = D*2;             p.nb_kg2 = h.n_kv*D*2; p.nb_kg3 = int64_t(h.n_head_kv)*h.n_kv*D*2;
+    p.mask  = (const char *) d.mask;
+    p.nb_m1 = int64_t(h.n_kv_pad)*2;
+    p.nb_m3 = int64_t(h.n_q_pad)*h.n_kv_pad*2;
+    p.ne_m3 = h.mask_ne3;
+    p.pos_q = (const char *) d.pos_q; p.nb_pq1 = int64_t(h.n_q)*4;
+    p.pos_k = (const char *) d.pos_k; p.nb_pk1 = int64_t(h.n_kv)*4;
+    p.dst   = d.dst;
+    p.D = h.D; p.n_q = h.n_q; p.n_kv = h.n_kv; p.n_head = h.n_head; p.n_head_kv = h.n_head_kv; p.ne3 = h.ne3;
+    p.W = W; p.scale = scale; p.softcap = softcap;
+    return p;
+}
+
+static se_host se_make_inputs(const se_case & c, std::mt19937 & rng) {
+    se_host h;
+    h.D = c.D; h.n_q = c.n_q; h.n_kv = c.n_kv; h.n_head = c.n_head; h.n_head_kv = c.n_head_kv; h.ne3 = c.ne3;
+    h.mask_ne3 = c.mask == MASK_NONE ? 1 : c.mask_ne3;
+    h.n_cells  = c.n_kv + 5;             // the K/V views do not span their whole cache
+    h.n_kv_pad = GGML_PAD(c.n_kv, 64);   // the mask is wider than the cache, the extra keys must stay unused
+    h.n_q_pad  = GGML_PAD(c.n_q, 16);
+
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    const float q_amp = 3.0f; // logits with a standard deviation of about 1
+    h.q.resize(size_t(h.ne3)*h.n_q*h.n_head*h.D);
+    h.q_g.resize(h.q.size());
+    for (float & x : h.q)   { x = q_amp*u(rng); }
+    for (float & x : h.q_g) { x = q_amp*u(rng); }
+    h.k.resize(size_t(h.ne3)*h.n_cells*h.n_head_kv*h.D);
+    h.v.resize(h.k.size());
+    h.k_g.resize(size_t(h.ne3)*h.n_head_kv*h.n_kv*h.D);
+    for (half & x : h.k)   { x = __float2half(u(rng)); }
+    for (half & x : h.v)   { x = __float2half(u(rng)); }
+    for (half & x : h.k_g) { x = __float2half(u(rng)); }
+
+    h.pos_q.resize(size_t(h.ne3)*h.n_q);
+    h.pos_k.resize(size_t(h.ne3)*h.n_kv);
+    for (int s = 0; s < h.ne3; ++s) {
+        int32_t * pk = h.pos_k.data() + size_t(s)*h.n_kv;
+        for (int j = 0; j < h.n_kv; ++j) {
+            pk[j] = j;
+        }
+        if (c.shuffled) {
+            std::shuffle(pk, pk + h.n_kv, rng);
+            std::uniform_int_distribution<int> cell(0, h.n_kv - 1);
+            for (int n = 0; n < h.n_kv/20; ++n) {
+                pk[cell(rng)] = pk[cell(rng)];
+            }
+        }
+        for (int i = 0; i < h.n_q; ++i) {
+            h.pos_q[size_t(s)*h.n_q + i] = h.n_kv - h.n_q + i + s; // the streams are at different positions
+        }
+    }
+
+    const half zero = __float2half(0.0f);
+    const half ninf = __float2half(-INFINITY);
+    h.mask.assign(size_t(h.mask_ne3)*h.n_q_pad*h.n_kv_pad, zero); // padding rows/keys are 0: visible if they were read
+    if (c.mask != MASK_NONE) {
+        std::uniform_real_distribution<float> u01(0.0f, 1.0f);
+        for (int s = 0; s < h.mask_ne3; ++s) {
+            std::vector<bool> hole(h.n_kv);
+            for (int j = 0; j < h.n_kv; ++j) {
+                hole[j] = c.mask == MASK_HOLES && u01(rng) < 0.1f;
+            }
+            for (int i = 0; i < h.n_q; ++i) {
+                half * row = h.mask.data() + (size_t(s)*h.n_q_pad + i)*h.n_kv_pad;
+                for (int j = 0; j < h.n_kv; ++j) {
+                    const bool other = c.mask == MASK_SEQS && (j < 64 || (j >= h.n_kv/4 && j < h.n_kv/2));
+                    const bool vis = h.pos_k[size_t(s)*h.n_kv + j] <= h.pos_q[size_t(s)*h.n_q + i] && !hole[j] && !other &&
+                                     !(c.mask == MASK_HOLES && i == 3);
+                    row[j] = vis ? zero : ninf;
+                }
+            }
+        }
+    }
+    return h;
+}
+
+// out[(s, i, h)][d] in double precision, straight from the definition of the op, for the queries rows_i
+static std::vector<double> se_reference(const se_host & h, const bool has_mask, const float scale, const float softcap,
+                                        const int W, const std::vector<int> & rows_i) {
+    const int D = h.D, gqa = h.n_head/h.n_head_kv;
+    std::vector<double> out(size_t(h.ne3)*rows_i.size()*h.n_head*D, 0.0);
+    std::vector<double> logit(h.n_kv);
+    std::vector<double> acc(D);
+    for (int s = 0; s < h.ne3; ++s) {
+        for (size_t ri = 0; ri < rows_i.size(); ++ri) {
+            const int i = rows_i[ri];
+            const int32_t pq = h.pos_q[size_t(s)*h.n_q + i];
+            for (int hq = 0; hq < h.n_head; ++hq) {
+                const int hk = hq/gqa;
+                double mx = -INFINITY;
+                for (int j = 0; j < h.n_kv; ++j) {
+                    const double m = has_mask ? double(h.mv(s, i, j)) : 0.0;
+                    if (m == -INFINITY) {
+                        logit[j] = -INFINITY;
+                        continue;
+                    }
+                    const bool grouped = pq - h.pos_k[size_t(s)*h.n_kv + j] >= W;
+                    double x = 0.0;
+                    for (int d = 0; d < D; ++d) {
+                        x += grouped ? double(h.qgv(s, i, hq, d))*h.kgv(s, j, hk, d)
+                                     : double(h.qv (s, i, hq, d))*h.kv (s, j, hk, d);
+                    }
+                    x *= scale;
+                    if (softcap != 0.0f) {
+                        x = softcap*std::tanh(x/softcap);
+                    }
+                    logit[j] = x + m;
+                    mx = std::max(mx, logit[j]);
+                }
+                double * o = out.data() + ((size_t(s)*rows_i.size() + ri)*h.n_head + hq)*D;
+                if (mx == -INFINITY) {
+                    continue; // nothing visible: 0
+                }
+                std::fill(acc.begin(), acc.end(), 0.0);
+                double sum = 0.0;
+                for (int j = 0; j < h.n_kv; ++j) {
+                    if (logit[j] == -INFINITY) {
+                        continue;
+                    }
+                    const double e = std::exp(logit[j] - mx);
+                    sum += e;
+                    for (int d = 0; d < D; ++d) {
+                        acc[d] += e*h.vv(s, j, hk, d);
+                    }
+                }
+                for (int d = 0; d < D; ++d) {
+                    o[d] = acc[d]/sum;
+                }
+            }
+        }
+    }
+    return out;
+}
+
+static bool se_run_case(const se_case & c, const int nsm, std::mt19937 & rng) {
+    const se_host h = se_make_inputs(c, rng);
+    se_device d;
+    d.q   = to_device(h.q);   d.q_g = to_device(h.q_g);
+    d.k   = to_device(h.k);   d.k_g = to_device(h.k_g); d.v = to_device(h.v);
+    d.mask  = c.mask != MASK_NONE ? to_device(h.mask) : nullptr;
+    d.pos_q = to_device(h.pos_q); d.pos_k = to_device(h.pos_k);
+    const size_t n_out = size_t(h.ne3)*h.n_q*h.n_head*h.D;
+    CUDA_CHECK(cudaMalloc(&d.dst, n_out*sizeof(float)));
+    CUDA_CHECK(cudaMemset(d.dst, 0xFF, n_out*sizeof(float))); // NaN: every output must be written
+
+    const float scale = 1.0f/sqrtf(float(c.D));
+    const fattn_se_params p = se_params_of(h, d, scale, c.softcap, c.W);
+    const fattn_se_plan   P = fattn_se_make_plan(p, nsm);
+    if (P.nbytes_ws > 0) {
+        CUDA_CHECK(cudaMalloc(&d.ws, P.nbytes_ws));
+    }
+    fattn_se_run(p, P, d.ws, 0);
+    CUDA_CHECK(cudaDeviceSynchronize());
+
+    std::vector<float> out(n_out);
+    CUDA_CHECK(cudaMemcpy(out.data(), d.dst, n_out*sizeof(float), cudaMemcpyDeviceToHost));
+
+    // large cases: a subset of the queries, always including the last ones
+    std::vector<int> rows_i;
+    const int stride = h.n_q > 64 ? 8 : 1;
+    for (int i = 0; i < h.n_q; ++i) {
+        if (i % stride == 0 || i >= h.n_q - 4) {
+            rows_i.push_back(i);
+        }
+    }
+    const std::vector<double> ref = se_reference(h, c.mask != MASK_NONE, scale, c.softcap, c.W, rows_i);
+
+    double err_max = 0.0, ref_max = 0.0;
+    for (int s = 0; s < h.ne3; ++s) {
+        for (size_t ri = 0; ri < rows_i.size(); ++ri) {
+            for (int hq = 0; hq < h.n_head; ++hq) {
+                for (int dd = 0; dd < h.D; ++dd) {
+                    const double r = ref[((size_t(s)*rows_i.size() + ri)*h.n_head + hq)*h.D + dd];
+                    const double o = out[((size_t(s)*h.n_q + rows_i[ri])*h.n_head + hq)*h.D + dd];
+                    const double e = std::isfinite(o) ? std::fabs(o - r) : INFINITY;
+                    err_max = std::max(err_max, e);
+                    ref_max = std::max(ref_max, std::fabs(r));
+                }
+            }
+        }
+    }
+    const double rel = err_max/std::max(ref_max, 1e-6);
+    const bool ok = rel <= 1e-2;
+    printf("%-44s %-7s NHB=%d RPB=%2d nsplit=%3d  max|ref| %.3e  max err %.3e  rel %.2e  %s\n",
+           c.name, P.decode ? "decode" : "prefill", P.NHB, P.RPB, P.nsplit, ref_max, err_max, rel, ok ? "OK" : "FAIL");
+    return ok;
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// timings
+
+static __global__ void se_fill_half(half * x, const size_t n, const uint32_t seed) {
+    for (size_t i = blockIdx.x*size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x)*blockDim.x) {
+        uint32_t r = uint32_t(i)*2654435761u ^ seed;
+        r ^= r >> 15; r *= 2246822519u; r ^= r >> 13;
+        x[i] = __float2half(float(r & 0xFFFF)/32768.0f - 1.0f);
+    }
+}
+
+static __global__ void se_fill_float(float * x, const size_t n, const uint32_t seed) {
+    for (size_t i = blockIdx.x*size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x)*blockDim.x) {
+        uint32_t r = uint32_t(i)*2654435761u ^ seed;
+        r ^= r >> 15; r *= 2246822519u; r ^= r >> 13;
+        x[i] = 3.0f*(float(r & 0xFFFF)/32768.0f - 1.0f);
+    }
+}
+
+// causal mask of n_q queries at positions n_kv - n_q .. n_kv - 1 over cells at positions 0 .. n_kv - 1
+static __global__ void se_fill_causal(half * mask, const int n_q, const int n_kv) {
+    const int i = blockIdx.y;
+    for (int j = blockIdx.x*blockDim.x + threadIdx.x; j < n_kv; j += gridDim.x*blockDim.x) {
+        mask[size_t(i)*n_kv + j] = __float2half(j <= n_kv - n_q + i ? 0.0f : -INFINITY);
+    }
+}
+
+static __global__ void se_fill_iota(int32_t * x, const int n, const int offset) {
+    for (int i = blockIdx.x*blockDim.x + threadIdx.x; i < n; i += gridDim.x*blockDim.x) {
+        x[i] = offset + i;
+    }
+}
+
+static void se_time(const char * name, const int D, const int n_head, const int n_head_kv, const int n_q, const int n_kv,
+                    const int W, const int nsm) {
+    se_host h; // shapes only: the data is generated on the device
+    h.D = D; h.n_q = n_q; h.n_kv = n_kv; h.n_head = n_head; h.n_head_kv = n_head_kv; h.ne3 = 1; h.mask_ne3 = 1;
+    h.n_cells = n_kv; h.n_kv_pad = n_kv; h.n_q_pad = n_q;
+
+    se_device d;
+    const size_t nq = size_t(n_q)*n_head*D, nk = size_t(n_kv)*n_head_kv*D;
+    CUDA_CHECK(cudaMalloc(&d.q, nq*sizeof(float)));   CUDA_CHECK(cudaMalloc(&d.q_g, nq*sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&d.dst, nq*sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&d.k, nk*sizeof(half)));    CUDA_CHECK(cudaMalloc(&d.k_g, nk*sizeof(half)));
+    CUDA_CHECK(cudaMalloc(&d.v, nk*sizeof(half)));
+    CUDA_CHECK(cudaMalloc(&d.mask, size_t(n_q)*n_kv*sizeof(half)));
+    CUDA_CHECK(cudaMalloc(&d.pos_q, n_q*sizeof(int32_t))); CUDA_CHECK(cudaMalloc(&d.pos_k, n_kv*sizeof(int32_t)));
+    se_fill_float<<<1024, 256>>>(d.q,   nq, 1);
+    se_fill_float<<<1024, 256>>>(d.q_g, nq, 2);
+    se_fill_half <<<1024, 256>>>(d.k,   nk, 3);
+    se_fill_half <<<1024, 256>>>(d.k_g, nk, 4);
+    se_fill_half <<<1024, 256>>>(d.v,   nk, 5);
+    se_fill_causal<<<dim3(64, n_q), 256>>>(d.mask, n_q, n_kv);
+    se_fill_iota<<<64, 256>>>(d.pos_q, n_q, n_kv - n_q);
+    se_fill_iota<<<64, 256>>>(d.pos_k, n_kv, 0);
+    CUDA_CHECK(cudaGetLastError());
+
+    const fattn_se_params p = se_params_of(h, d, 1.0f/sqrtf(float(D)), 0.0f, W);
+    const fattn_se_plan   P = fattn_se_make_plan(p, nsm);
+    if (P.nbytes_ws > 0) {
+        CUDA_CHECK(cudaMalloc(&d.ws, P.nbytes_ws));
+    }
+
+    cudaEvent_t start, stop;
+    CUDA_CHECK(cudaEventCreate(&start));
+    CUDA_CHECK(cudaEventCreate(&stop));
+    for (int it = 0; it < 3; ++it) {
+        fattn_se_run(p, P, d.ws, 0);
+    }
+    const int n_it = 20;
+    CUDA_CHECK(cudaEventRecord(start));
+    for (int it = 0; it < n_it; ++it) {
+        fattn_se_run(p, P, d.ws, 0);
+    }
+    CUDA_CHECK(cudaEventRecord(stop));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    CUDA_CHECK(cudaEventDestroy(start));
+    CUDA_CHECK(cudaEventDestroy(stop));
+    const double us = 1e3*ms/n_it;
+
+    // work: the visible (query, key) pairs, 2 products of 2*D flops each; traffic: K or K_g and V once per KV head
+    const double pairs = double(n_q)*(n_kv - n_q) + 0.5*double(n_q)*(n_q + 1);
+    const double tflops = 4.0*D*pairs*n_head/(us*1e-6)/1e12;
+    const double gbs    = 2.0*double(n_kv)*n_head_kv*D*sizeof(half)/(us*1e-6)/1e9;
+    printf("%-34s %-7s NHB=%d RPB=%2d nsplit=%3d  %10.1f us/call  %6.1f TFLOP/s  %7.1f GB/s (K+V)\n",
+           name, P.decode ? "decode" : "prefill", P.NHB, P.RPB, P.nsplit, us, tflops, gbs);
+}
+
+int main() {
+    int device;
+    CUDA_CHECK(cudaGetDevice(&device));
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    printf("device: %s, cc %d.%d, %d SMs\n\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
+    if (prop.major < 8) {
+        fprintf(stderr, "the kernels need an Ampere or newer GPU\n");
+        return 1;
+    }
+
+    const se_case cases[] = {
+        // name                                      D  Hq Hkv n_q   n_kv    W ne3 mask        mne3 shuffled softcap
+        {"decode D=64 gqa=4",                        64, 16, 4,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f},
+        {"decode D=128 gqa=4",                      128, 32, 8,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f},
+        {"decode D=64 gqa=8 no mask W=1",            64,  8, 1,   1, 1000,   1, 1, MASK_NONE,   1, false,  0.0f},
+        {"decode D=128 gqa=1 n_q=7",                128,  8, 8,   7, 1000,   7, 1, MASK_CAUSAL, 1, false,  0.0f},
+        {"prefill D=64 gqa=4 n_q=7",                 64, 16, 4,   7, 1000,   7, 1, MASK_CAUSAL, 1, false,  0.0f},
+        {"prefill D=128 gqa=8 n_q=7",               128, 16, 2,   7, 1000, 512, 1, MASK_CAUSAL, 1, false,  0.0f},
+        {"prefill D=64 gqa=4 n_q=512",               64, 16, 4, 512, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f},
+        {"prefill D=128 gqa=4 n_q=512 W=1",         128, 32, 8, 512, 4096,   1, 1, MASK_CAUSAL, 1, false,  0.0f},
+        {"prefill D=128 gqa=1 softcap",             128,  4, 4, 512, 1000, 512, 1, MASK_CAUSAL, 1, false, 30.0f},
+        {"prefill D=64 gqa=8 no mask W=7",           64,  8, 1, 512, 1000,   7, 1, MASK_NONE,   1, false,  0.0f},
+        {"shuffled D=64 gqa=4 n_q=7, 2 streams",     64,  8, 2,   7, 1000,   7, 2, MASK_HOLES,  2, true,   0.0f},
+        {"shuffled D=128 gqa=4 n_q=512, mask bcast", 128, 8, 2, 512, 1000, 512, 2, MASK_HOLES,  1, true,   0.0f},
+        {"shuffled decode D=64 gqa=4 softcap",       64, 16, 4,   1, 1000,   7, 2, MASK_HOLES,  2, true,  50.0f},
+        {"shuffled decode D=128 gqa=4 n_q=2",       128, 16, 4,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f},
+        {"2 sequences prefill D=64 gqa=4 n_q=100",   64,  8, 2, 100, 4096, 512, 1, MASK_SEQS,   1, false,  0.0f},
+        {"2 sequences decode D=128 gqa=4",          128,  8, 2,   1, 4096, 512, 1, MASK_SEQS,   1, false,  0.0f},
+    };
+
+    std::mt19937 rng(1234);
+    int n_fail = 0;
+    for (const se_case & c : cases) {
+        n_fail += !se_run_case(c, prop.multiProcessorCount, rng);
+    }
+    printf("\n%d passed, %d failed\n\n", int(sizeof(cases)/sizeof(cases[0])) - n_fail, n_fail);
+
+    se_time("prefill D=64 16/4 heads",   64, 16, 4, 2048, 32768, 1024, prop.multiProcessorCount);
+    se_time("prefill D=128 32/8 heads", 128, 32, 8, 2048, 32768, 1024, prop.multiProcessorCount);
+    se_time("decode D=64 16/4 heads",    64, 16, 4,    1, 32768, 1024, prop.multiProcessorCount);
+    se_time("decode D=128 32/8 heads",  128, 32, 8,    1, 32768, 1024, prop.multiProcessorCount);
+
+    return n_fail == 0 ? 0 : 1;
+}

@@ -1,0 +1,207 @@
+"""GGML_OP_FLASH_ATTN_EXT_SE on its own, in the manner of llama.cpp's test-backend-ops: every backend that has
+the op against a float64 NumPy reference of its definition (ggml-self-extend.h), and against the CPU by NMSE.
+
+The op selects per (query, key) between the pair (q, k) and the pair (q_g, k_g) from the positions; G enters
+only through how q_g/k_g were rotated. Here q_g/k_g are independent random tensors, so a pair taken from the
+wrong side, or a neighbour boundary off by one, moves the output by O(1): far above the tolerances, which are
+the f16 rounding of K/V (2e-3 relative to the output scale), and q8_0's (3e-2).
+The cases cover head sizes 64/128, GQA 1/4/8, W 1/7/512, 1/7/512 queries (decode, odd, prefill), f16 and
+q8_0 K, empty cells, out-of-order positions and two streams.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_I32 = 0, 1, 8, 26
+DEVICE_CPU, DEVICE_GPU = 0, 1
+
+
+class InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+@dataclass
+class Ggml:
+    lib: ctypes.CDLL
+    backends: dict[str, int]  # name -> ggml_backend_t
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    p, i64, i32, f32, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_size_t
+    sigs = {
+        "ggml_init": ([InitParams], p), "ggml_free": ([p], None),
+        "ggml_new_tensor_4d": ([p, ctypes.c_int, i64, i64, i64, i64], p),
+        "ggml_flash_attn_ext_se": ([p, p, p, p, p, p, p, p, p, i32, f32, f32], p),
+        "ggml_new_graph": ([p], p), "ggml_build_forward_expand": ([p, p], None),
+        "ggml_nbytes": ([p], sz), "ggml_quantize_chunk": ([ctypes.c_int, p, p, i64, i64, i64, p], sz),
+        "ggml_backend_init_by_type": ([ctypes.c_int, ctypes.c_char_p], p),
+        "ggml_backend_dev_by_type": ([ctypes.c_int], p),
+        "ggml_backend_supports_op": ([p, p], ctypes.c_bool),
+        "ggml_backend_alloc_ctx_tensors": ([p, p], p), "ggml_backend_buffer_free": ([p], None),
+        "ggml_backend_tensor_set": ([p, p, sz, sz], None), "ggml_backend_tensor_get": ([p, p, sz, sz], None),
+        "ggml_backend_graph_compute": ([p, p], ctypes.c_int), "ggml_backend_free": ([p], None),
+    }
+    for name, (args, res) in sigs.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+
+
+@pytest.fixture(scope="module")
+def ggml() -> Iterator[Ggml]:
+    from selfext_cpp._lib import lib_dir
+
+    lib = ctypes.CDLL(str(lib_dir() / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
+    _bind(lib)
+    backends = {"CPU": lib.ggml_backend_init_by_type(DEVICE_CPU, None)}
+    if int(os.environ.get("SELFEXT_TEST_NGL", "0")) > 0 and lib.ggml_backend_dev_by_type(DEVICE_GPU):
+        backends["GPU"] = lib.ggml_backend_init_by_type(DEVICE_GPU, None)
+    yield Ggml(lib, backends)
+    for b in backends.values():
+        lib.ggml_backend_free(b)
+
+
+@dataclass(frozen=True)
+class Case:
+    D: int
+    n_head_kv: int
+    gqa: int
+    W: int
+    n_q: int
+    n_kv: int
+    type_k: int
+    n_stream: int = 1
+
+    def __str__(self) -> str:
+        k = {GGML_TYPE_F16: "f16", GGML_TYPE_Q8_0: "q8_0"}[self.type_k]
+        return f"D{self.D}-gqa{self.gqa}-W{self.W}-q{self.n_q}-kv{self.n_kv}-{k}-s{self.n_stream}"
+
+
+CASES = [Case(D, 2, gqa, W, n_q, n_kv, tk, ns)
+         for D in (64, 128) for tk in (GGML_TYPE_F16, GGML_TYPE_Q8_0)
+         for gqa, W, n_q, n_kv, ns in ((1, 1, 1, 700, 1), (4, 7, 7, 300, 1), (8, 512, 512, 900, 1),
+                                       (4, 512, 1, 2048, 1), (8, 7, 1, 1500, 2), (1, 512, 64, 1000, 2))]
+
+
+def make_inputs(c: Case, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Shapes in NumPy order (reversed ggml ne). Cells: positions 0..n_kv-1 shuffled in blocks, 5 % empty."""
+    H = c.n_head_kv * c.gqa
+    x = {n: rng.standard_normal((c.n_stream, H, c.n_q, c.D)).astype(np.float32) for n in ("q", "q_g")}
+    for n in ("k", "k_g", "v"):
+        x[n] = rng.standard_normal((c.n_stream, c.n_head_kv, c.n_kv, c.D)).astype(np.float16).astype(np.float32)
+    pos_k = np.stack([np.concatenate([b[::-1] for b in np.array_split(rng.permutation(c.n_kv), 7)])
+                      for _ in range(c.n_stream)]).astype(np.int32)
+    pos_q = (np.max(pos_k, axis=1, keepdims=True) - c.n_q + 1 + np.arange(c.n_q)).astype(np.int32)
+    empty = rng.random((c.n_stream, c.n_kv)) < 0.05
+    visible = (pos_k[:, None, :] <= pos_q[:, :, None]) & ~empty[:, None, :]  # [s, n_q, n_kv], causal
+    n_q_pad = c.n_q + (-c.n_q) % 64
+    mask = np.full((c.n_stream, n_q_pad, c.n_kv), -np.inf, dtype=np.float32)
+    mask[:, :c.n_q][visible] = 0.0
+    mask[:, :c.n_q] += np.where(visible, rng.uniform(-1, 0, visible.shape), 0.0)  # a real additive bias too
+    x.update(pos_q=pos_q, pos_k=pos_k, mask=mask.astype(np.float16))
+    return x
+
+
+def reference(c: Case, x: dict[str, np.ndarray], scale: float) -> np.ndarray:
+    """[n_stream, n_q, H, D], float64, straight from the definition."""
+    H = c.n_head_kv * c.gqa
+    out = np.zeros((c.n_stream, c.n_q, H, c.D))
+    for s in range(c.n_stream):
+        grouped = (x["pos_q"][s][:, None] - x["pos_k"][s][None, :]) >= c.W  # [n_q, n_kv]
+        m = x["mask"][s, :c.n_q].astype(np.float64)
+        for h in range(H):
+            hk = h // c.gqa
+            ln = x["q"][s, h].astype(np.float64) @ x["k"][s, hk].T.astype(np.float64)
+            lg = x["q_g"][s, h].astype(np.float64) @ x["k_g"][s, hk].T.astype(np.float64)
+            z = np.where(grouped, lg, ln) * scale + m
+            z = np.exp(z - z.max(axis=1, keepdims=True))
+            out[s, :, h] = (z / z.sum(axis=1, keepdims=True)) @ x["v"][s, hk].astype(np.float64)
+    return out
+
+
+def run_op(g: Ggml, backend: int, c: Case, x: dict[str, np.ndarray], scale: float) -> np.ndarray | None:
+    """The op on one backend; None when the backend does not support this case."""
+    lib = g.lib
+    ctx = lib.ggml_init(InitParams(64 * 1024 * 1024 // 64, None, True))
+    H = c.n_head_kv * c.gqa
+
+    def tensor(type_: int, *ne: int) -> int:
+        return lib.ggml_new_tensor_4d(ctx, type_, *(list(ne) + [1] * (4 - len(ne))))
+
+    n_q_pad = x["mask"].shape[1]
+    t = {
+        "q": tensor(GGML_TYPE_F32, c.D, c.n_q, H, c.n_stream), "q_g": tensor(GGML_TYPE_F32, c.D, c.n_q, H, c.n_stream),
+        "k": tensor(c.type_k, c.D, c.n_kv, c.n_head_kv, c.n_stream),
+        "k_g": tensor(GGML_TYPE_F16, c.D, c.n_kv, c.n_head_kv, c.n_stream),
+        "v": tensor(GGML_TYPE_F16, c.D, c.n_kv, c.n_head_kv, c.n_stream),
+        "mask": tensor(GGML_TYPE_F16, c.n_kv, n_q_pad, 1, c.n_stream),
+        "pos_q": tensor(GGML_TYPE_I32, c.n_q, c.n_stream), "pos_k": tensor(GGML_TYPE_I32, c.n_kv, c.n_stream),
+    }
+    out = lib.ggml_flash_attn_ext_se(ctx, t["q"], t["k"], t["v"], t["mask"], t["q_g"], t["k_g"], t["pos_q"],
+                                     t["pos_k"], c.W, scale, 0.0)
+    try:
+        if not lib.ggml_backend_supports_op(backend, out):
+            return None
+        graph = lib.ggml_new_graph(ctx)
+        lib.ggml_build_forward_expand(graph, out)
+        buf = lib.ggml_backend_alloc_ctx_tensors(ctx, backend)
+        try:
+            for name, tensor_ in t.items():
+                a = np.ascontiguousarray(x[name])
+                if name == "k" and c.type_k == GGML_TYPE_Q8_0:
+                    q8 = ctypes.create_string_buffer(lib.ggml_nbytes(tensor_))
+                    f32 = np.ascontiguousarray(a, dtype=np.float32)
+                    lib.ggml_quantize_chunk(GGML_TYPE_Q8_0, f32.ctypes.data, q8, 0, f32.size // c.D, c.D, None)
+                    lib.ggml_backend_tensor_set(tensor_, q8, 0, lib.ggml_nbytes(tensor_))
+                    continue
+                if name in ("k", "k_g", "v", "mask"):
+                    a = a.astype(np.float16)
+                assert a.nbytes == lib.ggml_nbytes(tensor_), name
+                lib.ggml_backend_tensor_set(tensor_, a.ctypes.data, 0, a.nbytes)
+            assert lib.ggml_backend_graph_compute(backend, graph) == 0
+            res = np.empty((c.n_stream, c.n_q, H, c.D), dtype=np.float32)
+            lib.ggml_backend_tensor_get(out, res.ctypes.data, 0, res.nbytes)
+            return res
+        finally:
+            lib.ggml_backend_buffer_free(buf)
+    finally:
+        lib.ggml_free(ctx)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_op_matches_reference_on_every_backend(ggml: Ggml, case: Case) -> None:
+    rng = np.random.default_rng(zlib.crc32(str(case).encode()))
+    x = make_inputs(case, rng)
+    scale = 1.0 / np.sqrt(case.D)
+    want = reference(case, x, scale)
+    tol = 3e-2 if case.type_k == GGML_TYPE_Q8_0 else 2e-3  # q8_0 K rounds every logit by ~1e-2
+    results = {}
+    for name, backend in ggml.backends.items():
+        got = run_op(ggml, backend, case, x, scale)
+        if got is None:
+            assert name != "CPU", "the CPU backend runs every case"
+            continue
+        err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+        assert err < tol, f"{name}: max error {err:.3g} (relative to the output scale) > {tol}"
+        results[name] = got
+    if "GPU" in results:  # test-backend-ops' measure: normalized mean squared error against the CPU
+        nmse = float(np.sum((results["GPU"] - results["CPU"]) ** 2) / np.sum(results["CPU"] ** 2))
+        assert nmse < 1e-5, f"GPU vs CPU NMSE {nmse:.3g}"
+
+
+def test_wrong_side_is_detected(ggml: Ggml) -> None:
+    """The comparison is sensitive to the rule: moving W by one (one key per query changes sides, out of ~300)
+    moves the output by more than ten times the f16 tolerance."""
+    case = Case(64, 2, 4, 7, 7, 300, GGML_TYPE_F16)
+    x = make_inputs(case, np.random.default_rng(1))
+    got = run_op(ggml, ggml.backends["CPU"], case, x, 0.125)
+    other = reference(Case(64, 2, 4, 8, 7, 300, GGML_TYPE_F16), x, 0.125)
+    assert got is not None
+    assert np.max(np.abs(got - other)) / np.max(np.abs(other)) > 10 * 2e-3
