@@ -21,7 +21,6 @@
 #include "ggml-self-extend.h"
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -40,7 +39,6 @@ struct llama_se_kcache {
     std::vector<ggml_tensor *>           k_g;   // per KV layer, as llama_kv_cache::layers: [n_embd_k_gqa, kv_size, n_stream]
     int32_t                              G = 0; // group size the valid streams hold
     std::vector<bool>                    valid; // per stream
-    uint32_t max_fused_tokens = UINT32_MAX;     // larger ubatches take the generic path (see se_kcache_alloc)
 };
 
 // the one friend of the upstream classes whose internals we read
@@ -179,16 +177,6 @@ static bool se_kcache_alloc(llama_kv_cache * kv) {
         kc->bufs.emplace_back(buf);
     }
     kc->valid.assign(kc->k_g.empty() ? 0 : kc->k_g[0]->ne[2], false);
-    // The CUDA kernel is built for decode (a few queries against many keys); for prefill ubatches on a GPU
-    // the generic path (tensor-core matmuls) is faster, and it refreshes the grouped keys as it goes.
-    for (const auto & layer : llama_se_access::layers(kv)) {
-        if (!ggml_backend_buffer_is_host(layer.k->buffer)) {
-            kc->max_fused_tokens = 16;
-        }
-    }
-    if (const char * env = getenv("LLAMA_SE_FUSED_MAX_TOKENS")) { // tests: exercise both paths on one cache
-        kc->max_fused_tokens = (uint32_t) atoi(env);
-    }
     LLAMA_LOG_INFO("%s: grouped keys: %.2f MiB\n", __func__, total/1024.0/1024.0);
     llama_se_access::kcache(kv) = std::move(kc);
     return true;
@@ -344,11 +332,9 @@ llama_se_inp llama_se_build_inp(
     ggml_set_input(inp.q_shift); ggml_set_name(inp.q_shift, "se_q_shift");
 
     // keys: the fused path rotates only the ubatch's keys into the grouped-key cache, unless it must be rebuilt;
-    // the generic path rotates every cached key (and refreshes the grouped-key cache, if any, with them)
-    const llama_se_kcache * kc = llama_se_access::kcache(llama_se_access::kv(mctx));
-    const bool fused = cparams.se_fa && kc && (uint32_t) n_tokens <= kc->max_fused_tokens;
-    inp.k_g_rebuild = kc && (!fused || se_kcache_stale(mctx, cparams.se_n));
-    if (fused && !inp.k_g_rebuild) {
+    // the generic path rotates every cached key
+    inp.k_g_rebuild = cparams.se_fa && se_kcache_stale(mctx, cparams.se_n);
+    if (cparams.se_fa && !inp.k_g_rebuild) {
         inp.k_shift_cur = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
         ggml_set_input(inp.k_shift_cur); ggml_set_name(inp.k_shift_cur, "se_k_shift_cur");
     } else {
@@ -356,7 +342,7 @@ llama_se_inp llama_se_build_inp(
         ggml_set_input(inp.k_shift); ggml_set_name(inp.k_shift, "se_k_shift");
     }
 
-    if (fused) {
+    if (cparams.se_fa) {
         inp.pos_q = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_tokens/n_stream, n_stream);
         inp.pos_k = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_kv, n_stream);
         ggml_set_input(inp.pos_q); ggml_set_name(inp.pos_q, "se_pos_q");
@@ -520,7 +506,7 @@ bool llama_se_build_layer(
     };
 
     ggml_tensor * kg = nullptr;
-    if (!inp.pos_q && !inp.k_g_rebuild) {
+    if (!cparams.se_fa) {
         // generic path: rotate the whole view; keep the grouped keys at the cache's precision (f16 for
         // f16/quantized caches): half the memory traffic, and the same fast KQ kernels as the neighbour logits
         kg = rotate_view();
@@ -539,8 +525,7 @@ bool llama_se_build_layer(
                                 strm*llama_se_access::stream0(mctx));
         };
         if (inp.k_g_rebuild) {
-            // every cell of the view, from the cached keys (this ubatch's included: cpy_k runs first); the
-            // generic path reads them from here too
+            // every cell of the view, from the cached keys (this ubatch's included: cpy_k runs first)
             kg = ggml_cpy(ctx, rotate_view(), view(all));
         } else if (k_cur) {
             // only the ubatch's keys [n_embd_head_k, n_head_kv, n_tokens], stored at their cells as cpy_k does

@@ -154,22 +154,6 @@ def test_flash_attention_selects_the_fused_op(model: TinyModel, runner_for: Runn
     assert f16.fused == (flash_attn and (not ON_GPU or model.head_dim in (64, 128)))
 
 
-def test_prefill_generic_then_decode_fused(model: TinyModel, runner_for: RunnerFactory,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a GPU, ubatches above 16 tokens take the generic path and refresh the grouped-key cache that decode's
-    fused op then reads. Forced here with a limit of 4 tokens: 64-token ubatches (generic) then single tokens
-    (fused), then a ubatch of 3 (fused) after a seq_rm."""
-    monkeypatch.setenv("LLAMA_SE_FUSED_MAX_TOKENS", "4")
-    tokens = tokens_for(model, seed=14)
-    r = runner_for(flash_attn=True)
-    assert r.set_self_extend(4, 16) == 0 and r.fused
-    got = np.concatenate([r.decode(tokens[:64]), r.decode(tokens[64:90], positions=range(64, 90), chunk=1)])
-    want = reference_logits(model, tokens, ga_n=4, ga_w=16)
-    assert_close(got, want[:90], ATOL)
-    assert r.seq_rm(0, 87, -1)
-    assert_close(r.decode(tokens[87:90], positions=range(87, 90)), want[87:90], ATOL)
-
-
 @pytest.mark.parametrize("flash_attn", [False, True])
 def test_f16_cache_and_flash_attention(model: TinyModel, runner_for: RunnerFactory,
                                        flash_attn: bool) -> None:

@@ -24,6 +24,10 @@
 #include <cmath>
 #include <cstring>
 
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t SE_TILE_ROWS = 64; // rows (query x head) per tile, at most
@@ -132,11 +136,47 @@ void se_pack_k(const ggml_tensor * k, int64_t c0, int64_t nk, int64_t hk, int64_
     }
 }
 
+// O[r] += p[r*SE_TILE_KV] * v for the R rows of a tile: one f16 row of V converted once, in registers
+inline void se_mad_rows_f16(const ggml_fp16_t * v, int64_t DV, float * O, const float * p, int64_t R) {
+    int64_t d = 0;
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    for (; d + 8 <= DV; d += 8) {
+        const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (v + d)));
+        for (int64_t r = 0; r < R; ++r) {
+            float * o = O + r*DV + d;
+            _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(p[r*SE_TILE_KV]), x, _mm256_loadu_ps(o)));
+        }
+    }
+#endif
+    for (; d < DV; ++d) {
+        const float x = GGML_CPU_FP16_TO_FP32(v[d]);
+        for (int64_t r = 0; r < R; ++r) {
+            O[r*DV + d] += p[r*SE_TILE_KV]*x;
+        }
+    }
+}
+
 struct se_args {
     const ggml_tensor * q, * k, * v, * mask, * q_g, * k_g, * pos_q, * pos_k;
     float   scale, softcap;
     int32_t W;
 };
+
+// prefetch the K (or K_g, as the first query of the tile will need) and V rows of keys [j0, j1)
+void se_prefetch(const se_args & a, int64_t j0, int64_t j1, int64_t hk, int64_t s, int32_t pos_q0) {
+    const int32_t * pk = (const int32_t *) ((const char *) a.pos_k->data + s*a.pos_k->nb[1]);
+    for (int64_t j = j0; j < j1; ++j) {
+        const ggml_tensor * kt = pos_q0 - pk[j] >= a.W ? a.k_g : a.k;
+        const char * kr = (const char *) kt->data + j*kt->nb[1] + hk*kt->nb[2] + s*kt->nb[3];
+        const char * vr = (const char *) a.v->data + j*a.v->nb[1] + hk*a.v->nb[2] + s*a.v->nb[3];
+        for (size_t b = 0; b < ggml_row_size(kt->type, kt->ne[0]); b += 64) {
+            __builtin_prefetch(kr + b);
+        }
+        for (size_t b = 0; b < ggml_row_size(a.v->type, a.v->ne[0]); b += 64) {
+            __builtin_prefetch(vr + b);
+        }
+    }
+}
 
 // One work item: queries [i0, i0 + nq) of stream s, the query heads of KV head hk, keys [c0, c1).
 // Leaves M, L and the unnormalized O of each row in M_out/L_out/O_out (row r = query t*gqa + head hh).
@@ -168,6 +208,9 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
         L[r] = 0.0f;
     }
     memset(O, 0, R*DV*sizeof(float));
+    // products the tiles skip keep finite values, so the selection below can run without branches
+    memset(S,  0, R*SE_TILE_KV*sizeof(float));
+    memset(Sg, 0, R*SE_TILE_KV*sizeof(float));
     if (by_key) {
         for (int64_t r = 0; r < R; ++r) {
             ggml_get_type_traits_cpu(tk->vec_dot_type)->from_float(Q + r*DK, (char *) w.Qc + r*qc_row, DK);
@@ -206,6 +249,12 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
 
         // 2. the products the tile needs
         if (by_key) {
+            // decode is bound by memory latency: the next tile's K (or K_g) and V rows are requested while this
+            // one computes (and this one's too, on the first tile)
+            if (ic == c0) {
+                se_prefetch(a, ic, std::min(c1, ic + SE_TILE_KV), hk, s, pq[0]);
+            }
+            se_prefetch(a, ic + SE_TILE_KV, std::min(c1, ic + 2*SE_TILE_KV), hk, s, pq[0]);
             for (int64_t j = 0; j < nk; ++j) {
                 for (int64_t t = 0; t < nq; ++t) {
                     if (sel[t*SE_TILE_KV + j] == -INFINITY) {
@@ -242,19 +291,17 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
             const uint8_t * gr = grouped + t*SE_TILE_KV;
             float * sr  = S  + r*SE_TILE_KV;
             float * sgr = Sg + r*SE_TILE_KV;
-            float tile_max = -INFINITY;
-            for (int64_t j = 0; j < SE_TILE_KV; ++j) {
-                float x = -INFINITY;
-                if (sl[j] != -INFINITY) {
-                    x = (gr[j] ? sgr[j] : sr[j])*a.scale;
-                    if (a.softcap != 0.0f) {
-                        x = a.softcap*tanhf(x);
-                    }
-                    x += sl[j];
+            if (a.softcap == 0.0f) {
+                for (int64_t j = 0; j < SE_TILE_KV; ++j) { // sl = -inf hides the pair
+                    sr[j] = (gr[j] ? sgr[j] : sr[j])*a.scale + sl[j];
                 }
-                sr[j] = x;
-                tile_max = std::max(tile_max, x);
+            } else {
+                for (int64_t j = 0; j < SE_TILE_KV; ++j) {
+                    sr[j] = a.softcap*tanhf((gr[j] ? sgr[j] : sr[j])*a.scale) + sl[j];
+                }
             }
+            float tile_max = -INFINITY;
+            ggml_vec_max_f32(SE_TILE_KV, &tile_max, sr);
             if (tile_max == -INFINITY) {
                 memset(sr, 0, SE_TILE_KV*sizeof(float));
                 continue;
@@ -279,7 +326,12 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
                 if (!any) {
                     continue;
                 }
-                se_row_to_f32(a.v, (const char *) a.v->data + (ic + j)*a.v->nb[1] + hk*a.v->nb[2] + s*a.v->nb[3], row, DV);
+                const char * vr = (const char *) a.v->data + (ic + j)*a.v->nb[1] + hk*a.v->nb[2] + s*a.v->nb[3];
+                if (a.v->type == GGML_TYPE_F16) {
+                    se_mad_rows_f16((const ggml_fp16_t *) vr, DV, O, S + j, R);
+                    continue;
+                }
+                se_row_to_f32(a.v, vr, row, DV);
                 for (int64_t r = 0; r < R; ++r) {
                     ggml_vec_mad_f32(DV, O + r*DV, row, S[r*SE_TILE_KV + j]);
                 }
