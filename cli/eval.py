@@ -108,7 +108,7 @@ def passkey(model: ModelArg = None,
             n_predict: Annotated[int, typer.Option("--n-predict", "-n", min=1, help="Greedy tokens generated "
                                                    "after the question.")] = 10,
             batch_size: BatchSize = 512, threads: Threads = None, gpu_layers: GpuLayers = 0,
-            flash_attn: FlashAttn = False, plot: Plot = None, as_json: Json = False, quiet: Quiet = False,
+            flash_attn: FlashAttn = True, plot: Plot = None, as_json: Json = False, quiet: Quiet = False,
             verbose: Verbose = False) -> None:
     """Passkey retrieval: accuracy per length × depth for each mode."""
     from selfext_cpp.eval.modes import parse_modes
@@ -155,7 +155,7 @@ def ppl(model: ModelArg = None,
         ga_n: GaN = None, ga_w: GaW = None, auto: Auto = False,
         modes: Modes = "vanilla,selfext",
         batch_size: BatchSize = 512, threads: Threads = None, gpu_layers: GpuLayers = 0,
-        flash_attn: FlashAttn = False, plot: Plot = None, as_json: Json = False, quiet: Quiet = False,
+        flash_attn: FlashAttn = True, plot: Plot = None, as_json: Json = False, quiet: Quiet = False,
         verbose: Verbose = False) -> None:
     """Perplexity of the same final window of a long text, read with growing context."""
     from selfext_cpp.eval.modes import parse_modes

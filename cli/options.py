@@ -21,6 +21,7 @@ CtxSize = Annotated[int, typer.Option("--ctx-size", "-c", min=0,
 Threads = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads (default: all cores).")]
 GpuLayers = Annotated[int, typer.Option("--n-gpu-layers", "-ngl", help="Layers to offload to the GPU (-1 = all).")]
 FlashAttn = Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", "-fa/-no-fa",
-                                         help="llama.cpp flash attention for vanilla layers.")]
+                                         help="Flash attention: llama.cpp's for vanilla layers, the fused "
+                                              "Self-Extend op for the others (off: the slower generic path).")]
 Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Progress and llama.cpp's log on stderr.")]

@@ -57,7 +57,7 @@ def run(
     ctx_size: CtxSize = 0,
     threads: Threads = None,
     gpu_layers: GpuLayers = 0,
-    flash_attn: FlashAttn = False,
+    flash_attn: FlashAttn = True,
     chat: Chat = None,
     system: System = None,
     json_out: Json = False,

@@ -47,7 +47,7 @@ def serve(
     logprobs: Logprobs = False,
     threads: Threads = None,
     gpu_layers: GpuLayers = 0,
-    flash_attn: FlashAttn = False,
+    flash_attn: FlashAttn = True,
     verbose: Verbose = False,
 ) -> None:
     """Serve MODEL over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models) with Self-Extend.

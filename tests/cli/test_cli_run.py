@@ -128,11 +128,12 @@ def test_top_k_1_and_tiny_top_p_are_greedy(cli: Invoke, tiny_model: Path) -> Non
 
 def test_threads_gpu_layers_and_flash_attn_reach_llama(cli: Invoke, tiny_model: Path,
                                                        load_calls: list[dict[str, Any]]) -> None:
-    run_json(cli, tiny_model, "-p", "hello", "-n", "2", "-t", "1", "-ngl", "0", "-fa")
+    run_json(cli, tiny_model, "-p", "hello", "-n", "2", "-t", "1", "-ngl", "0", "-no-fa")
     run_json(cli, tiny_model, "-p", "hello", "-n", "2")
     assert load_calls[0]["n_threads"] == load_calls[0]["n_threads_batch"] == 1
-    assert load_calls[0]["n_gpu_layers"] == 0 and load_calls[0]["flash_attn"] is True
-    assert load_calls[1]["n_threads"] == os.cpu_count() and load_calls[1]["flash_attn"] is False  # the help says so
+    assert load_calls[0]["n_gpu_layers"] == 0 and load_calls[0]["flash_attn"] is False
+    # the help says so: all cores, and flash attention (the fused Self-Extend op) by default
+    assert load_calls[1]["n_threads"] == os.cpu_count() and load_calls[1]["flash_attn"] is True
 
 
 def test_the_prompt_is_evaluated_once_and_generation_reuses_it(cli: Invoke, tiny_model: Path,

@@ -34,6 +34,7 @@ constexpr int64_t SE_TILE_ROWS = 64; // rows (query x head) per tile, at most
 constexpr int64_t SE_TILE_KV   = 64; // keys per tile
 constexpr int64_t SE_MIN_CHUNK = 256; // keys per chunk when the keys are split, at least
 constexpr int64_t SE_ROWS_GEMM = 8;   // tiles of more rows multiply packed f32 tiles; fewer (decode) dot each key
+constexpr int64_t SE_PREFETCH  = 4;   // few-row tiles: key tiles requested ahead (memory latency bounds decode)
 
 // how the op is cut into work items; shared by the kernel and the work-size estimate
 struct se_plan {
@@ -249,12 +250,12 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
 
         // 2. the products the tile needs
         if (by_key) {
-            // decode is bound by memory latency: the next tile's K (or K_g) and V rows are requested while this
-            // one computes (and this one's too, on the first tile)
+            // decode is bound by memory latency: the K (or K_g) and V rows SE_PREFETCH tiles ahead are requested
+            // while this one computes (the first tiles' on the first one)
             if (ic == c0) {
-                se_prefetch(a, ic, std::min(c1, ic + SE_TILE_KV), hk, s, pq[0]);
+                se_prefetch(a, ic, std::min(c1, ic + SE_PREFETCH*SE_TILE_KV), hk, s, pq[0]);
             }
-            se_prefetch(a, ic + SE_TILE_KV, std::min(c1, ic + 2*SE_TILE_KV), hk, s, pq[0]);
+            se_prefetch(a, ic + SE_PREFETCH*SE_TILE_KV, std::min(c1, ic + (SE_PREFETCH + 1)*SE_TILE_KV), hk, s, pq[0]);
             for (int64_t j = 0; j < nk; ++j) {
                 for (int64_t t = 0; t < nq; ++t) {
                     if (sel[t*SE_TILE_KV + j] == -INFINITY) {
