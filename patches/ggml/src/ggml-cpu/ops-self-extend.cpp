@@ -157,6 +157,52 @@ inline void se_mad_rows_f16(const ggml_fp16_t * v, int64_t DV, float * O, const 
     }
 }
 
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+// out[r*SE_TILE_KV] = k . Q[r] for N query rows in f32: the f16 key converted once, in registers
+template <int N>
+void se_dot_rows_f16(const ggml_fp16_t * k, int64_t DK, const float * Q, float * out) {
+    __m256 acc[N];
+    for (int r = 0; r < N; ++r) {
+        acc[r] = _mm256_setzero_ps();
+    }
+    for (int64_t d = 0; d < DK; d += 8) {
+        const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (k + d)));
+        for (int r = 0; r < N; ++r) {
+            acc[r] = _mm256_fmadd_ps(x, _mm256_loadu_ps(Q + r*DK + d), acc[r]);
+        }
+    }
+    for (int r = 0; r < N; ++r) {
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        out[r*SE_TILE_KV] = _mm_cvtss_f32(h);
+    }
+}
+
+// the same for any n <= 8; false when this build has no such kernel (the caller uses ggml's vec_dot)
+bool se_dot_rows(const ggml_tensor * kt, const char * k, int64_t DK, const float * Q, int64_t n, float * out) {
+    if (kt->type != GGML_TYPE_F16 || DK % 8 != 0) {
+        return false;
+    }
+    const ggml_fp16_t * kh = (const ggml_fp16_t *) k;
+    switch (n) {
+        case 1: se_dot_rows_f16<1>(kh, DK, Q, out); return true;
+        case 2: se_dot_rows_f16<2>(kh, DK, Q, out); return true;
+        case 3: se_dot_rows_f16<3>(kh, DK, Q, out); return true;
+        case 4: se_dot_rows_f16<4>(kh, DK, Q, out); return true;
+        case 5: se_dot_rows_f16<5>(kh, DK, Q, out); return true;
+        case 6: se_dot_rows_f16<6>(kh, DK, Q, out); return true;
+        case 7: se_dot_rows_f16<7>(kh, DK, Q, out); return true;
+        case 8: se_dot_rows_f16<8>(kh, DK, Q, out); return true;
+        default: return false;
+    }
+}
+#else
+bool se_dot_rows(const ggml_tensor *, const char *, int64_t, const float *, int64_t, float *) {
+    return false;
+}
+#endif
+
 struct se_args {
     const ggml_tensor * q, * k, * v, * mask, * q_g, * k_g, * pos_q, * pos_k;
     float   scale, softcap;
@@ -264,6 +310,9 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
                     const bool g = grouped[t*SE_TILE_KV + j];
                     const ggml_tensor * kt = g ? a.k_g : a.k;
                     const char * kr = (const char *) kt->data + (ic + j)*kt->nb[1] + hk*kt->nb[2] + s*kt->nb[3];
+                    if (se_dot_rows(kt, kr, DK, (g ? Qg : Q) + t*gqa*DK, gqa, (g ? Sg : S) + t*gqa*SE_TILE_KV + j)) {
+                        continue;
+                    }
                     for (int64_t hh = 0; hh < gqa; ++hh) {
                         const int64_t r = t*gqa + hh;
                         if (g) {
