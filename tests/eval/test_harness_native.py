@@ -23,7 +23,8 @@ from selfext_cpp.eval.shift import GroupShift, shifted_positions
 from selfext_cpp.eval.speed import SpeedConfig, SpeedRun
 
 ATOL = 1e-4  # see the module docstring
-F32_CACHE = {"type_k": 0, "type_v": 0, "n_threads": 2}  # GGML_TYPE_F32
+# GGML_TYPE_F32 cache; llama.cpp's own flash attention would cast it to f16 (vanilla and the `shift` mode use it)
+F32_CACHE = {"type_k": 0, "type_v": 0, "n_threads": 2, "flash_attn": False}
 
 
 def random_tokens(model: TinyModel, n: int, seed: int = 0) -> list[int]:
