@@ -5,8 +5,8 @@ The op selects per (query, key) between the pair (q, k) and the pair (q_g, k_g) 
 only through how q_g/k_g were rotated. Here q_g/k_g are independent random tensors, so a pair taken from the
 wrong side, or a neighbour boundary off by one, moves the output by O(1): far above the tolerances, which are
 the f16 rounding of K/V (2e-3 relative to the output scale), and q8_0's (3e-2).
-The cases cover head sizes 64/128, GQA 1/4/8, W 1/7/512, 1/7/512 queries (decode, odd, prefill), f16 and
-q8_0 K, empty cells, out-of-order positions and two streams.
+The cases cover head sizes 64/128, GQA 1/4/8, W 1/7/512, 1/7/64/512 queries (decode, odd, prefill), f16 and
+q8_0 K, empty cells, out-of-order positions, two streams and logit soft-capping.
 """
 
 from __future__ import annotations
@@ -78,16 +78,19 @@ class Case:
     n_kv: int
     type_k: int
     n_stream: int = 1
+    softcap: float = 0.0
 
     def __str__(self) -> str:
         k = {GGML_TYPE_F16: "f16", GGML_TYPE_Q8_0: "q8_0"}[self.type_k]
-        return f"D{self.D}-gqa{self.gqa}-W{self.W}-q{self.n_q}-kv{self.n_kv}-{k}-s{self.n_stream}"
+        cap = f"-cap{self.softcap:g}" if self.softcap else ""
+        return f"D{self.D}-gqa{self.gqa}-W{self.W}-q{self.n_q}-kv{self.n_kv}-{k}-s{self.n_stream}{cap}"
 
 
 CASES = [Case(D, 2, gqa, W, n_q, n_kv, tk, ns)
          for D in (64, 128) for tk in (GGML_TYPE_F16, GGML_TYPE_Q8_0)
          for gqa, W, n_q, n_kv, ns in ((1, 1, 1, 700, 1), (4, 7, 7, 300, 1), (8, 512, 512, 900, 1),
                                        (4, 512, 1, 2048, 1), (8, 7, 1, 1500, 2), (1, 512, 64, 1000, 2))]
+CASES += [Case(64, 2, 4, 7, n_q, 700, GGML_TYPE_F16, softcap=2.0) for n_q in (1, 64)]  # Gemma-2 style soft-capping
 
 
 def make_inputs(c: Case, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -120,7 +123,10 @@ def reference(c: Case, x: dict[str, np.ndarray], scale: float) -> np.ndarray:
             hk = h // c.gqa
             ln = x["q"][s, h].astype(np.float64) @ x["k"][s, hk].T.astype(np.float64)
             lg = x["q_g"][s, h].astype(np.float64) @ x["k_g"][s, hk].T.astype(np.float64)
-            z = np.where(grouped, lg, ln) * scale + m
+            z = np.where(grouped, lg, ln) * scale
+            if c.softcap:
+                z = c.softcap * np.tanh(z / c.softcap)
+            z = z + m
             z = np.exp(z - z.max(axis=1, keepdims=True))
             out[s, :, h] = (z / z.sum(axis=1, keepdims=True)) @ x["v"][s, hk].astype(np.float64)
     return out
@@ -145,7 +151,7 @@ def run_op(g: Ggml, backend: int, c: Case, x: dict[str, np.ndarray], scale: floa
         "pos_q": tensor(GGML_TYPE_I32, c.n_q, c.n_stream), "pos_k": tensor(GGML_TYPE_I32, c.n_kv, c.n_stream),
     }
     out = lib.ggml_flash_attn_ext_se(ctx, t["q"], t["k"], t["v"], t["mask"], t["q_g"], t["k_g"], t["pos_q"],
-                                     t["pos_k"], c.W, scale, 0.0)
+                                     t["pos_k"], c.W, scale, c.softcap)
     try:
         if not lib.ggml_backend_supports_op(backend, out):
             return None
