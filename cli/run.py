@@ -110,7 +110,8 @@ def run(
     load_s = time.perf_counter() - t0
     se, n_ctx = engine.get_self_extend(llm), llm.n_ctx()  # report what the context has (llama.cpp pads n_ctx)
     if logs:
-        setting = f"--ga-n {se.ga_n} --ga-w {se.ga_w}" if se.enabled else "off"
+        kind = "fused" if engine.self_extend_fused(llm) else "generic path: flash attention off or not on every device"
+        setting = f"--ga-n {se.ga_n} --ga-w {se.ga_w} ({kind})" if se.enabled else "off"
         hint(f"loaded {path.name} in {load_s:.1f} s: trained context {n_ctx_train}, n_ctx {n_ctx}, "
              f"Self-Extend {setting}; prompt {n_prompt} tokens")
 

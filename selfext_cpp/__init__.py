@@ -9,7 +9,8 @@ The heavy parts (our libllama, llama_cpp) load on first use, so importing this p
 
 from __future__ import annotations
 
-from .engine import SelfExtend, capacity, choose, enable_self_extend, get_self_extend, load, model_support
+from .engine import (SelfExtend, capacity, choose, enable_self_extend, get_self_extend, load, model_support,
+                     self_extend_fused)
 from .errors import (CapacityError, HubError, LibraryError, ModelError, ParameterError, SelfextError,
                      UnsupportedModelError)
 
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SelfExtend", "capacity", "choose", "enable_self_extend", "get_self_extend", "load", "model_support",
+    "self_extend_fused",
     "SelfextError", "LibraryError", "ModelError", "UnsupportedModelError", "ParameterError", "CapacityError",
     "HubError", "__version__",
 ]

@@ -117,6 +117,12 @@ def enable_self_extend(llm: Llama, ga_n: int, ga_w: int = 0) -> SelfExtend:
     return params
 
 
+def self_extend_fused(llm: Llama) -> bool:
+    """Whether ``llm``'s Self-Extend layers run the fused flash-attention op (needs flash attention on and the op
+    on every device holding the KV cache); False when Self-Extend is off or runs the slower generic path."""
+    return bool(_capi().llama_self_extend_fused(llm.ctx))
+
+
 def n_ctx_train(llm: Llama) -> int:
     """The context length the model in ``llm`` was trained with."""
     return int(_capi().llama_cpp.llama_model_n_ctx_train(llm.model))

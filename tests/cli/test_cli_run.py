@@ -156,8 +156,15 @@ def test_verbose_shows_the_prefill_bar_summary_and_llama_log(cli: Invoke, tiny_m
     assert "prefill" in result.stderr and "451/451" in result.stderr and "tok/s" in result.stderr
     assert "llama_model_loader" in result.stderr  # llama.cpp's own log
     assert "selfext: loaded tiny-llama.gguf" in result.stderr
+    assert "Self-Extend --ga-n 4 --ga-w 64 (fused)" in result.stderr  # flash attention is on by default
     assert "selfext: prompt 451 tokens in" in result.stderr
     assert "prefill" not in result.stdout and "selfext:" not in result.stdout
+
+
+def test_without_flash_attention_the_log_names_the_generic_path(cli: Invoke, tiny_model: Path) -> None:
+    result = cli("run", tiny_model, "--ga-n", "4", "--ga-w", "64", "-n", "1", "-no-fa", "-v", input=DOC)
+    assert result.exit_code == 0
+    assert "Self-Extend --ga-n 4 --ga-w 64 (generic path: flash attention off" in result.stderr
 
 
 def test_chat_uses_the_model_template_and_system_message(cli: Invoke, smollm2: Path) -> None:
