@@ -28,6 +28,8 @@
 
 #include "ggml.h"
 
+#include <string.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -45,6 +47,31 @@ GGML_API struct ggml_tensor * ggml_flash_attn_ext_se(
         int32_t               n_window,
         float                 scale,
         float                 logit_softcap);
+
+// The operands and parameters of a GGML_OP_FLASH_ATTN_EXT_SE node, read back from where ggml_flash_attn_ext_se
+// stores them: the one place backends learn the node's layout.
+struct ggml_flash_attn_ext_se_args {
+    const struct ggml_tensor * q, * k, * v, * mask, * q_g, * k_g, * pos_q, * pos_k;
+    float   scale;
+    float   logit_softcap;
+    int32_t n_window;
+};
+
+static inline struct ggml_flash_attn_ext_se_args ggml_flash_attn_ext_se_get_args(const struct ggml_tensor * op) {
+    struct ggml_flash_attn_ext_se_args a;
+    a.q     = op->src[0];
+    a.k     = op->src[1];
+    a.v     = op->src[2];
+    a.mask  = op->src[3];
+    a.q_g   = op->src[5];
+    a.k_g   = op->src[6];
+    a.pos_q = op->src[7];
+    a.pos_k = op->src[8];
+    memcpy(&a.scale,         (const float *) op->op_params + 0, sizeof(float));
+    memcpy(&a.logit_softcap, (const float *) op->op_params + 2, sizeof(float));
+    a.n_window = op->op_params[4];
+    return a;
+}
 
 #ifdef __cplusplus
 }

@@ -17,6 +17,7 @@
 
 #include "ggml-cpu.h"
 #include "ggml-impl.h"
+#include "ggml-self-extend.h"
 #include "simd-gemm.h"
 #include "vec.h"
 
@@ -36,6 +37,9 @@ constexpr int64_t SE_MIN_CHUNK = 256; // keys per chunk when the keys are split,
 constexpr int64_t SE_ROWS_GEMM = 8;   // tiles of more rows multiply packed f32 tiles; fewer (decode) dot each key
 constexpr int64_t SE_PREFETCH  = 4;   // few-row tiles: key tiles requested ahead (memory latency bounds decode)
 
+// the node's operands; the kernel folds 1/logit_softcap into scale
+using se_args = ggml_flash_attn_ext_se_args;
+
 // how the op is cut into work items; shared by the kernel and the work-size estimate
 struct se_plan {
     int64_t DK, DV, n_q, n_kv, n_head, n_head_kv, ne3;
@@ -47,10 +51,10 @@ struct se_plan {
     int64_t n_item() const { return ne3*n_head_kv*n_qblk*n_chunk; }
 };
 
-se_plan se_make_plan(const ggml_tensor * dst, int nth) {
-    const ggml_tensor * q = dst->src[0];
-    const ggml_tensor * k = dst->src[1];
-    const ggml_tensor * v = dst->src[2];
+se_plan se_make_plan(const se_args & a, int nth) {
+    const ggml_tensor * q = a.q;
+    const ggml_tensor * k = a.k;
+    const ggml_tensor * v = a.v;
 
     se_plan p;
     p.DK        = k->ne[0];
@@ -203,17 +207,11 @@ bool se_dot_rows(const ggml_tensor *, const char *, int64_t, const float *, int6
 }
 #endif
 
-struct se_args {
-    const ggml_tensor * q, * k, * v, * mask, * q_g, * k_g, * pos_q, * pos_k;
-    float   scale, softcap;
-    int32_t W;
-};
-
 // prefetch the K (or K_g, as the first query of the tile will need) and V rows of keys [j0, j1)
 void se_prefetch(const se_args & a, int64_t j0, int64_t j1, int64_t hk, int64_t s, int32_t pos_q0) {
     const int32_t * pk = (const int32_t *) ((const char *) a.pos_k->data + s*a.pos_k->nb[1]);
     for (int64_t j = j0; j < j1; ++j) {
-        const ggml_tensor * kt = pos_q0 - pk[j] >= a.W ? a.k_g : a.k;
+        const ggml_tensor * kt = pos_q0 - pk[j] >= a.n_window ? a.k_g : a.k;
         const char * kr = (const char *) kt->data + j*kt->nb[1] + hk*kt->nb[2] + s*kt->nb[3];
         const char * vr = (const char *) a.v->data + j*a.v->nb[1] + hk*a.v->nb[2] + s*a.v->nb[3];
         for (size_t b = 0; b < ggml_row_size(kt->type, kt->ne[0]); b += 64) {
@@ -280,7 +278,7 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
             uint8_t * gr = grouped + t*SE_TILE_KV;
             for (int64_t j = 0; j < nk; ++j) {
                 sl[j] = mp ? GGML_CPU_FP16_TO_FP32(mp[j]) : 0.0f;
-                gr[j] = pq[t] - pk[ic + j] >= a.W;
+                gr[j] = pq[t] - pk[ic + j] >= a.n_window;
                 if (sl[j] != -INFINITY) {
                     need_g |=  gr[j];
                     need_n |= !gr[j];
@@ -341,13 +339,13 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
             const uint8_t * gr = grouped + t*SE_TILE_KV;
             float * sr  = S  + r*SE_TILE_KV;
             float * sgr = Sg + r*SE_TILE_KV;
-            if (a.softcap == 0.0f) {
+            if (a.logit_softcap == 0.0f) {
                 for (int64_t j = 0; j < SE_TILE_KV; ++j) { // sl = -inf hides the pair
                     sr[j] = (gr[j] ? sgr[j] : sr[j])*a.scale + sl[j];
                 }
             } else {
                 for (int64_t j = 0; j < SE_TILE_KV; ++j) {
-                    sr[j] = a.softcap*tanhf((gr[j] ? sgr[j] : sr[j])*a.scale) + sl[j];
+                    sr[j] = a.logit_softcap*tanhf((gr[j] ? sgr[j] : sr[j])*a.scale) + sl[j];
                 }
             }
             float tile_max = -INFINITY;
@@ -406,25 +404,14 @@ inline float * se_dst_row(ggml_tensor * dst, const se_plan & p, int64_t s, int64
 } // namespace
 
 size_t ggml_cpu_flash_attn_ext_se_work_size(const ggml_tensor * dst, int n_tasks) {
-    const se_plan p = se_make_plan(dst, n_tasks);
+    const se_plan p = se_make_plan(ggml_flash_attn_ext_se_get_args(dst), n_tasks);
     return sizeof(float)*(se_scratch(p, nullptr).n_floats*n_tasks + se_partial_floats(p));
 }
 
 void ggml_compute_forward_flash_attn_ext_se(const ggml_compute_params * params, ggml_tensor * dst) {
-    se_args a;
-    a.q     = dst->src[0];
-    a.k     = dst->src[1];
-    a.v     = dst->src[2];
-    a.mask  = dst->src[3];
-    a.q_g   = dst->src[5];
-    a.k_g   = dst->src[6];
-    a.pos_q = dst->src[7];
-    a.pos_k = dst->src[8];
-    memcpy(&a.scale,   (const float *) dst->op_params + 0, sizeof(float));
-    memcpy(&a.softcap, (const float *) dst->op_params + 2, sizeof(float));
-    a.W = ggml_get_op_params_i32(dst, 4);
-    if (a.softcap != 0.0f) {
-        a.scale /= a.softcap;
+    se_args a = ggml_flash_attn_ext_se_get_args(dst);
+    if (a.logit_softcap != 0.0f) {
+        a.scale /= a.logit_softcap;
     }
 
     GGML_ASSERT(a.q->type == GGML_TYPE_F32 && a.q_g->type == GGML_TYPE_F32);
@@ -434,7 +421,7 @@ void ggml_compute_forward_flash_attn_ext_se(const ggml_compute_params * params, 
 
     const int ith = params->ith;
     const int nth = params->nth;
-    const se_plan p = se_make_plan(dst, nth);
+    const se_plan p = se_make_plan(a, nth);
 
     const size_t per_thread = se_scratch(p, nullptr).n_floats;
     const se_scratch w(p, (float *) params->wdata + ith*per_thread);

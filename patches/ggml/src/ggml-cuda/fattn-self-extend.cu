@@ -959,15 +959,12 @@ static void fattn_se_run(const fattn_se_params & p, fattn_se_plan P, char * ws, 
 
 #ifndef GGML_CUDA_FATTN_SE_SELFTEST
 
+#include "ggml-self-extend.h"
+
 static fattn_se_params fattn_se_params_from_tensor(const ggml_tensor * dst) {
-    const ggml_tensor * q     = dst->src[0];
-    const ggml_tensor * k     = dst->src[1];
-    const ggml_tensor * v     = dst->src[2];
-    const ggml_tensor * mask  = dst->src[3];
-    const ggml_tensor * q_g   = dst->src[5];
-    const ggml_tensor * k_g   = dst->src[6];
-    const ggml_tensor * pos_q = dst->src[7];
-    const ggml_tensor * pos_k = dst->src[8];
+    const ggml_flash_attn_ext_se_args a = ggml_flash_attn_ext_se_get_args(dst);
+    const ggml_tensor * q = a.q, * k = a.k, * v = a.v, * mask = a.mask, * q_g = a.q_g, * k_g = a.k_g;
+    const ggml_tensor * pos_q = a.pos_q, * pos_k = a.pos_k;
 
     fattn_se_params p = {};
     p.q   = (const char *) q->data;   p.nb_q1  = q->nb[1];   p.nb_q2  = q->nb[2];   p.nb_q3  = q->nb[3];
@@ -994,9 +991,9 @@ static fattn_se_params fattn_se_params_from_tensor(const ggml_tensor * dst) {
     p.n_kv      = k->ne[1];
     p.n_head_kv = k->ne[2];
 
-    memcpy(&p.scale,   (const float *) dst->op_params + 0, sizeof(float));
-    memcpy(&p.softcap, (const float *) dst->op_params + 2, sizeof(float));
-    p.W = ((const int32_t *) dst->op_params)[4];
+    p.scale   = a.scale;
+    p.softcap = a.logit_softcap;
+    p.W       = a.n_window;
     return p;
 }
 
@@ -1012,14 +1009,9 @@ void ggml_cuda_flash_attn_ext_se(ggml_backend_cuda_context & ctx, ggml_tensor * 
 }
 
 bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) {
-    const ggml_tensor * q     = dst->src[0];
-    const ggml_tensor * k     = dst->src[1];
-    const ggml_tensor * v     = dst->src[2];
-    const ggml_tensor * mask  = dst->src[3];
-    const ggml_tensor * q_g   = dst->src[5];
-    const ggml_tensor * k_g   = dst->src[6];
-    const ggml_tensor * pos_q = dst->src[7];
-    const ggml_tensor * pos_k = dst->src[8];
+    const ggml_flash_attn_ext_se_args a = ggml_flash_attn_ext_se_get_args(dst);
+    const ggml_tensor * q = a.q, * k = a.k, * v = a.v, * mask = a.mask, * q_g = a.q_g, * k_g = a.k_g;
+    const ggml_tensor * pos_q = a.pos_q, * pos_k = a.pos_k;
 
     if (!ampere_mma_available(ggml_cuda_info().devices[device].cc)) {
         return false;
