@@ -32,12 +32,12 @@
 // Self-Extend's grouped keys of one KV cache: every cached key rotated on to its grouped position j/G, written
 // once, when the key is stored. The fused path reads them instead of rotating the whole cache every ubatch;
 // they cost one more K cache of memory (f16, or f32 for an f32 cache). Rebuilt from K, in the graph of the next
-// ubatch, after the keys move (K-shift, stream copy, state load) or G changes.
+// ubatch, after the keys move (K-shift, stream copy, state load) or the setting changes (llama_set_self_extend
+// invalidates them).
 struct llama_se_kcache {
     std::vector<ggml_context_ptr>        ctxs;
     std::vector<ggml_backend_buffer_ptr> bufs;
     std::vector<ggml_tensor *>           k_g;   // per KV layer, as llama_kv_cache::layers: [n_embd_k_gqa, kv_size, n_stream]
-    int32_t                              G = 0; // group size the valid streams hold
     std::vector<bool>                    valid; // per stream
 };
 
@@ -188,13 +188,13 @@ void llama_se_kcache_invalidate(const llama_kv_cache & kv) {
     }
 }
 
-// whether the streams of mctx's ubatch need their grouped keys rebuilt for group size G
-static bool se_kcache_stale(const llama_kv_cache_context * mctx, int32_t G) {
+// whether the streams of mctx's ubatch need their grouped keys rebuilt
+static bool se_kcache_stale(const llama_kv_cache_context * mctx) {
     const llama_se_kcache * kc = llama_se_access::kcache(llama_se_access::kv(mctx));
     if (!kc) {
         return false;
     }
-    bool stale = kc->G != G;
+    bool stale = false;
     for (uint32_t s = llama_se_access::stream0(mctx); s <= llama_se_access::stream1(mctx); ++s) {
         stale |= !kc->valid[s];
     }
@@ -263,7 +263,7 @@ int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
             break;
         }
         if (llama_se_access::kcache(kv)) {
-            llama_se_kcache_invalidate(*kv); // built for another G
+            llama_se_kcache_invalidate(*kv); // built under the previous setting
         } else {
             fused = se_kcache_alloc(const_cast<llama_kv_cache *>(kv));
         }
@@ -312,7 +312,7 @@ bool llama_se_can_reuse(const llama_se_inp & inp, const llama_kv_cache_context *
         return true;
     }
     // a graph that rebuilt the grouped keys must not run again, and a stale cache needs that graph
-    return !inp.k_g_rebuild && !(inp.k_shift_cur && se_kcache_stale(mctx, llama_se_access::kcache(llama_se_access::kv(mctx))->G));
+    return !inp.k_g_rebuild && !(inp.k_shift_cur && se_kcache_stale(mctx));
 }
 
 llama_se_inp llama_se_build_inp(
@@ -333,7 +333,7 @@ llama_se_inp llama_se_build_inp(
 
     // keys: the fused path rotates only the ubatch's keys into the grouped-key cache, unless it must be rebuilt;
     // the generic path rotates every cached key
-    inp.k_g_rebuild = cparams.se_fa && se_kcache_stale(mctx, cparams.se_n);
+    inp.k_g_rebuild = cparams.se_fa && se_kcache_stale(mctx);
     if (cparams.se_fa && !inp.k_g_rebuild) {
         inp.k_shift_cur = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
         ggml_set_input(inp.k_shift_cur); ggml_set_name(inp.k_shift_cur, "se_k_shift_cur");
@@ -405,7 +405,6 @@ void llama_se_set_inp(
     if (inp.k_g_rebuild) {
         // this graph rewrites the grouped keys of every used cell of its streams
         llama_se_kcache * kc = llama_se_access::kcache(kv);
-        kc->G = G;
         for (uint32_t s = s0; s <= llama_se_access::stream1(mctx); ++s) {
             kc->valid[s] = true;
         }

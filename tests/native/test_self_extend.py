@@ -231,3 +231,17 @@ def test_long_positions(tmp_path: Path, arch: str, ga_n: int, ga_w: int, shift: 
         got = r.decode(tokens[60:])  # continues after the moved cells
     positions = list(range(30)) + list(range(30 + shift, N_TOKENS + shift))
     assert_close(got, reference_logits(model, tokens, positions, ga_n=ga_n, ga_w=ga_w)[60:], ATOL_LONG)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["generic", "fused"])
+def test_changing_the_setting_on_a_filled_cache(tmp_path: Path, flash_attn: bool) -> None:
+    """With one layer the cached keys do not depend on Self-Extend, so after a change of G the next tokens must
+    match a fresh run under the new setting: on the fused path the grouped keys are rebuilt for the new G."""
+    model = make_tiny_gguf(tmp_path / "llama-1layer.gguf", arch="llama", n_layer=1, n_head_kv=2, seed=6)
+    tokens = tokens_for(model, seed=15)
+    with LlamaRunner(model.path, n_ctx=256, flash_attn=flash_attn) as r:
+        assert r.set_self_extend(4, 16) == 0
+        r.decode(tokens[:60])
+        assert r.set_self_extend(8, 16) == 0
+        got = r.decode(tokens[60:])
+    assert_close(got, reference_logits(model, tokens, ga_n=8, ga_w=16)[60:], ATOL)
