@@ -5,6 +5,7 @@
 // From ggml/src/ggml-cuda of the patched llama.cpp, with this file next to fattn-self-extend.cu:
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I../../include -I.. -I. fattn-self-extend-selftest.cu -o selftest && ./selftest
 // Exit status 0: every case within 1e-2 of its output scale (the largest |reference| of the case).
+// Options: --check runs the cases only (e.g. under compute-sanitizer), --perf the timings only (e.g. under ncu).
 
 #define GGML_CUDA_FATTN_SE_SELFTEST
 #include "fattn-self-extend.cu"
@@ -14,6 +15,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -373,7 +375,7 @@ static void se_time(const char * name, const int D, const int n_head, const int 
            name, P.decode ? "decode" : "prefill", P.NHB, P.RPB, P.nsplit, us, tflops, gbs);
 }
 
-int main() {
+int main(int argc, char ** argv) {
     int device;
     CUDA_CHECK(cudaGetDevice(&device));
     cudaDeviceProp prop;
@@ -406,12 +408,19 @@ int main() {
 
     std::mt19937 rng(1234);
     int n_fail = 0;
+    const bool perf_only = argc > 1 && strcmp(argv[1], "--perf") == 0;
     for (const se_case & c : cases) {
-        n_fail += !se_run_case(c, prop.multiProcessorCount, rng);
+        if (!perf_only) {
+            n_fail += !se_run_case(c, prop.multiProcessorCount, rng);
+        }
     }
     printf("\n%d passed, %d failed\n\n", int(sizeof(cases)/sizeof(cases[0])) - n_fail, n_fail);
+    if (argc > 1 && strcmp(argv[1], "--check") == 0) {
+        return n_fail == 0 ? 0 : 1;
+    }
 
     se_time("prefill D=64 16/4 heads",   64, 16, 4, 2048, 32768, 1024, prop.multiProcessorCount);
+    se_time("prefill D=128 16/4 heads", 128, 16, 4, 2048, 32768, 1024, prop.multiProcessorCount);
     se_time("prefill D=128 32/8 heads", 128, 32, 8, 2048, 32768, 1024, prop.multiProcessorCount);
     se_time("decode D=64 16/4 heads",    64, 16, 4,    1, 32768, 1024, prop.multiProcessorCount);
     se_time("decode D=128 32/8 heads",  128, 32, 8,    1, 32768, 1024, prop.multiProcessorCount);

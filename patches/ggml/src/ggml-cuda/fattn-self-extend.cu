@@ -11,6 +11,7 @@
 //          neighbour  every visible key has pos_q - pos_k <  W for every query: S = Q   K^T, only K is loaded,
 //          grouped    every visible key has pos_q - pos_k >= W for every query: S = Q_g K_g^T, only K_g is loaded,
 //          mixed      the tile straddles pos_q - pos_k = W: both products, the positions select one per element;
+//        and it is flagged masked when its mask has non-zero values (a mask of zeros is not loaded nor added);
 //     2. S (f16 x f16 -> f32 mma) gets the softcap and the mask, then one online softmax per column;
 //     3. O += P V with P rounded to f16 and O accumulated in f32.
 //   Everything runs in base 2: log2(e) is folded into the Q scale (or the softcap factor) and into the mask.
@@ -22,12 +23,20 @@
 //   When the blocks alone cannot fill the GPU the KV range of each block is also split (nsplit): every split leaves an
 //   unnormalized partial (max, sum, O) and flash_attn_ext_se_combine merges them exactly.
 //
-// Pipeline (cp.async, two __syncthreads per tile)
+// Classification
+//   prefill: flash_attn_ext_se_classify runs first and classifies every (block of queries, tile) once for all the heads,
+//            reading the whole mask once; it also gives each block of queries the range of tiles to walk (the end of a
+//            causal mask and other sequences at the ends of the cache are never visited). In the attention kernel a
+//            tile then costs one byte: a run of grouped tiles loads neither positions nor mask.
+//   decode:  few queries, so the kernel classifies each tile itself (a quarter per warp) one tile ahead of its use;
+//            that hides under the memory-bound loads and saves a launch.
+//
+// Pipeline (cp.async, two __syncthreads per tile, a load in flight behind each phase)
 //   The loads of a tile depend on its class, so positions and mask run one tile ahead of K/V:
-//     A: wait for [K part(t), V(t), pos/mask(t+1)], sync;
-//        each warp classifies a quarter of tile t+1 into shared memory; S-phase of tile t
-//     B: sync; every thread merges the quarters -> class(t+1);
-//        issue K part(t+1), V(t+1) (other V buffer), pos/mask(t+2) (slot of tile t); PV-phase of tile t.
+//     A: wait for [K part(t), pos/mask(t+1)], sync; issue V(t);
+//        (decode) each warp classifies a quarter of tile t+1; S-phase of tile t
+//     B: wait for V(t), sync; class(t+1) (decode: merge the quarters);
+//        issue K part(t+1), pos/mask(t+2) as its class needs them (slot of tile t); PV-phase of tile t.
 //
 // mma tiles (ggml_cuda_mma::tile on Ampere):
 //   tile<16, 8, half2>  A/B operand, 16 rows x 16 halves, loaded with ldmatrix from row-major shared memory.
@@ -42,6 +51,7 @@
 #include "mma.cuh"
 
 #include <climits>
+#include <type_traits>
 
 using namespace ggml_cuda_mma;
 
@@ -56,6 +66,8 @@ enum fattn_se_class {
     FATTN_SE_NEIGHBOUR = 1,
     FATTN_SE_GROUPED   = 2,
     FATTN_SE_MIXED     = FATTN_SE_NEIGHBOUR | FATTN_SE_GROUPED,
+    FATTN_SE_CLASS     = 3, // the bits of the class above
+    FATTN_SE_MASKED    = 4, // flag: the tile's mask has non-zero values, so it is added (else it is 0 and left out)
 };
 
 // The op as raw device pointers and byte strides, so that the kernels can also be driven without ggml tensors
@@ -85,16 +97,17 @@ struct fattn_se_plan {
     int    n_rg;          // blocks along the queries
     int    ntiles;        // KV tiles of the cache
     int    nsplit;        // KV ranges per block of columns, merged by flash_attn_ext_se_combine if > 1
-    bool   use_range;     // skip the leading/trailing tiles without a visible key (flash_attn_ext_se_kv_range)
+    bool   classify;      // prefill: tile classes made beforehand by flash_attn_ext_se_classify
     float  q_scale;       // Q, Q_g are multiplied by this: scale*log2(e), or scale/softcap with a softcap
     float  logit_mul;     // softcap*log2(e)
     size_t nbytes_shared;
-    size_t off_range, off_ML, off_O, nbytes_ws; // workspace layout
+    size_t off_range, off_tiles, off_ML, off_O, nbytes_ws; // workspace layout
 
     // workspace pointers, set by fattn_se_run
-    int2   * range;       // [ne_m3][n_rg]: first and last + 1 tile to visit
-    float2 * part_ML;     // [rows][nsplit]: max (base 2) and sum of each partial
-    float  * part_O;      // [rows][nsplit][D]: unnormalized O of each partial
+    int2    * range;      // [ne3][n_rg]: ntiles - first and last + 1 tile with a visible key (atomicMax from 0)
+    uint8_t * tiles;      // [ne3][n_rg][ntiles]: class | FATTN_SE_MASKED of every tile
+    float2  * part_ML;    // [rows][nsplit]: max (base 2) and sum of each partial
+    float   * part_O;     // [rows][nsplit][D]: unnormalized O of each partial
 };
 
 static constexpr __host__ __device__ int fattn_se_ncols(const bool decode) {
@@ -134,7 +147,7 @@ static void fattn_se_block_shape(const int n_q, const int gqa, bool & decode, in
 // Must match the carving of shared memory in flash_attn_ext_se_f16.
 static size_t fattn_se_nbytes_shared(const int D, const bool decode, const int RPB) {
     const int T = fattn_se_T(D, decode);
-    return 4*T*(D + 8)*sizeof(half)                     // K, K_g, 2x V tiles, rows padded by 16 bytes
+    return 3*T*(D + 8)*sizeof(half)                     // K, K_g, V tiles, rows padded by 16 bytes
          + 2*RPB*(T + 8)*sizeof(half)                   // mask, 2 slots
          + 2*T*sizeof(int)                              // pos_k, 2 slots
          + FATTN_SE_NWARPS*sizeof(int4)                 // per warp parts of the class of the next tile
@@ -173,12 +186,13 @@ static __device__ __forceinline__ void fattn_se_load_kv(
     }
 }
 
-// pos_k of the keys k0 .. k0 + T - 1 and the mask of the block's rows for them (keys past n_kv are left out).
+// pos_k of the keys k0 .. k0 + T - 1 (if pos_tile) and the mask of the block's rows for them (if mask_rows); keys past
+// n_kv are left out.
 template <int T>
 static __device__ __forceinline__ void fattn_se_load_pos_mask(
         int * __restrict__ pos_tile, const char * __restrict__ pos_k, half * __restrict__ mask_tile,
         const char * __restrict__ mask_rows, const int64_t nb_m1, const int rows, const int k0, const int n_kv, const int tid) {
-    if (tid < T && k0 + tid < n_kv) {
+    if (pos_tile && tid < T && k0 + tid < n_kv) {
         // 4 byte cp.async: the positions have no alignment beyond their element size
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4;"
             : : "r"(ggml_cuda_cvta_generic_to_shared(pos_tile + tid)), "l"(pos_k + int64_t(k0 + tid)*sizeof(int)));
@@ -197,7 +211,7 @@ static __device__ __forceinline__ void fattn_se_load_pos_mask(
     }
 }
 
-// Warp w's quarter of the class of a tile: keys w*T/4 .. (w + 1)*T/4 - 1, all rows of the block. Leaves
+// Decode: warp w's quarter of the class of a tile, keys w*T/4 .. (w + 1)*T/4 - 1, all rows of the block. Leaves
 // {any visible pair, any non-zero mask value, min and max pos_k over the keys visible to at least one row}.
 // A key is visible to a row if its mask value is not -inf; nvalid: keys of the tile that exist (0: a tile past the range).
 template <int T>
@@ -261,12 +275,52 @@ static __device__ __forceinline__ void fattn_se_class_part(
     }
 }
 
-// S[kk] = Q K^T for the 16 columns of a warp and the keys 16*kk .. 16*kk + 15, kk < NK, of the K rows at K (shared memory,
-// stride in half2). Q comes from registers (Q_reg) or, if Q_reg is null, from the shared memory rows Q_sm.
-template <int D, int NK>
+// ldmatrix.x4 of 16 x 16 halves from shared memory into the ggml_cuda_mma layout of tile<16, 8, half2> (x[0]: rows 0-7
+// and x[1]: rows 8-15 of halves 0-7, x[2], x[3]: the same of halves 8-15). Each lane passes the 32-bit shared address of
+// the row it serves (fattn_se_lane_row/col), so a tile at a constant offset from a per-thread base costs no arithmetic.
+//   A: all four registers feed one mma as the A operand, in order.
+//   B: the two mma of a tile<16, 16, float> take (x[0], x[2]) and (x[1], x[3]) as B: loaded so that each pair lands in
+//      consecutive registers, as the instruction wants them (no moves). Lanes give rows 0-7, 0-7, 8-15, 8-15 at halves 0,
+//      8, 0, 8 per group of 8 lanes.
+//   BT: B from the transposed matrix (V^T from V rows), as ggml_cuda_mma::load_ldmatrix_trans.
+enum fattn_se_ldsm_kind { FATTN_SE_LDSM_A, FATTN_SE_LDSM_B, FATTN_SE_LDSM_BT };
+
+template <fattn_se_ldsm_kind kind>
+static __device__ __forceinline__ int fattn_se_lane_row(const int lane) {
+    return kind == FATTN_SE_LDSM_B ? lane % 8 + 8*(lane/16) : lane % 16;
+}
+
+template <fattn_se_ldsm_kind kind>
+static __device__ __forceinline__ int fattn_se_lane_col(const int lane) {
+    return kind == FATTN_SE_LDSM_B ? 8*((lane/8) % 2) : 8*(lane/16);
+}
+
+template <fattn_se_ldsm_kind kind>
+static __device__ __forceinline__ void fattn_se_ldsm(tile<16, 8, half2> & t, const uint32_t addr) {
+#if defined(AMPERE_MMA_AVAILABLE)
+    int * x = (int *) t.x;
+    if constexpr (kind == FATTN_SE_LDSM_A) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+            : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "r"(addr));
+    } else if constexpr (kind == FATTN_SE_LDSM_B) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+            : "=r"(x[0]), "=r"(x[2]), "=r"(x[1]), "=r"(x[3]) : "r"(addr));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+            : "=r"(x[0]), "=r"(x[2]), "=r"(x[1]), "=r"(x[3]) : "r"(addr));
+    }
+#else
+    GGML_UNUSED_VARS(t, addr);
+    NO_DEVICE_CODE;
+#endif // defined(AMPERE_MMA_AVAILABLE)
+}
+
+// S[kk] = Q K^T for the 16 columns of a warp and the keys 16*kk .. 16*kk + 15, kk < NK. K: the lane's B address
+// (fattn_se_lane_row/col) of the first key row, rows SKV halves apart. Q comes from registers (Q_reg) or, if Q_reg is
+// null, from shared memory at the lane's A address Q_sm.
+template <int D, int NK, int SKV>
 static __device__ __forceinline__ void fattn_se_kq(
-        tile<16, 16, float> * S, const tile<16, 8, half2> * Q_reg, const half2 * __restrict__ Q_sm,
-        const half2 * __restrict__ K, const int stride) {
+        tile<16, 16, float> * S, const tile<16, 8, half2> * Q_reg, const uint32_t Q_sm, const uint32_t K) {
 #pragma unroll
     for (int kk = 0; kk < NK; ++kk) {
         S[kk] = tile<16, 16, float>{};
@@ -277,12 +331,12 @@ static __device__ __forceinline__ void fattn_se_kq(
         if (Q_reg) {
             Q_A = Q_reg[d16];
         } else {
-            load_ldmatrix(Q_A, Q_sm + 8*d16, stride);
+            fattn_se_ldsm<FATTN_SE_LDSM_A>(Q_A, Q_sm + 32*d16);
         }
 #pragma unroll
         for (int kk = 0; kk < NK; ++kk) {
             tile<16, 8, half2> K_B;
-            load_ldmatrix(K_B, K + 16*kk*stride + 8*d16, stride);
+            fattn_se_ldsm<FATTN_SE_LDSM_B>(K_B, K + (16*kk*SKV + 16*d16)*sizeof(half));
             mma(S[kk], Q_A, K_B);
         }
     }
@@ -305,7 +359,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     constexpr bool decode = NWC == 1;
     static_assert(D % 16 == 0 && KW % 16 == 0 && NC <= T, "bad tile sizes");
     static_assert(NC == fattn_se_ncols(decode) && T == fattn_se_T(D, decode), "kernel and host configuration differ");
-    static_assert(NWK*NC*(SO*sizeof(float) + sizeof(float2)) <= 4*T*SKV*sizeof(half), "epilogue does not fit");
+    static_assert(NWK*NC*(SO*sizeof(float) + sizeof(float2)) <= 3*T*SKV*sizeof(half), "epilogue does not fit");
 
     // 2^x as one MUFU.EX2 with or without -use_fast_math: the softmax needs neither IEEE rounding nor subnormal results
     auto exp2_approx = [](const float x) {
@@ -338,31 +392,41 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     // the block walks the tiles kt0 .. kt0 + ntb - 1 of the cache
     int kt_lo = 0;
     int kt_hi = P.ntiles;
-    if (P.range) {
-        const int2 r = P.range[(s % p.ne_m3)*P.n_rg + rg];
-        kt_lo = r.x;
-        kt_hi = r.y;
+    if constexpr (!decode) {
+        const int2 r = P.range[int64_t(s)*P.n_rg + rg];
+        kt_lo = P.ntiles - r.x;
+        kt_hi = max(r.y, kt_lo);
     }
     const int kt0 = kt_lo + int(int64_t(kt_hi - kt_lo)* split     /P.nsplit);
     const int ntb = kt_lo + int(int64_t(kt_hi - kt_lo)*(split + 1)/P.nsplit) - kt0;
 
+    // prefill: the classes of the block's tiles, made by flash_attn_ext_se_classify
+    const uint8_t * tiles = decode ? nullptr : P.tiles + (int64_t(s)*P.n_rg + rg)*P.ntiles + kt0;
+    auto class_of = [&](const int t) {
+        return t < ntb ? int(tiles[t]) : int(FATTN_SE_SKIP);
+    };
+
     extern __shared__ half2 fattn_se_smem[];
     half * sK  = (half *) fattn_se_smem;
     half * sKg = sK  + T*SKV;
-    half * sV  = sKg + T*SKV;               // V of tile t at sV + (t % 2)*T*SKV; Q_g is staged in the second one
-    half * sM  = sV  + 2*T*SKV;             // mask of tile t at sM + (t % 2)*P.RPB*SM
+    half * sV  = sKg + T*SKV;               // Q_g is staged here before the first V tile
+    half * sM  = sV  + T*SKV;               // mask of tile t at sM + (t % 2)*P.RPB*SM
     int  * sP  = (int *) (sM + 2*P.RPB*SM); // pos_k of tile t at sP + (t % 2)*T
     int4 * sC  = (int4 *) (sP + 2*T);       // quarters of the class of the next tile
     half * sQ  = (half *) (sC + FATTN_SE_NWARPS);
-    half * sQg = sV + T*SKV;
+    half * sQg = sV;
 
     auto nvalid_of = [&](const int t) {
         return t < ntb ? min(T, p.n_kv - (kt0 + t)*T) : 0;
     };
-    auto load_pos_mask = [&](const int t, const int slot) {
-        fattn_se_load_pos_mask<T>(sP + slot*T, pos_k, sM + slot*P.RPB*SM, mask_rows, p.nb_m1, rows, (kt0 + t)*T, p.n_kv, tid);
+    // what tile t needs of its keys' positions and mask (decode: everything, its class is yet to be made)
+    auto load_pos_mask = [&](const int t, const int slot, const int cls) {
+        const bool pos  = decode || (cls & FATTN_SE_CLASS) == FATTN_SE_MIXED;
+        const bool mask = decode || (cls & FATTN_SE_MASKED);
+        fattn_se_load_pos_mask<T>(pos ? sP + slot*T : nullptr, pos_k, sM + slot*P.RPB*SM, mask ? mask_rows : nullptr,
+                                  p.nb_m1, rows, (kt0 + t)*T, p.n_kv, tid);
     };
-    auto load_kv = [&](const int t, const int cls) {
+    auto load_k = [&](const int t, const int cls) { // the key operands the class of tile t needs
         const int k0 = (kt0 + t)*T;
         if (cls & FATTN_SE_NEIGHBOUR) {
             fattn_se_load_kv<D, T>(sK,  K,  p.nb_k1,  k0, p.n_kv, tid);
@@ -370,17 +434,17 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         if (cls & FATTN_SE_GROUPED) {
             fattn_se_load_kv<D, T>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
         }
-        fattn_se_load_kv<D, T>(sV + (t % 2)*T*SKV, V, p.nb_v1, k0, p.n_kv, tid);
     };
 
+    int cls_next = decode ? 0 : class_of(1); // class of tile t + 1 (prefill)
     if (ntb > 0) {
-        load_pos_mask(0, 0);
+        load_pos_mask(0, 0, decode ? 0 : class_of(0));
         if (ntb > 1) {
-            load_pos_mask(1, 1);
+            load_pos_mask(1, 1, cls_next);
         }
         if constexpr (decode) {
             // Short blocks: rather than wait for the class, load both K operands of the first tile along with Q.
-            load_kv(0, FATTN_SE_MIXED);
+            load_k(0, FATTN_SE_MIXED);
         }
     }
 
@@ -415,8 +479,8 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     pq_min = __reduce_min_sync(0xFFFFFFFF, pq_min);
     pq_max = __reduce_max_sync(0xFFFFFFFF, pq_max);
 
-    // class of a tile from the 4 quarters of fattn_se_class_part; nz: its mask has non-zero values (else it is not added)
-    auto class_merge = [&](bool & nz_out) {
+    // decode: the class of a tile from the 4 quarters of fattn_se_class_part
+    auto class_merge = [&]() {
         int vis = 0, nzi = 0, pk_min = INT_MAX, pk_max = INT_MIN;
 #pragma unroll
         for (int ww = 0; ww < FATTN_SE_NWARPS; ++ww) {
@@ -426,17 +490,17 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
             pk_min = min(pk_min, part.z);
             pk_max = max(pk_max, part.w);
         }
-        nz_out = nzi != 0;
+        const int masked = nzi ? int(FATTN_SE_MASKED) : 0;
         if (!vis) {
             return int(FATTN_SE_SKIP);
         }
         if (pq_max - pk_min < p.W) {
-            return int(FATTN_SE_NEIGHBOUR);
+            return FATTN_SE_NEIGHBOUR | masked;
         }
         if (pq_min - pk_max >= p.W) {
-            return int(FATTN_SE_GROUPED);
+            return FATTN_SE_GROUPED | masked;
         }
-        return int(FATTN_SE_MIXED);
+        return FATTN_SE_MIXED | masked;
     };
 
     cp_async_wait_all();
@@ -447,16 +511,24 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     for (int d16 = 0; d16 < D/16; ++d16) {
         load_ldmatrix(Qg_A[d16], (const half2 *) (sQg + 16*wc*SKV) + 8*d16, SKV/2);
     }
-    const half2 * Q_sm = (const half2 *) (sQ + 16*wc*SKV);
+    // the lane's ldmatrix addresses of its warp's Q rows, first K/K_g row and first V row
+    const uint32_t Q_sm = ggml_cuda_cvta_generic_to_shared(sQ + (16*wc + fattn_se_lane_row<FATTN_SE_LDSM_A>(lane))*SKV
+                                                                + fattn_se_lane_col<FATTN_SE_LDSM_A>(lane));
+    const uint32_t K_sm = ggml_cuda_cvta_generic_to_shared(sK + (KW*wk + fattn_se_lane_row<FATTN_SE_LDSM_B>(lane))*SKV
+                                                                + fattn_se_lane_col<FATTN_SE_LDSM_B>(lane));
+    const uint32_t Kg_sm = K_sm + T*SKV*sizeof(half); // sKg follows sK
+    const uint32_t V_sm = ggml_cuda_cvta_generic_to_shared(sV + (KW*wk + fattn_se_lane_row<FATTN_SE_LDSM_BT>(lane))*SKV
+                                                                + fattn_se_lane_col<FATTN_SE_LDSM_BT>(lane));
 
-    fattn_se_class_part<T>(sC + w, sP, mask_rows ? sM : nullptr, rows, nvalid_of(0));
-    __syncthreads(); // Q_g staging consumed, class parts of tile 0 visible
+    if constexpr (decode) {
+        fattn_se_class_part<T>(sC + w, sP, mask_rows ? sM : nullptr, rows, nvalid_of(0));
+    }
+    __syncthreads(); // Q_g staging consumed, (decode) class parts of tile 0 visible
 
-    bool nz;
-    int  cls = class_merge(nz);
+    int cls = decode ? class_merge() : class_of(0); // class | FATTN_SE_MASKED of tile t
     if constexpr (!decode) {
         if (cls != FATTN_SE_SKIP) {
-            load_kv(0, cls);
+            load_k(0, cls);
         }
     }
 
@@ -464,31 +536,42 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     float KQ_max[2] = {FATTN_SE_MAX_INIT, FATTN_SE_MAX_INIT};
     float KQ_sum[2] = {0.0f, 0.0f}; // sums of the thread's keys, reduced over the 4 lanes of a column at the end
 
-    for (int t = 0; t < ntb; ++t) {
-        const int slot   = t % 2;
-        const int nvalid = nvalid_of(t);
+    // Tile t. pure: it is grouped, unmasked and full, as nearly every tile at long context: that path is compiled
+    // separately, without the branches of the other classes.
+    auto step = [&](const int t, auto pure_c) {
+        constexpr bool pure = decltype(pure_c)::value;
+        const int  slot   = t % 2;
+        const int  nvalid = pure ? T : nvalid_of(t);
+        const bool work   = pure || cls != FATTN_SE_SKIP;
 
         cp_async_wait_all();
-        __syncthreads(); // (A)
+        __syncthreads(); // (A): K part(t) and pos/mask(t + 1) are here, every warp is done with V(t - 1)
 
-        fattn_se_class_part<T>(sC + w, sP + (1 - slot)*T, mask_rows ? sM + (1 - slot)*P.RPB*SM : nullptr, rows, nvalid_of(t + 1));
+        if (work) {
+            fattn_se_load_kv<D, T>(sV, V, p.nb_v1, (kt0 + t)*T, p.n_kv, tid);
+        }
+        int cls_next2 = 0; // prefill: class of tile t + 2, read now for use at (B)
+        if constexpr (decode) {
+            fattn_se_class_part<T>(sC + w, sP + (1 - slot)*T, mask_rows ? sM + (1 - slot)*P.RPB*SM : nullptr, rows,
+                                   nvalid_of(t + 1));
+        } else {
+            cls_next2 = class_of(t + 2);
+        }
 
         tile<16, 8, half2> P_A[KW/16];
-        if (cls != FATTN_SE_SKIP) {
+        if (work) {
             tile<16, 16, float> S[KW/16];
-            const half2 * K2  = (const half2 *) (sK  + KW*wk*SKV);
-            const half2 * Kg2 = (const half2 *) (sKg + KW*wk*SKV);
-            if (cls == FATTN_SE_GROUPED) {
-                fattn_se_kq<D, KW/16>(S, Qg_A, nullptr, Kg2, SKV/2);
+            if (pure || (cls & FATTN_SE_CLASS) == FATTN_SE_GROUPED) {
+                fattn_se_kq<D, KW/16, SKV>(S, Qg_A, 0, Kg_sm);
             } else {
-                fattn_se_kq<D, KW/16>(S, nullptr, Q_sm, K2, SKV/2);
-                if (cls == FATTN_SE_MIXED) {
+                fattn_se_kq<D, KW/16, SKV>(S, nullptr, Q_sm, K_sm);
+                if ((cls & FATTN_SE_CLASS) == FATTN_SE_MIXED) {
                     // the tile straddles pos_q - pos_k = W: both products, the positions pick one per (column, key)
                     const int * pk = sP + slot*T + KW*wk;
 #pragma unroll
                     for (int kk = 0; kk < KW/16; ++kk) {
                         tile<16, 16, float> Sg;
-                        fattn_se_kq<D, 1>(&Sg, Qg_A, nullptr, Kg2 + 16*kk*(SKV/2), SKV/2);
+                        fattn_se_kq<D, 1, SKV>(&Sg, Qg_A, 0, Kg_sm + 16*kk*SKV*sizeof(half));
 #pragma unroll
                         for (int l = 0; l < Sg.ne; ++l) {
                             if (pq[(l/2) % 2] - pk[16*kk + Sg.get_j(l)] >= p.W) {
@@ -508,7 +591,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                     }
                 }
             }
-            if (mask_rows && nz) {
+            if (!pure && mask_rows && (cls & FATTN_SE_MASKED)) {
                 const half * mt = sM + slot*P.RPB*SM + KW*wk;
 #pragma unroll
                 for (int kk = 0; kk < KW/16; ++kk) {
@@ -576,32 +659,40 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
             }
         }
 
-        __syncthreads(); // (B)
+        cp_async_wait_all();
+        __syncthreads(); // (B): V(t) is here, every warp is done with K part(t) (decode: has classified its part of t + 1)
 
-        bool nz_next;
-        const int cls_next = class_merge(nz_next);
+        if constexpr (decode) {
+            cls_next = class_merge();
+        }
         if (cls_next != FATTN_SE_SKIP) {
-            load_kv(t + 1, cls_next);
+            load_k(t + 1, cls_next);
         }
         if (t + 2 < ntb) {
-            load_pos_mask(t + 2, slot);
+            load_pos_mask(t + 2, slot, cls_next2);
         }
 
-        if (cls != FATTN_SE_SKIP) {
-            const half2 * V2 = (const half2 *) (sV + slot*T*SKV + KW*wk*SKV);
+        if (work) {
 #pragma unroll
             for (int d16 = 0; d16 < D/16; ++d16) {
 #pragma unroll
                 for (int kk = 0; kk < KW/16; ++kk) {
                     tile<16, 8, half2> V_B; // V^T: dims x keys
-                    load_ldmatrix_trans(V_B, V2 + 16*kk*(SKV/2) + 8*d16, SKV/2);
+                    fattn_se_ldsm<FATTN_SE_LDSM_BT>(V_B, V_sm + (16*kk*SKV + 16*d16)*sizeof(half));
                     mma(O[d16], P_A[kk], V_B);
                 }
             }
         }
 
-        cls = cls_next;
-        nz  = nz_next;
+        cls      = cls_next;
+        cls_next = cls_next2;
+    };
+    for (int t = 0; t < ntb; ++t) {
+        if (cls == FATTN_SE_GROUPED && (kt0 + t + 1)*T <= p.n_kv) {
+            step(t, std::true_type());
+        } else {
+            step(t, std::false_type());
+        }
     }
 
     // Epilogue: the key groups of the warps (decode) are merged through shared memory, which also makes the writes
@@ -671,69 +762,86 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 #endif // defined(AMPERE_MMA_AVAILABLE)
 }
 
-// First and last + 1 KV tile (prefill tiles) with a key visible to some query of each block of RPB queries. Blocks only
-// walk that range: the end of a causal mask and other sequences at the ends of the cache are never loaded.
+// Prefill: the class (and FATTN_SE_MASKED) of every tile of T = 64 keys for every block of RPB queries of every stream,
+// from the mask and the positions as fattn_se_class_part makes it, and per block of queries the first and last + 1 tile
+// with a visible key. A warp classifies FATTN_SE_CLASSIFY_TPW consecutive tiles, two keys per lane.
+#define FATTN_SE_CLASSIFY_TPW 8
 __launch_bounds__(FATTN_SE_NTHREADS, 1)
-static __global__ void flash_attn_ext_se_kv_range(const fattn_se_params p, const fattn_se_plan P) {
+static __global__ void flash_attn_ext_se_classify(const fattn_se_params p, const fattn_se_plan P) {
     constexpr int T = fattn_se_T(0, false);
     static_assert(T == 2*WARP_SIZE, "one tile per warp, two keys per lane");
 
     const int lane = threadIdx.x;
     const int w    = threadIdx.y;
     const int rg   = blockIdx.x;
-    const int sm   = blockIdx.y;
+    const int s    = blockIdx.z;
     const int i0   = rg*P.RPB;
     const int rows = min(P.RPB, p.n_q - i0);
-    const char * mask_rows = p.mask + sm*p.nb_m3 + i0*p.nb_m1;
+    const char * mask_rows = p.mask ? p.mask + (s % p.ne_m3)*p.nb_m3 + i0*p.nb_m1 : nullptr;
+    const int  * pos_q     = (const int *) (p.pos_q + s*p.nb_pq1) + i0;
+    const int  * pos_k     = (const int *) (p.pos_k + s*p.nb_pk1);
 
-    // warp-uniform: does tile kt have a visible key (mask rows are padded to 8 keys, reading key k + 1 is safe)
-    auto visible = [&](const int kt) {
+    int pq_min = INT_MAX;
+    int pq_max = INT_MIN;
+    for (int r = lane; r < rows; r += WARP_SIZE) {
+        pq_min = min(pq_min, pos_q[r]);
+        pq_max = max(pq_max, pos_q[r]);
+    }
+    pq_min = __reduce_min_sync(0xFFFFFFFF, pq_min);
+    pq_max = __reduce_max_sync(0xFFFFFFFF, pq_max);
+
+    uint8_t * tiles = P.tiles + (int64_t(s)*P.n_rg + rg)*P.ntiles;
+    const int kt0 = (blockIdx.y*FATTN_SE_NWARPS + w)*FATTN_SE_CLASSIFY_TPW;
+    int lo = INT_MAX; // first and last + 1 tile with a visible key, warp-uniform
+    int hi = INT_MIN;
+    for (int kt = kt0; kt < min(kt0 + FATTN_SE_CLASSIFY_TPW, P.ntiles); ++kt) {
         const int k = kt*T + 2*lane;
-        bool vis = false;
-        if (kt >= 0 && kt < P.ntiles && k < p.n_kv) {
+        bool vis0 = k     < p.n_kv; // visible to some row
+        bool vis1 = k + 1 < p.n_kv;
+        bool nz   = false;          // some row has a non-zero mask value for one of the keys
+        if (mask_rows && vis0) {
+            uint32_t any_vis = 0;   // per half: some row is not -inf
+            uint32_t any_nz  = 0;   // per half: some row is not +-0
 #pragma unroll 8
             for (int r = 0; r < rows; ++r) {
+                // mask rows are padded to 8 keys: reading key k + 1 is safe
                 const uint32_t m2 = *(const uint32_t *) (mask_rows + r*p.nb_m1 + int64_t(k)*sizeof(half));
-                vis |= (m2 & 0xFFFF) != 0xFC00 || (k + 1 < p.n_kv && (m2 >> 16) != 0xFC00);
+                any_vis |= ((m2 & 0xFFFF) != 0xFC00) | uint32_t((m2 >> 16) != 0xFC00) << 1; // 0xFC00: f16 -inf
+                any_nz  |= m2 & 0x7FFF7FFF;
             }
+            vis0 = any_vis & 1;
+            vis1 = vis1 && (any_vis & 2);
+            nz   = (any_nz & 0x7FFF) || (k + 1 < p.n_kv && (any_nz >> 16));
         }
-        return __any_sync(0xFFFFFFFF, vis);
-    };
+        int pk_min = INT_MAX;
+        int pk_max = INT_MIN;
+        if (vis0) {
+            pk_min = min(pk_min, pos_k[k]);
+            pk_max = max(pk_max, pos_k[k]);
+        }
+        if (vis1) {
+            pk_min = min(pk_min, pos_k[k + 1]);
+            pk_max = max(pk_max, pos_k[k + 1]);
+        }
+        pk_min = __reduce_min_sync(0xFFFFFFFF, pk_min);
+        pk_max = __reduce_max_sync(0xFFFFFFFF, pk_max);
+        const bool any_vis = __any_sync(0xFFFFFFFF, vis0 || vis1);
+        const int  masked  = __any_sync(0xFFFFFFFF, nz) ? int(FATTN_SE_MASKED) : 0;
 
-    __shared__ int found[FATTN_SE_NWARPS];
-
-    // forward from the first tile, 4 tiles (one per warp) at a time
-    int lo = P.ntiles;
-    for (int kt = 0; kt < P.ntiles && lo == P.ntiles; kt += FATTN_SE_NWARPS) {
-        const bool vis = visible(kt + w);
+        int cls = FATTN_SE_SKIP;
+        if (any_vis) {
+            cls = pq_max - pk_min <  p.W ? FATTN_SE_NEIGHBOUR | masked :
+                  pq_min - pk_max >= p.W ? FATTN_SE_GROUPED   | masked : FATTN_SE_MIXED | masked;
+            lo = min(lo, kt);
+            hi = kt + 1;
+        }
         if (lane == 0) {
-            found[w] = vis;
+            tiles[kt] = uint8_t(cls);
         }
-        __syncthreads();
-#pragma unroll
-        for (int ww = FATTN_SE_NWARPS - 1; ww >= 0; --ww) {
-            lo = found[ww] ? kt + ww : lo;
-        }
-        __syncthreads();
     }
-
-    // backward from the last tile, down to lo which is visible
-    int hi = lo;
-    for (int kt = P.ntiles - 1; kt >= lo && hi == lo; kt -= FATTN_SE_NWARPS) {
-        const bool vis = visible(kt - w);
-        if (lane == 0) {
-            found[w] = vis;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int ww = FATTN_SE_NWARPS - 1; ww >= 0; --ww) {
-            hi = found[ww] ? kt - ww + 1 : hi;
-        }
-        __syncthreads();
-    }
-
-    if (lane == 0 && w == 0) {
-        P.range[sm*P.n_rg + rg] = make_int2(lo, hi);
+    if (lane == 0 && hi > lo) {
+        atomicMax(&P.range[int64_t(s)*P.n_rg + rg].x, P.ntiles - lo);
+        atomicMax(&P.range[int64_t(s)*P.n_rg + rg].y, hi);
     }
 }
 
@@ -871,7 +979,7 @@ static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm
 
     const int T = fattn_se_T(p.D, P.decode);
     P.ntiles    = (p.n_kv + T - 1)/T;
-    P.use_range = !P.decode && p.mask != nullptr;
+    P.classify  = !P.decode;
 
     P.q_scale   = p.softcap != 0.0f ? p.scale/p.softcap : p.scale*FATTN_SE_LOG2E;
     P.logit_mul = p.softcap*FATTN_SE_LOG2E;
@@ -885,30 +993,32 @@ static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm
     const int64_t nslots = int64_t(nblocks_sm)*nsm;
 
     // Split the keys when the blocks of columns cannot fill the GPU (decode, short prompts), or when a few splits even
-    // out a poorly filled last wave (prefill). Each split keeps a few tiles so that its pipeline gets going.
+    // out a poorly filled last wave (prefill): the fewest splits whose waves are the fullest, counting every slot of the
+    // last wave (with 128 blocks on 264 slots, 2 splits fill 97 % of one wave where 3 would fill 73 % of two).
+    // Each split keeps a few tiles so that its pipeline gets going.
     const int64_t nblocks_base = int64_t(P.n_rg)*(p.n_head/P.NHB)*p.ne3;
-    const int     nsplit_max   = std::max(1, P.ntiles/(P.decode ? 2 : 4));
+    const int64_t nsplit_fill  = (nslots + nblocks_base - 1)/nblocks_base; // splits that make one full wave
+    const int     nsplit_max   = int(std::min<int64_t>(std::max<int64_t>(nsplit_fill, P.decode ? 1 : 4),
+                                                       std::max(1, P.ntiles/(P.decode ? 2 : 4))));
     P.nsplit = 1;
-    if (nblocks_base < nslots) {
-        P.nsplit = int(std::min<int64_t>((nslots + nblocks_base - 1)/nblocks_base, nsplit_max));
-    } else if (!P.decode) {
-        int64_t eff_best = 0;
-        for (int nsplit = 1; nsplit <= std::min(4, nsplit_max); ++nsplit) {
-            const int64_t nblocks = nblocks_base*nsplit;
-            const int64_t nwaves  = (nblocks + nslots - 1)/nslots;
-            const int64_t eff     = 100*nblocks/(nwaves*nslots);
-            if (eff > eff_best + 2) {
-                eff_best = eff;
-                P.nsplit = nsplit;
-            }
+    int64_t eff_best = 0;
+    for (int nsplit = 1; nsplit <= nsplit_max; ++nsplit) {
+        const int64_t nblocks = nblocks_base*nsplit;
+        const int64_t nwaves  = (nblocks + nslots - 1)/nslots;
+        const int64_t eff     = 100*nblocks/(nwaves*nslots);
+        if (eff > eff_best + 2) {
+            eff_best = eff;
+            P.nsplit = nsplit;
         }
     }
     GGML_ASSERT(int64_t(p.ne3)*P.nsplit <= 65535);
 
     size_t off = 0;
-    if (P.use_range) {
+    if (P.classify) {
         P.off_range = off;
-        off += fattn_se_pad_ws(size_t(p.ne_m3)*P.n_rg*sizeof(int2));
+        off += fattn_se_pad_ws(size_t(p.ne3)*P.n_rg*sizeof(int2));
+        P.off_tiles = off;
+        off += fattn_se_pad_ws(size_t(p.ne3)*P.n_rg*P.ntiles);
     }
     if (P.nsplit > 1) {
         const size_t nrows = size_t(p.ne3)*p.n_q*p.n_head;
@@ -930,13 +1040,17 @@ static void fattn_se_launch_combine(const fattn_se_params & p, const fattn_se_pl
 
 // ws: P.nbytes_ws bytes of device memory.
 static void fattn_se_run(const fattn_se_params & p, fattn_se_plan P, char * ws, cudaStream_t stream) {
-    P.range   = P.use_range  ? (int2   *) (ws + P.off_range) : nullptr;
-    P.part_ML = P.nsplit > 1 ? (float2 *) (ws + P.off_ML)    : nullptr;
-    P.part_O  = P.nsplit > 1 ? (float  *) (ws + P.off_O)     : nullptr;
+    P.range   = P.classify   ? (int2    *) (ws + P.off_range) : nullptr;
+    P.tiles   = P.classify   ? (uint8_t *) (ws + P.off_tiles) : nullptr;
+    P.part_ML = P.nsplit > 1 ? (float2  *) (ws + P.off_ML)    : nullptr;
+    P.part_O  = P.nsplit > 1 ? (float   *) (ws + P.off_O)     : nullptr;
 
     const dim3 block_dim(WARP_SIZE, FATTN_SE_NWARPS, 1);
-    if (P.use_range) {
-        flash_attn_ext_se_kv_range<<<dim3(P.n_rg, p.ne_m3, 1), block_dim, 0, stream>>>(p, P);
+    if (P.classify) {
+        CUDA_CHECK(cudaMemsetAsync(P.range, 0, size_t(p.ne3)*P.n_rg*sizeof(int2), stream));
+        const int tiles_block = FATTN_SE_NWARPS*FATTN_SE_CLASSIFY_TPW;
+        const dim3 grid(P.n_rg, (P.ntiles + tiles_block - 1)/tiles_block, p.ne3);
+        flash_attn_ext_se_classify<<<grid, block_dim, 0, stream>>>(p, P);
         CUDA_CHECK(cudaGetLastError());
     }
 
@@ -1039,7 +1153,7 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
         return false;
     }
     if (!ggml_are_same_shape(q, q_g) || !ggml_are_same_shape(k, k_g) || !ggml_are_same_shape(k, v) ||
-        k->ne[0] != D || k->ne[3] != ne3 || q->ne[2] % k->ne[2] != 0 || n_q < 1 || n_kv < 1 || n_kv > INT32_MAX/2) {
+        k->ne[0] != D || k->ne[3] != ne3 || q->ne[2] % k->ne[2] != 0 || n_q < 1 || n_kv < 1 || n_kv > (1 << 26)) {
         return false;
     }
     if (pos_q->ne[0] != n_q || pos_q->ne[1] != ne3 || pos_k->ne[0] != n_kv || pos_k->ne[1] != ne3 ||
