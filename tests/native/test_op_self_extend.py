@@ -20,52 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_I32 = 0, 1, 8, 26
-DEVICE_CPU, DEVICE_GPU = 0, 1
-
-
-class InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
-
-
-@dataclass
-class Ggml:
-    lib: ctypes.CDLL
-    backends: dict[str, int]  # name -> ggml_backend_t
-
-
-def _bind(lib: ctypes.CDLL) -> None:
-    p, i64, i32, f32, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_size_t
-    sigs = {
-        "ggml_init": ([InitParams], p), "ggml_free": ([p], None),
-        "ggml_new_tensor_4d": ([p, ctypes.c_int, i64, i64, i64, i64], p),
-        "ggml_flash_attn_ext_se": ([p, p, p, p, p, p, p, p, p, i32, f32, f32], p),
-        "ggml_new_graph": ([p], p), "ggml_build_forward_expand": ([p, p], None),
-        "ggml_nbytes": ([p], sz), "ggml_quantize_chunk": ([ctypes.c_int, p, p, i64, i64, i64, p], sz),
-        "ggml_backend_init_by_type": ([ctypes.c_int, ctypes.c_char_p], p),
-        "ggml_backend_dev_by_type": ([ctypes.c_int], p),
-        "ggml_backend_supports_op": ([p, p], ctypes.c_bool),
-        "ggml_backend_alloc_ctx_tensors": ([p, p], p), "ggml_backend_buffer_free": ([p], None),
-        "ggml_backend_tensor_set": ([p, p, sz, sz], None), "ggml_backend_tensor_get": ([p, p, sz, sz], None),
-        "ggml_backend_graph_compute": ([p, p], ctypes.c_int), "ggml_backend_free": ([p], None),
-    }
-    for name, (args, res) in sigs.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
+from selfext_cpp._ggml import GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_I32, GGML_TYPE_Q8_0, Ggml, InitParams, open_ggml
 
 
 @pytest.fixture(scope="module")
 def ggml() -> Iterator[Ggml]:
-    from selfext_cpp._lib import lib_dir
-
-    lib = ctypes.CDLL(str(lib_dir() / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
-    _bind(lib)
-    backends = {"CPU": lib.ggml_backend_init_by_type(DEVICE_CPU, None)}
-    if int(os.environ.get("SELFEXT_TEST_NGL", "0")) > 0 and lib.ggml_backend_dev_by_type(DEVICE_GPU):
-        backends["GPU"] = lib.ggml_backend_init_by_type(DEVICE_GPU, None)
-    yield Ggml(lib, backends)
-    for b in backends.values():
-        lib.ggml_backend_free(b)
+    g = open_ggml(gpu=int(os.environ.get("SELFEXT_TEST_NGL", "0")) > 0)
+    yield g
+    g.close()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,66 @@
+"""ctypes access to the libggml next to our libllama: just enough of ggml to build one attention op on one
+backend and run it, for the op's own test (tests/native/test_op_self_extend.py) and its benchmark
+(benchmarks/op_speed.py)."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+
+from ._lib import lib_dir
+
+GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_I32 = 0, 1, 8, 26
+GGML_PREC_F32 = 10
+DEVICE_CPU, DEVICE_GPU = 0, 1  # enum ggml_backend_dev_type
+
+
+class InitParams(ctypes.Structure):
+    # struct ggml_init_params
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+_p, _i64, _i32, _f32, _sz, _int = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_size_t,
+                                   ctypes.c_int)
+_SIGNATURES = {
+    "ggml_init": ([InitParams], _p), "ggml_free": ([_p], None),
+    "ggml_new_tensor_4d": ([_p, _int, _i64, _i64, _i64, _i64], _p),
+    "ggml_permute": ([_p, _p, _int, _int, _int, _int], _p),
+    # q, k, v, mask, q_g, k_g, pos_q, pos_k, n_window, scale, logit_softcap
+    "ggml_flash_attn_ext_se": ([_p, _p, _p, _p, _p, _p, _p, _p, _p, _i32, _f32, _f32], _p),
+    # q, k, v, mask, scale, max_bias, logit_softcap
+    "ggml_flash_attn_ext": ([_p, _p, _p, _p, _p, _f32, _f32, _f32], _p),
+    "ggml_prec_set_acc": ([_p, _int], None),
+    "ggml_new_graph": ([_p], _p), "ggml_build_forward_expand": ([_p, _p], None),
+    "ggml_nbytes": ([_p], _sz), "ggml_quantize_chunk": ([_int, _p, _p, _i64, _i64, _i64, _p], _sz),
+    "ggml_backend_init_by_type": ([_int, ctypes.c_char_p], _p),
+    "ggml_backend_dev_by_type": ([_int], _p),
+    "ggml_backend_name": ([_p], ctypes.c_char_p),
+    "ggml_backend_supports_op": ([_p, _p], ctypes.c_bool),
+    "ggml_backend_alloc_ctx_tensors": ([_p, _p], _p), "ggml_backend_buffer_free": ([_p], None),
+    "ggml_backend_tensor_set": ([_p, _p, _sz, _sz], None), "ggml_backend_tensor_get": ([_p, _p, _sz, _sz], None),
+    "ggml_backend_graph_compute": ([_p, _p], _int), "ggml_backend_free": ([_p], None),
+}
+
+
+@dataclass
+class Ggml:
+    """libggml with its prototypes set, and the backends opened on it (name -> ggml_backend_t)."""
+    lib: ctypes.CDLL
+    backends: dict[str, int] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for backend in self.backends.values():
+            self.lib.ggml_backend_free(backend)
+        self.backends.clear()
+
+
+def open_ggml(gpu: bool) -> Ggml:
+    """libggml from lib_dir() with the CPU backend, and the first GPU's when ``gpu`` and the build has one."""
+    lib = ctypes.CDLL(str(lib_dir() / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    g = Ggml(lib, {"CPU": lib.ggml_backend_init_by_type(DEVICE_CPU, None)})
+    if gpu and lib.ggml_backend_dev_by_type(DEVICE_GPU):
+        g.backends["GPU"] = lib.ggml_backend_init_by_type(DEVICE_GPU, None)
+    return g
