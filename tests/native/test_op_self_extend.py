@@ -182,9 +182,9 @@ def test_wrong_side_is_detected(ggml: Ggml) -> None:
     assert np.max(np.abs(got - other)) / np.max(np.abs(other)) > 10 * 2e-3
 
 
-NEIGHBOUR_ONLY = [Case(64, 2, 4, 10**6, 7, 300, GGML_TYPE_F16), Case(128, 2, 1, 10**6, 64, 1000, GGML_TYPE_F16, 2),
-                  Case(128, 2, 8, 10**6, 1, 2048, GGML_TYPE_F16),
-                  Case(64, 2, 4, 10**6, 64, 700, GGML_TYPE_F16, softcap=2.0)]
+# KV views of 256 cells, as llama.cpp pads them for flash attention
+NEIGHBOUR_ONLY = [Case(64, 2, 4, 10**6, 7, 512, GGML_TYPE_F16), Case(128, 2, 1, 10**6, 64, 1024, GGML_TYPE_F16, 2),
+                  Case(128, 2, 8, 10**6, 1, 2048, GGML_TYPE_F16)]
 
 
 @pytest.mark.parametrize("case", NEIGHBOUR_ONLY, ids=str)
@@ -198,6 +198,9 @@ def test_all_neighbour_is_llama_cpp_flash_attention(ggml: Ggml, case: Case) -> N
     for name, backend in ggml.backends.items():
         want = run_op(ggml, backend, case, x, scale, vanilla=True)
         got = run_op(ggml, backend, case, x, scale)
-        assert want is not None and got is not None, name
+        assert got is not None, name
+        if want is None:
+            assert name != "CPU", "the CPU backend runs every case"
+            continue
         err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
         assert err < 1e-2, f"{name}: max difference {err:.3g} (relative to the output scale)"
