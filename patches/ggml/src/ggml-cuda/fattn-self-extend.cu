@@ -211,6 +211,18 @@ static __device__ __forceinline__ void fattn_se_load_pos_mask(
     }
 }
 
+// Smallest and largest of the positions of the block's rows (queries), in every lane of the warp.
+static __device__ __forceinline__ void fattn_se_pos_range(const int * __restrict__ pos_q, const int rows, int & lo, int & hi) {
+    lo = INT_MAX;
+    hi = INT_MIN;
+    for (int r = threadIdx.x; r < rows; r += WARP_SIZE) {
+        lo = min(lo, pos_q[r]);
+        hi = max(hi, pos_q[r]);
+    }
+    lo = __reduce_min_sync(0xFFFFFFFF, lo);
+    hi = __reduce_max_sync(0xFFFFFFFF, hi);
+}
+
 // Decode: warp w's quarter of the class of a tile, keys w*T/4 .. (w + 1)*T/4 - 1, all rows of the block. Leaves
 // {any visible pair, any non-zero mask value, min and max pos_k over the keys visible to at least one row}.
 // A key is visible to a row if its mask value is not -inf; nvalid: keys of the tile that exist (0: a tile past the range).
@@ -470,14 +482,8 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         mrow[j] = min((16*wc + lane/4 + 8*j)/P.NHB, rows - 1);
         pq[j]   = pos_q[mrow[j]];
     }
-    int pq_min = INT_MAX;
-    int pq_max = INT_MIN;
-    for (int r = lane; r < rows; r += WARP_SIZE) {
-        pq_min = min(pq_min, pos_q[r]);
-        pq_max = max(pq_max, pos_q[r]);
-    }
-    pq_min = __reduce_min_sync(0xFFFFFFFF, pq_min);
-    pq_max = __reduce_max_sync(0xFFFFFFFF, pq_max);
+    int pq_min, pq_max;
+    fattn_se_pos_range(pos_q, rows, pq_min, pq_max);
 
     // decode: the class of a tile from the 4 quarters of fattn_se_class_part
     auto class_merge = [&]() {
@@ -781,14 +787,8 @@ static __global__ void flash_attn_ext_se_classify(const fattn_se_params p, const
     const int  * pos_q     = (const int *) (p.pos_q + s*p.nb_pq1) + i0;
     const int  * pos_k     = (const int *) (p.pos_k + s*p.nb_pk1);
 
-    int pq_min = INT_MAX;
-    int pq_max = INT_MIN;
-    for (int r = lane; r < rows; r += WARP_SIZE) {
-        pq_min = min(pq_min, pos_q[r]);
-        pq_max = max(pq_max, pos_q[r]);
-    }
-    pq_min = __reduce_min_sync(0xFFFFFFFF, pq_min);
-    pq_max = __reduce_max_sync(0xFFFFFFFF, pq_max);
+    int pq_min, pq_max;
+    fattn_se_pos_range(pos_q, rows, pq_min, pq_max);
 
     uint8_t * tiles = P.tiles + (int64_t(s)*P.n_rg + rg)*P.ntiles;
     const int kt0 = (blockIdx.y*FATTN_SE_NWARPS + w)*FATTN_SE_CLASSIFY_TPW;
