@@ -49,7 +49,8 @@ LLAMA_API int32_t llama_model_self_extend_support(const struct llama_model * mod
 // With flash attention on, the Self-Extend layers run the fused op (llama_self_extend_fused).
 LLAMA_API int32_t llama_set_self_extend(struct llama_context * ctx, int32_t ga_n, int32_t ga_w);
 
-// Current setting of a context: *ga_n == 1 and *ga_w == 0 when Self-Extend is off. Either pointer may be null.
+// Current setting of a context: *ga_n == 1 and *ga_w == 0 when Self-Extend is off (or ctx is null). Either
+// pointer may be null.
 LLAMA_API void llama_get_self_extend(const struct llama_context * ctx, int32_t * ga_n, int32_t * ga_w);
 
 // Whether the context's Self-Extend layers run the fused flash-attention op (one pass, one dot product per

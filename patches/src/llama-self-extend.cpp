@@ -286,12 +286,13 @@ int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
 }
 
 void llama_get_self_extend(const llama_context * ctx, int32_t * ga_n, int32_t * ga_w) {
-    const auto & cparams = llama_se_access::cparams(*ctx);
+    const int32_t n = ctx ? llama_se_access::cparams(*ctx).se_n : 1;
+    const int32_t w = ctx ? llama_se_access::cparams(*ctx).se_w : 0;
     if (ga_n) {
-        *ga_n = cparams.se_n;
+        *ga_n = n;
     }
     if (ga_w) {
-        *ga_w = cparams.se_w;
+        *ga_w = w;
     }
 }
 
