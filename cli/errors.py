@@ -18,31 +18,48 @@ def fail(message: str, code: int = 1) -> "typer.Exit":
     return typer.Exit(code)
 
 
-def handle_errors(fn: F) -> F:
-    """Turn SelfextError, OSError and Ctrl-C into one line + exit code; tracebacks only with SELFEXT_DEBUG=1."""
+# how the command line spells the library's parameters (selfext_cpp.errors.PARAMETERS) in messages
+FLAGS = {
+    "ga_n": "--ga-n", "ga_w": "--ga-w", "auto": "--auto", "n_ctx": "--ctx-size", "n_batch": "--batch-size",
+    "chat": "--chat", "no_chat": "--no-chat", "system": "--system", "text": "text (-f FILE)",
+    "lengths": "--lengths", "window": "--window", "n_prompt": "--n-prompt", "n_gen": "--n-gen",
+    "repeats": "--repeats", "depths": "--depths", "logprobs": "--logprobs", "host": "--host", "port": "--port",
+    "plot": "--plot",
+}
+USAGE = 2  # exit status of a usage error (ParameterError); every other error exits 1
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from selfext_cpp.errors import SelfextError
 
-        debug = os.environ.get("SELFEXT_DEBUG") == "1"
-        try:
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, SystemExit):
-            raise
-        except KeyboardInterrupt:
-            typer.echo("selfext: interrupted", err=True)
-            raise typer.Exit(130)
-        except SelfextError as exc:
-            if debug:
+def handle_errors(fn: F | None = None, *, flags: dict[str, str] | None = None) -> Any:
+    """Turn SelfextError, OSError and Ctrl-C into one line + exit code; tracebacks only with SELFEXT_DEBUG=1.
+
+    Library messages name parameters; they are shown with FLAGS, updated by ``flags`` for this command."""
+    names = {**FLAGS, **(flags or {})}
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from selfext_cpp.errors import ParameterError, SelfextError
+
+            debug = os.environ.get("SELFEXT_DEBUG") == "1"
+            try:
+                return fn(*args, **kwargs)
+            except (typer.Exit, typer.Abort, SystemExit):
                 raise
-            raise fail(str(exc), exc.exit_code)
-        except Exception as exc:  # anything unexpected still ends as one line
-            if debug:
-                raise
-            raise fail(f"{type(exc).__name__}: {exc} (set SELFEXT_DEBUG=1 for the traceback)", 1)
+            except KeyboardInterrupt:
+                typer.echo("selfext: interrupted", err=True)
+                raise typer.Exit(130)
+            except SelfextError as exc:
+                if debug:
+                    raise
+                raise fail(exc.render(names), USAGE if isinstance(exc, ParameterError) else 1)
+            except Exception as exc:  # anything unexpected still ends as one line
+                if debug:
+                    raise
+                raise fail(f"{type(exc).__name__}: {exc} (set SELFEXT_DEBUG=1 for the traceback)", 1)
 
-    return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate(fn) if fn is not None else decorate
 
 
 def hint(message: str) -> None:

@@ -39,17 +39,15 @@ def _model_path(ref: Optional[str]) -> Path:
     return resolve_model(ref, progress=sys.stderr.isatty())
 
 
-def _self_extend(ga_n: Optional[int], ga_w: Optional[int], auto: bool) -> Any:
-    """SelfExtend from --ga-n/--ga-w, or None for automatic (per length); usage errors exit 2."""
-    from selfext_cpp import SelfExtend
-
-    if auto and (ga_n is not None or ga_w is not None):
-        raise fail("--auto and --ga-n/--ga-w exclude each other", 2)
-    if ga_n is None and ga_w is None:
+def _self_extend(path: Path, ga_n: Optional[int], ga_w: Optional[int]) -> Any:
+    """The setting --ga-n/--ga-w give on the model at ``path`` (engine.plan; the header only), or None: the
+    automatic choice per length."""
+    if ga_n is None:
         return None
-    if ga_n is None or (ga_n > 1 and ga_w is None):
-        raise fail("give both --ga-n and --ga-w (or --auto)", 2)
-    return SelfExtend(ga_n, ga_w or 0)
+    from selfext_cpp.engine import plan
+    from selfext_cpp.models import inspect
+
+    return plan(inspect(path).n_ctx_train, ga_n=ga_n, ga_w=ga_w)
 
 
 def _llama_kwargs(threads: Optional[int], gpu_layers: int, verbose: bool, **extra: Any) -> dict[str, Any]:
@@ -111,16 +109,18 @@ def passkey(model: ModelArg = None,
             flash_attn: FlashAttn = True, plot: Plot = None, as_json: Json = False, quiet: Quiet = False,
             verbose: Verbose = False) -> None:
     """Passkey retrieval: accuracy per length × depth for each mode."""
+    from selfext_cpp.engine import check_request
     from selfext_cpp.eval.modes import parse_modes
     from selfext_cpp.eval.parsing import parse_depths, parse_sizes
     from selfext_cpp.eval.passkey import PasskeyConfig, PasskeyRun
     from selfext_cpp.eval.report import passkey_document, passkey_table, plot_passkey
 
-    cfg = PasskeyConfig(lengths=parse_sizes(lengths), depths=parse_depths(depths), trials=trials,
-                        modes=parse_modes(modes), seed=seed, haystack=haystack, ga=_self_extend(ga_n, ga_w, auto),
-                        n_predict=n_predict, n_batch=batch_size,
-                        llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose, flash_attn=flash_attn))
+    check_request(ga_n=ga_n, ga_w=ga_w, auto=auto)
+    lengths_, depths_, modes_ = parse_sizes(lengths), parse_depths(depths), parse_modes(modes)
     path = _model_path(model)
+    cfg = PasskeyConfig(lengths=lengths_, depths=depths_, trials=trials, modes=modes_, seed=seed, haystack=haystack,
+                        ga=_self_extend(path, ga_n, ga_w), n_predict=n_predict, n_batch=batch_size,
+                        llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose, flash_attn=flash_attn))
     run = PasskeyRun(path, cfg)
     results: list[Any] = []
     complete = False
@@ -158,18 +158,21 @@ def ppl(model: ModelArg = None,
         flash_attn: FlashAttn = True, plot: Plot = None, as_json: Json = False, quiet: Quiet = False,
         verbose: Verbose = False) -> None:
     """Perplexity of the same final window of a long text, read with growing context."""
+    from selfext_cpp.engine import check_request
     from selfext_cpp.eval.modes import parse_modes
     from selfext_cpp.eval.parsing import parse_sizes
     from selfext_cpp.eval.ppl import PplConfig, PplRun
     from selfext_cpp.eval.report import plot_ppl, ppl_document, ppl_table
     from selfext_cpp.eval.texts import NATURAL_TEXT_SOURCE, natural_text, read_text
 
-    cfg = PplConfig(lengths=parse_sizes(lengths), modes=parse_modes(modes), window=window,
-                    ga=_self_extend(ga_n, ga_w, auto), n_batch=batch_size,
-                    llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose, flash_attn=flash_attn))
+    check_request(ga_n=ga_n, ga_w=ga_w, auto=auto)
+    lengths_, modes_ = parse_sizes(lengths), parse_modes(modes)
     text = read_text(file) if file is not None else natural_text()
     source: dict[str, Any] = {"source": str(file)} if file is not None else dict(NATURAL_TEXT_SOURCE)
     path = _model_path(model)
+    cfg = PplConfig(lengths=lengths_, modes=modes_, window=window, ga=_self_extend(path, ga_n, ga_w),
+                    n_batch=batch_size,
+                    llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose, flash_attn=flash_attn))
     run = PplRun(path, text, cfg)
     source["tokens"] = len(run.text_tokens)
     results: list[Any] = []
@@ -207,6 +210,7 @@ def speed(model: ModelArg = None,
           batch_size: BatchSize = 512, threads: Threads = None, gpu_layers: GpuLayers = 0,
           as_json: Json = False, quiet: Quiet = False, verbose: Verbose = False) -> None:
     """Prefill and decode tokens/s at cache depths: Self-Extend against vanilla, flash attention off and on."""
+    from selfext_cpp.engine import check_request
     from selfext_cpp.eval.parsing import parse_sizes
     from selfext_cpp.eval.report import speed_document, speed_table
     from selfext_cpp.eval.speed import SpeedConfig, SpeedRun
@@ -214,10 +218,12 @@ def speed(model: ModelArg = None,
     fa_modes = [s.strip().lower() for s in fa.split(",") if s.strip()]
     if not fa_modes or any(m not in ("on", "off") for m in fa_modes):
         raise fail(f"--fa takes off,on, off or on; got {fa!r}", 2)
-    cfg = SpeedConfig(depths=parse_sizes(depths, allow_zero=True), n_prompt=n_prompt, n_gen=n_gen, repeats=repeats,
-                      flash_attn=[m == "on" for m in dict.fromkeys(fa_modes)], ga=_self_extend(ga_n, ga_w, False),
-                      n_batch=batch_size, llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose))
+    check_request(ga_n=ga_n, ga_w=ga_w)
+    depths_ = parse_sizes(depths, allow_zero=True)
     path = _model_path(model)
+    cfg = SpeedConfig(depths=depths_, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats,
+                      flash_attn=[m == "on" for m in dict.fromkeys(fa_modes)], ga=_self_extend(path, ga_n, ga_w),
+                      n_batch=batch_size, llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose))
     run = SpeedRun(path, cfg)
     if not as_json and not quiet:
         hint(f"selfext runs use G={run.ga.ga_n} W={run.ga.ga_w}")

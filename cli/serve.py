@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from .errors import handle_errors, stderr_is_tty
+from .errors import FLAGS, handle_errors, stderr_is_tty
 from .options import FlashAttn, GaN, GaW, GpuLayers, ModelArg, Threads, Verbose
 
 AutoMaxCtx = Annotated[Optional[int], typer.Option(
@@ -32,11 +32,14 @@ Logprobs = Annotated[bool, typer.Option(
     "--logprobs", help="Allow logprobs in requests (keeps n_ctx x vocabulary logits in memory).")]
 
 
-@handle_errors
+SERVE_FLAGS = {"auto": "--auto-max-ctx", "n_ctx": "-c"}
+
+
+@handle_errors(flags=SERVE_FLAGS)
 def serve(
     model: ModelArg = None,
-    ga_n: GaN = 1,
-    ga_w: GaW = 512,
+    ga_n: GaN = None,
+    ga_w: GaW = None,
     auto_max_ctx: AutoMaxCtx = None,
     ctx_size: ServeCtx = 0,
     host: Host = "127.0.0.1",
@@ -68,7 +71,7 @@ def serve(
     )  # fmt: skip
     sock = server.bind(host, port)  # a busy port fails now, not after the model load
     try:
-        app = server.create_app(settings, api_key=api_key)
+        app = server.create_app(settings, api_key=api_key, names={**FLAGS, **SERVE_FLAGS})
     except BaseException:
         sock.close()
         raise

@@ -4,21 +4,43 @@
     llm = load("model.gguf", ga_n=4, ga_w=512, n_ctx=16384)
     llm.create_completion(long_prompt, max_tokens=64)
 
-The heavy parts (our libllama, llama_cpp) load on first use, so importing this package is cheap.
+Importing this package is cheap: its names load on first use, and our libllama with ``llama_cpp``.
 """
 
 from __future__ import annotations
 
-from .engine import (SelfExtend, capacity, choose, enable_self_extend, get_self_extend, load, model_support,
-                     self_extend_fused)
-from .errors import (CapacityError, HubError, LibraryError, ModelError, ParameterError, SelfextError,
-                     UnsupportedModelError)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._lib import use_our_library
+
+if TYPE_CHECKING:
+    from .engine import (SelfExtend, capacity, choose, enable_self_extend, get_self_extend, load, model_support,
+                         plan, self_extend_fused)
+    from .errors import (CapacityError, HubError, LibraryError, ModelError, ParameterError, SelfextError,
+                         UnsupportedModelError)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SelfExtend", "capacity", "choose", "enable_self_extend", "get_self_extend", "load", "model_support",
-    "self_extend_fused",
-    "SelfextError", "LibraryError", "ModelError", "UnsupportedModelError", "ParameterError", "CapacityError",
-    "HubError", "__version__",
-]
+_EXPORTS = {
+    "engine": ("SelfExtend", "capacity", "choose", "plan", "enable_self_extend", "get_self_extend", "load",
+               "model_support", "self_extend_fused"),
+    "errors": ("SelfextError", "LibraryError", "ModelError", "UnsupportedModelError", "ParameterError",
+               "CapacityError", "HubError"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = [*_WHERE, "__version__"]
+
+use_our_library()  # a later plain `import llama_cpp` loads our libllama too
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

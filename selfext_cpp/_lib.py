@@ -2,7 +2,8 @@
 
 llama-cpp-python's Python layer (``llama_cpp``) loads libllama from ``LLAMA_CPP_LIB_PATH`` when it is first
 imported. We point it at the libraries installed inside this package (or at ``SELFEXT_LIB_PATH``, for a
-development build), then check that the library it loaded exports the Self-Extend API.
+development build) at interpreter start (:func:`use_our_library`), and check that the library it loaded
+exports the Self-Extend API (:func:`load_llama_cpp`).
 """
 
 from __future__ import annotations
@@ -51,11 +52,27 @@ def _lib_file(directory: Path) -> Path:
     return directory / "libllama.so"
 
 
+def use_our_library() -> None:
+    """Have llama-cpp-python load our libllama in this process (and the processes it starts), unless the user
+    chose a library: sets LLAMA_CPP_LIB_PATH, before ``llama_cpp`` is first imported.
+
+    Runs at interpreter start (``selfext_cpp.pth`` in site-packages), so that a plain ``import llama_cpp`` —
+    by any package — loads our libllama in an environment where selfext is installed; and on ``import
+    selfext_cpp`` (for interpreters started with ``-S``).
+    """
+    if "llama_cpp.llama_cpp" in sys.modules or os.environ.get("LLAMA_CPP_LIB_PATH"):
+        return
+    directory = lib_dir()
+    if _lib_file(directory).exists():
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(directory)
+
+
 def load_llama_cpp() -> ModuleType:
     """Import ``llama_cpp`` bound to our libllama and return it.
 
-    Raises LibraryError when the library is missing, or when ``llama_cpp`` was already imported with another
-    libllama (then restart Python and import selfext_cpp first).
+    Raises LibraryError when the library is missing, when ``llama_cpp`` is not the llama-cpp-python version
+    selfext is written for, or when it was already imported with another libllama (LLAMA_CPP_LIB_PATH set to
+    another library).
     """
     directory = lib_dir()
     if "llama_cpp.llama_cpp" not in sys.modules:
@@ -68,8 +85,11 @@ def load_llama_cpp() -> ModuleType:
         import llama_cpp
     except OSError as exc:  # the CDLL load itself failed
         raise LibraryError(f"could not load libllama from {directory}: {exc}") from exc
-    lib = llama_cpp.llama_cpp._lib
+    from . import compat
+
+    compat.check_version(llama_cpp)
+    lib = compat.shared_library(llama_cpp.llama_cpp)
     if not hasattr(lib, "llama_self_extend_api_version"):
-        raise LibraryError(f"the loaded libllama ({getattr(lib, '_name', '?')}) has no Self-Extend API: "
-                           "import selfext_cpp before llama_cpp, and do not set LLAMA_CPP_LIB_PATH yourself")
+        raise LibraryError(f"the loaded libllama ({getattr(lib, '_name', '?')}) has no Self-Extend API: unset "
+                           "LLAMA_CPP_LIB_PATH (selfext points llama_cpp at its own library)")
     return llama_cpp

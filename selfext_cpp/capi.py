@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ctypes
 
+from . import compat
 from ._lib import API_VERSION, load_llama_cpp
 from .errors import LibraryError
 
 _llama_cpp = load_llama_cpp()
-_lib = _llama_cpp.llama_cpp._lib
 llama_cpp = _llama_cpp.llama_cpp  # the low-level module, for callers of this binding
 ctypes_function = _llama_cpp.llama_cpp.ctypes_function
 

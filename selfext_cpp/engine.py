@@ -11,13 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import compat
 from .errors import CapacityError, ModelError, ParameterError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
-# the authors advise keeping the farthest grouped position inside this share of the trained window
+# The automatic choice (docs/RESULTS.md, "Choosing G and W"): the neighbour window is a quarter of the trained
+# window, and the group size the smallest power of two that keeps the farthest grouped position inside the
+# share of the trained window that models are well trained on. On SmolLM2 (trained 8K) the larger window
+# found the keys that smaller windows with smaller groups missed; a fixed window means a small change in length
+# never moves W, and G only doubles.
 WELL_TRAINED_SHARE = 2 / 3
+WINDOW_SHARE = 4  # W = the largest power of two <= L / WINDOW_SHARE
 MAX_AUTO_GROUP = 64
 
 
@@ -30,59 +36,113 @@ class SelfExtend:
 
     def __post_init__(self) -> None:
         if isinstance(self.ga_n, bool) or not isinstance(self.ga_n, int) or self.ga_n < 1:
-            raise ParameterError(f"--ga-n must be an integer >= 1, got {self.ga_n!r}")
+            raise ParameterError(f"{{ga_n}} must be an integer >= 1, got {self.ga_n!r}")
         if self.ga_n > 1 and (isinstance(self.ga_w, bool) or not isinstance(self.ga_w, int) or self.ga_w < 1):
-            raise ParameterError(f"--ga-w must be an integer >= 1, got {self.ga_w!r}")
+            raise ParameterError(f"{{ga_w}} must be an integer >= 1, got {self.ga_w!r}")
 
     @property
     def enabled(self) -> bool:
         return self.ga_n > 1
 
     def capacity(self, n_ctx_train: int) -> int:
-        """Longest sequence whose farthest grouped distance stays inside the trained window: (L - W)·G + W."""
+        """Longest sequence whose farthest grouped position (:meth:`farthest`) stays inside the trained window L:
+        (L - W)·G + W when G divides W (the paper's formula), (L - W)·G + (W//G)·G in general."""
         if not self.enabled:
             return n_ctx_train
-        return (n_ctx_train - self.ga_w) * self.ga_n + self.ga_w
+        return (n_ctx_train - self.ga_w) * self.ga_n + self.ga_w // self.ga_n * self.ga_n
+
+    def farthest(self, n_tokens: int) -> int:
+        """The largest relative position the model sees in a sequence of ``n_tokens``: n - 1 without
+        Self-Extend; with it, the last query's grouped position less the first key's, (n - 1)//G + W - W//G
+        (or W - 1 inside the window). A sequence fits the trained window L while this stays below L."""
+        if not self.enabled or n_tokens <= self.ga_w:
+            return max(n_tokens - 1, 0)
+        return (n_tokens - 1) // self.ga_n + self.ga_w - self.ga_w // self.ga_n
+
+    def describe(self) -> str:
+        """"ga_n 8, ga_w 2048" (or "off"), in the library's parameter names; front ends render the braces."""
+        return f"{{ga_n}} {self.ga_n} {{ga_w}} {self.ga_w}" if self.enabled else "off"
 
     def check(self, n_ctx_train: int, n_needed: int | None = None) -> None:
         """Raise ParameterError/CapacityError when these parameters cannot serve ``n_needed`` tokens."""
         if self.enabled and self.ga_w >= n_ctx_train:
-            raise ParameterError(f"--ga-w {self.ga_w} must be smaller than the model's trained context "
-                                 f"({n_ctx_train}); try --ga-w {n_ctx_train // 4}")
+            raise ParameterError(f"{{ga_w}} {self.ga_w} must be smaller than the model's trained context "
+                                 f"({n_ctx_train}); try {{ga_w}} {auto_window(n_ctx_train)}")
         if n_needed is not None and n_needed > self.capacity(n_ctx_train):
             hint = choose(n_ctx_train, n_needed, strict=False)
-            fix = f"; try --ga-n {hint.ga_n} --ga-w {hint.ga_w}" if hint else ""
-            what = (f"the capacity {self.capacity(n_ctx_train)} of --ga-n {self.ga_n} --ga-w {self.ga_w} on a "
-                    f"{n_ctx_train}-token model" if self.enabled else
+            fix = f"; try {hint.describe()}" if hint else ""
+            what = (f"the capacity {self.capacity(n_ctx_train)} of {self.describe()} on a {n_ctx_train}-token "
+                    "model" if self.enabled else
                     f"the model's trained context ({n_ctx_train}), and Self-Extend is off")
             raise CapacityError(f"{n_needed} tokens exceed {what}{fix}")
 
 
 def capacity(n_ctx_train: int, ga_n: int, ga_w: int) -> int:
-    """(L - W)·G + W: the longest sequence Self-Extend maps inside the trained window L."""
+    """The longest sequence Self-Extend maps inside the trained window L: (L - W)·G + W when G divides W."""
     return SelfExtend(ga_n, ga_w).capacity(n_ctx_train)
 
 
-def choose(n_ctx_train: int, n_needed: int, *, strict: bool = True) -> SelfExtend | None:
-    """Smallest group size G, and for it the largest window W, that serve ``n_needed`` tokens.
+def auto_window(n_ctx_train: int) -> int:
+    """The automatic neighbour window W for a model trained on L tokens: the largest power of two <= L/4."""
+    return 1 << max(0, (max(n_ctx_train // WINDOW_SHARE, 1)).bit_length() - 1)
 
-    Returns None when ``n_needed`` fits the trained window (Self-Extend is not needed). W is a power of two
-    between 64 and L/2; the farthest grouped position W + (N - W)/G must stay within WELL_TRAINED_SHARE of L
-    (``strict``) or within L (``strict=False``, the bare capacity). Raises CapacityError when no G up to
-    MAX_AUTO_GROUP does.
+
+def choose(n_ctx_train: int, n_needed: int, *, strict: bool = True) -> SelfExtend | None:
+    """The automatic setting for ``n_needed`` tokens: W = :func:`auto_window`, and the smallest power-of-two
+    group size G whose farthest grouped position (:meth:`SelfExtend.farthest`) stays within
+    WELL_TRAINED_SHARE of the trained window L (``strict``) or within L (``strict=False``: the bare capacity).
+
+    Returns None when ``n_needed`` fits the trained window (Self-Extend is not needed). Raises CapacityError
+    when no G up to MAX_AUTO_GROUP does (``strict``), else returns None.
     """
     if n_needed <= n_ctx_train:
         return None
-    limit = n_ctx_train * (WELL_TRAINED_SHARE if strict else 1.0)
-    windows = [1 << k for k in range(int(math.log2(max(n_ctx_train // 2, 64))), 5, -1)]
-    for g in range(2, MAX_AUTO_GROUP + 1):
-        for w in windows:
-            if w < n_ctx_train and w + math.ceil((n_needed - w) / g) <= limit:
-                return SelfExtend(g, w)
+    limit = n_ctx_train * WELL_TRAINED_SHARE if strict else n_ctx_train
+    w = auto_window(n_ctx_train)
+    g = 2
+    while g <= MAX_AUTO_GROUP:
+        se = SelfExtend(g, w)
+        if se.farthest(n_needed) < limit:
+            return se
+        g *= 2
     if strict:
         raise CapacityError(f"{n_needed} tokens are too many for a {n_ctx_train}-token model: no group size up "
                             f"to {MAX_AUTO_GROUP} keeps them in the well-trained window; shorten the text")
     return None
+
+
+def plan(n_ctx_train: int, n_needed: int | None = None, *, ga_n: int | None = None, ga_w: int | None = None,
+         auto: bool = False) -> SelfExtend:
+    """The Self-Extend setting for ``n_needed`` tokens on a model trained on ``n_ctx_train``: the one rule the
+    command line, the server and the evaluation harnesses share.
+
+    ``auto``: :func:`choose`'s setting (off when the tokens fit the trained window). Otherwise ``ga_n``/``ga_w``
+    as given (``ga_n`` None or 1: off; ``ga_w`` None: :func:`auto_window`), checked against the trained window
+    and, when ``n_needed`` is given, against the capacity. Raises ParameterError for ``auto`` together with
+    ``ga_n``/``ga_w``, or ``ga_w`` without ``ga_n``; CapacityError when the tokens do not fit.
+    """
+    check_request(ga_n=ga_n, ga_w=ga_w, auto=auto)
+    if auto:
+        if n_needed is None:
+            raise ParameterError("{auto} needs the number of tokens to plan for")
+        return choose(n_ctx_train, n_needed) or SelfExtend()
+    if ga_n is None or ga_n == 1:
+        se = SelfExtend()
+    else:
+        se = SelfExtend(ga_n, auto_window(n_ctx_train) if ga_w is None else ga_w)
+    se.check(n_ctx_train, n_needed)
+    return se
+
+
+def check_request(*, ga_n: int | None = None, ga_w: int | None = None, auto: bool = False) -> None:
+    """The checks of :func:`plan` that need no model, for front ends to run before anything slow: ``auto``
+    with ``ga_n``/``ga_w``, ``ga_w`` without ``ga_n``, and the ranges of G and W (ParameterError)."""
+    if auto and (ga_n is not None or ga_w is not None):
+        raise ParameterError("{auto} chooses G and W itself: give either {auto} or {ga_n}/{ga_w}, not both")
+    if ga_w is not None and ga_n is None:
+        raise ParameterError("{ga_w} needs {ga_n} (a group size > 1) to take effect")
+    if ga_n is not None:
+        SelfExtend(ga_n, 1 if ga_n > 1 and ga_w is None else (ga_w or 0))
 
 
 def _capi():
@@ -232,10 +292,10 @@ def prefill(llm: Llama, tokens: Sequence[int], on_progress: Callable[[int, int],
     same token list) finds the whole prompt cached and samples at once, without evaluating it again."""
     tokens = list(tokens)
     if not tokens:
-        raise ParameterError("the prompt is empty: give some text with -p, -f or on stdin")
+        raise ParameterError("the prompt is empty")
     if len(tokens) >= llm.n_ctx():
         raise ParameterError(f"the prompt has {len(tokens)} tokens, the context holds {llm.n_ctx()}: "
-                             f"raise --ctx-size to at least {len(tokens) + 1}")
+                             f"raise {{n_ctx}} to at least {len(tokens) + 1}")
     llm.reset()  # n_tokens = 0: eval() then drops every cached cell first
     step = llm.n_batch
     for i in range(0, len(tokens), step):
@@ -269,7 +329,7 @@ def stream(llm: Llama, tokens: Sequence[int], *, max_tokens: int, temp: float = 
     prefill(llm, tokens, on_progress)
     res.prefill_s = time.perf_counter() - t0
     ll = _capi().llama_cpp
-    vocab = llm._model.vocab
+    vocab = compat.vocab(llm)
     if seed is not None:
         llm.set_seed(seed & 0xFFFFFFFF)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -1,12 +1,45 @@
-"""Errors that reach users: each carries a one-line message that names the next thing to try."""
+"""Errors that reach users: each carries a one-line message that names the next thing to try.
+
+Messages speak of the library's own parameters, written in braces: ``ParameterError("{ga_w} 9000 must be
+smaller than ...")``. ``str(error)`` shows them as parameter names (``ga_w 9000 must be ...``); a front end
+shows them in its own words with :meth:`SelfextError.render` (the command line: ``--ga-w 9000 must be ...``).
+So the library never speaks in command-line flags, and each front end names things once.
+"""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+# the parameters messages may name, and how the library itself spells them
+PARAMETERS = {
+    "ga_n": "ga_n", "ga_w": "ga_w", "auto": "auto", "n_ctx": "n_ctx", "n_batch": "n_batch", "chat": "chat=True",
+    "no_chat": "chat=False", "system": "system", "text": "text", "lengths": "lengths", "window": "window",
+    "n_prompt": "n_prompt", "n_gen": "n_gen", "repeats": "repeats", "depths": "depths", "logprobs": "logprobs",
+    "host": "host", "port": "port", "plot": "plot",
+}
+_FIELD = re.compile(r"\{([a-z_]+)\}")
 
 
 class SelfextError(Exception):
     """Base class of every error selfext raises on purpose."""
 
-    exit_code = 1
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.template = message
+
+    def render(self, names: Mapping[str, str] | None = None) -> str:
+        """The message with each ``{parameter}`` spelled as ``names`` says (else as the library spells it)."""
+        names = names or {}
+
+        def spell(m: re.Match[str]) -> str:
+            key = m.group(1)
+            return names.get(key, PARAMETERS[key]) if key in PARAMETERS else m.group(0)
+
+        return _FIELD.sub(spell, self.template)
+
+    def __str__(self) -> str:
+        return self.render()
 
 
 class LibraryError(SelfextError):
@@ -22,9 +55,7 @@ class UnsupportedModelError(SelfextError):
 
 
 class ParameterError(SelfextError):
-    """Invalid Self-Extend or generation parameters."""
-
-    exit_code = 2
+    """Invalid Self-Extend or generation parameters (the caller's mistake)."""
 
 
 class CapacityError(SelfextError):

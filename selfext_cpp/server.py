@@ -10,7 +10,7 @@ and add what Self-Extend needs, and what a client needs to tell its own mistakes
 
 - :class:`SelfExtendProxy`: its ``LlamaProxy``, enabling Self-Extend on each ``Llama`` it builds and capping the
   context llama-cpp-python enforces at what Self-Extend reaches (llama.cpp pads ``n_ctx`` up to 256s);
-- 400 answers (:func:`client_error`): ``context_length_exceeded`` naming that reach, invalid requests, logprobs
+- 400 answers (:func:`client_error`, answered first on every route: ``compat.answer_route_errors_first``): ``context_length_exceeded`` naming that reach, invalid requests, logprobs
   on a server without them; for streaming requests too (:class:`EarlyErrors`). llama-cpp-python answers most
   of these with 500;
 - ``GET /health`` with the setting in force.
@@ -29,11 +29,12 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
+from . import compat
 from ._lib import load_llama_cpp
-from .engine import SelfExtend, choose, enable_self_extend, last_llama_error, n_ctx_train, set_llama_log
-from .errors import ModelError, ParameterError, ServerError, UnsupportedModelError
+from .engine import SelfExtend, enable_self_extend, last_llama_error, n_ctx_train, plan, set_llama_log
+from .errors import ModelError, ParameterError, SelfextError, ServerError, UnsupportedModelError
 
 
 load_llama_cpp()  # llama_cpp must bind our libllama before llama_cpp.server imports it
@@ -44,7 +45,6 @@ try:
     from fastapi.responses import JSONResponse
     from llama_cpp import Llama
     from llama_cpp.server import app as base
-    from llama_cpp.server.errors import RouteErrorHandler
     from llama_cpp.server.model import LlamaProxy
     from llama_cpp.server.settings import ModelSettings, ServerSettings
     from pydantic import Field
@@ -73,27 +73,24 @@ class Serving:
 
 
 _loaded: Serving | None = None  # the model the proxy holds now (it holds one at a time)
+_names: dict[str, str] = {}  # create_app's names
 
 
-def plan(n_ctx_train: int, *, ga_n: int = 1, ga_w: int = 0, n_ctx: int = 0,
-         auto_max_ctx: int | None = None) -> tuple[SelfExtend, int]:
-    """The Self-Extend setting and the context (prompt + completion tokens of a request) to serve.
+def serving_plan(n_ctx_train: int, *, ga_n: int | None = None, ga_w: int | None = None, n_ctx: int = 0,
+                 auto_max_ctx: int | None = None) -> tuple[SelfExtend, int]:
+    """The Self-Extend setting (:func:`engine.plan`) and the context (prompt + completion tokens of a request)
+    to serve.
 
-    With ``auto_max_ctx`` N: G and W from :func:`choose` (off when N fits the trained context), context N.
+    With ``auto_max_ctx`` N: the automatic setting for N (off when N fits the trained context), context N.
     Otherwise G and W as given, and context ``n_ctx``, or when 0 all that G and W reach (the trained context
     when Self-Extend is off). Raises ParameterError on conflicting options, CapacityError when the context is
     longer than G and W reach.
     """
-    if auto_max_ctx is not None:
-        if ga_n > 1:
-            raise ParameterError("give either --ga-n/--ga-w or --auto-max-ctx, not both")
-        if n_ctx:
-            raise ParameterError(f"give either -c or --auto-max-ctx, not both (--auto-max-ctx {auto_max_ctx} "
-                                 f"serves a {auto_max_ctx}-token context)")
-        return choose(n_ctx_train, auto_max_ctx) or SelfExtend(), auto_max_ctx
-    params = SelfExtend(ga_n, ga_w if ga_n > 1 else 0)
-    params.check(n_ctx_train, n_ctx or None)
-    return params, n_ctx or params.capacity(n_ctx_train)
+    if auto_max_ctx is not None and n_ctx:
+        raise ParameterError(f"give either {{n_ctx}} or {{auto}}, not both ({{auto}} {auto_max_ctx} serves a "
+                             f"{auto_max_ctx}-token context)")
+    params = plan(n_ctx_train, auto_max_ctx or n_ctx or None, ga_n=ga_n, ga_w=ga_w, auto=auto_max_ctx is not None)
+    return params, auto_max_ctx or n_ctx or params.capacity(n_ctx_train)
 
 
 class SelfExtendModelSettings(ModelSettings):
@@ -103,19 +100,20 @@ class SelfExtendModelSettings(ModelSettings):
     ga_w: int = Field(default=0, ge=0, description="Self-Extend neighbour window W, in tokens.")
 
 
-def model_settings(model_path: str | Path, *, ga_n: int = 1, ga_w: int = 0, n_ctx: int = 0,
+def model_settings(model_path: str | Path, *, ga_n: int | None = None, ga_w: int | None = None, n_ctx: int = 0,
                    auto_max_ctx: int | None = None, **settings: Any) -> SelfExtendModelSettings:
-    """Settings that serve ``model_path`` with G, W and the context from :func:`plan`, read from its header.
+    """Settings that serve ``model_path`` with G, W and the context from :func:`serving_plan`, read from its
+    header.
 
     Other keyword arguments are ModelSettings fields: n_threads, n_gpu_layers, chat_format, model_alias, ...
     """
     from .models import inspect
 
     meta = inspect(model_path)  # the header only: milliseconds
-    params, context = plan(meta.n_ctx_train, ga_n=ga_n, ga_w=ga_w, n_ctx=n_ctx, auto_max_ctx=auto_max_ctx)
+    params, context = serving_plan(meta.n_ctx_train, ga_n=ga_n, ga_w=ga_w, n_ctx=n_ctx, auto_max_ctx=auto_max_ctx)
     if params.enabled and not meta.self_extend_supported:
         raise UnsupportedModelError(f"Self-Extend is not available for {meta.path}: {meta.self_extend_status}; "
-                                    "serve it without --ga-n/--auto-max-ctx")
+                                    "serve it without {ga_n}/{auto}")
     settings.setdefault("model_alias", Path(model_path).name)
     return SelfExtendModelSettings(model=str(model_path), ga_n=params.ga_n, ga_w=params.ga_w, n_ctx=context,
                                    **settings)
@@ -140,11 +138,11 @@ class SelfExtendProxy(LlamaProxy):
             params.check(trained, wanted)
             # llama-cpp-python rejects prompts of _n_ctx tokens or more and stops completions there; llama.cpp
             # padded the real context (to 256s), which may reach past what Self-Extend serves
-            llm._n_ctx = min(wanted, llm.n_ctx())
+            compat.set_context_limit(llm, min(wanted, llm.n_ctx()))
         except BaseException:
             llm.close()
             raise
-        _loaded = Serving(settings.model_alias or settings.model, params, trained, llm._n_ctx)
+        _loaded = Serving(settings.model_alias or settings.model, params, trained, compat.context_limit(llm))
         return llm
 
 
@@ -156,15 +154,15 @@ def context_length_error(n_prompt: int, param: str) -> tuple[int, dict[str, Any]
     if not se.enabled:
         reach = f"Self-Extend is off (the model was trained on {s.n_ctx_train} tokens)."
     elif s.n_ctx < s.capacity:
-        reach = (f"The server was started for {s.n_ctx} (-c or --auto-max-ctx); Self-Extend (--ga-n {se.ga_n} "
-                 f"--ga-w {se.ga_w}) would reach {s.capacity}.")
+        reach = (f"The server was started for {s.n_ctx} ({{n_ctx}} or {{auto}}); Self-Extend "
+                 f"({se.describe()}) would reach {s.capacity}.")
     else:
-        reach = (f"Self-Extend (--ga-n {se.ga_n} --ga-w {se.ga_w}) stretches the model's trained "
-                 f"{s.n_ctx_train} tokens to a capacity of {s.capacity}, and no further.")
+        reach = (f"Self-Extend ({se.describe()}) stretches the model's trained {s.n_ctx_train} tokens to a "
+                 f"capacity of {s.capacity}, and no further.")
     message = (f"This model's maximum context length is {s.n_ctx} tokens, prompt and completion together; "
                f"however your {noun} came to {n_prompt} tokens. {reach} Shorten the {noun}, or restart the "
-               "server with a larger --auto-max-ctx.")
-    return 400, _error(message, noun, "context_length_exceeded")
+               "server with a larger {auto}.")
+    return 400, _error(_say(message), noun, "context_length_exceeded")
 
 
 # what llama-cpp-python raises for requests the loaded model cannot take
@@ -182,7 +180,7 @@ def client_error(exc: BaseException, path: str) -> tuple[int, dict[str, Any]] | 
     if match := CONTEXT_EXCEEDED.search(str(exc)):
         return context_length_error(int(match.group(1)), param)
     if NO_LOGPROBS.search(str(exc)):
-        return 400, _error("logprobs are off on this server: restart it with --logprobs", "logprobs")
+        return 400, _error(_say("logprobs are off on this server: restart it with {logprobs}"), "logprobs")
     if isinstance(exc, json.JSONDecodeError):
         return 400, _error(f"the request body is not JSON: {exc}")
     if isinstance(exc, RequestValidationError):
@@ -192,27 +190,13 @@ def client_error(exc: BaseException, path: str) -> tuple[int, dict[str, Any]] | 
     return None
 
 
+def _say(template: str) -> str:
+    """A message for clients, naming the server's options as the front end that started it spells them."""
+    return SelfextError(template).render(_names)
+
+
 def _error(message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"message": message, "type": "invalid_request_error", "param": param, "code": code}
-
-
-def _answer_client_errors() -> None:
-    """Let :func:`client_error` answer first on every route of llama-cpp-python's app.
-
-    Its RouteErrorHandler maps two llama-cpp-python messages to 400 and all else, FastAPI's
-    RequestValidationError included, to 500, with no hook for other errors; so we wrap its error_message_wrapper
-    (class-wide: FastAPI may copy routes; their app is one per process anyway).
-    """
-    default = RouteErrorHandler.error_message_wrapper
-    if getattr(default, "answers_client_errors", False):
-        return
-
-    def error_message_wrapper(self: RouteErrorHandler, error: Exception,
-                              body: Any = None) -> tuple[int, dict[str, Any]]:
-        return client_error(error, self.path) or default(self, error=error, body=body)
-
-    error_message_wrapper.answers_client_errors = True  # type: ignore[attr-defined]
-    RouteErrorHandler.error_message_wrapper = error_message_wrapper  # type: ignore[method-assign]
 
 
 class EarlyErrors:
@@ -269,29 +253,22 @@ def _is_event_stream_start(message: dict[str, Any]) -> bool:
     return headers.get(b"content-type", b"").startswith(b"text/event-stream")
 
 
-@contextmanager
-def _proxy_class(cls: type[LlamaProxy]) -> Iterator[None]:
-    """llama-cpp-python's create_app builds its proxy from the module name LlamaProxy: build ours instead."""
-    saved = base.LlamaProxy
-    base.LlamaProxy = cls  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        base.LlamaProxy = saved  # type: ignore[misc]
-
-
-def create_app(settings: ModelSettings | list[ModelSettings], *, api_key: str | None = None) -> FastAPI:
+def create_app(settings: ModelSettings | list[ModelSettings], *, api_key: str | None = None,
+               names: Mapping[str, str] | None = None) -> FastAPI:
     """llama-cpp-python's app serving ``settings`` (the first model is the default) with Self-Extend.
 
     Loads the default model now. Requests run one at a time; a request that arrives during a stream waits
     for it rather than cutting it short. With ``api_key``, every route but /health needs
-    ``Authorization: Bearer <api_key>``.
+    ``Authorization: Bearer <api_key>``. ``names``: how answers to clients spell the server's options
+    (:meth:`SelfextError.render`; e.g. the command line's flags).
     """
+    global _names
+    _names = dict(names or {})
     models = settings if isinstance(settings, list) else [settings]
     server_settings = ServerSettings(api_key=api_key, interrupt_requests=False)
-    with _proxy_class(SelfExtendProxy):
+    with compat.proxy_class(SelfExtendProxy):
         app = base.create_app(server_settings=server_settings, model_settings=models)
-    _answer_client_errors()
+    compat.answer_route_errors_first(client_error)
     app.add_middleware(EarlyErrors)
     app.add_api_route("/health", health, methods=["GET"], summary="Health", tags=["Extras"])
     return app
@@ -316,14 +293,14 @@ def bind(host: str, port: int) -> socket.socket:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as exc:
-        raise ServerError(f"cannot resolve --host {host}: {exc.strerror}") from exc
+        raise ServerError(f"cannot resolve {{host}} {host}: {exc.strerror}") from exc
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from exc
+        raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another {{port}}") from exc
     return sock
 
 

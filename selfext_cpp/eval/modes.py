@@ -1,7 +1,7 @@
 """The ways of reading a long prompt that the evaluations compare, and the contexts that run them.
 
 vanilla  plain RoPE at the true positions, no scaling (fails past the trained context, as it should)
-selfext  exact Self-Extend in libllama (G/W given, or chosen by ``choose`` for the length needed)
+selfext  exact Self-Extend in libllama (G/W given, or chosen by ``engine.plan`` for the length needed)
 shift    llama.cpp's approximation: cached positions rewritten block-wise (see shift.py); Self-Extend off
 shift-upstream  the same with llama.cpp's own llama_memory_seq_div, whose K-shift sign bug it keeps
 yarn     llama.cpp's YaRN RoPE scaling, factor = needed length / n_ctx_train, yarn_orig_ctx = n_ctx_train
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..engine import SelfExtend, choose, enable_self_extend
+from ..engine import SelfExtend, enable_self_extend, plan
 from ..errors import ParameterError
 from .runner import Runner, Sequence0
 from .shift import GroupShift, check_params, shift_window
@@ -66,11 +66,11 @@ def parse_modes(text: str) -> tuple[str, ...]:
 
 
 def self_extend_for(n_ctx_train: int, n_needed: int, ga: SelfExtend | None) -> SelfExtend:
-    """The given G/W, else the automatic choice for ``n_needed`` (G = 1 when the text fits)."""
+    """The given G/W (checked against the trained window, not the length: a harness may probe past the
+    capacity), else the automatic choice for ``n_needed`` (off when the text fits)."""
     if ga is not None:
-        ga.check(n_ctx_train)
-        return ga
-    return choose(n_ctx_train, n_needed) or SelfExtend(1, 0)
+        return plan(n_ctx_train, ga_n=ga.ga_n, ga_w=ga.ga_w)
+    return plan(n_ctx_train, n_needed, auto=True)
 
 
 def setting(mode: str, n_ctx_train: int, n_needed: int, ga: SelfExtend | None = None) -> Setting:

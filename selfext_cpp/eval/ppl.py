@@ -59,7 +59,7 @@ def context_slices(n_text: int, lengths: Sequence[int], n_bos: int) -> dict[int,
     end = max(lengths) - n_bos
     if end > n_text:
         raise ParameterError(f"the text has {n_text} tokens, fewer than the longest length {max(lengths)}: "
-                             "use a longer text (-f FILE) or shorter --lengths")
+                             "use a longer {text} or shorter {lengths}")
     return {n: (end - (n - n_bos), end) for n in lengths}
 
 
@@ -70,7 +70,7 @@ class PplRun:
         if not config.lengths:
             raise ParameterError("need at least one length")
         if not 0 < config.window < min(config.lengths):
-            raise ParameterError(f"--window must be between 1 and the shortest length - 1, got {config.window}")
+            raise ParameterError(f"{{window}} must be between 1 and the shortest length - 1, got {config.window}")
         self.config = config
         self.contexts = Contexts(model_path, n_ctx=max(config.lengths) + 8, n_batch=config.n_batch,
                                  **config.llama_kwargs)

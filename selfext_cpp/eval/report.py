@@ -149,7 +149,7 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError as exc:
-        raise SelfextError("--plot needs matplotlib: pip install 'selfext[plot]'") from exc
+        raise SelfextError("{plot} needs matplotlib: pip install 'selfext[plot]'") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

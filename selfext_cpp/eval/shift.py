@@ -53,10 +53,10 @@ class PositionCache(Protocol):
 def check_params(ga_n: int, ga_w: int) -> None:
     """llama.cpp's own asserts on --grp-attn-n/--grp-attn-w, as a ParameterError."""
     if ga_n < 1:
-        raise ParameterError(f"shift mode needs --ga-n >= 1, got {ga_n}")
+        raise ParameterError(f"shift mode needs {{ga_n}} >= 1, got {ga_n}")
     if ga_n > 1 and (ga_w < ga_n or ga_w % ga_n):
-        raise ParameterError(f"shift mode (llama.cpp's group attention) needs --ga-w to be a multiple of --ga-n; "
-                             f"got G={ga_n}, W={ga_w}: try --ga-w {max(ga_n, ga_w - ga_w % ga_n)}")
+        raise ParameterError(f"shift mode (llama.cpp's group attention) needs {{ga_w}} to be a multiple of {{ga_n}}; "
+                             f"got G={ga_n}, W={ga_w}: try {{ga_w}} {max(ga_n, ga_w - ga_w % ga_n)}")
 
 
 def shift_window(ga_n: int, ga_w: int) -> int:

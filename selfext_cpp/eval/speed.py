@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine import SelfExtend, choose, enable_self_extend
+from ..engine import SelfExtend, enable_self_extend, plan
 from ..errors import ParameterError
 from .modes import Contexts, Setting
 from .runner import Runner
@@ -58,14 +58,12 @@ class SpeedResult:
 
 
 def speed_self_extend(n_ctx_train: int, n_needed: int, ga: SelfExtend | None) -> SelfExtend:
-    """The given G/W; else --auto's choice for the deepest run; else (it fits) the choice for 2 × n_ctx_train,
-    so that the grouped branch has work to do."""
+    """The given G/W; else the automatic choice for the deepest run; else (it fits) the choice for
+    2 × n_ctx_train, so that the grouped branch has work to do."""
     if ga is not None:
-        ga.check(n_ctx_train)
-        return ga
-    chosen = choose(n_ctx_train, n_needed) or choose(n_ctx_train, 2 * n_ctx_train)
-    assert chosen is not None  # 2 × n_ctx_train always fits G = 2
-    return chosen
+        return plan(n_ctx_train, ga_n=ga.ga_n, ga_w=ga.ga_w)
+    chosen = plan(n_ctx_train, n_needed, auto=True)
+    return chosen if chosen.enabled else plan(n_ctx_train, 2 * n_ctx_train, auto=True)
 
 
 def ratios(results: Sequence[SpeedResult]) -> list[dict[str, Any]]:
@@ -99,7 +97,7 @@ def best_ratios(results: Sequence[SpeedResult]) -> list[dict[str, Any]]:
 class SpeedRun:
     def __init__(self, model_path: str | Path, config: SpeedConfig) -> None:
         if config.n_prompt < 1 or config.n_gen < 1 or config.repeats < 1 or not config.depths:
-            raise ParameterError("need --n-prompt, --n-gen and --repeats >= 1 and at least one depth")
+            raise ParameterError("need {n_prompt}, {n_gen} and {repeats} >= 1 and at least one depth")
         self.model_path = model_path
         self.config = config
         self.n_ctx = max(config.depths) + config.n_prompt + config.n_gen + 8

@@ -27,6 +27,11 @@ def test_info_shows_the_model_and_its_capacity_table(cli: Invoke, smollm2: Path)
         "  G=4              31232     29696     26624",
         "  G=8              61952     58368     51200",
         "  G=16            123392    115712    100352",
+        "--auto        the setting chosen for N tokens (farthest grouped position, of 8192)",
+        "  N=16384     --ga-n 8 --ga-w 2048 (3839)",
+        "  N=32768     --ga-n 16 --ga-w 2048 (3967)",
+        "  N=65536     --ga-n 32 --ga-w 2048 (4031)",
+        "  N=131072    --ga-n 64 --ga-w 2048 (4063)",
     ]
 
 
@@ -38,6 +43,7 @@ def test_info_json_has_the_same_facts(cli: Invoke, smollm2: Path) -> None:
     assert (d["self_extend_supported"], d["self_extend_status"], d["has_chat_template"]) == (True, "ok", True)
     assert len(d["capacity"]) == 12
     assert {"ga_n": 4, "ga_w": 1024, "capacity": (8192 - 1024) * 4 + 1024} in d["capacity"]
+    assert d["auto"][0] == {"n_tokens": 16384, "ga_n": 8, "ga_w": 2048, "farthest": 3839}
 
 
 def test_info_marks_windows_not_below_the_trained_context(cli: Invoke, tiny_model: Path) -> None:

@@ -82,7 +82,7 @@ def test_auto_picks_g_and_w_and_says_so_on_stderr(cli: Invoke, tiny_model: Path)
     assert want is not None and (d["ga_n"], d["ga_w"]) == (want.ga_n, want.ga_w)
     assert result.stderr == (f"selfext: --auto: --ga-n {want.ga_n} --ga-w {want.ga_w} for 455 tokens (capacity "
                              f"{want.capacity(TINY_L)}; farthest grouped position "
-                             f"{want.ga_w + -(-(455 - want.ga_w) // want.ga_n)} of {TINY_L} trained)\n")
+                             f"{want.farthest(455)} of {TINY_L} trained)\n")
 
 
 def test_auto_runs_vanilla_when_the_text_fits(cli: Invoke, tiny_model: Path) -> None:

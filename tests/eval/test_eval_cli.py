@@ -121,8 +121,9 @@ def test_speed_json_with_ratios(tiny: TinyModel) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["passkey", "--auto", "--ga-n", "4", "--ga-w", "16"], "--auto and --ga-n/--ga-w exclude each other"),
-    (["passkey", "--ga-n", "4"], "give both --ga-n and --ga-w"),
+    (["passkey", "--auto", "--ga-n", "4", "--ga-w", "16"], "give either --auto or --ga-n/--ga-w, not both"),
+    (["passkey", "--ga-w", "16"], "--ga-w needs --ga-n"),
+    (["ppl", "--ga-n", "0"], "--ga-n must be an integer >= 1, got 0"),
     (["passkey", "--modes", "vanilla,rope"], "unknown mode rope"),
     (["passkey", "--lengths", "4q"], "not a token count"),
     (["passkey", "--modes", "shift", "--ga-n", "3", "--ga-w", "16"], "multiple of --ga-n"),

@@ -107,13 +107,13 @@ def test_option_parsing() -> None:
 def test_mode_settings() -> None:
     assert setting("vanilla", 8192, 32768) == Setting("vanilla")
     assert setting("selfext", 8192, 4096) == Setting("selfext")  # fits: nothing to extend
-    assert setting("selfext", 8192, 16400) == Setting("selfext", 4, 1024)  # --auto's choice
-    assert setting("shift", 8192, 32800) == Setting("shift", 7, 511)  # W rounded to a multiple of G
+    assert setting("selfext", 8192, 16400) == Setting("selfext", 8, 2048)  # --auto's choice
+    assert setting("shift", 8192, 32800) == Setting("shift", 16, 2048)
     assert setting("selfext", 8192, 32800, SelfExtend(8, 512)) == Setting("selfext", 8, 512)
     yarn = setting("yarn", 8192, 32768)
     assert yarn.rope_factor == 4.0
     assert yarn.llama_kwargs(8192) == {"rope_scaling_type": 2, "rope_freq_scale": 0.25, "yarn_orig_ctx": 8192}
     assert setting("linear", 8192, 16384).llama_kwargs(8192) == {"rope_scaling_type": 1, "rope_freq_scale": 0.5}
     assert setting("linear", 8192, 4096).llama_kwargs(8192) == {}  # fits: no scaling
-    with pytest.raises(ParameterError, match="multiple of --ga-n"):
+    with pytest.raises(ParameterError, match="multiple of ga_n"):
         setting("shift", 8192, 32800, SelfExtend(3, 512))

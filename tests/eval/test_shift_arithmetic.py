@@ -73,7 +73,7 @@ def test_group_size_one_never_shifts() -> None:
 
 
 def test_window_must_be_a_multiple_of_the_group_size_like_llama_cpp_asserts() -> None:
-    with pytest.raises(ParameterError, match="multiple of --ga-n.*try --ga-w 510"):
+    with pytest.raises(ParameterError, match="multiple of ga_n.*try ga_w 510"):
         check_params(3, 512)
     check_params(4, 512)
     assert shift_window(7, 512) == 511

@@ -22,8 +22,9 @@ def serve(*args: str) -> subprocess.CompletedProcess[str]:
     (["--ga-n", "4", "--ga-w", "64"], 2,
      "--ga-w 64 must be smaller than the model's trained context (64); try --ga-w 16"),
     (["--ga-n", "4", "--ga-w", "16", "-c", "300"], 1,
-     "300 tokens exceed the capacity 208 of --ga-n 4 --ga-w 16 on a 64-token model"),
-    (["--ga-n", "4", "--auto-max-ctx", "300"], 2, "give either --ga-n/--ga-w or --auto-max-ctx, not both"),
+     "300 tokens exceed the capacity 208 of --ga-n 4 --ga-w 16 on a 64-token model; try --ga-n 8 --ga-w 16"),
+    (["--ga-n", "4", "--auto-max-ctx", "300"], 2,
+     "--auto-max-ctx chooses G and W itself: give either --auto-max-ctx or --ga-n/--ga-w, not both"),
     (["-c", "100", "--auto-max-ctx", "300"], 2,
      "give either -c or --auto-max-ctx, not both (--auto-max-ctx 300 serves a 300-token context)"),
 ], ids=["window-too-wide", "context-beyond-capacity", "ga-n-and-auto", "c-and-auto"])  # fmt: skip

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from selfext_cpp import CapacityError, ParameterError, SelfExtend, capacity, choose
+from selfext_cpp import CapacityError, ParameterError, SelfExtend, capacity, choose, plan
+from selfext_cpp.engine import auto_window, check_request
 
 
 @pytest.mark.parametrize(("ga_n", "ga_w"), [(0, 16), (-2, 16), (2, 0), (2, -1), (True, 16), (2.0, 16)])
@@ -27,31 +26,98 @@ def test_capacity_is_the_papers(L: int, G: int, W: int, want: int) -> None:
 
 
 def test_window_at_or_past_the_trained_context_is_refused_with_a_hint() -> None:
-    with pytest.raises(ParameterError, match=r"--ga-w 8192 must be smaller .* try --ga-w 2048"):
+    with pytest.raises(ParameterError, match=r"ga_w 8192 must be smaller .* try ga_w 2048"):
         SelfExtend(4, 8192).check(8192)
 
 
 def test_text_beyond_capacity_names_it_and_a_setting_that_fits() -> None:
-    with pytest.raises(CapacityError, match=r"40000 tokens exceed the capacity 31232 .* try --ga-n \d+ --ga-w \d+"):
+    with pytest.raises(CapacityError, match=r"40000 tokens exceed the capacity 31232 .* try ga_n \d+ ga_w \d+"):
         SelfExtend(4, 512).check(8192, 40000)
+
+
+def test_messages_name_parameters_and_a_front_end_renders_them_its_way() -> None:
+    with pytest.raises(ParameterError) as err:
+        SelfExtend(0, 16)
+    assert str(err.value) == "ga_n must be an integer >= 1, got 0"
+    assert err.value.render({"ga_n": "--ga-n"}) == "--ga-n must be an integer >= 1, got 0"
+    assert ParameterError("{nothing} and {ga_w}").render() == "{nothing} and ga_w"  # only known parameters
+
+
+@pytest.mark.parametrize(("G", "W", "n"), [(4, 16, 1), (4, 16, 16), (4, 16, 17), (4, 16, 208), (3, 7, 100),
+                                           (8, 20, 300), (1, 0, 50)])
+def test_farthest_is_the_largest_relative_position_of_the_formula(G: int, W: int, n: int) -> None:
+    def pos(i: int, j: int) -> int:  # the docs' rule, for query i and key j
+        return i - j if i - j < W or G == 1 else i // G + W - W // G - j // G
+    assert SelfExtend(G, W).farthest(n) == max(pos(i, j) for i in range(n) for j in range(i + 1))
+
+
+@pytest.mark.parametrize(("L", "G", "W"), [(256, 4, 16), (8192, 8, 2048), (4096, 3, 1000)])
+def test_the_capacity_is_the_longest_text_whose_farthest_position_fits(L: int, G: int, W: int) -> None:
+    se = SelfExtend(G, W)
+    n = se.capacity(L)
+    assert se.farthest(n) <= L - 1 < se.farthest(n + G)
 
 
 def test_no_self_extend_when_the_text_fits() -> None:
     assert choose(8192, 8192) is None
 
 
-@pytest.mark.parametrize("n_needed", [8193, 12000, 16896, 24576, 32768, 65536, 200000])
-def test_choice_is_the_smallest_group_within_two_thirds_of_the_window(n_needed: int) -> None:
+@pytest.mark.parametrize(("L", "W"), [(8192, 2048), (32768, 8192), (4096, 1024), (2048, 512), (6000, 1024),
+                                      (256, 64), (8, 2)])
+def test_auto_window_is_a_quarter_of_the_trained_window_as_a_power_of_two(L: int, W: int) -> None:
+    assert auto_window(L) == W
+
+
+@pytest.mark.parametrize("n_needed", [8193, 9680, 12000, 16394, 16896, 21600, 24576, 32778, 65536, 200000])
+def test_choice_is_the_smallest_power_of_two_group_within_two_thirds_of_the_window(n_needed: int) -> None:
     L = 8192
     got = choose(L, n_needed)
-    assert got is not None and got.capacity(L) >= n_needed
-    assert got.ga_w + math.ceil((n_needed - got.ga_w) / got.ga_n) <= L * 2 / 3
-    # no smaller group size has any allowed window
-    for g in range(2, got.ga_n):
-        for w in (1 << k for k in range(6, 13)):
-            assert w + math.ceil((n_needed - w) / g) > L * 2 / 3
+    assert got is not None and got.ga_w == 2048 and got.capacity(L) >= n_needed
+    assert got.farthest(n_needed) < L * 2 / 3
+    assert got.ga_n == 2 or SelfExtend(got.ga_n // 2, 2048).farthest(n_needed) >= L * 2 / 3
+    assert got.ga_n & (got.ga_n - 1) == 0
+
+
+def test_the_smollm2_cells_where_the_old_choice_lost_get_the_measured_winner() -> None:
+    # docs/RESULTS.md, "Choosing G and W": G=8 W=2048 found the keys at 16K-21.6K where G=4 W=1024 and
+    # G=4 W=64 missed them
+    for n in (16394, 16500, 21600):
+        assert choose(8192, n) == SelfExtend(8, 2048)
+
+
+def test_a_small_change_in_length_never_moves_the_window() -> None:
+    for L in (4096, 8192, 32768):
+        windows = {choose(L, n).ga_w for n in range(L + 1, 20 * L, L // 16)}  # type: ignore[union-attr]
+        assert windows == {auto_window(L)}
 
 
 def test_impossible_lengths_fail_clearly() -> None:
     with pytest.raises(CapacityError, match="shorten the text"):
         choose(256, 10**7)
+
+
+def test_plan_takes_the_given_setting_or_the_automatic_one() -> None:
+    assert plan(8192, 16000, ga_n=4, ga_w=512) == SelfExtend(4, 512)
+    assert plan(8192, 16000, ga_n=4) == SelfExtend(4, 2048)  # W defaults to the automatic window
+    assert plan(8192, 16000, auto=True) == choose(8192, 16000)
+    assert plan(8192, 4000, auto=True) == SelfExtend()  # fits: off
+    assert plan(8192, 4000) == SelfExtend() == plan(8192, 4000, ga_n=1, ga_w=512)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"auto": True, "ga_n": 4}, "auto chooses G and W itself"),
+    ({"auto": True, "ga_w": 512}, "auto chooses G and W itself"),
+    ({"ga_w": 512}, "ga_w needs ga_n"),
+    ({"ga_n": 0}, "ga_n must be an integer >= 1"),
+    ({"ga_n": 4, "ga_w": 0}, "ga_w must be an integer >= 1"),
+])
+def test_plan_refuses_conflicting_or_invalid_requests_before_any_model(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ParameterError, match=message):
+        check_request(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ParameterError, match=message):
+        plan(8192, 16000, **kwargs)  # type: ignore[arg-type]
+
+
+def test_plan_checks_the_capacity() -> None:
+    with pytest.raises(CapacityError, match="60000 tokens exceed the capacity"):
+        plan(8192, 60000, ga_n=4, ga_w=512)
