@@ -7,10 +7,13 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass, field
 
-from ._lib import lib_dir
+from . import compat
+from ._lib import lib_dir, load_llama_cpp
 
-GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_I32 = 0, 1, 8, 26
-GGML_PREC_F32 = 10
+_ll = load_llama_cpp().llama_cpp
+GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_I32 = (compat.ggml_type(_ll, t) for t in ("F32", "F16", "Q8_0",
+                                                                                                 "I32"))
+GGML_PREC_F32 = 10  # enum ggml_prec (ggml.h); llama_cpp does not define it
 DEVICE_CPU, DEVICE_GPU = 0, 1  # enum ggml_backend_dev_type
 
 
