@@ -22,14 +22,16 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "engine": ("SelfExtend", "capacity", "choose", "plan", "enable_self_extend", "get_self_extend", "load",
-               "model_support", "self_extend_fused"),
-    "errors": ("SelfextError", "LibraryError", "ModelError", "UnsupportedModelError", "ParameterError",
-               "CapacityError", "HubError"),
-}
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = [*_WHERE, "__version__"]
+__all__ = [
+    # engine
+    "SelfExtend", "capacity", "choose", "plan", "enable_self_extend", "get_self_extend", "load", "model_support",
+    "self_extend_fused",
+    # errors
+    "SelfextError", "LibraryError", "ModelError", "UnsupportedModelError", "ParameterError", "CapacityError",
+    "HubError",
+    "__version__",
+]
+_WHERE = {name: "errors" if name.endswith("Error") else "engine" for name in __all__[:-1]}
 
 use_our_library()  # a later plain `import llama_cpp` loads our libllama too
 

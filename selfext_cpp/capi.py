@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 
-from . import compat
 from ._lib import API_VERSION, load_llama_cpp
 from .errors import LibraryError
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence

@@ -26,10 +26,9 @@ import re
 import socket
 import sys
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from . import compat
 from ._lib import load_llama_cpp
