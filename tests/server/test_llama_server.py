@@ -143,13 +143,15 @@ def test_a_window_past_the_trained_context_is_refused_before_starting(start_serv
         start_server("--parallel", "2", "--ga-n", "4", "--ga-w", "64")
 
 
-def test_auto_max_ctx_plans_per_slot(start_server: StartServer) -> None:
-    server = start_server("--parallel", "2", "--auto-max-ctx", "160", "-t", "2")
+def test_ctx_size_is_per_slot(start_server: StartServer) -> None:
+    server = start_server("--parallel", "2", "--ga-n", str(GA_N), "--ga-w", str(GA_W), "-c", "160", "-t", "2")
 
     _, props = server.json("GET", "/props")
     assert props["default_generation_settings"]["n_ctx"] == 160
-    assert "2 slots (Self-Extend --ga-n" in server.log()
+    assert "2 slots (Self-Extend --ga-n 4 --ga-w 16; 160 tokens per request" in server.log()
     assert complete(server, words(140), 4).usage.prompt_tokens == 141
+    status, body = server.json("POST", "/v1/completions", {"prompt": words(170), "max_tokens": 4})
+    assert status == 400 and "(160 tokens)" in body["error"]["message"]
 
 
 def test_stop_ends_llama_server_too(start_server: StartServer) -> None:
