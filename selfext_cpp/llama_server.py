@@ -132,7 +132,7 @@ class Running:
     def __init__(self, proc: subprocess.Popen[bytes], echo: bool) -> None:
         self.proc = proc
         self.url = ""
-        self.tail: deque[str] = deque(maxlen=40)
+        self.tail: deque[str] = deque(maxlen=400)
         self._echo = echo
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

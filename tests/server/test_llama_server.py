@@ -164,3 +164,19 @@ def test_stop_ends_llama_server_too(start_server: StartServer) -> None:
         time.sleep(0.1)
     assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
 
+
+
+def test_self_extend_is_set_again_when_the_server_wakes_from_sleep(tiny_model: Path) -> None:
+    cfg = llama_server.config(tiny_model, parallel=2, ga_n=GA_N, ga_w=GA_W, threads=2,
+                              extra=("--sleep-idle-seconds", "1"))
+    with llama_server.start(cfg, port=0, timeout=60) as srv:
+        server = LiveServer(srv.proc, srv.url, Path("/dev/null"), Path("/dev/null"))
+        before = complete(server, PROMPTS[0], cache=False).choices[0].text
+        deadline = time.monotonic() + 30
+        while not any("entering sleeping state" in line for line in srv.tail) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert any("entering sleeping state" in line for line in srv.tail)
+        after = complete(server, PROMPTS[0], cache=False).choices[0].text  # wakes it: a new context
+
+        assert after == before
+        assert sum("Self-Extend on the target context" in line for line in srv.tail) >= 2
