@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +32,10 @@ Alias = Annotated[Optional[str], typer.Option(
     "--alias", "-a", show_default=False, help="Model id in /v1/models. Default: the GGUF file name.")]
 Logprobs = Annotated[bool, typer.Option(
     "--logprobs", help="Allow logprobs in requests (keeps n_ctx x vocabulary logits in memory).")]
+Parallel = Annotated[Optional[int], typer.Option(
+    "--parallel", "-np", min=1, show_default=False,
+    help="Serve N requests at once with llama.cpp's own server (llama-server; needs the -DSELFEXT_SERVER=ON "
+         "build): N slots of the per-request context, continuous batching, Self-Extend on every slot.")]
 
 
 SERVE_FLAGS = {"auto": "--auto-max-ctx", "n_ctx": "-c"}
@@ -48,6 +54,7 @@ def serve(
     chat_format: ChatFormat = None,
     alias: Alias = None,
     logprobs: Logprobs = False,
+    parallel: Parallel = None,
     threads: Threads = None,
     gpu_layers: GpuLayers = 0,
     flash_attn: FlashAttn = True,
@@ -58,8 +65,15 @@ def serve(
     Prompts longer than the model's trained context work up to the Self-Extend capacity; longer ones get a
     400 context_length_exceeded error. GET /health reports the setting. Ctrl-C stops the server.
 
+    With --parallel N, llama.cpp's own server answers N requests at once (each with the full per-request
+    context); --chat-format then names a llama.cpp chat template, and logprobs are always allowed.
+
     Example: selfext serve model.gguf --auto-max-ctx 16384 --port 8080
     """
+    if parallel is not None:
+        return _serve_parallel(model, parallel, ga_n=ga_n, ga_w=ga_w, auto_max_ctx=auto_max_ctx, n_ctx=ctx_size,
+                               host=host, port=port, api_key=api_key, chat_format=chat_format, alias=alias,
+                               threads=threads, gpu_layers=gpu_layers, flash_attn=flash_attn, verbose=verbose)
     from selfext_cpp import server  # llama_cpp and FastAPI: only when serving
 
     path = _resolve(model)
@@ -81,6 +95,37 @@ def serve(
     typer.echo(f"selfext: serving {s.model} at {server.url(sock)}/v1 ({setting}; {s.n_ctx} tokens per request, "
                f"trained on {s.n_ctx_train})", err=True)
     server.run(app, sock, verbose=verbose)
+
+
+def _serve_parallel(model: Optional[str], parallel: int, *, ga_n: Optional[int], ga_w: Optional[int],
+                    auto_max_ctx: Optional[int],
+                    n_ctx: int, host: str, port: int, api_key: Optional[str], chat_format: Optional[str],
+                    alias: Optional[str], threads: Optional[int], gpu_layers: int, flash_attn: bool,
+                    verbose: bool) -> None:
+    """`serve --parallel N`: llama-server with N slots, until Ctrl-C (exit 130) or until it exits."""
+    from selfext_cpp import llama_server
+    from selfext_cpp.errors import ServerError
+
+    if llama_server.binary() is None:  # before resolving (downloading) the model
+        raise ServerError(f"--parallel needs llama-server, which this install lacks; {llama_server.INSTALL_HINT}")
+    path = _resolve(model)
+    cfg = llama_server.config(
+        path, parallel=parallel, ga_n=ga_n, ga_w=ga_w, n_ctx=n_ctx, auto_max_ctx=auto_max_ctx,
+        threads=threads or os.cpu_count() or 1, n_gpu_layers=gpu_layers, flash_attn=flash_attn,
+        alias=alias or path.name, api_key=api_key,
+        extra=("--chat-template", chat_format) if chat_format else (),
+    )  # fmt: skip
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a plain `kill` stops llama-server too
+    srv = llama_server.start(cfg, host=host, port=port, verbose=verbose)
+    try:
+        setting = f"Self-Extend --ga-n {cfg.ga_n} --ga-w {cfg.ga_w}" if cfg.ga_n > 1 else "Self-Extend off"
+        typer.echo(f"selfext: serving {path.name} at {srv.url}/v1 with llama-server, {cfg.parallel} slots "
+                   f"({setting}; {cfg.n_ctx_slot} tokens per request, trained on {cfg.n_ctx_train})", err=True)
+        code = srv.proc.wait()
+    finally:
+        srv.stop()
+    if code != 0:
+        raise ServerError(f"llama-server exited with code {code}:\n{srv.errors()}")
 
 
 def _resolve(ref: Optional[str]) -> Path:

@@ -133,6 +133,23 @@ def plan(n_ctx_train: int, n_needed: int | None = None, *, ga_n: int | None = No
     return se
 
 
+def serving_plan(n_ctx_train: int, *, ga_n: int | None = None, ga_w: int | None = None, n_ctx: int = 0,
+                 auto_max_ctx: int | None = None) -> tuple[SelfExtend, int]:
+    """The Self-Extend setting (:func:`plan`) and the context (prompt + completion tokens of one request) that
+    a server serves; both servers (``selfext serve``, with or without ``--parallel``) take it from here.
+
+    With ``auto_max_ctx`` N: the automatic setting for N (off when N fits the trained context), context N.
+    Otherwise G and W as given, and context ``n_ctx``, or when 0 all that G and W reach (the trained context
+    when Self-Extend is off). Raises ParameterError on conflicting options, CapacityError when the context is
+    longer than G and W reach.
+    """
+    if auto_max_ctx is not None and n_ctx:
+        raise ParameterError(f"give either {{n_ctx}} or {{auto}}, not both ({{auto}} {auto_max_ctx} serves a "
+                             f"{auto_max_ctx}-token context)")
+    params = plan(n_ctx_train, auto_max_ctx or n_ctx or None, ga_n=ga_n, ga_w=ga_w, auto=auto_max_ctx is not None)
+    return params, auto_max_ctx or n_ctx or params.capacity(n_ctx_train)
+
+
 def check_request(*, ga_n: int | None = None, ga_w: int | None = None, auto: bool = False) -> None:
     """The checks of :func:`plan` that need no model, for front ends to run before anything slow: ``auto``
     with ``ga_n``/``ga_w``, ``ga_w`` without ``ga_n``, and the ranges of G and W (ParameterError)."""

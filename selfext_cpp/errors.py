@@ -16,7 +16,7 @@ PARAMETERS = {
     "ga_n": "ga_n", "ga_w": "ga_w", "auto": "auto", "n_ctx": "n_ctx", "n_batch": "n_batch", "chat": "chat=True",
     "no_chat": "chat=False", "system": "system", "text": "text", "lengths": "lengths", "window": "window",
     "n_prompt": "n_prompt", "n_gen": "n_gen", "repeats": "repeats", "depths": "depths", "logprobs": "logprobs",
-    "host": "host", "port": "port", "plot": "plot",
+    "host": "host", "port": "port", "plot": "plot", "parallel": "parallel",
 }
 _FIELD = re.compile(r"\{([a-z_]+)\}")
 

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 from . import compat
 from ._lib import load_llama_cpp
-from .engine import SelfExtend, enable_self_extend, last_llama_error, n_ctx_train, plan, set_llama_log
+from .engine import SelfExtend, enable_self_extend, last_llama_error, n_ctx_train, serving_plan, set_llama_log
 from .errors import ModelError, ParameterError, SelfextError, ServerError, UnsupportedModelError
 
 
@@ -73,23 +73,6 @@ class Serving:
 
 _loaded: Serving | None = None  # the model the proxy holds now (it holds one at a time)
 _names: dict[str, str] = {}  # create_app's names
-
-
-def serving_plan(n_ctx_train: int, *, ga_n: int | None = None, ga_w: int | None = None, n_ctx: int = 0,
-                 auto_max_ctx: int | None = None) -> tuple[SelfExtend, int]:
-    """The Self-Extend setting (:func:`engine.plan`) and the context (prompt + completion tokens of a request)
-    to serve.
-
-    With ``auto_max_ctx`` N: the automatic setting for N (off when N fits the trained context), context N.
-    Otherwise G and W as given, and context ``n_ctx``, or when 0 all that G and W reach (the trained context
-    when Self-Extend is off). Raises ParameterError on conflicting options, CapacityError when the context is
-    longer than G and W reach.
-    """
-    if auto_max_ctx is not None and n_ctx:
-        raise ParameterError(f"give either {{n_ctx}} or {{auto}}, not both ({{auto}} {auto_max_ctx} serves a "
-                             f"{auto_max_ctx}-token context)")
-    params = plan(n_ctx_train, auto_max_ctx or n_ctx or None, ga_n=ga_n, ga_w=ga_w, auto=auto_max_ctx is not None)
-    return params, auto_max_ctx or n_ctx or params.capacity(n_ctx_train)
 
 
 class SelfExtendModelSettings(ModelSettings):

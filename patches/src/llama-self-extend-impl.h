@@ -3,8 +3,11 @@
 // Self-Extend inside the attention graph. Upstream files call these from thin hooks; see patches/series.
 
 #include "ggml.h"
+#include "ggml-backend.h"
 
 #include <cstdint>
+#include <map>
+#include <vector>
 
 struct llama_cparams;
 struct llama_hparams;
@@ -18,7 +21,9 @@ struct llama_se_inp {
     ggml_tensor * q_shift = nullptr; // I32 [n_tokens]                    grouped query position - position
     ggml_tensor * k_shift = nullptr; // I32 [n_kv*n_stream]               grouped key position - position, per cell
     ggml_tensor * k_shift_cur = nullptr; // I32 [n_tokens]                fused: the same for the ubatch's keys
-    bool          k_g_rebuild = false;   // fused: this graph rewrites every grouped key of its streams
+    bool          k_g_rebuild = false;   // fused: this graph rewrites the stale grouped keys of its streams
+    ggml_tensor * k_g_rows    = nullptr; // I32 [n_stale]                 fused: their rows in K, s*kv_size + cell
+    ggml_tensor * k_g_shift   = nullptr; // I32 [n_stale]                 fused: grouped - true position, per row
     ggml_tensor * pos_q   = nullptr; // I32 [n_tps, n_stream]             fused: query positions
     ggml_tensor * pos_k   = nullptr; // I32 [n_kv, n_stream]              fused: key (cell) positions
     ggml_tensor * nbr     = nullptr; // F32 [n_kv, n_tps, 1, n_stream]    generic: 1 where pos_q - pos_k <  W, else 0
@@ -74,8 +79,18 @@ bool llama_se_build_layer(
 // must be rebuilt now
 bool llama_se_can_reuse(const llama_se_inp & inp, const llama_kv_cache_context * mctx);
 
-// the cache's keys moved or were replaced (K-shift, stream copy, state load): rebuild the grouped keys
+// Grouped keys go stale per cell, and are rebuilt in the next ubatch of their stream, so that one sequence's
+// K-shift or state load does not rebuild the keys of the others:
+// every cell (the setting changed)
 void llama_se_kcache_invalidate(const llama_kv_cache & kv);
+// the cells with a pending K-shift, and every cell of the streams sdst (stream copy); before llama_kv_cache::update
+// applies them
+void llama_se_kcache_moved(const llama_kv_cache & kv, bool do_shift, const std::vector<uint32_t> & sdst);
+// cells of stream strm that a state load just wrote
+void llama_se_kcache_loaded(const llama_kv_cache & kv, uint32_t strm, const std::vector<uint32_t> & cells);
+
+// adds the grouped keys' memory to a KV cache's memory_breakdown (so llama_get_memory_breakdown and --fit count it)
+void llama_se_kcache_memory_breakdown(const llama_kv_cache & kv, std::map<ggml_backend_buffer_type_t, size_t> & ret);
 
 // The fused op: attention of the permuted q [n_embd_head_k, n_tps, n_head, n_stream] over the permuted k/v
 // views, as build_attn_mha's flash-attention branch; returns [n_embd_head_v, n_head, n_tps, n_stream].

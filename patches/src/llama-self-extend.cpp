@@ -21,6 +21,7 @@
 #include "ggml-self-extend.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -31,14 +32,33 @@
 
 // Self-Extend's grouped keys of one KV cache: every cached key rotated on to its grouped position j/G, written
 // once, when the key is stored. The fused path reads them instead of rotating the whole cache every ubatch;
-// they cost one more K cache of memory (f16, or f32 for an f32 cache). Rebuilt from K, in the graph of the next
-// ubatch, after the keys move (K-shift, stream copy, state load) or the setting changes (llama_set_self_extend
-// invalidates them).
+// they cost one more K cache of memory (f16, or f32 for an f32 cache). A cell whose key moves or is replaced
+// (K-shift, stream copy, state load) goes stale, all of them when the setting changes; the next ubatch of its
+// stream rotates the stale cells' keys again from K, so one sequence's shift or restore costs the others nothing.
 struct llama_se_kcache {
     std::vector<ggml_context_ptr>        ctxs;
     std::vector<ggml_backend_buffer_ptr> bufs;
-    std::vector<ggml_tensor *>           k_g;   // per KV layer, as llama_kv_cache::layers: [n_embd_k_gqa, kv_size, n_stream]
-    std::vector<bool>                    valid; // per stream
+    std::vector<ggml_tensor *>           k_g;     // per KV layer, as llama_kv_cache::layers: [n_embd_k_gqa, kv_size, n_stream]
+    std::vector<std::vector<uint8_t>>    stale;   // [n_stream][kv_size]: 1 where the grouped key must be rebuilt
+    std::map<ggml_backend_buffer_type_t, size_t> bytes; // per buffer type (also for a no_alloc measuring context)
+    std::vector<uint32_t>                n_stale; // [n_stream]: cells flagged
+
+    void mark(uint32_t s, uint32_t cell) {
+        if (!stale[s][cell]) {
+            stale[s][cell] = 1;
+            n_stale[s]++;
+        }
+    }
+    void mark_all(uint32_t s) {
+        std::fill(stale[s].begin(), stale[s].end(), 1);
+        n_stale[s] = stale[s].size();
+    }
+    void clear(uint32_t s) {
+        if (n_stale[s]) {
+            std::fill(stale[s].begin(), stale[s].end(), 0);
+            n_stale[s] = 0;
+        }
+    }
 };
 
 // the one friend of the upstream classes whose internals we read
@@ -54,6 +74,7 @@ struct llama_se_access {
     static const auto &    layers(const llama_kv_cache * kv)        { return kv->layers; }
     static int32_t         layer_index(const llama_kv_cache * kv, int32_t il) { return kv->map_layer_ids.at(il); }
     static uint32_t        stream1(const llama_kv_cache_context * m) { return m->sinfos[m->i_cur].s1; }
+    static const llama_kv_cache::slot_info & sinfo(const llama_kv_cache_context * m) { return m->sinfos[m->i_cur]; }
     static std::shared_ptr<llama_se_kcache> & kcache(llama_kv_cache * kv)   { return kv->se_kcache; }
     static llama_se_kcache * kcache(const llama_kv_cache * kv)              { return kv->se_kcache.get(); }
 };
@@ -166,17 +187,33 @@ static bool se_kcache_alloc(llama_kv_cache * kv) {
         kc->k_g.push_back(t);
     }
     size_t total = 0;
+    const bool no_alloc = llama_se_access::model(kv).hparams.no_alloc; // a context that only measures memory (--fit)
     for (auto & [buft, c] : ctx_of) {
-        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, buft);
+        ggml_backend_buffer_t buf;
+        size_t size;
+        if (no_alloc) {
+            size = ggml_backend_alloc_ctx_tensors_from_buft_size(c, buft);
+            buf  = ggml_backend_buft_alloc_buffer(buft, 0); // dummy, as the KV cache's own
+            for (ggml_tensor * t = ggml_get_first_tensor(c); t != nullptr; t = ggml_get_next_tensor(c, t)) {
+                t->buffer = buf;
+            }
+        } else {
+            buf  = ggml_backend_alloc_ctx_tensors_from_buft(c, buft);
+            size = buf ? ggml_backend_buffer_get_size(buf) : 0;
+        }
         if (!buf) {
             LLAMA_LOG_WARN("%s: cannot allocate Self-Extend's grouped keys in %s\n", __func__, ggml_backend_buft_name(buft));
             return false;
         }
         ggml_backend_buffer_clear(buf, 0);
-        total += ggml_backend_buffer_get_size(buf);
+        total += size;
+        kc->bytes[buft] += size;
         kc->bufs.emplace_back(buf);
     }
-    kc->valid.assign(kc->k_g.empty() ? 0 : kc->k_g[0]->ne[2], false);
+    const uint32_t n_stream = kc->k_g.empty() ? 0 : kc->k_g[0]->ne[2];
+    const uint32_t kv_size  = kc->k_g.empty() ? 0 : kc->k_g[0]->ne[1];
+    kc->stale.assign(n_stream, std::vector<uint8_t>(kv_size, 1)); // nothing built yet
+    kc->n_stale.assign(n_stream, kv_size);
     LLAMA_LOG_INFO("%s: grouped keys: %.2f MiB\n", __func__, total/1024.0/1024.0);
     llama_se_access::kcache(kv) = std::move(kc);
     return true;
@@ -184,21 +221,93 @@ static bool se_kcache_alloc(llama_kv_cache * kv) {
 
 void llama_se_kcache_invalidate(const llama_kv_cache & kv) {
     if (llama_se_kcache * kc = llama_se_access::kcache(&kv)) {
-        kc->valid.assign(kc->valid.size(), false);
+        for (uint32_t s = 0; s < kc->stale.size(); ++s) {
+            kc->mark_all(s);
+        }
     }
 }
 
-// whether the streams of mctx's ubatch need their grouped keys rebuilt
+void llama_se_kcache_moved(const llama_kv_cache & kv, bool do_shift, const std::vector<uint32_t> & sdst) {
+    llama_se_kcache * kc = llama_se_access::kcache(&kv);
+    if (!kc) {
+        return;
+    }
+    for (uint32_t s : sdst) {
+        kc->mark_all(s); // a copied stream: every cell new
+    }
+    if (!do_shift) {
+        return;
+    }
+    for (uint32_t s = 0; s < kc->stale.size(); ++s) {
+        const llama_kv_cells & cells = llama_se_access::cells(&kv, s);
+        if (!cells.get_has_shift()) {
+            continue;
+        }
+        for (uint32_t i = 0; i < cells.size(); ++i) {
+            if (!cells.is_empty(i) && cells.get_shift(i) != 0) {
+                kc->mark(s, i);
+            }
+        }
+    }
+}
+
+void llama_se_kcache_loaded(const llama_kv_cache & kv, uint32_t strm, const std::vector<uint32_t> & cells) {
+    if (llama_se_kcache * kc = llama_se_access::kcache(&kv)) {
+        for (uint32_t i : cells) {
+            kc->mark(strm, i);
+        }
+    }
+}
+
+void llama_se_kcache_memory_breakdown(const llama_kv_cache & kv, std::map<ggml_backend_buffer_type_t, size_t> & ret) {
+    if (const llama_se_kcache * kc = llama_se_access::kcache(&kv)) {
+        for (const auto & [buft, size] : kc->bytes) {
+            ret[buft] += size;
+        }
+    }
+}
+
+// whether the streams of mctx's ubatch have stale grouped keys
 static bool se_kcache_stale(const llama_kv_cache_context * mctx) {
     const llama_se_kcache * kc = llama_se_access::kcache(llama_se_access::kv(mctx));
     if (!kc) {
         return false;
     }
-    bool stale = false;
     for (uint32_t s = llama_se_access::stream0(mctx); s <= llama_se_access::stream1(mctx); ++s) {
-        stale |= !kc->valid[s];
+        if (kc->n_stale[s]) {
+            return true;
+        }
     }
-    return stale;
+    return false;
+}
+
+// Calls f(row, pos) for each stale cell of the ubatch's streams that holds a key and that the ubatch does not
+// overwrite (those keys go through the ubatch's own grouped-key write): row = stream*kv_size + cell, as in K.
+template <typename F>
+static void se_kcache_for_stale(const llama_kv_cache_context * mctx, F f) {
+    const llama_kv_cache * kv = llama_se_access::kv(mctx);
+    const llama_se_kcache * kc = llama_se_access::kcache(kv);
+    const auto & sinfo = llama_se_access::sinfo(mctx);
+    std::vector<uint8_t> mine;
+    for (uint32_t s = llama_se_access::stream0(mctx); s <= llama_se_access::stream1(mctx); ++s) {
+        if (!kc->n_stale[s]) {
+            continue;
+        }
+        const llama_kv_cells & cells = llama_se_access::cells(kv, s);
+        mine.assign(cells.size(), 0);
+        for (size_t k = 0; k < sinfo.strm.size() && k < sinfo.idxs.size(); ++k) {
+            if ((uint32_t) sinfo.strm[k] == s) {
+                for (uint32_t i : sinfo.idxs[k]) {
+                    mine[i] = 1;
+                }
+            }
+        }
+        for (uint32_t i = 0; i < cells.size(); ++i) {
+            if (kc->stale[s][i] && !mine[i] && !cells.is_empty(i)) {
+                f((int64_t) s*cells.size() + i, cells.pos_get(i));
+            }
+        }
+    }
 }
 
 // whether the device of every KV layer runs GGML_OP_FLASH_ATTN_EXT_SE for that layer's shapes and cache types
@@ -332,12 +441,22 @@ llama_se_inp llama_se_build_inp(
     inp.q_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
     ggml_set_input(inp.q_shift); ggml_set_name(inp.q_shift, "se_q_shift");
 
-    // keys: the fused path rotates only the ubatch's keys into the grouped-key cache, unless it must be rebuilt;
+    // keys: the fused path rotates the ubatch's keys into the grouped-key cache, and the stale cells' keys again;
     // the generic path rotates every cached key
     inp.k_g_rebuild = cparams.se_fa && se_kcache_stale(mctx);
-    if (cparams.se_fa && !inp.k_g_rebuild) {
+    if (cparams.se_fa) {
         inp.k_shift_cur = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
         ggml_set_input(inp.k_shift_cur); ggml_set_name(inp.k_shift_cur, "se_k_shift_cur");
+        int64_t n_rows = 0;
+        if (inp.k_g_rebuild) {
+            se_kcache_for_stale(mctx, [&](int64_t, llama_pos) { n_rows++; });
+        }
+        if (n_rows > 0) {
+            inp.k_g_rows  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
+            inp.k_g_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
+            ggml_set_input(inp.k_g_rows);  ggml_set_name(inp.k_g_rows,  "se_k_g_rows");
+            ggml_set_input(inp.k_g_shift); ggml_set_name(inp.k_g_shift, "se_k_g_shift");
+        }
     } else {
         inp.k_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_kv*n_stream);
         ggml_set_input(inp.k_shift); ggml_set_name(inp.k_shift, "se_k_shift");
@@ -404,10 +523,23 @@ void llama_se_set_inp(
         }
     }
     if (inp.k_g_rebuild) {
-        // this graph rewrites the grouped keys of every used cell of its streams
+        // this graph rotates the stale keys of its streams again (the rows its build counted: same state)
+        if (inp.k_g_rows) {
+            GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_g_rows->buffer) && ggml_backend_buffer_is_host(inp.k_g_shift->buffer));
+            int32_t * rows  = (int32_t *) inp.k_g_rows->data;
+            int32_t * shift = (int32_t *) inp.k_g_shift->data;
+            int64_t n = 0;
+            se_kcache_for_stale(mctx, [&](int64_t row, llama_pos pos) {
+                GGML_ASSERT(n < inp.k_g_rows->ne[0]);
+                rows[n]  = (int32_t) row;
+                shift[n] = se_k_pos(pos, G) - pos;
+                n++;
+            });
+            GGML_ASSERT(n == inp.k_g_rows->ne[0]);
+        }
         llama_se_kcache * kc = llama_se_access::kcache(kv);
         for (uint32_t s = s0; s <= llama_se_access::stream1(mctx); ++s) {
-            kc->valid[s] = true;
+            kc->clear(s);
         }
     }
 
@@ -524,18 +656,28 @@ bool llama_se_build_layer(
             return ggml_view_4d(ctx, base, d, h, n_kv, ns, ggml_row_size(all->type, d), row, strm,
                                 strm*llama_se_access::stream0(mctx));
         };
-        if (inp.k_g_rebuild) {
-            // every cell of the view, from the cached keys (this ubatch's included: cpy_k runs first)
-            kg = ggml_cpy(ctx, rotate_view(), view(all));
-        } else if (k_cur) {
-            // only the ubatch's keys [n_embd_head_k, n_head_kv, n_tokens], stored at their cells as cpy_k does
+        if (k_cur) {
+            ggml_tensor * rows = ggml_reshape_2d(ctx, all, n_embd, kv_size*all->ne[2]);
+            if (inp.k_g_rows) {
+                // the stale cells' keys [n_embd_head_k, n_head_kv, n_stale], read again from K (none of them is
+                // written by this ubatch) and rotated to their grouped positions
+                ggml_tensor * k_all = llama_se_access::layers(kv)[llama_se_access::layer_index(kv, il)].k;
+                ggml_tensor * ks = ggml_get_rows(ctx, ggml_reshape_2d(ctx, k_all, n_embd, kv_size*k_all->ne[2]), inp.k_g_rows);
+                ks = ggml_reshape_3d(ctx, ks, d, h, ks->ne[1]);
+                if (k_rot) {
+                    ks = llama_mul_mat_hadamard(ctx, ks, k_rot);
+                }
+                ks = se_rotate(ctx, ks, inp.k_g_shift, factors, hparams, cparams, il);
+                rows = ggml_set_rows(ctx, rows, ggml_reshape_2d(ctx, ks, n_embd, ks->ne[2]), inp.k_g_rows);
+            }
+            // the ubatch's keys [n_embd_head_k, n_head_kv, n_tokens], stored at their cells as cpy_k does
             ggml_tensor * kc = ggml_is_contiguous(k_cur) ? k_cur : ggml_cont(ctx, k_cur);
             if (k_rot) {
                 kc = llama_mul_mat_hadamard(ctx, kc, k_rot);
             }
             kc = se_rotate(ctx, kc, inp.k_shift_cur, factors, hparams, cparams, il);
             kc = ggml_reshape_2d(ctx, kc, n_embd, kc->ne[2]);
-            kg = view(ggml_set_rows(ctx, ggml_reshape_2d(ctx, all, n_embd, kv_size*all->ne[2]), kc, k_idxs));
+            kg = view(ggml_set_rows(ctx, rows, kc, k_idxs));
         } else {
             kg = view(all); // a layer that reads another layer's keys: that layer stored them
         }

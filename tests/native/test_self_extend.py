@@ -245,3 +245,62 @@ def test_changing_the_setting_on_a_filled_cache(tmp_path: Path, flash_attn: bool
         assert r.set_self_extend(8, 16) == 0
         got = r.decode(tokens[60:])
     assert_close(got, reference_logits(model, tokens, ga_n=8, ga_w=16)[60:], ATOL)
+
+
+# --- one sequence's moved or restored keys, next to others' (llama-server's slots) ---------------------------
+
+
+def _interleaved(r: LlamaRunner, seqs: dict[int, tuple[list[int], list[int]]]) -> dict[int, np.ndarray]:
+    """Decode several sequences in shared batches (tokens, positions per seq id); logits per seq id."""
+    toks, pos, ids = [], [], []
+    for i in range(max(len(t) for t, _ in seqs.values())):
+        for s, (t, p) in seqs.items():
+            if i < len(t):
+                toks.append(t[i]), pos.append(p[i]), ids.append(s)
+    logits = np.concatenate([r.decode_batch(toks[i:i + 64], pos[i:i + 64], ids[i:i + 64])
+                             for i in range(0, len(toks), 64)])
+    ids_arr = np.array(ids)
+    return {s: logits[ids_arr == s] for s in seqs}
+
+
+@pytest.mark.parametrize("kv_unified", [False, True], ids=["stream-per-seq", "unified"])
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["generic", "fused"])
+def test_shifting_one_sequence_leaves_the_other_exact(tmp_path: Path, kv_unified: bool, flash_attn: bool) -> None:
+    """A K-shift of sequence 1 marks only its cells' grouped keys stale (the fused path rebuilds just those);
+    both sequences then continue exactly as fresh runs at their positions (one layer: a shifted cache equals a
+    fresh run at the new positions; shifts of 500 round like test_long_positions, ATOL_LONG)."""
+    model = make_tiny_gguf(tmp_path / "llama-1layer.gguf", arch="llama", n_layer=1, n_head_kv=2, seed=7)
+    a, b = tokens_for(model, 90, seed=20), tokens_for(model, 90, seed=21)
+    with LlamaRunner(model.path, n_ctx=512, n_batch=256, n_seq_max=2, kv_unified=kv_unified,
+                     flash_attn=flash_attn) as r:
+        assert r.set_self_extend(4, 16) == 0
+        _interleaved(r, {0: (a[:60], list(range(60))), 1: (b[:60], list(range(60)))})
+        r.seq_add(1, 30, -1, 500)
+        got = _interleaved(r, {0: (a[60:], list(range(60, 90))), 1: (b[60:], list(range(560, 590)))})
+    assert_close(got[0], reference_logits(model, a, ga_n=4, ga_w=16)[60:], ATOL_LONG)
+    pos_b = list(range(30)) + list(range(530, 590))
+    assert_close(got[1], reference_logits(model, b, pos_b, ga_n=4, ga_w=16)[60:], ATOL_LONG)
+
+
+@pytest.mark.parametrize("kv_unified", [False, True], ids=["stream-per-seq", "unified"])
+def test_restoring_one_sequence_leaves_the_other_exact(model: TinyModel, runner_for: RunnerFactory,
+                                                       attn_path: str, kv_unified: bool) -> None:
+    """A sequence's saved state loaded back over other tokens (llama-server's prompt cache) continues exactly,
+    and so does the sequence next to it: only the loaded cells' grouped keys are rebuilt."""
+    import ctypes
+
+    a, b, junk = tokens_for(model, 90, seed=22), tokens_for(model, 90, seed=23), tokens_for(model, 50, seed=24)
+    r = runner_for(n_ctx=512, n_batch=256, n_seq_max=2, kv_unified=kv_unified)
+    assert r.set_self_extend(3, 16) == 0
+    _interleaved(r, {0: (a[:60], list(range(60))), 1: (b[:60], list(range(60)))})
+    ll = r._ll
+    size = ll.llama_state_seq_get_size(r.ctx, 1)
+    buf = (ctypes.c_uint8 * size)()
+    assert ll.llama_state_seq_get_data(r.ctx, buf, size, 1) == size
+    assert r.seq_rm(1)
+    r.decode(junk, seq_id=1)  # other keys in the freed cells
+    assert r.seq_rm(1)
+    assert ll.llama_state_seq_set_data(r.ctx, buf, size, 1) == size
+    got = _interleaved(r, {0: (a[60:], list(range(60, 90))), 1: (b[60:], list(range(60, 90)))})
+    assert_close(got[0], reference_logits(model, a, ga_n=3, ga_w=16)[60:], ATOL)
+    assert_close(got[1], reference_logits(model, b, ga_n=3, ga_w=16)[60:], ATOL)

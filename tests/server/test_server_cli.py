@@ -99,3 +99,13 @@ def test_ctrl_c_stops_the_server_with_130(auto_server: LiveServer) -> None:
 
     assert auto_server.proc.wait(15) == 130
     assert auto_server.log().endswith("selfext: interrupted\n")
+
+
+def test_parallel_without_llama_server_says_how_to_build_it(tiny_model: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, SELFEXT_LLAMA_SERVER=str(tmp_path / "absent"))  # as in an install without it
+    out = subprocess.run([*SELFEXT, "serve", str(tiny_model), "--parallel", "2"], capture_output=True, text=True,
+                         timeout=60, env=env)
+
+    assert out.returncode == 1
+    assert out.stderr.startswith("selfext: error: --parallel needs llama-server, which this install lacks; "
+                                 "build it: CMAKE_ARGS=\"-DSELFEXT_SERVER=ON")

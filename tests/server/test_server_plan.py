@@ -1,11 +1,11 @@
-"""server.serving_plan: the Self-Extend setting and the per-request context that `selfext serve` serves."""
+"""engine.serving_plan: the Self-Extend setting and the per-request context that `selfext serve` serves."""
 
 from __future__ import annotations
 
 import pytest
 
 from selfext_cpp import CapacityError, ParameterError, SelfExtend, choose
-from selfext_cpp.server import serving_plan as plan
+from selfext_cpp.engine import serving_plan as plan
 
 
 def test_given_g_and_w_serve_their_whole_capacity() -> None:
