@@ -33,7 +33,7 @@ from typing import Any, Mapping
 from . import compat
 from ._lib import load_llama_cpp
 from .engine import SelfExtend, enable_self_extend, last_llama_error, n_ctx_train, serving_plan, set_llama_log
-from .errors import ModelError, ParameterError, SelfextError, ServerError, UnsupportedModelError
+from .errors import ModelError, SelfextError, ServerError, UnsupportedModelError
 
 
 load_llama_cpp()  # llama_cpp must bind our libllama before llama_cpp.server imports it
