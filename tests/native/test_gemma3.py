@@ -72,9 +72,9 @@ def test_reference_is_vanilla_llama_cpp(gemma: TinyGemma) -> None:
     assert max_err(wide, want) > 10 * ATOL_FA
 
 
-@pytest.mark.parametrize("swa_full", [True, False], ids=["swa-full", "swa-window"])
 @pytest.mark.parametrize("path", ["generic", "fused"])
-@pytest.mark.parametrize(("ga_n", "ga_w"), [(2, 4), (4, 8), (3, 33)])
+@pytest.mark.parametrize(("ga_n", "ga_w", "swa_full"), [(2, 4, True), (4, 8, False), (3, 33, False)],
+                         ids=["G2-W4-swa-full", "G4-W8-swa-window", "G3-W33-swa-window"])
 def test_self_extend_on_global_layers_matches_reference(gemma: TinyGemma, path: str, swa_full: bool, ga_n: int,
                                                         ga_w: int) -> None:
     tokens = tokens_for(gemma, seed=1)
