@@ -6,12 +6,14 @@ W down to 4 (so a local layer *would* group keys if Self-Extend reached it), RoP
 100 tokens against 64 trained, and either the full-size SWA cache or one of about the window (cells reused as the
 window slides).
 
-Tolerances. Generic path with an f32 cache: float32 arithmetic against float64, plus ggml's CPU GELU, which looks
-its result up in an f16 table (the reference does the same, so only inputs that round to a different f16 differ):
-ATOL = 2e-4 on O(2) logits (observed <= ~3e-5). Fused path: the sliding-window layers run llama.cpp's own flash
-attention, which rounds an f32 cache to f16 on the CPU: ATOL_FA = 1e-2 (observed ~2e-3), as for vanilla in
-test_self_extend.py. The mistakes these tests exist to catch move logits by far more, and each test shows it: Self-Extend
-applied to the local layers too, or the local RoPE base used on a global layer, are more than 10x ATOL_FA away.
+Tolerances, on logits up to ~12. Generic path with an f32 cache: float32 arithmetic against float64 (~1e-6), plus
+ggml's CPU GELU, which looks its result up in an f16 table indexed by the input rounded to f16. The reference does the
+same, but an input within float32 rounding of an f16 boundary lands on the other entry, one f16 step (1e-3 relative)
+away, and that propagates: ATOL = 2e-3 (observed 3.7e-4 to 6.8e-4 over the cases here). Fused path: the
+sliding-window layers run llama.cpp's own flash attention, which rounds an f32 cache to f16 on the CPU: ATOL_FA = 1e-2
+(observed 1.7e-3 to 2.2e-3), as for vanilla in test_self_extend.py. The mistakes these tests exist to catch move logits
+by 1.7 to 3.9, and each test shows it: Self-Extend applied to the local layers too, the local RoPE base on a global
+layer, or no sliding window at all are more than 10x ATOL_FA away.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pytest
 from tinygemma import TinyGemma, gemma_reference_logits, make_tiny_gemma3
 from tinymodel import GGML_TYPE_F16, GGML_TYPE_F32, GPU_ATOL, ON_GPU, LlamaRunner
 
-ATOL = GPU_ATOL if ON_GPU else 1e-3
+ATOL = GPU_ATOL if ON_GPU else 2e-3
 ATOL_FA = max(1e-2, GPU_ATOL)
 N_TOKENS = 100
 
