@@ -22,7 +22,7 @@ import numpy as np
 from selfext_cpp._ggml import (
     GGML_PREC_F32, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_I32, Ggml, InitParams, open_ggml)
 
-SHAPES = {"1.1b": (128, 16, 4), "8b": (128, 32, 8)}  # head size, query heads, KV heads
+SHAPES = {"1.1b": (128, 16, 4), "8b": (128, 32, 8), "gemma3-270m": (256, 4, 1)}  # head size, query heads, KV heads
 
 
 def build(g: Ggml, backend: int, D: int, H: int, Hkv: int, n_q: int, n_kv: int, W: int,
@@ -99,7 +99,7 @@ def measure(g: Ggml, backend: int, D: int, H: int, Hkv: int, n_q: int, n_kv: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", action="append", help="1.1b, 8b or D:n_head:n_head_kv (default: 1.1b and 8b)")
+    ap.add_argument("--shape", action="append", help="1.1b, 8b, gemma3-270m or D:n_head:n_head_kv (default: all three)")
     ap.add_argument("--n-q", type=int, action="append", help="queries per op (default: 2048 and 1)")
     ap.add_argument("--depth", type=int, action="append", help="keys before the queries (default: 8192, 32768)")
     ap.add_argument("--ga-w", type=int, default=1024, help="neighbour window W (default: 1024)")

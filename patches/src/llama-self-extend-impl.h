@@ -44,7 +44,7 @@ struct llama_se_attn {
 // true when the context runs Self-Extend (ga_n > 1)
 bool llama_se_enabled(const llama_cparams & cparams);
 
-// the inputs for mctx's cells; all null when Self-Extend is off
+// the inputs for mctx's cells; all null when Self-Extend is off or no layer of mctx's cache takes it
 llama_se_inp llama_se_build_inp(
         ggml_context * ctx,
         const llama_kv_cache_context * mctx,
@@ -58,7 +58,7 @@ void llama_se_set_inp(
         const llama_cparams & cparams);
 
 // Builds the grouped q/k of layer il. Returns false (and leaves out untouched) when Self-Extend does not apply
-// to the layer: off, or a layer without RoPE. q: the roped queries as the layer attends with them,
+// to the layer: off, a layer without RoPE, or a sliding-window layer whose window fits the trained context. q: the roped queries as the layer attends with them,
 // k: the KV cache view of the layer, k_cur/k_idxs: the ubatch's keys and their cells (k_cur null when the
 // layer stores no keys of its own), k_rot: the cache's Hadamard rotation (null if none).
 bool llama_se_build_layer(

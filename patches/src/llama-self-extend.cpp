@@ -79,6 +79,24 @@ struct llama_se_access {
     static llama_se_kcache * kcache(const llama_kv_cache * kv)              { return kv->se_kcache.get(); }
 };
 
+// Whether layer il takes Self-Extend: a RoPE layer that may see distances past the trained context. A sliding-window
+// layer whose window fits the trained context (Gemma 2/3, Cohere 2, ...) never sees such a distance (the mask hides keys
+// n_swa or more behind the query), so it stays vanilla: exact as it is, and no grouped keys are kept for it.
+static bool se_layer_applies(const llama_hparams & hp, int32_t il) {
+    return hp.has_rope(il) && !(hp.is_swa(il) && hp.n_swa <= hp.n_ctx_train);
+}
+
+// whether some layer of the cache takes Self-Extend (an iSWA context's SWA cache holds only sliding-window layers)
+static bool se_cache_applies(const llama_kv_cache * kv) {
+    const llama_hparams & hp = llama_se_access::model(kv).hparams;
+    for (const auto & layer : llama_se_access::layers(kv)) {
+        if (se_layer_applies(hp, layer.il)) {
+            return true;
+        }
+    }
+    return false;
+}
+
 // grouped positions: neighbour window W, group size G
 static llama_pos se_q_pos(llama_pos i, int32_t G, int32_t W) { return i/G + W - W/G; }
 static llama_pos se_k_pos(llama_pos j, int32_t G)            { return j/G; }
@@ -315,6 +333,9 @@ static bool se_fused_supported(llama_context & ctx) {
     const llama_hparams & hp = ctx.get_model().hparams;
     for (const llama_kv_cache * kv : se_kv_caches(ctx)) {
         for (const auto & layer : llama_se_access::layers(kv)) {
+            if (!se_layer_applies(hp, layer.il)) {
+                continue; // runs llama.cpp's own attention
+            }
             ggml_init_params ip = { 16*ggml_tensor_overhead(), nullptr, true };
             ggml_context_ptr tmp { ggml_init(ip) };
             ggml_context * c = tmp.get();
@@ -370,6 +391,9 @@ int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
     for (const llama_kv_cache * kv : se_kv_caches(*ctx)) {
         if (!fused) {
             break;
+        }
+        if (!se_cache_applies(kv)) {
+            continue; // no Self-Extend layer reads this cache
         }
         if (llama_se_access::kcache(kv)) {
             llama_se_kcache_invalidate(*kv); // built under the previous setting
@@ -431,7 +455,7 @@ llama_se_inp llama_se_build_inp(
         const llama_ubatch & ubatch,
         const llama_cparams & cparams) {
     llama_se_inp inp;
-    if (!llama_se_enabled(cparams)) {
+    if (!llama_se_enabled(cparams) || !se_cache_applies(llama_se_access::kv(mctx))) {
         return inp;
     }
     const int64_t n_kv     = mctx->get_n_kv();
@@ -609,7 +633,7 @@ bool llama_se_build_layer(
         ggml_tensor * k_rot,
         int il,
         llama_se_attn & out) {
-    if (!inp.q_shift || !hparams.has_rope(il)) {
+    if (!inp.q_shift || !se_layer_applies(hparams, il)) {
         return false;
     }
     const llama_model & model = llama_se_access::model(llama_se_access::kv(mctx));

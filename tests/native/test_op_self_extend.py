@@ -5,7 +5,7 @@ The op selects per (query, key) between the pair (q, k) and the pair (q_g, k_g) 
 only through how q_g/k_g were rotated. Here q_g/k_g are independent random tensors, so a pair taken from the
 wrong side, or a neighbour boundary off by one, moves the output by O(1): far above the tolerances, which are
 the f16 rounding of K/V (2e-3 relative to the output scale), and q8_0's (3e-2).
-The cases cover head sizes 64/128, GQA 1/4/8, W 1/7/512, 1/7/64/512 queries (decode, odd, prefill), f16 and
+The cases cover head sizes 64/128/256, GQA 1/2/4/8, W 1/7/512, 1/7/64/512 queries (decode, odd, prefill), f16 and
 q8_0 K, empty cells, out-of-order positions, two streams and logit soft-capping.
 """
 
@@ -54,6 +54,10 @@ CASES = [Case(D, 2, gqa, W, n_q, n_kv, tk, ns)
          for gqa, W, n_q, n_kv, ns in ((1, 1, 1, 700, 1), (4, 7, 7, 300, 1), (8, 512, 512, 900, 1),
                                        (4, 512, 1, 2048, 1), (8, 7, 1, 1500, 2), (1, 512, 64, 1000, 2))]
 CASES += [Case(64, 2, 4, 7, n_q, 700, GGML_TYPE_F16, softcap=2.0) for n_q in (1, 64)]  # Gemma-2 style soft-capping
+# head size 256 (Gemma 2/3; Gemma 3 270M: 4 query heads, 1 KV head): decode, odd, prefill, two streams, soft-capping
+CASES += [Case(256, 1, 4, 512, 1, 2048, tk) for tk in (GGML_TYPE_F16, GGML_TYPE_Q8_0)]
+CASES += [Case(256, 1, 4, 7, 7, 300, GGML_TYPE_F16), Case(256, 2, 2, 100, 512, 900, GGML_TYPE_F16),
+          Case(256, 1, 4, 33, 64, 1000, GGML_TYPE_F16, 2), Case(256, 2, 2, 7, 64, 700, GGML_TYPE_F16, softcap=50.0)]
 
 
 def make_inputs(c: Case, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -184,7 +188,8 @@ def test_wrong_side_is_detected(ggml: Ggml) -> None:
 
 # KV views of 256 cells, as llama.cpp pads them for flash attention
 NEIGHBOUR_ONLY = [Case(64, 2, 4, 10**6, 7, 512, GGML_TYPE_F16), Case(128, 2, 1, 10**6, 64, 1024, GGML_TYPE_F16, 2),
-                  Case(128, 2, 8, 10**6, 1, 2048, GGML_TYPE_F16)]
+                  Case(128, 2, 8, 10**6, 1, 2048, GGML_TYPE_F16), Case(256, 1, 4, 10**6, 512, 1024, GGML_TYPE_F16),
+                  Case(256, 1, 4, 10**6, 1, 2048, GGML_TYPE_F16)]
 
 
 @pytest.mark.parametrize("case", NEIGHBOUR_ONLY, ids=str)

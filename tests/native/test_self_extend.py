@@ -141,8 +141,8 @@ def test_state_save_and_load(model: TinyModel, runner_for: RunnerFactory) -> Non
 @pytest.mark.parametrize(("flash_attn", "fused"), [(False, False), (True, not ON_GPU)])
 def test_flash_attention_selects_the_fused_op(model: TinyModel, runner_for: RunnerFactory, flash_attn: bool,
                                               fused: bool) -> None:
-    # the CPU runs the op for any cache type; the CUDA kernel takes f16 caches and head sizes 64/128 (others keep
-    # the generic path)
+    # the CPU runs the op for any cache type; the CUDA kernel takes f16 caches and head sizes 64/128/256 (others
+    # keep the generic path)
     r = runner_for(flash_attn=flash_attn)
     assert not r.fused
     assert r.set_self_extend(4, 16) == 0
@@ -151,7 +151,7 @@ def test_flash_attention_selects_the_fused_op(model: TinyModel, runner_for: Runn
     assert not r.fused
     f16 = runner_for(flash_attn=flash_attn, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16)
     assert f16.set_self_extend(4, 16) == 0
-    assert f16.fused == (flash_attn and (not ON_GPU or model.head_dim in (64, 128)))
+    assert f16.fused == (flash_attn and (not ON_GPU or model.head_dim in (64, 128, 256)))
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])

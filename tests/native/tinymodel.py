@@ -254,12 +254,14 @@ def self_extend_attention(
     neox: bool,
     ga_n: int = 1,
     ga_w: int = 0,
+    window: int = 0,
 ) -> np.ndarray:
     """Causal attention of un-rotated q [n, H, d] over k, v [n, Hkv, d]; returns [n, H, d].
 
     Self-Extend (group size G = ga_n, neighbour window W = ga_w), for query position i, key position j:
     if i - j < W the score uses q at i and k at j (plain RoPE); otherwise q at i//G + W - W//G and k at
     j//G. Scores are merged per (i, j), scaled by 1/sqrt(d), masked (j <= i), and go through one softmax.
+    ``window`` > 0 is a sliding window: keys with i - j >= window are masked too.
     """
     if ga_n < 1 or ga_w < 0:
         raise ValueError(f"need ga_n >= 1 and ga_w >= 0, got ga_n={ga_n}, ga_w={ga_w}")
@@ -276,7 +278,8 @@ def self_extend_attention(
     s_far = np.einsum("ihd,jhd->hij", q_far, rot(k, pos // ga_n))  # [H, n_q, n_k]
     dist = pos[:, None] - pos[None, :]  # [n_q, n_k]: i - j
     scores = np.where(dist < ga_w, s_near, s_far) / np.sqrt(d)
-    scores = np.where(dist >= 0, scores, -np.inf)  # causal by position
+    visible = (dist >= 0) & ((dist < window) if window > 0 else True)  # causal by position, sliding window
+    scores = np.where(visible, scores, -np.inf)
     scores -= scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
@@ -344,6 +347,7 @@ class LlamaRunner:
         type_k: int = GGML_TYPE_F32,
         type_v: int = GGML_TYPE_F32,
         kv_unified: bool = False,
+        swa_full: bool = True,
         n_threads: int = 2,
         verbose: bool = False,
     ) -> None:
@@ -377,6 +381,7 @@ class LlamaRunner:
         cparams.flash_attn_type = fa_on if flash_attn else fa_off  # AUTO would turn FA on for CPU
         cparams.type_k, cparams.type_v = type_k, type_v
         cparams.kv_unified = kv_unified
+        cparams.swa_full = swa_full  # False: sliding-window layers get a cache of about their window only
         self.ctx = ll.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             self.close()

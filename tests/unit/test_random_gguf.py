@@ -10,19 +10,22 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "random_gguf.py"
 
 
-def test_random_model_loads_and_generates(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shape", ["tiny", "gemma3-tiny"])  # llama; gemma3 with sliding-window layers
+def test_random_model_loads_and_generates(tmp_path: Path, shape: str) -> None:
     pytest.importorskip("gguf")
     spec = importlib.util.spec_from_file_location("random_gguf", SCRIPT)
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     path = tmp_path / "tiny.gguf"
-    mod.write(str(path), "tiny", n_ctx_train=256)
+    mod.write(str(path), shape, n_ctx_train=256)
 
+    from selfext_cpp import self_extend_fused
     from selfext_cpp.engine import load
 
-    llm = load(str(path), n_ctx=512, verbose=False)
+    llm = load(str(path), n_ctx=512, ga_n=4, ga_w=64, verbose=False)
     assert llm._model.n_ctx_train() == 256
+    assert self_extend_fused(llm)  # flash attention on by default: the fused op on the CPU
     tokens = llm.tokenize(b"hello world " * 20)
     assert len(tokens) > 100  # byte fallback: every character is a token
     out = llm.create_completion("hello world " * 20, max_tokens=4, temperature=0)

@@ -404,6 +404,16 @@ int main(int argc, char ** argv) {
         {"shuffled decode D=128 gqa=4 n_q=2",       128, 16, 4,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f},
         {"2 sequences prefill D=64 gqa=4 n_q=100",   64,  8, 2, 100, 4096, 512, 1, MASK_SEQS,   1, false,  0.0f},
         {"2 sequences decode D=128 gqa=4",          128,  8, 2,   1, 4096, 512, 1, MASK_SEQS,   1, false,  0.0f},
+        // head size 256 (Gemma 2/3: prefill tiles of 32 keys under classified tiles of 64, decode tiles of 64)
+        {"decode D=256 gqa=4",                      256,  4, 1,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f},
+        {"decode D=256 gqa=2 n_q=7",                256,  8, 4,   7, 1000,   7, 1, MASK_CAUSAL, 1, false,  0.0f},
+        {"prefill D=256 gqa=4 n_q=512",             256,  8, 2, 512, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f},
+        {"prefill D=256 gqa=1 n_q=100 W=33",        256,  2, 2, 100, 1000,  33, 1, MASK_CAUSAL, 1, false,  0.0f},
+        {"prefill D=256 gqa=2 softcap",             256,  4, 2, 512, 1000, 512, 1, MASK_CAUSAL, 1, false, 50.0f},
+        {"prefill D=256 gqa=4 no mask W=7",         256,  4, 1, 200, 1000,   7, 1, MASK_NONE,   1, false,  0.0f},
+        {"shuffled D=256 gqa=4 n_q=512, 2 streams", 256,  4, 1, 512, 1000, 100, 2, MASK_HOLES,  2, true,   0.0f},
+        {"shuffled decode D=256 gqa=4 n_q=2",       256,  4, 1,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f},
+        {"2 sequences prefill D=256 gqa=4 n_q=100", 256,  4, 1, 100, 4096, 512, 1, MASK_SEQS,   1, false,  0.0f},
     };
 
     std::mt19937 rng(1234);
@@ -424,6 +434,11 @@ int main(int argc, char ** argv) {
     se_time("prefill D=128 32/8 heads", 128, 32, 8, 2048, 32768, 1024, prop.multiProcessorCount);
     se_time("decode D=64 16/4 heads",    64, 16, 4,    1, 32768, 1024, prop.multiProcessorCount);
     se_time("decode D=128 32/8 heads",  128, 32, 8,    1, 32768, 1024, prop.multiProcessorCount);
+    // Gemma 3 270M's global layers: 4 query heads, 1 KV head of 256
+    se_time("prefill D=256 4/1 heads 64K",  256, 4, 1, 2048,  65536, 1024, prop.multiProcessorCount);
+    se_time("prefill D=256 4/1 heads 128K", 256, 4, 1, 2048, 131072, 1024, prop.multiProcessorCount);
+    se_time("decode D=256 4/1 heads 64K",   256, 4, 1,    1,  65536, 1024, prop.multiProcessorCount);
+    se_time("decode D=256 4/1 heads 128K",  256, 4, 1,    1, 131072, 1024, prop.multiProcessorCount);
 
     return n_fail == 0 ? 0 : 1;
 }

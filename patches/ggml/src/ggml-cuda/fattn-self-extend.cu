@@ -18,16 +18,17 @@
 //   Q_g stays in registers (at long context most tiles are grouped), Q is read from shared memory when needed.
 //
 //   Two configurations of one kernel:
-//     prefill (NWC = 4): 64 columns, each warp owns 16 of them and all keys of a tile (T = 64);
+//     prefill (NWC = 4): 64 columns, each warp owns 16 of them and all keys of a tile (T = 64; 32 for D = 256);
 //     decode  (NWC = 1): 16 columns (few queries), the 4 warps split the keys of a tile and are merged at the end.
 //   When the blocks alone cannot fill the GPU the KV range of each block is also split (nsplit): every split leaves an
 //   unnormalized partial (max, sum, O) and flash_attn_ext_se_combine merges them exactly.
 //
 // Classification
-//   prefill: flash_attn_ext_se_classify runs first and classifies every (block of queries, tile) once for all the heads,
-//            reading the whole mask once; it also gives each block of queries the range of tiles to walk (the end of a
-//            causal mask and other sequences at the ends of the cache are never visited). In the attention kernel a
-//            tile then costs one byte: a run of grouped tiles loads neither positions nor mask.
+//   prefill: flash_attn_ext_se_classify runs first and classifies every (block of queries, tile of 64 keys) once for all
+//            the heads, reading the whole mask once; it also gives each block of queries the range of tiles to walk (the
+//            end of a causal mask and other sequences at the ends of the cache are never visited). In the attention kernel
+//            a tile then costs one byte: a run of grouped tiles loads neither positions nor mask. A kernel with T = 32
+//            (D = 256) gives both halves of a classified tile its class, which holds for any subset of its keys.
 //   decode:  few queries, so the kernel classifies each tile itself (a quarter per warp) one tile ahead of its use;
 //            that hides under the memory-bound loads and saves a launch.
 //
@@ -95,7 +96,8 @@ struct fattn_se_plan {
     int    NHB;           // query heads per block, all of one KV head
     int    RPB;           // queries per block
     int    n_rg;          // blocks along the queries
-    int    ntiles;        // KV tiles of the cache
+    int    ntiles;        // KV tiles of the cache, T keys each
+    int    ntiles_c;      // prefill: classified tiles of the cache, FATTN_SE_TC keys each
     int    nsplit;        // KV ranges per block of columns, merged by flash_attn_ext_se_combine if > 1
     bool   classify;      // prefill: tile classes made beforehand by flash_attn_ext_se_classify
     float  q_scale;       // Q, Q_g are multiplied by this: scale*log2(e), or scale/softcap with a softcap
@@ -104,8 +106,8 @@ struct fattn_se_plan {
     size_t off_range, off_tiles, off_ML, off_O, nbytes_ws; // workspace layout
 
     // workspace pointers, set by fattn_se_run
-    int2    * range;      // [ne3][n_rg]: ntiles - first and last + 1 tile with a visible key (atomicMax from 0)
-    uint8_t * tiles;      // [ne3][n_rg][ntiles]: class | FATTN_SE_MASKED of every tile
+    int2    * range;      // [ne3][n_rg]: ntiles_c - first and last + 1 classified tile with a visible key (atomicMax from 0)
+    uint8_t * tiles;      // [ne3][n_rg][ntiles_c]: class | FATTN_SE_MASKED of every classified tile
     float2  * part_ML;    // [rows][nsplit]: max (base 2) and sum of each partial
     float   * part_O;     // [rows][nsplit][D]: unnormalized O of each partial
 };
@@ -115,10 +117,15 @@ static constexpr __host__ __device__ int fattn_se_ncols(const bool decode) {
 }
 
 // Keys per tile. Decode is memory bound: 128 keys keep 32 KiB of K/V in flight per block for D = 64; larger heads use 64
-// so that a block fits the 99 KiB of shared memory of consumer GPUs.
+// so that a block fits the 99 KiB of shared memory of consumer GPUs (D = 128; D = 256 decode needs 112 KiB). Prefill with
+// D = 256 uses 32 keys, as llama.cpp's own kernel does: 16 columns x 256 dims of f32 O and of Q_g in registers leave no
+// room for more logits, and 32-key K/K_g/V tiles keep two blocks per SM.
 static constexpr __host__ __device__ int fattn_se_T(const int D, const bool decode) {
-    return decode && D <= 64 ? 128 : 64;
+    return decode ? (D <= 64 ? 128 : 64) : (D >= 256 ? 32 : 64);
 }
+
+// Keys per tile of the prefill classification (flash_attn_ext_se_classify): a multiple of every prefill T.
+#define FATTN_SE_TC 64
 
 // Blocks per SM to fit, i.e. the register cap: prefill with D = 64 fits 3 blocks (168 registers per thread); the other
 // configurations need more than 200 registers for Q_g and the f32 O accumulators, and their shared memory allows 2 anyway.
@@ -369,9 +376,12 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     constexpr int  SM     = T + 8;               // row stride of the mask tiles in halves
     constexpr int  SO     = D + 4;               // row stride of the f32 O staging of the epilogue
     constexpr bool decode = NWC == 1;
-    static_assert(D % 16 == 0 && KW % 16 == 0 && NC <= T, "bad tile sizes");
+    constexpr int  TPC    = decode ? 1 : FATTN_SE_TC/T; // prefill: tiles per classified tile
+    static_assert(D % 16 == 0 && KW % 16 == 0 && (NC <= T || (!decode && NC <= 2*T)), "bad tile sizes");
     static_assert(NC == fattn_se_ncols(decode) && T == fattn_se_T(D, decode), "kernel and host configuration differ");
-    static_assert(NWK*NC*(SO*sizeof(float) + sizeof(float2)) <= 3*T*SKV*sizeof(half), "epilogue does not fit");
+    static_assert(decode || FATTN_SE_TC % T == 0, "a tile must lie in one classified tile");
+    // the epilogue reuses the K/K_g/V tiles and what follows them, up to the end of Q
+    static_assert(NWK*NC*(SO*sizeof(float) + sizeof(float2)) <= (3*T + NC)*SKV*sizeof(half), "epilogue does not fit");
 
     // 2^x as one MUFU.EX2 with or without -use_fast_math: the softmax needs neither IEEE rounding nor subnormal results
     auto exp2_approx = [](const float x) {
@@ -406,27 +416,28 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     int kt_hi = P.ntiles;
     if constexpr (!decode) {
         const int2 r = P.range[int64_t(s)*P.n_rg + rg];
-        kt_lo = P.ntiles - r.x;
-        kt_hi = max(r.y, kt_lo);
+        kt_lo = (P.ntiles_c - r.x)*TPC;
+        kt_hi = max(min(r.y*TPC, P.ntiles), kt_lo);
     }
     const int kt0 = kt_lo + int(int64_t(kt_hi - kt_lo)* split     /P.nsplit);
     const int ntb = kt_lo + int(int64_t(kt_hi - kt_lo)*(split + 1)/P.nsplit) - kt0;
 
     // prefill: the classes of the block's tiles, made by flash_attn_ext_se_classify
-    const uint8_t * tiles = decode ? nullptr : P.tiles + (int64_t(s)*P.n_rg + rg)*P.ntiles + kt0;
+    const uint8_t * tiles = decode ? nullptr : P.tiles + (int64_t(s)*P.n_rg + rg)*P.ntiles_c;
     auto class_of = [&](const int t) {
-        return t < ntb ? int(tiles[t]) : int(FATTN_SE_SKIP);
+        return t < ntb ? int(tiles[(kt0 + t)/TPC]) : int(FATTN_SE_SKIP);
     };
 
     extern __shared__ half2 fattn_se_smem[];
     half * sK  = (half *) fattn_se_smem;
     half * sKg = sK  + T*SKV;
-    half * sV  = sKg + T*SKV;               // Q_g is staged here before the first V tile
+    half * sV  = sKg + T*SKV;
     half * sM  = sV  + T*SKV;               // mask of tile t at sM + (t % 2)*P.RPB*SM
     int  * sP  = (int *) (sM + 2*P.RPB*SM); // pos_k of tile t at sP + (t % 2)*T
     int4 * sC  = (int4 *) (sP + 2*T);       // quarters of the class of the next tile
     half * sQ  = (half *) (sC + FATTN_SE_NWARPS);
-    half * sQg = sV;
+    // Q_g is staged where no load is in flight yet: V, or (prefill with T < NC) K and K_g, which follow each other
+    half * sQg = NC <= T ? sV : sK;
 
     auto nvalid_of = [&](const int t) {
         return t < ntb ? min(T, p.n_kv - (kt0 + t)*T) : 0;
@@ -768,13 +779,13 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 #endif // defined(AMPERE_MMA_AVAILABLE)
 }
 
-// Prefill: the class (and FATTN_SE_MASKED) of every tile of T = 64 keys for every block of RPB queries of every stream,
+// Prefill: the class (and FATTN_SE_MASKED) of every tile of FATTN_SE_TC keys for every block of RPB queries of every stream,
 // from the mask and the positions as fattn_se_class_part makes it, and per block of queries the first and last + 1 tile
 // with a visible key. A warp classifies FATTN_SE_CLASSIFY_TPW consecutive tiles, two keys per lane.
 #define FATTN_SE_CLASSIFY_TPW 8
 __launch_bounds__(FATTN_SE_NTHREADS, 1)
 static __global__ void flash_attn_ext_se_classify(const fattn_se_params p, const fattn_se_plan P) {
-    constexpr int T = fattn_se_T(0, false);
+    constexpr int T = FATTN_SE_TC;
     static_assert(T == 2*WARP_SIZE, "one tile per warp, two keys per lane");
 
     const int lane = threadIdx.x;
@@ -790,11 +801,11 @@ static __global__ void flash_attn_ext_se_classify(const fattn_se_params p, const
     int pq_min, pq_max;
     fattn_se_pos_range(pos_q, rows, pq_min, pq_max);
 
-    uint8_t * tiles = P.tiles + (int64_t(s)*P.n_rg + rg)*P.ntiles;
+    uint8_t * tiles = P.tiles + (int64_t(s)*P.n_rg + rg)*P.ntiles_c;
     const int kt0 = (blockIdx.y*FATTN_SE_NWARPS + w)*FATTN_SE_CLASSIFY_TPW;
     int lo = INT_MAX; // first and last + 1 tile with a visible key, warp-uniform
     int hi = INT_MIN;
-    for (int kt = kt0; kt < min(kt0 + FATTN_SE_CLASSIFY_TPW, P.ntiles); ++kt) {
+    for (int kt = kt0; kt < min(kt0 + FATTN_SE_CLASSIFY_TPW, P.ntiles_c); ++kt) {
         const int k = kt*T + 2*lane;
         bool vis0 = k     < p.n_kv; // visible to some row
         bool vis1 = k + 1 < p.n_kv;
@@ -840,7 +851,7 @@ static __global__ void flash_attn_ext_se_classify(const fattn_se_params p, const
         }
     }
     if (lane == 0 && hi > lo) {
-        atomicMax(&P.range[int64_t(s)*P.n_rg + rg].x, P.ntiles - lo);
+        atomicMax(&P.range[int64_t(s)*P.n_rg + rg].x, P.ntiles_c - lo);
         atomicMax(&P.range[int64_t(s)*P.n_rg + rg].y, hi);
     }
 }
@@ -962,6 +973,7 @@ static fattn_se_kernel_t fattn_se_kernel(const fattn_se_params & p, const fattn_
     switch (p.D) {
         case  64: return fattn_se_kernel_d< 64>(P.decode, use_softcap, P.nbytes_shared);
         case 128: return fattn_se_kernel_d<128>(P.decode, use_softcap, P.nbytes_shared);
+        case 256: return fattn_se_kernel_d<256>(P.decode, use_softcap, P.nbytes_shared);
         default:  GGML_ABORT("%s: unsupported head size %d", __func__, p.D);
     }
 }
@@ -979,6 +991,7 @@ static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm
 
     const int T = fattn_se_T(p.D, P.decode);
     P.ntiles    = (p.n_kv + T - 1)/T;
+    P.ntiles_c  = (p.n_kv + FATTN_SE_TC - 1)/FATTN_SE_TC;
     P.classify  = !P.decode;
 
     P.q_scale   = p.softcap != 0.0f ? p.scale/p.softcap : p.scale*FATTN_SE_LOG2E;
@@ -1018,7 +1031,7 @@ static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm
         P.off_range = off;
         off += fattn_se_pad_ws(size_t(p.ne3)*P.n_rg*sizeof(int2));
         P.off_tiles = off;
-        off += fattn_se_pad_ws(size_t(p.ne3)*P.n_rg*P.ntiles);
+        off += fattn_se_pad_ws(size_t(p.ne3)*P.n_rg*P.ntiles_c);
     }
     if (P.nsplit > 1) {
         const size_t nrows = size_t(p.ne3)*p.n_q*p.n_head;
@@ -1049,7 +1062,7 @@ static void fattn_se_run(const fattn_se_params & p, fattn_se_plan P, char * ws, 
     if (P.classify) {
         CUDA_CHECK(cudaMemsetAsync(P.range, 0, size_t(p.ne3)*P.n_rg*sizeof(int2), stream));
         const int tiles_block = FATTN_SE_NWARPS*FATTN_SE_CLASSIFY_TPW;
-        const dim3 grid(P.n_rg, (P.ntiles + tiles_block - 1)/tiles_block, p.ne3);
+        const dim3 grid(P.n_rg, (P.ntiles_c + tiles_block - 1)/tiles_block, p.ne3);
         flash_attn_ext_se_classify<<<grid, block_dim, 0, stream>>>(p, P);
         CUDA_CHECK(cudaGetLastError());
     }
@@ -1062,6 +1075,7 @@ static void fattn_se_run(const fattn_se_params & p, fattn_se_plan P, char * ws, 
         switch (p.D) {
             case  64: fattn_se_launch_combine< 64>(p, P, stream); break;
             case 128: fattn_se_launch_combine<128>(p, P, stream); break;
+            case 256: fattn_se_launch_combine<256>(p, P, stream); break;
             default:  GGML_ABORT("%s: unsupported head size %d", __func__, p.D);
         }
         CUDA_CHECK(cudaGetLastError());
@@ -1144,7 +1158,7 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
     const int64_t n_q  = q->ne[1];
     const int64_t ne3  = q->ne[3];
     const int64_t n_kv = k->ne[1];
-    if (D != 64 && D != 128) {
+    if (D != 64 && D != 128 && D != 256) {
         return false;
     }
     if (q->type != GGML_TYPE_F32 || q_g->type != GGML_TYPE_F32 || dst->type != GGML_TYPE_F32 ||

@@ -6,5 +6,6 @@
 
 void ggml_cuda_flash_attn_ext_se(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
 
-// false: the op has to run elsewhere (the kernels need Ampere tensor cores, F16 K/K_g/V, F32 Q/Q_g, D = 64 or 128).
+// false: the op has to run elsewhere (the kernels need Ampere tensor cores, F16 K/K_g/V, F32 Q/Q_g, D = 64, 128 or 256,
+// and D = 256 decode needs 112 KiB of shared memory per block).
 bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst);
