@@ -10,7 +10,7 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import handle_errors, stderr_is_tty
-from .options import FlashAttn, GaN, GaW, GpuLayers, ModelArg, Threads, Verbose
+from .options import FlashAttn, GaN, GaW, GpuLayers, ModelArg, Rpc, Threads, Verbose
 
 AutoMaxCtx = Annotated[Optional[int], typer.Option(
     "--auto-max-ctx", min=1, show_default=False,
@@ -47,6 +47,7 @@ def serve(
     logprobs: Logprobs = False,
     threads: Threads = None,
     gpu_layers: GpuLayers = 0,
+    rpc: Rpc = None,
     flash_attn: FlashAttn = True,
     verbose: Verbose = False,
 ) -> None:
@@ -64,7 +65,7 @@ def serve(
     settings = server.model_settings(
         path, ga_n=ga_n, ga_w=ga_w, n_ctx=ctx_size, auto_max_ctx=auto_max_ctx, model_alias=alias or path.name,
         chat_format=chat_format, n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=gpu_layers,
-        flash_attn=flash_attn, logits_all=logprobs, verbose=verbose,
+        flash_attn=flash_attn, logits_all=logprobs, verbose=verbose, rpc_servers=rpc,
     )  # fmt: skip
     sock = server.bind(host, port)  # a busy port fails now, not after the model load
     try:

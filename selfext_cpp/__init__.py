@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .engine import (SelfExtend, capacity, choose, enable_self_extend, get_self_extend, load, model_support,
                      self_extend_fused)
-from .errors import (CapacityError, HubError, LibraryError, ModelError, ParameterError, SelfextError,
+from .errors import (CapacityError, HubError, LibraryError, ModelError, ParameterError, RpcError, SelfextError,
                      UnsupportedModelError)
 
 __version__ = "0.1.0"
@@ -20,5 +20,5 @@ __all__ = [
     "SelfExtend", "capacity", "choose", "enable_self_extend", "get_self_extend", "load", "model_support",
     "self_extend_fused",
     "SelfextError", "LibraryError", "ModelError", "UnsupportedModelError", "ParameterError", "CapacityError",
-    "HubError", "__version__",
+    "HubError", "RpcError", "__version__",
 ]

@@ -37,3 +37,7 @@ class HubError(SelfextError):
 
 class ServerError(SelfextError):
     """The server could not start: a missing dependency, or an address it cannot listen on."""
+
+
+class RpcError(SelfextError):
+    """An RPC server (``--rpc``) is unreachable, speaks another protocol, or was lost mid-run."""
