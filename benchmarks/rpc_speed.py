@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -90,6 +91,7 @@ def main() -> None:
     depths = sorted(int(d) for d in args.depths.split(","))
     n_ctx = depths[-1] + max(args.n_prompt, args.n_gen) + 64
     proc, endpoint = start_server(args.threads)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the server too (the finally below)
     try:
         kw = dict(ga_n=args.ga_n, ga_w=args.ga_w, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=args.threads,
                   n_threads_batch=args.threads)
