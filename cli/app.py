@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from . import eval as eval_cmd
-from . import info, pull, run, serve
+from . import info, pull, rpc_server, run, serve
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Exact Self-Extend for llama.cpp models: read far past the trained context.")
@@ -29,6 +29,7 @@ app.command("run")(run.run)
 app.command("pull")(pull.pull)
 app.command("info")(info.info)
 app.command("serve")(serve.serve)
+app.command("rpc-server")(rpc_server.rpc_server)
 app.add_typer(eval_cmd.app, name="eval")
 
 

@@ -24,7 +24,7 @@ FLAGS = {
     "chat": "--chat", "no_chat": "--no-chat", "system": "--system", "text": "text (-f FILE)",
     "lengths": "--lengths", "window": "--window", "n_prompt": "--n-prompt", "n_gen": "--n-gen",
     "repeats": "--repeats", "depths": "--depths", "logprobs": "--logprobs", "host": "--host", "port": "--port",
-    "plot": "--plot", "parallel": "--parallel",
+    "plot": "--plot", "parallel": "--parallel", "rpc": "--rpc",
 }
 USAGE = 2  # exit status of a usage error (ParameterError); every other error exits 1
 

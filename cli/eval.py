@@ -13,7 +13,7 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import fail, handle_errors, hint
-from .options import Auto, FlashAttn, GaN, GaW, GpuLayers, Json, ModelArg, Threads, Verbose
+from .options import Auto, FlashAttn, GaN, GaW, GpuLayers, Json, ModelArg, Rpc, Threads, Verbose
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Measure Self-Extend on a model: passkey retrieval, perplexity, speed.",
@@ -50,8 +50,11 @@ def _self_extend(path: Path, ga_n: Optional[int], ga_w: Optional[int]) -> Any:
     return plan(inspect(path).n_ctx_train, ga_n=ga_n, ga_w=ga_w)
 
 
-def _llama_kwargs(threads: Optional[int], gpu_layers: int, verbose: bool, **extra: Any) -> dict[str, Any]:
+def _llama_kwargs(threads: Optional[int], gpu_layers: int, verbose: bool, rpc: Optional[str] = None,
+                  **extra: Any) -> dict[str, Any]:
     kw: dict[str, Any] = {"n_gpu_layers": gpu_layers, "verbose": verbose, **extra}
+    if rpc:
+        kw["rpc"] = rpc
     if threads:
         kw.update(n_threads=threads, n_threads_batch=threads)
     return kw
@@ -105,7 +108,7 @@ def passkey(model: ModelArg = None,
             seed: Annotated[int, typer.Option("--seed", help="Seed of the random keys.")] = 0,
             n_predict: Annotated[int, typer.Option("--n-predict", "-n", min=1, help="Greedy tokens generated "
                                                    "after the question.")] = 10,
-            batch_size: BatchSize = 512, threads: Threads = None, gpu_layers: GpuLayers = 0,
+            batch_size: BatchSize = 512, threads: Threads = None, gpu_layers: GpuLayers = 0, rpc: Rpc = None,
             flash_attn: FlashAttn = True, plot: Plot = None, as_json: Json = False, quiet: Quiet = False,
             verbose: Verbose = False) -> None:
     """Passkey retrieval: accuracy per length × depth for each mode."""
@@ -120,7 +123,7 @@ def passkey(model: ModelArg = None,
     path = _model_path(model)
     cfg = PasskeyConfig(lengths=lengths_, depths=depths_, trials=trials, modes=modes_, seed=seed, haystack=haystack,
                         ga=_self_extend(path, ga_n, ga_w), n_predict=n_predict, n_batch=batch_size,
-                        llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose, flash_attn=flash_attn))
+                        llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose, rpc, flash_attn=flash_attn))
     run = PasskeyRun(path, cfg)
     results: list[Any] = []
     complete = False
@@ -154,7 +157,7 @@ def ppl(model: ModelArg = None,
                                             "length.")] = 512,
         ga_n: GaN = None, ga_w: GaW = None, auto: Auto = False,
         modes: Modes = "vanilla,selfext",
-        batch_size: BatchSize = 512, threads: Threads = None, gpu_layers: GpuLayers = 0,
+        batch_size: BatchSize = 512, threads: Threads = None, gpu_layers: GpuLayers = 0, rpc: Rpc = None,
         flash_attn: FlashAttn = True, plot: Plot = None, as_json: Json = False, quiet: Quiet = False,
         verbose: Verbose = False) -> None:
     """Perplexity of the same final window of a long text, read with growing context."""
@@ -172,7 +175,7 @@ def ppl(model: ModelArg = None,
     path = _model_path(model)
     cfg = PplConfig(lengths=lengths_, modes=modes_, window=window, ga=_self_extend(path, ga_n, ga_w),
                     n_batch=batch_size,
-                    llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose, flash_attn=flash_attn))
+                    llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose, rpc, flash_attn=flash_attn))
     run = PplRun(path, text, cfg)
     source["tokens"] = len(run.text_tokens)
     results: list[Any] = []
@@ -207,7 +210,7 @@ def speed(model: ModelArg = None,
           fa: Annotated[str, typer.Option("--fa", help="Flash attention settings to measure: off,on | off | "
                                           "on.")] = "off,on",
           ga_n: GaN = None, ga_w: GaW = None,
-          batch_size: BatchSize = 512, threads: Threads = None, gpu_layers: GpuLayers = 0,
+          batch_size: BatchSize = 512, threads: Threads = None, gpu_layers: GpuLayers = 0, rpc: Rpc = None,
           as_json: Json = False, quiet: Quiet = False, verbose: Verbose = False) -> None:
     """Prefill and decode tokens/s at cache depths: Self-Extend against vanilla, flash attention off and on."""
     from selfext_cpp.engine import check_request
@@ -223,7 +226,7 @@ def speed(model: ModelArg = None,
     path = _model_path(model)
     cfg = SpeedConfig(depths=depths_, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats,
                       flash_attn=[m == "on" for m in dict.fromkeys(fa_modes)], ga=_self_extend(path, ga_n, ga_w),
-                      n_batch=batch_size, llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose))
+                      n_batch=batch_size, llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose, rpc))
     run = SpeedRun(path, cfg)
     if not as_json and not quiet:
         hint(f"selfext runs use G={run.ga.ga_n} W={run.ga.ga_w}")

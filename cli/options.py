@@ -27,5 +27,8 @@ GpuLayers = Annotated[int, typer.Option("--n-gpu-layers", "-ngl", help="Layers t
 FlashAttn = Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", "-fa/-no-fa",
                                          help="Flash attention: llama.cpp's for vanilla layers, the fused "
                                               "Self-Extend op for the others (off: the slower generic path).")]
+Rpc = Annotated[Optional[str], typer.Option(
+    "--rpc", show_default=False, metavar="HOST:PORT[,HOST:PORT...]",
+    help="RPC servers (selfext rpc-server) that take the offloaded layers: -ngl says how many leave this host.")]
 Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Progress and llama.cpp's log on stderr.")]

@@ -15,7 +15,7 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import fail, handle_errors, hint, stderr_is_tty
-from .options import Auto, CtxSize, FlashAttn, GaN, GaW, GpuLayers, Json, ModelArg, Threads, Verbose
+from .options import Auto, CtxSize, FlashAttn, GaN, GaW, GpuLayers, Json, ModelArg, Rpc, Threads, Verbose
 
 if TYPE_CHECKING:
     from selfext_cpp.engine import SelfExtend
@@ -56,6 +56,7 @@ def run(
     ctx_size: CtxSize = 0,
     threads: Threads = None,
     gpu_layers: GpuLayers = 0,
+    rpc: Rpc = None,
     flash_attn: FlashAttn = True,
     chat: Chat = None,
     system: System = None,
@@ -104,7 +105,7 @@ def run(
     t0 = time.perf_counter()
     n_threads = threads or os.cpu_count() or 1
     llm = engine.load(path, ga_n=se.ga_n, ga_w=se.ga_w, n_ctx=n_ctx, verbose=verbose, n_gpu_layers=gpu_layers,
-                      flash_attn=flash_attn, n_threads=n_threads, n_threads_batch=n_threads)
+                      flash_attn=flash_attn, n_threads=n_threads, n_threads_batch=n_threads, rpc=rpc)
     load_s = time.perf_counter() - t0
     se, n_ctx = engine.get_self_extend(llm), llm.n_ctx()  # report what the context has (llama.cpp pads n_ctx)
     if logs:

@@ -12,7 +12,7 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import FLAGS, handle_errors, stderr_is_tty
-from .options import FlashAttn, GaN, GaW, GpuLayers, ModelArg, Threads, Verbose
+from .options import FlashAttn, GaN, GaW, GpuLayers, ModelArg, Rpc, Threads, Verbose
 
 AutoMaxCtx = Annotated[Optional[int], typer.Option(
     "--auto-max-ctx", min=1, show_default=False,
@@ -57,6 +57,7 @@ def serve(
     parallel: Parallel = None,
     threads: Threads = None,
     gpu_layers: GpuLayers = 0,
+    rpc: Rpc = None,
     flash_attn: FlashAttn = True,
     verbose: Verbose = False,
 ) -> None:
@@ -73,7 +74,8 @@ def serve(
     if parallel is not None:
         return _serve_parallel(model, parallel, ga_n=ga_n, ga_w=ga_w, auto_max_ctx=auto_max_ctx, n_ctx=ctx_size,
                                host=host, port=port, api_key=api_key, chat_format=chat_format, alias=alias,
-                               threads=threads, gpu_layers=gpu_layers, flash_attn=flash_attn, verbose=verbose)
+                               threads=threads, gpu_layers=gpu_layers, rpc=rpc, flash_attn=flash_attn,
+                               verbose=verbose)
     from selfext_cpp import server  # llama_cpp and FastAPI: only when serving
 
     path = _resolve(model)
@@ -81,7 +83,7 @@ def serve(
     settings = server.model_settings(
         path, ga_n=ga_n, ga_w=ga_w, n_ctx=ctx_size, auto_max_ctx=auto_max_ctx, model_alias=alias or path.name,
         chat_format=chat_format, n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=gpu_layers,
-        flash_attn=flash_attn, logits_all=logprobs, verbose=verbose,
+        flash_attn=flash_attn, logits_all=logprobs, verbose=verbose, rpc_servers=rpc,
     )  # fmt: skip
     sock = server.bind(host, port)  # a busy port fails now, not after the model load
     try:
@@ -100,8 +102,8 @@ def serve(
 def _serve_parallel(model: Optional[str], parallel: int, *, ga_n: Optional[int], ga_w: Optional[int],
                     auto_max_ctx: Optional[int],
                     n_ctx: int, host: str, port: int, api_key: Optional[str], chat_format: Optional[str],
-                    alias: Optional[str], threads: Optional[int], gpu_layers: int, flash_attn: bool,
-                    verbose: bool) -> None:
+                    alias: Optional[str], threads: Optional[int], gpu_layers: int, rpc: Optional[str],
+                    flash_attn: bool, verbose: bool) -> None:
     """`serve --parallel N`: llama-server with N slots, until Ctrl-C (exit 130) or until it exits."""
     from selfext_cpp import llama_server
     from selfext_cpp.errors import ServerError
@@ -113,7 +115,7 @@ def _serve_parallel(model: Optional[str], parallel: int, *, ga_n: Optional[int],
         path, parallel=parallel, ga_n=ga_n, ga_w=ga_w, n_ctx=n_ctx, auto_max_ctx=auto_max_ctx,
         threads=threads or os.cpu_count() or 1, n_gpu_layers=gpu_layers, flash_attn=flash_attn,
         alias=alias or path.name, api_key=api_key,
-        extra=("--chat-template", chat_format) if chat_format else (),
+        extra=(("--chat-template", chat_format) if chat_format else ()) + (("--rpc", rpc) if rpc else ()),
     )  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a plain `kill` stops llama-server too
     srv = llama_server.start(cfg, host=host, port=port, verbose=verbose)

@@ -17,8 +17,8 @@ from ._lib import use_our_library
 if TYPE_CHECKING:
     from .engine import (SelfExtend, capacity, choose, enable_self_extend, get_self_extend, load, model_support,
                          plan, self_extend_fused)
-    from .errors import (CapacityError, HubError, LibraryError, ModelError, ParameterError, SelfextError,
-                         UnsupportedModelError)
+    from .errors import (CapacityError, HubError, LibraryError, ModelError, ParameterError, RpcError,
+                         SelfextError, UnsupportedModelError)
 
 __version__ = "0.1.0"
 
@@ -28,7 +28,7 @@ __all__ = [
     "self_extend_fused",
     # errors
     "SelfextError", "LibraryError", "ModelError", "UnsupportedModelError", "ParameterError", "CapacityError",
-    "HubError",
+    "HubError", "RpcError",
     "__version__",
 ]
 _WHERE = {name: "errors" if name.endswith("Error") else "engine" for name in __all__[:-1]}

@@ -211,11 +211,13 @@ def get_self_extend(llm: Llama) -> SelfExtend:
 
 
 def load(model_path: str | Path, *, ga_n: int = 1, ga_w: int = 0, n_ctx: int = 0, verbose: bool = False,
-         **llama_kwargs: Any) -> Llama:
+         rpc: str | Sequence[str] | None = None, **llama_kwargs: Any) -> Llama:
     """A ``llama_cpp.Llama`` on our libllama with Self-Extend set; keyword arguments go to ``Llama``.
 
     Flash attention is on unless ``flash_attn=False`` is given: Self-Extend layers then run the fused op
     (``llama_self_extend_fused``), several times faster at long context than the generic path.
+    ``rpc``: RPC servers (``"host:port"``, a list or comma-separated) that take the ``n_gpu_layers`` offloaded
+    layers (:mod:`selfext_cpp.rpc`); RpcError when one is unreachable or lost.
     """
     llama_kwargs.setdefault("flash_attn", True)
     path = Path(model_path)
@@ -225,7 +227,11 @@ def load(model_path: str | Path, *, ga_n: int = 1, ga_w: int = 0, n_ctx: int = 0
     llama_cpp = load_llama_cpp()
     set_llama_log(verbose)
     try:
-        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, verbose=verbose, **llama_kwargs)
+        if rpc:
+            from .rpc import load_llama
+            llm = load_llama(rpc, str(path), n_ctx=n_ctx, verbose=verbose, **llama_kwargs)
+        else:
+            llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, verbose=verbose, **llama_kwargs)
     except ValueError as exc:
         raise ModelError(f"llama.cpp could not load {path}: {last_llama_error() or exc}") from exc
     enable_self_extend(llm, params.ga_n, params.ga_w)

@@ -16,7 +16,7 @@ PARAMETERS = {
     "ga_n": "ga_n", "ga_w": "ga_w", "auto": "auto", "n_ctx": "n_ctx", "n_batch": "n_batch", "chat": "chat=True",
     "no_chat": "chat=False", "system": "system", "text": "text", "lengths": "lengths", "window": "window",
     "n_prompt": "n_prompt", "n_gen": "n_gen", "repeats": "repeats", "depths": "depths", "logprobs": "logprobs",
-    "host": "host", "port": "port", "plot": "plot", "parallel": "parallel",
+    "host": "host", "port": "port", "plot": "plot", "parallel": "parallel", "rpc": "rpc",
 }
 _FIELD = re.compile(r"\{([a-z_]+)\}")
 
@@ -68,3 +68,7 @@ class HubError(SelfextError):
 
 class ServerError(SelfextError):
     """The server could not start: a missing dependency, or an address it cannot listen on."""
+
+
+class RpcError(SelfextError):
+    """An RPC server (``--rpc``) is unreachable, speaks another protocol, or was lost mid-run."""

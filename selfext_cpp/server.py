@@ -110,7 +110,11 @@ class SelfExtendProxy(LlamaProxy):
         params = SelfExtend(getattr(settings, "ga_n", 1), getattr(settings, "ga_w", 0))  # before the slow load
         set_llama_log(settings.verbose)  # keeps llama.cpp's error lines for the message below
         try:
-            llm = LlamaProxy.load_llama_from_model_settings(settings)
+            if settings.rpc_servers:  # llama-cpp-python drops this setting; ours places layers on the servers
+                from . import rpc
+                llm = rpc.build(settings.rpc_servers, lambda: LlamaProxy.load_llama_from_model_settings(settings))
+            else:
+                llm = LlamaProxy.load_llama_from_model_settings(settings)
         except ValueError as exc:
             raise ModelError(f"llama.cpp could not load {settings.model}: {last_llama_error() or exc}") from exc
         try:
