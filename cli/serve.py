@@ -10,24 +10,28 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import FLAGS, handle_errors, stderr_is_tty
-from .options import FlashAttn, GaN, GaW, GpuLayers, ModelArg, Threads, Verbose
+from .options import FlashAttn, GaN, GaW, GpuLayers, ModelArg, Threads, Verbose, example
+
+EPILOG = example("selfext serve model.gguf --auto-max-ctx 16384 --port 8080")
 
 AutoMaxCtx = Annotated[Optional[int], typer.Option(
-    "--auto-max-ctx", min=1, show_default=False,
+    "--auto-max-ctx", metavar="N", min=1, show_default=False,
     help="Serve N tokens per request (prompt + completion): G and W are chosen for N from the model's trained "
          "context.")]
 ServeCtx = Annotated[int, typer.Option(
-    "--ctx-size", "-c", min=0, help="Tokens per request, prompt + completion (0 = all that --ga-n/--ga-w reach).")]
-Host = Annotated[str, typer.Option("--host", help="Address to listen on.")]
-Port = Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0 = any free port).")]
+    "--ctx-size", "-c", metavar="N", min=0,
+    help="Tokens per request, prompt + completion (0 = all that --ga-n/--ga-w reach).")]
+Host = Annotated[str, typer.Option("--host", metavar="ADDRESS", help="Address to listen on.")]
+Port = Annotated[int, typer.Option("--port", metavar="PORT", min=0, max=65535,
+                                   help="Port to listen on (0 = any free port).")]
 ApiKey = Annotated[Optional[str], typer.Option(
-    "--api-key", envvar="SELFEXT_API_KEY", show_default=False,
+    "--api-key", metavar="KEY", envvar="SELFEXT_API_KEY", show_default=False,
     help="Require 'Authorization: Bearer KEY' on every route but /health.")]
 ChatFormat = Annotated[Optional[str], typer.Option(
-    "--chat-format", show_default=False,
+    "--chat-format", metavar="NAME", show_default=False,
     help="llama-cpp-python chat format (e.g. chatml). Default: the model's own chat template.")]
 Alias = Annotated[Optional[str], typer.Option(
-    "--alias", "-a", show_default=False, help="Model id in /v1/models. Default: the GGUF file name.")]
+    "--alias", "-a", metavar="NAME", show_default=False, help="Model id in /v1/models. Default: the GGUF file name.")]
 Logprobs = Annotated[bool, typer.Option(
     "--logprobs", help="Allow logprobs in requests (keeps n_ctx x vocabulary logits in memory).")]
 
@@ -57,8 +61,6 @@ def serve(
 
     Prompts longer than the model's trained context work up to the Self-Extend capacity; longer ones get a
     400 context_length_exceeded error. GET /health reports the setting. Ctrl-C stops the server.
-
-    Example: selfext serve model.gguf --auto-max-ctx 16384 --port 8080
     """
     from selfext_cpp import server  # llama_cpp and FastAPI: only when serving
 
