@@ -150,8 +150,8 @@ def _read_prompt(prompt: Optional[str], file: Optional[str]) -> str:
         raise ParameterError("give the prompt with -p or with -f, not both")
     if prompt is not None:
         text = prompt
-    elif file == "-" or (file is None and not sys.stdin.isatty()):
-        text = _decode(sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read(), "stdin")
+    elif file == "-" or (file is None and sys.stdin is not None and not sys.stdin.isatty()):
+        text = _decode(_read_stdin(), "stdin")
     elif file is not None:
         try:
             data = Path(file).expanduser().read_bytes()
@@ -163,6 +163,17 @@ def _read_prompt(prompt: Optional[str], file: Optional[str]) -> str:
     if not text.strip():
         raise ParameterError("the prompt is empty: give some text with -p, -f or on stdin")
     return text
+
+
+def _read_stdin() -> bytes | str:
+    from selfext_cpp.errors import ParameterError
+
+    if sys.stdin is None:  # started with stdin closed (`selfext run -f - <&-`)
+        raise ParameterError("stdin is closed: give the prompt with -p TEXT or -f FILE")
+    try:
+        return sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    except OSError as exc:
+        raise fail(f"cannot read the prompt from stdin: {exc.strerror or exc}", 1) from None
 
 
 def _decode(data: bytes | str, where: str) -> str:
