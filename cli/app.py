@@ -6,11 +6,13 @@ import typer
 
 from . import eval as eval_cmd
 from . import info, pull, run, serve
+from .errors import OneLineErrors
 from .options import example
 
 # rich_markup_mode=None: click's plain help (as `hf` has), options and their help side by side at 80 columns,
 # where typer's rich panels give each option's help a column of ~15 characters
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Exact Self-Extend for llama.cpp models: read far past the trained context.",
                   epilog=example('selfext run -p "The capital of France is" -n 12 --temp 0 --no-chat'))
 

@@ -105,6 +105,15 @@ CASES = [
     Case("negative-temp", ("run", "{tiny}", "--temp", "-1", "-p", "hi"), 2,
          "--temp must be >= 0 (0 = greedy), got -1.0"),
     Case("top-p-zero", ("run", "{tiny}", "--top-p", "0", "-p", "hi"), 2, "--top-p must be in (0, 1], got 0.0"),
+    Case("not-a-number", ("run", "{tiny}", "--temp", "warm", "-p", "hi"), 2,
+         "Invalid value for '--temp': Input should be a valid number, unable to parse string as a number (see "
+         "'selfext run --help')"),
+    Case("negative-ctx-size", ("run", "{tiny}", "-c", "-1", "-p", "hi"), 2,
+         "Invalid value for '--ctx-size' / '-c': Input should be greater than or equal to 0 (see "
+         "'selfext run --help')"),
+    Case("unknown-option", ("info", "{tiny}", "--gpu"), 2, "No such option: --gpu (see 'selfext info --help')"),
+    Case("missing-reference", ("pull",), 2, "Missing argument 'REF' (see 'selfext pull --help')"),
+    Case("unknown-command", ("runn",), 2, "No such command 'runn'..."),
     Case("invalid-hf-reference", ("run", "owner/repo:", "-p", "hi"), 2,
          "invalid Hugging Face reference 'owner/repo:': use owner/repo/file.gguf or owner/repo:QUANT"),
     Case("invalid-hf-file", ("pull", "owner/repo/weights.bin"), 2,
