@@ -8,6 +8,7 @@ the sdist the build downloads into the selfext cache (or ``SELFEXT_LLAMA_SOURCE`
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -59,6 +60,14 @@ def cache_dir() -> Path:
     if "XDG_CACHE_HOME" in os.environ:
         return Path(os.environ["XDG_CACHE_HOME"]) / "selfext"
     return Path.home() / ".cache" / "selfext"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def given_source() -> Path | None:
@@ -168,8 +177,10 @@ def patched_by_patch(pristine: Path, patch_dir: Path, work: Path) -> Path:
         (work / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(pristine / f, work / f)
     for name in series(patch_dir):
-        subprocess.run(["patch", "-p1", "--batch", "--fuzz=0", "-s", "-i", str(patch_dir / name)], cwd=work,
-                       check=True)
+        patch = str(patch_dir / name)
+        cmd = (["patch", "-p1", "--batch", "--fuzz=0", "-s", "-i", patch] if shutil.which("patch") else
+               ["git", "apply", "-p1", patch])  # what upstream.cmake falls back to
+        subprocess.run(cmd, cwd=work, check=True)
     return work
 
 
@@ -187,7 +198,7 @@ def assert_prepared(tree: Path, pristine: Path, tmp_path: Path) -> None:
 def test_a_source_directory_yields_the_patched_tree_with_src_models(project: Project, source_dir: Path,
                                                                     tmp_path: Path) -> None:
     tree = project.prepare(source_dir)
-    assert_prepared(tree, source_dir, tmp_path)
+    assert_prepared(tree, source_dir, tmp_path / "expected")
     assert (tree / "ggml" / "CMakeLists.txt").is_file() and (tree / ".clang-format").is_file()
 
 
@@ -195,8 +206,8 @@ def test_the_sdist_given_or_in_the_cache_yields_the_same_patched_tree(project: P
                                                                       source_dir: Path, tmp_path: Path) -> None:
     tree = project.prepare(sdist)
     assert_prepared(tree, source_dir, tmp_path / "given")
-    if sdist.name != UPSTREAM["SDIST_NAME"]:
-        return
+    if sdist.name != UPSTREAM["SDIST_NAME"] or sha256(sdist) != UPSTREAM["SDIST_SHA256"]:
+        return  # upstream.cmake would delete a cached sdist whose SHA-256 differs, and download the pinned one
     # the build's default: SELFEXT_LLAMA_SOURCE unset, the pinned sdist already in the cache (same tarball,
     # so the tree is not extracted again)
     done = project.configure(None, cache=sdist.parent)

@@ -172,16 +172,17 @@ def test_a_disk_without_room_for_the_file_stops_before_downloading(hub: FakeHub,
 def test_ctrl_c_during_a_download_exits_130_and_leaves_no_partial_file(selfext_exe: list[str], hub: FakeHub,
                                                                       hf_home: Path, big: bytes) -> None:
     hub.add(REPO, "big-Q8_0.gguf", big)
-    hub.plan["big-Q8_0.gguf"] = [("stall", 12 << 20)]  # a chunk on disk, then the connection hangs
+    hub.plan["big-Q8_0.gguf"] = [("stall", 12 << 20)] * 8  # a chunk on disk, then the connection hangs (retries too)
+    env = base_env(HF_HOME=str(hf_home), HF_ENDPOINT=hub.url, HF_HUB_DOWNLOAD_TIMEOUT="60")
     proc = subprocess.Popen([*selfext_exe, "pull", f"{REPO}/big-Q8_0.gguf"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=base_env(HF_HOME=str(hf_home),
-                                                                            HF_ENDPOINT=hub.url))
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
         blobs = hf_home / "hub" / "models--someone--tiny-GGUF" / "blobs"
-        deadline = time.monotonic() + 60
-        while not any(p.stat().st_size >= 10 << 20 for p in blobs.glob("*.incomplete")):
+        deadline = time.monotonic() + 120
+        while not (hub.gets("big-Q8_0.gguf") and list(blobs.glob("*.incomplete"))):  # body under way, file open
             assert time.monotonic() < deadline and proc.poll() is None, "the download never started"
             time.sleep(0.05)
+        time.sleep(0.5)  # let a chunk reach the file
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
