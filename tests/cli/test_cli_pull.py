@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,11 +35,6 @@ def hub(fake_hub: FakeHub, tiny_model: Path) -> FakeHub:
 def hf_home(tmp_path: Path) -> Path:
     return tmp_path / "hf-home"  # the `selfext` fixture's HF_HOME
 
-
-@pytest.fixture
-def selfext_exe() -> list[str]:
-    exe = shutil.which("selfext")
-    return [exe] if exe else [sys.executable, "-c", "from selfext_cpp.cli.app import main; main()"]
 
 
 def test_pull_file_reference_prints_the_cached_path(selfext: Selfext, hub: FakeHub, hf_home: Path,
@@ -169,12 +163,15 @@ def test_a_disk_without_room_for_the_file_stops_before_downloading(hub: FakeHub,
     assert hub.gets("big-Q8_0.gguf") == []
 
 
-def test_ctrl_c_during_a_download_exits_130_and_leaves_no_partial_file(selfext_exe: list[str], hub: FakeHub,
-                                                                      hf_home: Path, big: bytes) -> None:
+def test_ctrl_c_during_a_download_exits_130_and_leaves_no_partial_file(hub: FakeHub, hf_home: Path,
+                                                                      big: bytes) -> None:
     hub.add(REPO, "big-Q8_0.gguf", big)
     hub.plan["big-Q8_0.gguf"] = [("stall", 12 << 20)] * 8  # a chunk on disk, then the connection hangs (retries too)
     env = base_env(HF_HOME=str(hf_home), HF_ENDPOINT=hub.url, HF_HUB_DOWNLOAD_TIMEOUT="60")
-    proc = subprocess.Popen([*selfext_exe, "pull", f"{REPO}/big-Q8_0.gguf"], stdout=subprocess.PIPE,
+    # SIGINT as on a terminal, even when the tests run in the background (where it is inherited ignored)
+    boot = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv[0] = 'selfext'; from selfext_cpp.cli.app import main; main()")
+    proc = subprocess.Popen([sys.executable, "-c", boot, "pull", f"{REPO}/big-Q8_0.gguf"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         blobs = hf_home / "hub" / "models--someone--tiny-GGUF" / "blobs"
