@@ -6,9 +6,15 @@ import typer
 
 from . import eval as eval_cmd
 from . import info, pull, rpc_server, run, serve
+from .errors import OneLineErrors
+from .options import example
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Exact Self-Extend for llama.cpp models: read far past the trained context.")
+# rich_markup_mode=None: click's plain help (as `hf` has), options and their help side by side at 80 columns,
+# where typer's rich panels give each option's help a column of ~15 characters
+app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
+                  help="Exact Self-Extend for llama.cpp models: read far past the trained context.",
+                  epilog=example('selfext run -p "The capital of France is" -n 12 --temp 0 --no-chat'))
 
 
 def _version(value: bool) -> None:
@@ -25,11 +31,11 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
-app.command("run")(run.run)
-app.command("pull")(pull.pull)
-app.command("info")(info.info)
-app.command("serve")(serve.serve)
-app.command("rpc-server")(rpc_server.rpc_server)
+app.command("run", epilog=run.EPILOG)(run.run)
+app.command("pull", epilog=pull.EPILOG)(pull.pull)
+app.command("info", epilog=info.EPILOG)(info.info)
+app.command("serve", epilog=serve.EPILOG)(serve.serve)
+app.command("rpc-server", epilog=rpc_server.EPILOG)(rpc_server.rpc_server)
 app.add_typer(eval_cmd.app, name="eval")
 
 

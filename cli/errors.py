@@ -8,8 +8,12 @@ import sys
 from typing import Any, Callable, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 F = TypeVar("F", bound=Callable[..., Any])
+# click's exception classes, whether typer vendors click (>= 0.22) or imports it
+_CLICK_ERRORS = {c.__name__: c for c in typer.BadParameter.__mro__}
+UsageError, ClickException = _CLICK_ERRORS["UsageError"], _CLICK_ERRORS["ClickException"]
 
 
 def fail(message: str, code: int = 1) -> "typer.Exit":
@@ -60,6 +64,31 @@ def handle_errors(fn: F | None = None, *, flags: dict[str, str] | None = None) -
         return wrapper  # type: ignore[return-value]
 
     return decorate(fn) if fn is not None else decorate
+
+
+class OneLineErrors(TyperGroup):
+    """The root command group: click's own errors (a bad value, an unknown option, a missing argument) end as one
+    line too, ``selfext: error: ... (see 'selfext run --help')`` with click's exit code (2), not four."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # typer.Exit's code, or a return value
+        except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `selfext`: the help itself
+                exc.show()
+                sys.exit(exc.exit_code)
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            typer.echo(f"selfext: error: {exc.format_message().rstrip('.')}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            typer.echo(f"selfext: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("selfext: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def hint(message: str) -> None:

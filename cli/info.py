@@ -9,7 +9,9 @@ from typing import Any
 import typer
 
 from .errors import handle_errors, hint, stderr_is_tty
-from .options import Json, ModelArg, Verbose
+from .options import Json, ModelArg, Verbose, example
+
+EPILOG = example("selfext info Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M --json")
 
 GROUPS = (2, 4, 8, 16)
 WINDOWS = (512, 1024, 2048)
@@ -24,8 +26,6 @@ def info(model: ModelArg = None, json_out: Json = False, verbose: Verbose = Fals
     chooses for 2, 4, 8 and 16 times the trained context. Reads no weights.
 
     Exit status: 0 success, 1 runtime error (unreadable or not a GGUF, download), 2 usage error.
-
-    Example: selfext info Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M --json
     """
     from selfext_cpp import hub
     from selfext_cpp.models import inspect

@@ -8,11 +8,14 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import handle_errors, stderr_is_tty
-from .options import Json, Verbose
+from .options import Json, Verbose, example
+
+EPILOG = example("selfext pull HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q8_0")
 
 HubRefArg = Annotated[str, typer.Argument(
-    help="owner/repo/file.gguf, owner/repo:QUANT (e.g. :Q4_K_M; all shards of a split model), or owner/repo "
-         "when it holds one GGUF.", show_default=False)]
+    metavar="REF", show_default=False,
+    help="owner/repo/file.gguf, owner/repo:QUANT (e.g. :Q4_K_M; all shards of a split model), or owner/repo when it "
+         "holds one GGUF.")]
 
 
 @handle_errors
@@ -24,8 +27,6 @@ def pull(ref: HubRefArg, json_out: Json = False, verbose: Verbose = False) -> No
     HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE and HF_TOKEN (or 'hf auth login') apply. `selfext run REF` downloads too.
 
     Exit status: 0 success, 1 download error (not found, network, cache not writable), 2 invalid reference.
-
-    Example: selfext pull HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q8_0
     """
     from selfext_cpp import hub
 

@@ -11,13 +11,16 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import handle_errors, hint
-from .options import Threads
+from .options import Threads, example
 
-Host = Annotated[str, typer.Option("--host", "-H", help="Address to listen on. RPC has no authentication: bind "
+EPILOG = example("selfext rpc-server --host 192.168.1.20 --port 50052 -t 8\n"
+                 "selfext run model.gguf --rpc 192.168.1.20:50052 -ngl 99 -f long.txt   # on the other host")
+
+Host = Annotated[str, typer.Option("--host", "-H", metavar="ADDRESS", help="Address to listen on. RPC has no authentication: bind "
                                                          "to a private network only.")]
-Port = Annotated[int, typer.Option("--port", "-p", min=1, max=65535, help="Port to listen on.")]
+Port = Annotated[int, typer.Option("--port", "-p", metavar="PORT", min=1, max=65535, help="Port to listen on.")]
 Device = Annotated[Optional[str], typer.Option(
-    "--device", "-d", show_default=False,
+    "--device", "-d", metavar="DEVICES", show_default=False,
     help="Devices to serve, comma-separated (e.g. CUDA0,CUDA1). Default: the GPUs, else the CPU.")]
 Cache = Annotated[bool, typer.Option("--cache", "-c", help="Keep received weights in llama.cpp's cache directory "
                                                            "(faster reloads of the same model).")]
@@ -35,9 +38,6 @@ def rpc_server(
 
     It runs the ggml-rpc-server built with selfext (same patched llama.cpp: other builds are refused at the
     hello). It serves one client at a time; Ctrl-C stops it. Its log goes to stderr.
-
-    Example: selfext rpc-server --host 192.168.1.20 --port 50052 -t 8   (then, on the other host:
-    selfext run model.gguf --rpc 192.168.1.20:50052 -ngl 99 -f long.txt --auto)
     """
     from selfext_cpp.errors import ServerError
     from selfext_cpp.rpc import server_program

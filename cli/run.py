@@ -15,28 +15,30 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import fail, handle_errors, hint, stderr_is_tty
-from .options import Auto, CtxSize, FlashAttn, GaN, GaW, GpuLayers, Json, ModelArg, Rpc, Threads, Verbose
+from .options import Auto, CtxSize, FlashAttn, GaN, GaW, GpuLayers, Json, ModelArg, Rpc, Threads, Verbose, example
 
 if TYPE_CHECKING:
     from selfext_cpp.engine import SelfExtend
     from selfext_cpp.models import ModelFile
 
+EPILOG = example("cat report.txt |\n  selfext run Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M --auto -n 200")
 CTX_ROUND = 256  # the default context is prompt + n_predict, rounded up to this
 
-Prompt = Annotated[Optional[str], typer.Option("--prompt", "-p", show_default=False, help="The prompt text.")]
+Prompt = Annotated[Optional[str], typer.Option("--prompt", "-p", metavar="TEXT", show_default=False,
+                                               help="The prompt text.")]
 PromptFile = Annotated[Optional[str], typer.Option(
-    "--file", "-f", show_default=False, help="Read the prompt from a UTF-8 file ('-' = stdin). Text piped into "
-                                             "selfext is read without -f.")]
-NPredict = Annotated[int, typer.Option("--n-predict", "-n", help="Most tokens to generate.")]
-Temp = Annotated[float, typer.Option("--temp", help="Sampling temperature (0 = greedy).")]
-TopK = Annotated[int, typer.Option("--top-k", help="Top-k sampling (0 = off).")]
-TopP = Annotated[float, typer.Option("--top-p", help="Top-p (nucleus) sampling (1 = off).")]
-Seed = Annotated[Optional[int], typer.Option("--seed", "-s", show_default=False,
+    "--file", "-f", metavar="FILE", show_default=False,
+    help="Read the prompt from a UTF-8 file ('-' = stdin). Text piped into selfext is read without -f.")]
+NPredict = Annotated[int, typer.Option("--n-predict", "-n", metavar="N", help="Most tokens to generate.")]
+Temp = Annotated[float, typer.Option("--temp", metavar="T", help="Sampling temperature (0 = greedy).")]
+TopK = Annotated[int, typer.Option("--top-k", metavar="K", help="Top-k sampling (0 = off).")]
+TopP = Annotated[float, typer.Option("--top-p", metavar="P", help="Top-p (nucleus) sampling (1 = off).")]
+Seed = Annotated[Optional[int], typer.Option("--seed", "-s", metavar="N", show_default=False,
                                              help="Sampling seed, for repeatable output. Default: random.")]
 Chat = Annotated[Optional[bool], typer.Option(
     "--chat/--no-chat", show_default=False,
     help="Wrap the prompt in the model's chat template as a user turn. Default: when the model has one.")]
-System = Annotated[Optional[str], typer.Option("--system", show_default=False,
+System = Annotated[Optional[str], typer.Option("--system", metavar="TEXT", show_default=False,
                                                help="System message for the chat template (implies --chat).")]
 
 
@@ -72,8 +74,6 @@ def run(
     Progress and logs go to stderr when it is a terminal or with -v; llama.cpp's own log only with -v.
 
     Exit status: 0 success, 1 runtime error (model, file, capacity, download), 2 usage error, 130 interrupted.
-
-    Example: cat report.txt | selfext run Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M --auto -n 200
     """
     from selfext_cpp import engine, hub
     from selfext_cpp.errors import ParameterError
@@ -151,8 +151,8 @@ def _read_prompt(prompt: Optional[str], file: Optional[str]) -> str:
         raise ParameterError("give the prompt with -p or with -f, not both")
     if prompt is not None:
         text = prompt
-    elif file == "-" or (file is None and not sys.stdin.isatty()):
-        text = _decode(sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read(), "stdin")
+    elif file == "-" or (file is None and sys.stdin is not None and not sys.stdin.isatty()):
+        text = _decode(_read_stdin(), "stdin")
     elif file is not None:
         try:
             data = Path(file).expanduser().read_bytes()
@@ -164,6 +164,17 @@ def _read_prompt(prompt: Optional[str], file: Optional[str]) -> str:
     if not text.strip():
         raise ParameterError("the prompt is empty: give some text with -p, -f or on stdin")
     return text
+
+
+def _read_stdin() -> bytes | str:
+    from selfext_cpp.errors import ParameterError
+
+    if sys.stdin is None:  # started with stdin closed (`selfext run -f - <&-`)
+        raise ParameterError("stdin is closed: give the prompt with -p TEXT or -f FILE")
+    try:
+        return sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    except OSError as exc:
+        raise fail(f"cannot read the prompt from stdin: {exc.strerror or exc}", 1) from None
 
 
 def _decode(data: bytes | str, where: str) -> str:

@@ -12,28 +12,32 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import FLAGS, handle_errors, stderr_is_tty
-from .options import FlashAttn, GaN, GaW, GpuLayers, ModelArg, Rpc, Threads, Verbose
+from .options import FlashAttn, GaN, GaW, GpuLayers, ModelArg, Rpc, Threads, Verbose, example
+
+EPILOG = example("selfext serve model.gguf --auto-max-ctx 16384 --port 8080")
 
 AutoMaxCtx = Annotated[Optional[int], typer.Option(
-    "--auto-max-ctx", min=1, show_default=False,
+    "--auto-max-ctx", metavar="N", min=1, show_default=False,
     help="Serve N tokens per request (prompt + completion): G and W are chosen for N from the model's trained "
          "context.")]
 ServeCtx = Annotated[int, typer.Option(
-    "--ctx-size", "-c", min=0, help="Tokens per request, prompt + completion (0 = all that --ga-n/--ga-w reach).")]
-Host = Annotated[str, typer.Option("--host", help="Address to listen on.")]
-Port = Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0 = any free port).")]
+    "--ctx-size", "-c", metavar="N", min=0,
+    help="Tokens per request, prompt + completion (0 = all that --ga-n/--ga-w reach).")]
+Host = Annotated[str, typer.Option("--host", metavar="ADDRESS", help="Address to listen on.")]
+Port = Annotated[int, typer.Option("--port", metavar="PORT", min=0, max=65535,
+                                   help="Port to listen on (0 = any free port).")]
 ApiKey = Annotated[Optional[str], typer.Option(
-    "--api-key", envvar="SELFEXT_API_KEY", show_default=False,
+    "--api-key", metavar="KEY", envvar="SELFEXT_API_KEY", show_default=False,
     help="Require 'Authorization: Bearer KEY' on every route but /health.")]
 ChatFormat = Annotated[Optional[str], typer.Option(
-    "--chat-format", show_default=False,
+    "--chat-format", metavar="NAME", show_default=False,
     help="llama-cpp-python chat format (e.g. chatml). Default: the model's own chat template.")]
 Alias = Annotated[Optional[str], typer.Option(
-    "--alias", "-a", show_default=False, help="Model id in /v1/models. Default: the GGUF file name.")]
+    "--alias", "-a", metavar="NAME", show_default=False, help="Model id in /v1/models. Default: the GGUF file name.")]
 Logprobs = Annotated[bool, typer.Option(
     "--logprobs", help="Allow logprobs in requests (keeps n_ctx x vocabulary logits in memory).")]
 Parallel = Annotated[Optional[int], typer.Option(
-    "--parallel", "-np", min=1, show_default=False,
+    "--parallel", "-np", metavar="N", min=1, show_default=False,
     help="Serve N requests at once with llama.cpp's own server (llama-server; needs the -DSELFEXT_SERVER=ON "
          "build): N slots of the per-request context, continuous batching, Self-Extend on every slot.")]
 
@@ -68,8 +72,6 @@ def serve(
 
     With --parallel N, llama.cpp's own server answers N requests at once (each with the full per-request
     context); --chat-format then names a llama.cpp chat template, and logprobs are always allowed.
-
-    Example: selfext serve model.gguf --auto-max-ctx 16384 --port 8080
     """
     if parallel is not None:
         return _serve_parallel(model, parallel, ga_n=ga_n, ga_w=ga_w, auto_max_ctx=auto_max_ctx, n_ctx=ctx_size,

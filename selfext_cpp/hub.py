@@ -7,14 +7,17 @@ References:
 
 Downloads go through ``huggingface_hub`` into its cache (``HF_HOME``/``HF_HUB_CACHE``): a connection dropped
 mid-file resumes with a Range request, its progress bar shows, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and the saved
-token or ``HF_TOKEN`` apply, and a file only appears in the cache once complete. ``huggingface_hub`` is imported
-on first use.
+token or ``HF_TOKEN`` apply, and a file only appears in the cache once complete. A disk without room for a file
+stops its download before the first byte (huggingface_hub would only warn, then fill the disk); one that fills up
+anyway ends in one line, with the partial file removed. ``huggingface_hub`` is imported on first use.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -129,7 +132,9 @@ def download(ref: HubRef, *, progress: bool = False, local_hint: str | None = No
     (enable_progress_bars if progress else disable_progress_bars)()
     if not progress:  # its retry warnings too: stderr stays one line unless it is a terminal or -v
         hf_logging.set_verbosity_error()
-    with _hub_errors(ref, local_hint):
+    with _hub_errors(ref, local_hint), warnings.catch_warnings():
+        # huggingface_hub only warns when the disk lacks room for a file, then fills it; stop before that
+        warnings.filterwarnings("error", message=_NO_ROOM.pattern, category=UserWarning)
         if ref.filename:
             files = [ref.filename]
         elif _offline():
@@ -138,6 +143,11 @@ def download(ref: HubRef, *, progress: bool = False, local_hint: str | None = No
             files = select_files(ref, hf.list_repo_files(ref.repo_id))
         paths = [hf.hf_hub_download(ref.repo_id, f) for f in files]
     return [Path(p) for p in paths]
+
+
+_NO_ROOM = re.compile(r"Not enough free disk space to download the file")
+_ROOM = re.compile(r"expected file size is: ([\d.]+ MB)\. The target location (.+) only has ([\d.]+ MB) free")
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def _offline() -> bool:
@@ -207,6 +217,9 @@ def _hub_errors(ref: HubRef, local_hint: str | None) -> Iterator[None]:
         if _is_connection_error(exc):
             raise HubError(f"could not reach the Hugging Face Hub ({_endpoint()}): check the connection, or set "
                            f"HF_HUB_OFFLINE=1 to use the cache{_cause(exc)}") from exc
+        if exc.errno in _DISK_FULL:  # the snapshot never gets the partial file
+            raise HubError(f"the disk of the Hugging Face cache {_cache_dir()} filled up while downloading {ref} "
+                           f"({exc.strerror}): free some space, or set HF_HOME to a folder on a larger disk") from exc
         folder = _hf_folder_of(exc)
         if folder:
             raise HubError(f"cannot write the Hugging Face cache {folder}: {exc.strerror or exc}; set HF_HOME "
@@ -214,6 +227,11 @@ def _hub_errors(ref: HubRef, local_hint: str | None) -> Iterator[None]:
         if "Consistency check failed" in str(exc):
             raise HubError(f"the download of {ref} was cut short: run the command again") from exc
         raise HubError(f"could not download {ref}: {exc.strerror or exc}") from exc
+    except UserWarning as exc:  # only the one made an error in download()
+        room = _ROOM.search(str(exc))
+        detail = f"it takes {room[1]} and {room[2]} has {room[3]} free" if room else str(exc).strip()
+        raise HubError(f"not enough disk space for {ref}: {detail}; free some space, or set HF_HOME to a folder on "
+                       "a larger disk") from exc
     except Exception as exc:
         if _is_connection_error(exc):
             raise HubError(f"could not reach the Hugging Face Hub ({_endpoint()}): check the connection, or set "

@@ -169,6 +169,8 @@ def client_error(exc: BaseException, path: str) -> tuple[int, dict[str, Any]] | 
         return 400, _error(_say("logprobs are off on this server: restart it with {logprobs}"), "logprobs")
     if isinstance(exc, json.JSONDecodeError):
         return 400, _error(f"the request body is not JSON: {exc}")
+    if isinstance(exc, UnicodeDecodeError):  # Starlette decodes the body before json.loads sees it
+        return 400, _error(f"the request body is not UTF-8 JSON: byte {exc.start} is not UTF-8")
     if isinstance(exc, RequestValidationError):
         problems = [(".".join(str(x) for x in e["loc"] if x != "body"), e["msg"]) for e in exc.errors()]
         text = "; ".join(f"{where}: {msg}" if where else msg for where, msg in problems[:3])

@@ -57,7 +57,7 @@ def cli() -> Invoke:
     from selfext_cpp.cli.app import app
 
     def invoke(*args: Any, input: str | bytes | None = None) -> Result:
-        return CliRunner().invoke(app, [str(a) for a in args], input=input)
+        return CliRunner().invoke(app, [str(a) for a in args], input=input, prog_name="selfext")
 
     return invoke
 

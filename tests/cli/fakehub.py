@@ -7,7 +7,8 @@ Routes (huggingface_hub 2.x):
 Missing repos and files answer 404 with the Hub's X-Error-Code (RepoNotFound, EntryNotFound).
 ``status[path] = code`` answers every request for ``path`` with that HTTP status (e.g. 403).
 ``plan[path]`` scripts the next GETs of ``path``, one entry each: ("drop", n) sends n body bytes of the promised
-length and hangs up; ("status", code) answers with that HTTP error. Later GETs are served normally.
+length and hangs up; ("status", code) answers with that HTTP error; ("stall", n) sends n body bytes and then
+nothing until ``release`` is set. Later GETs are served normally.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class FakeHub:
     status: dict[str, int] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     url: str = ""
+    release: threading.Event = field(default_factory=threading.Event)  # ends every "stall"
 
     def add(self, repo_id: str, path: str, content: bytes) -> None:
         self.repos.setdefault(repo_id, {})[path] = content
@@ -103,13 +105,15 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             action, n = hub.plan[name].pop(0) if hub.plan.get(name) else ("serve", 0)
             if action == "status":
                 return self._error(n, "Error")
-            if action == "drop":  # promise the whole body, send part of it, hang up
+            if action in ("drop", "stall"):  # promise the whole body, send part of it, hang up (or hang)
                 self.send_response(status)
                 for k, v in {**headers, "Content-Length": str(len(part))}.items():
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(part[:n])
                 self.wfile.flush()
+                if action == "stall":
+                    hub.release.wait(60)
                 self.close_connection = True
                 return
             self._send(status, part, headers)
@@ -142,5 +146,6 @@ def serve(hub: FakeHub) -> Iterator[FakeHub]:
     try:
         yield hub
     finally:
+        hub.release.set()
         server.shutdown()
         server.server_close()

@@ -5,16 +5,19 @@ command in a subprocess (an abort there could not take pytest down); the rest ru
 from __future__ import annotations
 
 import functools
+import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import pytest
-from cliutil import Invoke, Selfext, one_error_line
+from cliutil import Invoke, Selfext, base_env, one_error_line
 from fakehub import FakeHub
 
 DOC = " ".join(["hello world the"] * 150)  # 451 tokens with BOS on the tiny model (trained context 256)
@@ -26,7 +29,7 @@ class Case:
     argv: tuple[str, ...]  # {name} refers to the `files` fixture
     code: int
     message: str  # the whole error line after "selfext: error: ", or its start when it ends with "..."
-    input: Optional[str] = None
+    input: Optional[Union[str, bytes]] = None
     subprocess: bool = False
     env: tuple[tuple[str, str], ...] = ()
 
@@ -35,6 +38,16 @@ CASES = [
     Case("missing-model", ("run", "{missing}", "-p", "hi"), 1, "model file not found: {missing}"),
     Case("model-is-a-directory", ("run", "{dir}", "-p", "hi"), 1, "model path is not a file: {dir}"),
     Case("not-a-gguf", ("run", "{text}", "-p", "hi"), 1, "{text} is not a GGUF model file (no GGUF magic)"),
+    Case("empty-model-file", ("run", "{empty}", "-p", "hi"), 1, "{empty} is not a GGUF model file (no GGUF magic)"),
+    Case("unknown-gguf-version", ("run", "{version99}", "-p", "hi"), 1,
+         "llama.cpp could not read {version99}: this GGUF file is version 99 but this software only supports up to "
+         "version 3", subprocess=True),
+    Case("corrupt-tensor-count", ("run", "{ntensors}", "-p", "hi"), 1,
+         "llama.cpp could not read {ntensors}: number of tensors is 4611686018427387904 but must be in [0, ...",
+         subprocess=True),
+    Case("corrupt-key-count", ("info", "{nkv}"), 1,
+         "llama.cpp could not read {nkv}: number of key value pairs is 4611686018427387904 but must be in [0, ...",
+         subprocess=True),
     Case("truncated-header", ("run", "{trunc_head}", "-p", "hi"), 1,
          "llama.cpp could not read {trunc_head}: failed to read key-value pairs", subprocess=True),
     Case("truncated-data", ("run", "{trunc_data}", "-p", "hi"), 1,
@@ -72,6 +85,10 @@ CASES = [
          "cannot read prompt file {missing}: No such file or directory"),
     Case("binary-prompt-file", ("run", "{tiny}", "-f", "{latin1}"), 1,
          "the prompt in {latin1} is not UTF-8 text (byte 3)"),
+    Case("binary-stdin", ("run", "{tiny}"), 1, "the prompt in stdin is not UTF-8 text (byte 3)",
+         input=b"caf\xe9 au lait"),
+    Case("prompt-file-is-a-directory", ("run", "{tiny}", "-f", "{dir}"), 1,
+         "cannot read prompt file {dir}: Is a directory"),
     Case("prompt-and-file", ("run", "{tiny}", "-p", "hi", "-f", "{text}"), 2,
          "give the prompt with -p or with -f, not both"),
     Case("context-smaller-than-prompt", ("run", "{tiny}", "-p", "hello world", "-c", "2"), 2,
@@ -88,6 +105,15 @@ CASES = [
     Case("negative-temp", ("run", "{tiny}", "--temp", "-1", "-p", "hi"), 2,
          "--temp must be >= 0 (0 = greedy), got -1.0"),
     Case("top-p-zero", ("run", "{tiny}", "--top-p", "0", "-p", "hi"), 2, "--top-p must be in (0, 1], got 0.0"),
+    Case("not-a-number", ("run", "{tiny}", "--temp", "warm", "-p", "hi"), 2,
+         "Invalid value for '--temp': Input should be a valid number, unable to parse string as a number (see "
+         "'selfext run --help')"),
+    Case("negative-ctx-size", ("run", "{tiny}", "-c", "-1", "-p", "hi"), 2,
+         "Invalid value for '--ctx-size' / '-c': Input should be greater than or equal to 0 (see "
+         "'selfext run --help')"),
+    Case("unknown-option", ("info", "{tiny}", "--gpu"), 2, "No such option: --gpu (see 'selfext info --help')"),
+    Case("missing-reference", ("pull",), 2, "Missing argument 'REF' (see 'selfext pull --help')"),
+    Case("unknown-command", ("runn",), 2, "No such command 'runn'..."),
     Case("invalid-hf-reference", ("run", "owner/repo:", "-p", "hi"), 2,
          "invalid Hugging Face reference 'owner/repo:': use owner/repo/file.gguf or owner/repo:QUANT"),
     Case("invalid-hf-file", ("pull", "owner/repo/weights.bin"), 2,
@@ -148,8 +174,10 @@ def stack() -> Iterator[ExitStack]:
 def files(tmp_path: Path, tiny_model: Path, norope_model: Path, fake_hub: FakeHub,
           stack: ExitStack) -> dict[str, str]:
     data = tiny_model.read_bytes()
+    huge = (1 << 62).to_bytes(8, "little")  # GGUF header: magic, version (u32), n_tensors (u64), n_kv (u64)
     made = {"trunc_head": data[:100], "trunc_data": data[: len(data) // 2 + 100000], "text": b"hello\n",
-            "empty": b"", "latin1": b"caf\xe9 au lait"}
+            "empty": b"", "latin1": b"caf\xe9 au lait", "version99": data[:4] + (99).to_bytes(4, "little") + data[8:],
+            "ntensors": data[:8] + huge + data[16:], "nkv": data[:16] + huge + data[24:]}
     for name, content in made.items():
         (tmp_path / name).write_bytes(content)
     fake_hub.add("someone/tiny", "tiny-Q8_0.gguf", data)
@@ -186,3 +214,17 @@ def test_bad_input_is_one_error_line_and_an_exit_code(case: Case, files: dict[st
 def test_debug_shows_the_traceback(selfext: Selfext, tmp_path: Path) -> None:
     proc = selfext("run", tmp_path / "nope.gguf", "-p", "hi", env={"SELFEXT_DEBUG": "1"})
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ModelError" in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((), "no prompt: give -p TEXT or -f FILE, or pipe text in"),
+    (("-f", "-"), "stdin is closed: give the prompt with -p TEXT or -f FILE"),
+], ids=["no-prompt", "file-dash"])
+def test_a_closed_stdin_is_a_usage_error(tiny_model: Path, tmp_path: Path, args: tuple[str, ...],
+                                         message: str) -> None:
+    exe = shutil.which("selfext")
+    cmd = [exe] if exe else [sys.executable, "-c", "from selfext_cpp.cli.app import main; main()"]
+    proc = subprocess.run(["sh", "-c", 'exec "$@" <&-', "sh", *cmd, "run", str(tiny_model), *args],
+                          capture_output=True, text=True, env=base_env(HF_HOME=str(tmp_path)), timeout=120)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert one_error_line(proc.stderr) == f"selfext: error: {message}"

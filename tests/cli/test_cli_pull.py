@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cliutil import Selfext, one_error_line
+from cliutil import Selfext, base_env, one_error_line
 from fakehub import FakeHub
+
+FAULTS = Path(__file__).with_name("faults.py")
 
 REPO = "someone/tiny-GGUF"
 
@@ -28,6 +34,7 @@ def hub(fake_hub: FakeHub, tiny_model: Path) -> FakeHub:
 @pytest.fixture
 def hf_home(tmp_path: Path) -> Path:
     return tmp_path / "hf-home"  # the `selfext` fixture's HF_HOME
+
 
 
 def test_pull_file_reference_prints_the_cached_path(selfext: Selfext, hub: FakeHub, hf_home: Path,
@@ -117,6 +124,68 @@ def test_a_failed_download_leaves_no_partial_file_in_the_cache(selfext: Selfext,
     proc = selfext("pull", ref, env=env)
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()).read_bytes() == big
+
+
+def cache_files(hf_home: Path) -> list[str]:
+    repo_dir = hf_home / "hub" / "models--someone--tiny-GGUF"
+    return sorted(p.relative_to(repo_dir).as_posix() for p in repo_dir.rglob("*") if p.is_file())
+
+
+def with_fault(fault: str, *args: str, hf_home: Path, hub: FakeHub) -> subprocess.CompletedProcess[str]:
+    """`selfext ARGS` in a subprocess with one of faults.py's faults."""
+    return subprocess.run([sys.executable, str(FAULTS), fault, *args], capture_output=True, text=True, timeout=120,
+                          env=base_env(HF_HOME=str(hf_home), HF_ENDPOINT=hub.url))
+
+
+def test_a_disk_that_fills_up_mid_download_is_one_line_and_leaves_no_partial_file(hub: FakeHub, hf_home: Path,
+                                                                                  big: bytes) -> None:
+    hub.add(REPO, "big-Q8_0.gguf", big)
+    ref = f"{REPO}/big-Q8_0.gguf"
+    proc = with_fault("disk-full", "pull", ref, hf_home=hf_home, hub=hub)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert one_error_line(proc.stderr) == (
+        f"selfext: error: the disk of the Hugging Face cache {hf_home / 'hub'} filled up while downloading {ref} "
+        "(No space left on device): free some space, or set HF_HOME to a folder on a larger disk")
+    assert cache_files(hf_home) == ["refs/main"]
+
+
+def test_a_disk_without_room_for_the_file_stops_before_downloading(hub: FakeHub, hf_home: Path,
+                                                                   big: bytes) -> None:
+    hub.add(REPO, "big-Q8_0.gguf", big)
+    ref = f"{REPO}/big-Q8_0.gguf"
+    proc = with_fault("no-free-space", "pull", ref, hf_home=hf_home, hub=hub)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    blobs = hf_home / "hub" / "models--someone--tiny-GGUF" / "blobs"
+    assert one_error_line(proc.stderr) == (
+        f"selfext: error: not enough disk space for {ref}: it takes {len(big) / 1e6:.2f} MB and {blobs} has "
+        "0.00 MB free; free some space, or set HF_HOME to a folder on a larger disk")
+    assert cache_files(hf_home) == ["refs/main"]
+    assert hub.gets("big-Q8_0.gguf") == []
+
+
+def test_ctrl_c_during_a_download_exits_130_and_leaves_no_partial_file(hub: FakeHub, hf_home: Path,
+                                                                      big: bytes) -> None:
+    hub.add(REPO, "big-Q8_0.gguf", big)
+    hub.plan["big-Q8_0.gguf"] = [("stall", 12 << 20)] * 8  # a chunk on disk, then the connection hangs (retries too)
+    env = base_env(HF_HOME=str(hf_home), HF_ENDPOINT=hub.url, HF_HUB_DOWNLOAD_TIMEOUT="60")
+    # SIGINT as on a terminal, even when the tests run in the background (where it is inherited ignored)
+    boot = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv[0] = 'selfext'; from selfext_cpp.cli.app import main; main()")
+    proc = subprocess.Popen([sys.executable, "-c", boot, "pull", f"{REPO}/big-Q8_0.gguf"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        blobs = hf_home / "hub" / "models--someone--tiny-GGUF" / "blobs"
+        deadline = time.monotonic() + 120
+        while not (hub.gets("big-Q8_0.gguf") and list(blobs.glob("*.incomplete"))):  # body under way, file open
+            assert time.monotonic() < deadline and proc.poll() is None, "the download never started"
+            time.sleep(0.05)
+        time.sleep(0.5)  # let a chunk reach the file
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, out, err) == (130, "", "selfext: interrupted\n")
+    assert cache_files(hf_home) == ["refs/main"]
 
 
 def test_offline_mode_uses_the_cache_without_a_request(selfext: Selfext, hub: FakeHub) -> None:

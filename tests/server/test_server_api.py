@@ -150,7 +150,9 @@ def test_openai_client_sees_context_length_exceeded(server: LiveServer, stream: 
     (b'{"prompt": "w1", "max_tokens": "many"}',
      "invalid request: max_tokens: Input should be a valid integer, unable to parse string as an integer",
      "max_tokens"),
-], ids=["malformed-json", "wrong-type"])  # fmt: skip
+    (b"", "the request body is not JSON: Expecting value: line 1 column 1 (char 0)", None),
+    (b'{"prompt": "caf\xe9"}', "the request body is not UTF-8 JSON: byte 15 is not UTF-8", None),
+], ids=["malformed-json", "wrong-type", "empty-body", "not-utf-8"])  # fmt: skip
 def test_bad_request_is_a_400_and_the_server_stays_up(server: LiveServer, raw: bytes, message: str,
                                                       param: str | None) -> None:
     status, got = server.json("POST", "/v1/completions", raw=raw)

@@ -58,7 +58,7 @@ def test_help_ends_with_an_example() -> None:
                          env={**os.environ, "COLUMNS": "200"})
 
     assert got.returncode == 0
-    assert "Example: selfext serve model.gguf --auto-max-ctx 16384 --port 8080" in got.stdout
+    assert got.stdout.endswith("\n\n  Example:\n    selfext serve model.gguf --auto-max-ctx 16384 --port 8080\n")
 
 
 @pytest.fixture(scope="module")
