@@ -10,11 +10,13 @@ Importing this package is cheap: its names load on first use, and our libllama w
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
-from ._lib import use_our_library
+from ._startup import use_our_library
 
+TYPE_CHECKING = False  # typing's own costs every interpreter start a few ms (this runs at startup)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .engine import (SelfExtend, capacity, choose, enable_self_extend, get_self_extend, load, model_support,
                          plan, self_extend_fused)
     from .errors import (CapacityError, HubError, LibraryError, ModelError, ParameterError, RpcError,

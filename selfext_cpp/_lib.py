@@ -2,8 +2,8 @@
 
 llama-cpp-python's Python layer (``llama_cpp``) loads libllama from ``LLAMA_CPP_LIB_PATH`` when it is first
 imported. We point it at the libraries installed inside this package (or at ``SELFEXT_LIB_PATH``, for a
-development build) at interpreter start (:func:`use_our_library`), and check that the library it loaded
-exports the Self-Extend API (:func:`load_llama_cpp`).
+development build) at interpreter start (:func:`selfext_cpp._startup.use_our_library`), and check that the
+library it loaded exports the Self-Extend API (:func:`load_llama_cpp`).
 """
 
 from __future__ import annotations
@@ -50,21 +50,6 @@ def _lib_file(directory: Path) -> Path:
     if sys.platform == "darwin" and (directory / "libllama.dylib").exists():
         return directory / "libllama.dylib"
     return directory / "libllama.so"
-
-
-def use_our_library() -> None:
-    """Have llama-cpp-python load our libllama in this process (and the processes it starts), unless the user
-    chose a library: sets LLAMA_CPP_LIB_PATH, before ``llama_cpp`` is first imported.
-
-    Runs at interpreter start (``selfext_cpp.pth`` in site-packages), so that a plain ``import llama_cpp`` —
-    by any package — loads our libllama in an environment where selfext is installed; and on ``import
-    selfext_cpp`` (for interpreters started with ``-S``).
-    """
-    if "llama_cpp.llama_cpp" in sys.modules or os.environ.get("LLAMA_CPP_LIB_PATH"):
-        return
-    directory = lib_dir()
-    if _lib_file(directory).exists():
-        os.environ["LLAMA_CPP_LIB_PATH"] = str(directory)
 
 
 def load_llama_cpp() -> ModuleType:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tinymodel import _spm_vocab, self_extend_attention
+from tinymodel import _spm_vocab, add_spm_tokenizer, self_extend_attention
 
 
 @dataclass(frozen=True)
@@ -146,16 +146,7 @@ def _write_gguf(m: TinyGemma, scores: list[float], types: list[int]) -> None:
     wr.add_sliding_window(m.n_swa)
     wr.add_array(f"{arch}.attention.sliding_window_pattern", list(m.swa))
     wr.add_layer_norm_rms_eps(m.rms_eps)
-    wr.add_vocab_size(m.vocab_size)
-    wr.add_file_type(gguf.LlamaFileType.ALL_F32)
-    wr.add_tokenizer_model("llama")
-    wr.add_token_list(list(m.vocab))
-    wr.add_token_scores(scores)
-    wr.add_token_types(types)
-    wr.add_bos_token_id(1)
-    wr.add_eos_token_id(2)
-    wr.add_unk_token_id(0)
-    wr.add_add_bos_token(True)
+    add_spm_tokenizer(wr, m.vocab, scores, types)
 
     T = gguf.MODEL_TENSOR
 

@@ -175,6 +175,22 @@ def make_tiny_gguf(
     return model
 
 
+def add_spm_tokenizer(wr: Any, vocab: Sequence[str], scores: list[float], types: list[int]) -> None:
+    """An f32 file's type and the tiny SPM tokenizer of :func:`_spm_vocab` (UNK 0, BOS 1 added, EOS 2)."""
+    import gguf
+
+    wr.add_vocab_size(len(vocab))
+    wr.add_file_type(gguf.LlamaFileType.ALL_F32)
+    wr.add_tokenizer_model("llama")
+    wr.add_token_list(list(vocab))
+    wr.add_token_scores(scores)
+    wr.add_token_types(types)
+    wr.add_bos_token_id(1)
+    wr.add_eos_token_id(2)
+    wr.add_unk_token_id(0)
+    wr.add_add_bos_token(True)
+
+
 def _write_gguf(m: TinyModel, scores: list[float], types: list[int]) -> None:
     import gguf
 
@@ -192,16 +208,7 @@ def _write_gguf(m: TinyModel, scores: list[float], types: list[int]) -> None:
     wr.add_rope_dimension_count(m.head_dim)
     wr.add_rope_freq_base(m.rope_theta)
     wr.add_layer_norm_rms_eps(m.rms_eps)
-    wr.add_vocab_size(m.vocab_size)
-    wr.add_file_type(gguf.LlamaFileType.ALL_F32)
-    wr.add_tokenizer_model("llama")
-    wr.add_token_list(list(m.vocab))
-    wr.add_token_scores(scores)
-    wr.add_token_types(types)
-    wr.add_bos_token_id(1)
-    wr.add_eos_token_id(2)
-    wr.add_unk_token_id(0)
-    wr.add_add_bos_token(True)
+    add_spm_tokenizer(wr, m.vocab, scores, types)
 
     T = gguf.MODEL_TENSOR
     wr.add_tensor(name(T.TOKEN_EMBD, "weight"), m.tok_embd)
