@@ -14,7 +14,7 @@ from .errors import handle_errors, hint
 from .options import Threads, example
 
 EPILOG = example("selfext rpc-server --host 192.168.1.20 --port 50052 -t 8\n"
-                 "selfext run model.gguf --rpc 192.168.1.20:50052 -ngl 99 -f long.txt   # on the other host")
+                 "selfext run model.gguf --rpc 192.168.1.20:50052 -ngl 99    # the other host")
 
 Host = Annotated[str, typer.Option("--host", "-H", metavar="ADDRESS", help="Address to listen on. RPC has no authentication: bind "
                                                          "to a private network only.")]
