@@ -8,7 +8,9 @@
 #include "llama-self-extend.h"
 
 static int32_t se_capacity(int32_t n_ctx_train, int32_t ga_n, int32_t ga_w) {
-    const int64_t cap = (int64_t) (n_ctx_train - ga_w)*ga_n + ga_w;
+    // the longest sequence whose farthest grouped position stays below n_ctx_train (as selfext_cpp's
+    // SelfExtend.capacity): (L - W)*G + W when G divides W
+    const int64_t cap = (int64_t) (n_ctx_train - ga_w)*ga_n + (int64_t) (ga_w/ga_n)*ga_n;
     return cap > INT32_MAX ? INT32_MAX : (int32_t) cap;
 }
 
