@@ -95,7 +95,7 @@ def serve(
         raise
     s = server.loaded()
     se = s.self_extend
-    setting = f"Self-Extend --ga-n {se.ga_n} --ga-w {se.ga_w}" if se.enabled else "Self-Extend off"
+    setting = _setting(se.ga_n, se.ga_w)
     typer.echo(f"selfext: serving {s.model} at {server.url(sock)}/v1 ({setting}; {s.n_ctx} tokens per request, "
                f"trained on {s.n_ctx_train})", err=True)
     server.run(app, sock, verbose=verbose)
@@ -122,7 +122,7 @@ def _serve_parallel(model: Optional[str], parallel: int, *, ga_n: Optional[int],
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a plain `kill` stops llama-server too
     srv = llama_server.start(cfg, host=host, port=port, verbose=verbose)
     try:
-        setting = f"Self-Extend --ga-n {cfg.ga_n} --ga-w {cfg.ga_w}" if cfg.ga_n > 1 else "Self-Extend off"
+        setting = _setting(cfg.ga_n, cfg.ga_w)
         typer.echo(f"selfext: serving {path.name} at {srv.url}/v1 with llama-server, {cfg.parallel} slots "
                    f"({setting}; {cfg.n_ctx_slot} tokens per request, trained on {cfg.n_ctx_train})", err=True)
         code = srv.proc.wait()
@@ -130,6 +130,11 @@ def _serve_parallel(model: Optional[str], parallel: int, *, ga_n: Optional[int],
         srv.stop()
     if code != 0:
         raise ServerError(f"llama-server exited with code {code}:\n{srv.errors()}")
+
+
+def _setting(ga_n: int, ga_w: int) -> str:
+    """How the startup line names the Self-Extend setting, for both engines."""
+    return f"Self-Extend --ga-n {ga_n} --ga-w {ga_w}" if ga_n > 1 else "Self-Extend off"
 
 
 def _resolve(ref: Optional[str]) -> Path:
