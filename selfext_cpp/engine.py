@@ -210,6 +210,9 @@ def get_self_extend(llm: Llama) -> SelfExtend:
     return SelfExtend(n, w)
 
 
+LLAMA_CTX_PAD = 256  # llama_context pads n_ctx to a multiple of this (llama-context.cpp)
+
+
 def load(model_path: str | Path, *, ga_n: int = 1, ga_w: int = 0, n_ctx: int = 0, verbose: bool = False,
          rpc: str | Sequence[str] | None = None, **llama_kwargs: Any) -> Llama:
     """A ``llama_cpp.Llama`` on our libllama with Self-Extend set; keyword arguments go to ``Llama``.
@@ -220,6 +223,8 @@ def load(model_path: str | Path, *, ga_n: int = 1, ga_w: int = 0, n_ctx: int = 0
     layers (:mod:`selfext_cpp.rpc`); RpcError when one is unreachable or lost.
     """
     llama_kwargs.setdefault("flash_attn", True)
+    if n_ctx > 0:  # llama.cpp pads every context to this; asking for it keeps llama-cpp-python's buffers as large
+        n_ctx = -(-n_ctx // LLAMA_CTX_PAD) * LLAMA_CTX_PAD
     path = Path(model_path)
     check_gguf(path)
     params = SelfExtend(ga_n, ga_w)  # validate before the (slow) load
