@@ -20,10 +20,12 @@ class  llama_kv_cache_context;
 struct llama_se_inp {
     ggml_tensor * q_shift = nullptr; // I32 [n_tokens]                    grouped query position - position
     ggml_tensor * k_shift = nullptr; // I32 [n_kv*n_stream]               grouped key position - position, per cell
-    ggml_tensor * k_shift_cur = nullptr; // I32 [n_tokens]                fused: the same for the ubatch's keys
+    ggml_tensor * k_shift_cur = nullptr; // I32 [n_tokens]                fused, grouped keys: the same for the ubatch's keys
     bool          k_g_rebuild = false;   // fused: this graph rewrites the stale grouped keys of its streams
     ggml_tensor * k_g_rows    = nullptr; // I32 [n_stale]                 fused: their rows in K, s*kv_size + cell
-    ggml_tensor * k_g_shift   = nullptr; // I32 [n_stale]                 fused: grouped - true position, per row
+    ggml_tensor * k_g_shift   = nullptr; // I32 [n_stale]                 fused, grouped keys: grouped - true position
+    ggml_tensor * k_rot_rows  = nullptr; // F32 [n_rot, n_tokens + n_stale] fused, table form: the rows to store
+    mutable ggml_tensor * k_rot = nullptr; // table form: the table once this graph stored its rows (first layer)
     ggml_tensor * pos_q   = nullptr; // I32 [n_tps, n_stream]             fused: query positions
     ggml_tensor * pos_k   = nullptr; // I32 [n_kv, n_stream]              fused: key (cell) positions
     ggml_tensor * nbr     = nullptr; // F32 [n_kv, n_tps, 1, n_stream]    generic: 1 where pos_q - pos_k <  W, else 0
@@ -34,11 +36,13 @@ struct llama_se_inp {
 struct llama_se_attn {
     ggml_tensor * q     = nullptr; // F32 [n_embd_head_k, n_head,    n_tokens]          rotated to i/G + W - W/G
     ggml_tensor * k     = nullptr; // F32/F16 [n_embd_head_k, n_head_kv, n_kv, n_stream] rotated to j/G
+                                   // (rotation-table form: the table, F32 [n_rot, 1, n_kv, n_stream])
     ggml_tensor * nbr   = nullptr;
     ggml_tensor * grp   = nullptr;
     ggml_tensor * pos_q = nullptr; // set: build_attn_mha uses the fused op (llama_se_build_fattn)
     ggml_tensor * pos_k = nullptr;
     int32_t       n_window = 0;
+    int32_t       rope_mode = -1; // >= 0: k is the rotation table of that RoPE mode (ggml_flash_attn_ext_se_rot)
 };
 
 // true when the context runs Self-Extend (ga_n > 1)

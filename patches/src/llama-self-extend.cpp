@@ -35,10 +35,20 @@
 // they cost one more K cache of memory (f16, or f32 for an f32 cache). A cell whose key moves or is replaced
 // (K-shift, stream copy, state load) goes stale, all of them when the setting changes; the next ubatch of its
 // stream rotates the stale cells' keys again from K, so one sequence's shift or restore costs the others nothing.
+//
+// Rotation-table form (the backends' kernels make the grouped keys from K themselves): instead of one grouped K per
+// layer, one table per cache, F32 [n_rot, kv_size, n_stream], whose row for a cell holds the cos/sin that rotate a
+// key roped at its position p on to p/G (ggml-self-extend.h). Every layer and head shares it, so it costs n_rot
+// floats per cell instead of a second K cache; the rows are computed on the host, in double precision, for the
+// cells each ubatch writes (and the stale ones), and stored with set_rows like the grouped keys.
 struct llama_se_kcache {
     std::vector<ggml_context_ptr>        ctxs;
     std::vector<ggml_backend_buffer_ptr> bufs;
     std::vector<ggml_tensor *>           k_g;     // per KV layer, as llama_kv_cache::layers: [n_embd_k_gqa, kv_size, n_stream]
+                                                  // (table form: the one table [n_rot, kv_size, n_stream], every layer)
+    bool                                 rot = false;   // table form
+    int32_t                              rope_mode = 0; // table form: the pairs' layout (LLAMA_ROPE_TYPE_NORM/NEOX)
+    std::vector<double>                  freq;          // table form: [n_rot/2] angle of each pair per position step
     std::vector<std::vector<uint8_t>>    stale;   // [n_stream][kv_size]: 1 where the grouped key must be rebuilt
     std::map<ggml_backend_buffer_type_t, size_t> bytes; // per buffer type (also for a no_alloc measuring context)
     std::vector<uint32_t>                n_stale; // [n_stream]: cells flagged
@@ -188,10 +198,77 @@ static std::vector<const llama_kv_cache *> se_kv_caches(llama_context & ctx) {
     return {};
 }
 
-// allocates the grouped keys of a cache next to its K tensors (same buffer types); false when out of memory
-static bool se_kcache_alloc(llama_kv_cache * kv) {
+// The RoPE parameters of layer il's extra rotation, as se_rotate passes them to ggml_rope_ext
+struct se_rope_params {
+    int32_t       n_rot;
+    float         freq_base, freq_scale;
+    ggml_tensor * factors;
+
+    se_rope_params(const llama_model & model, const llama_cparams & cparams, int il)
+        : n_rot(model.hparams.n_rot(il)),
+          freq_base (model.hparams.is_swa(il) ? model.hparams.rope_freq_base_train_swa  : cparams.rope_freq_base),
+          freq_scale(model.hparams.is_swa(il) ? model.hparams.rope_freq_scale_train_swa : cparams.rope_freq_scale),
+          factors(model.get_rope_factors(cparams, il)) {}
+
+    bool operator==(const se_rope_params & o) const {
+        return n_rot == o.n_rot && freq_base == o.freq_base && freq_scale == o.freq_scale && factors == o.factors;
+    }
+
+    // the angle of each rotated pair per position step: ggml's rope (rope_yarn, ggml_rope_cache_init) is linear in
+    // the position per pair, with this slope
+    std::vector<double> freq(const llama_cparams & cparams) const {
+        std::vector<float> ff(n_rot/2, 1.0f);
+        if (factors && factors->buffer) { // (a context that only measures memory has no weights)
+            ggml_backend_tensor_get(factors, ff.data(), 0, std::min(ggml_nbytes(factors), ff.size()*sizeof(float)));
+        }
+        float corr[2];
+        ggml_rope_yarn_corr_dims(n_rot, cparams.n_ctx_orig_yarn, freq_base, cparams.yarn_beta_fast,
+                                 cparams.yarn_beta_slow, corr);
+        std::vector<double> out(n_rot/2);
+        for (int32_t i = 0; i < n_rot/2; ++i) {
+            const double extrap = std::pow((double) freq_base, -2.0*i/n_rot)/ff[i];
+            double mix = 0.0; // ggml's rope_yarn_ramp(corr, i0 = 2i) * ext_factor
+            if (cparams.yarn_ext_factor != 0.0f) {
+                const double y = (i - corr[0])/std::max(0.001f, corr[1] - corr[0]);
+                mix = (1.0 - std::min(1.0, std::max(0.0, y)))*cparams.yarn_ext_factor;
+            }
+            out[i] = extrap*(freq_scale*(1.0 - mix) + mix);
+        }
+        return out;
+    }
+};
+
+// Whether a cache can take the rotation-table form: K not quantized (a quantized K may carry llama.cpp's Hadamard
+// rotation, which the kernels do not undo) and one set of RoPE parameters for all its Self-Extend layers.
+static bool se_table_form_fits(const llama_kv_cache * kv, const llama_cparams & cparams) {
+    const llama_model & model = llama_se_access::model(kv);
+    const se_rope_params * first = nullptr;
+    std::vector<se_rope_params> all;
+    for (const auto & layer : llama_se_access::layers(kv)) {
+        if (!se_layer_applies(model.hparams, layer.il)) {
+            continue;
+        }
+        if (ggml_is_quantized(layer.k->type)) {
+            return false;
+        }
+        all.emplace_back(model, cparams, layer.il);
+    }
+    for (const auto & rp : all) {
+        first = first ? first : &rp;
+        if (!(rp == *first)) {
+            return false;
+        }
+    }
+    return first != nullptr;
+}
+
+// allocates the grouped keys (or, table form, the rotation table) of a cache next to its K tensors (same buffer
+// types); false when out of memory
+static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, bool table) {
     auto kc = std::make_shared<llama_se_kcache>();
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
+    const llama_model & model = llama_se_access::model(kv);
+    ggml_tensor * tab = nullptr;
     for (const auto & layer : llama_se_access::layers(kv)) {
         ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
         if (!ctx_of.count(buft)) {
@@ -199,14 +276,34 @@ static bool se_kcache_alloc(llama_kv_cache * kv) {
             kc->ctxs.emplace_back(ggml_init(ip));
             ctx_of[buft] = kc->ctxs.back().get();
         }
+        if (table) {
+            if (!tab && se_layer_applies(model.hparams, layer.il)) {
+                const se_rope_params rp(model, cparams, layer.il);
+                tab = ggml_new_tensor_3d(ctx_of[buft], GGML_TYPE_F32, rp.n_rot, layer.k->ne[1], layer.k->ne[2]);
+                ggml_set_name(tab, "se_k_rot");
+                kc->rot       = true;
+                kc->rope_mode = model.hparams.rope_type;
+                kc->freq      = rp.freq(cparams);
+            }
+            kc->k_g.push_back(tab); // layers before the first Self-Extend one never read it
+            continue;
+        }
         const ggml_type type = layer.k->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
         ggml_tensor * t = ggml_new_tensor_3d(ctx_of[buft], type, layer.k->ne[0], layer.k->ne[1], layer.k->ne[2]);
         ggml_format_name(t, "se_k_grouped_l%d", layer.il);
         kc->k_g.push_back(t);
     }
+    if (table) {
+        for (auto & k_g : kc->k_g) {
+            k_g = tab;
+        }
+    }
     size_t total = 0;
     const bool no_alloc = llama_se_access::model(kv).hparams.no_alloc; // a context that only measures memory (--fit)
     for (auto & [buft, c] : ctx_of) {
+        if (!ggml_get_first_tensor(c)) {
+            continue; // table form: only the table's buffer type holds something
+        }
         ggml_backend_buffer_t buf;
         size_t size;
         if (no_alloc) {
@@ -232,7 +329,8 @@ static bool se_kcache_alloc(llama_kv_cache * kv) {
     const uint32_t kv_size  = kc->k_g.empty() ? 0 : kc->k_g[0]->ne[1];
     kc->stale.assign(n_stream, std::vector<uint8_t>(kv_size, 1)); // nothing built yet
     kc->n_stale.assign(n_stream, kv_size);
-    LLAMA_LOG_INFO("%s: grouped keys: %.2f MiB\n", __func__, total/1024.0/1024.0);
+    LLAMA_LOG_INFO("%s: %s: %.2f MiB\n", __func__, table ? "grouped-key rotations (one table, kernels rotate K)" :
+                   "grouped keys", total/1024.0/1024.0);
     llama_se_access::kcache(kv) = std::move(kc);
     return true;
 }
@@ -328,10 +426,14 @@ static void se_kcache_for_stale(const llama_kv_cache_context * mctx, F f) {
     }
 }
 
-// whether the device of every KV layer runs GGML_OP_FLASH_ATTN_EXT_SE for that layer's shapes and cache types
-static bool se_fused_supported(llama_context & ctx) {
+// whether the device of every Self-Extend KV layer runs GGML_OP_FLASH_ATTN_EXT_SE for that layer's shapes and cache
+// types: with the grouped keys given (table = false), or made from K with a rotation table (table = true)
+static bool se_fused_supported(llama_context & ctx, bool table) {
     const llama_hparams & hp = ctx.get_model().hparams;
     for (const llama_kv_cache * kv : se_kv_caches(ctx)) {
+        if (table && se_cache_applies(kv) && !se_table_form_fits(kv, llama_se_access::cparams(ctx))) {
+            return false;
+        }
         for (const auto & layer : llama_se_access::layers(kv)) {
             if (!se_layer_applies(hp, layer.il)) {
                 continue; // runs llama.cpp's own attention
@@ -341,17 +443,22 @@ static bool se_fused_supported(llama_context & ctx) {
             ggml_context * c = tmp.get();
             const int64_t dk = hp.n_embd_head_k(layer.il), dv = hp.n_embd_head_v(layer.il);
             const int64_t nh = hp.n_head(layer.il), nkv = hp.n_head_kv(layer.il), n = 256;
-            const ggml_type tg = layer.k->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
-            ggml_tensor * op = ggml_flash_attn_ext_se(c,
-                    ggml_new_tensor_3d(c, GGML_TYPE_F32, dk, 1, nh),
-                    ggml_new_tensor_3d(c, layer.k->type, dk, n, nkv),
-                    ggml_new_tensor_3d(c, layer.v->type, dv, n, nkv),
-                    ggml_new_tensor_2d(c, GGML_TYPE_F16, n, 1),
-                    ggml_new_tensor_3d(c, GGML_TYPE_F32, dk, 1, nh),
-                    ggml_new_tensor_3d(c, tg, dk, n, nkv),
-                    ggml_new_tensor_1d(c, GGML_TYPE_I32, 1),
-                    ggml_new_tensor_1d(c, GGML_TYPE_I32, n),
-                    1, 1.0f, 0.0f);
+            ggml_tensor * q   = ggml_new_tensor_3d(c, GGML_TYPE_F32, dk, 1, nh);
+            ggml_tensor * k   = ggml_new_tensor_3d(c, layer.k->type, dk, n, nkv);
+            ggml_tensor * v   = ggml_new_tensor_3d(c, layer.v->type, dv, n, nkv);
+            ggml_tensor * m   = ggml_new_tensor_2d(c, GGML_TYPE_F16, n, 1);
+            ggml_tensor * q_g = ggml_new_tensor_3d(c, GGML_TYPE_F32, dk, 1, nh);
+            ggml_tensor * p_q = ggml_new_tensor_1d(c, GGML_TYPE_I32, 1);
+            ggml_tensor * p_k = ggml_new_tensor_1d(c, GGML_TYPE_I32, n);
+            ggml_tensor * op;
+            if (table) {
+                ggml_tensor * k_rot = ggml_new_tensor_2d(c, GGML_TYPE_F32, hp.n_rot(layer.il), n);
+                op = ggml_flash_attn_ext_se_rot(c, q, k, v, m, q_g, k_rot, hp.rope_type, p_q, p_k, 1, 1.0f, 0.0f);
+            } else {
+                const ggml_type tg = layer.k->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+                op = ggml_flash_attn_ext_se(c, q, k, v, m, q_g, ggml_new_tensor_3d(c, tg, dk, n, nkv), p_q, p_k,
+                                            1, 1.0f, 0.0f);
+            }
             ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
             ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
             if (!dev && ggml_backend_buft_is_host(buft)) {
@@ -386,8 +493,11 @@ int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
     if (cparams.se_n == ga_n && cparams.se_w == ga_w) {
         return LLAMA_SELF_EXTEND_OK;
     }
-    // flash attention on: the fused op where every KV device has it and the grouped keys fit, else the generic path
-    bool fused = ga_n > 1 && cparams.flash_attn && se_fused_supported(*ctx);
+    // flash attention on: the fused op where every KV device has it, its grouped keys made in the kernels from one
+    // rotation table where every device can, else kept as a second K cache; the generic path when the op is
+    // missing somewhere or its memory does not fit
+    bool fused = ga_n > 1 && cparams.flash_attn && se_fused_supported(*ctx, false);
+    const bool table = fused && se_fused_supported(*ctx, true);
     for (const llama_kv_cache * kv : se_kv_caches(*ctx)) {
         if (!fused) {
             break;
@@ -396,9 +506,9 @@ int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
             continue; // no Self-Extend layer reads this cache
         }
         if (llama_se_access::kcache(kv)) {
-            llama_se_kcache_invalidate(*kv); // built under the previous setting
+            llama_se_kcache_invalidate(*kv); // built under the previous setting (the same form: same devices)
         } else {
-            fused = se_kcache_alloc(const_cast<llama_kv_cache *>(kv));
+            fused = se_kcache_alloc(const_cast<llama_kv_cache *>(kv), cparams, table);
         }
     }
     if (!fused) {
@@ -446,7 +556,7 @@ bool llama_se_can_reuse(const llama_se_inp & inp, const llama_kv_cache_context *
         return true;
     }
     // a graph that rebuilt the grouped keys must not run again, and a stale cache needs that graph
-    return !inp.k_g_rebuild && !(inp.k_shift_cur && se_kcache_stale(mctx));
+    return !inp.k_g_rebuild && !(inp.pos_q && se_kcache_stale(mctx));
 }
 
 llama_se_inp llama_se_build_inp(
@@ -469,17 +579,28 @@ llama_se_inp llama_se_build_inp(
     // the generic path rotates every cached key
     inp.k_g_rebuild = cparams.se_fa && se_kcache_stale(mctx);
     if (cparams.se_fa) {
-        inp.k_shift_cur = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
-        ggml_set_input(inp.k_shift_cur); ggml_set_name(inp.k_shift_cur, "se_k_shift_cur");
+        // table form: instead of the keys' shifts, the table rows of the ubatch's cells, then of the stale ones
+        const llama_se_kcache * kc = llama_se_access::kcache(llama_se_access::kv(mctx));
+        const bool table = kc && kc->rot;
+        if (!table) {
+            inp.k_shift_cur = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
+            ggml_set_input(inp.k_shift_cur); ggml_set_name(inp.k_shift_cur, "se_k_shift_cur");
+        }
         int64_t n_rows = 0;
         if (inp.k_g_rebuild) {
             se_kcache_for_stale(mctx, [&](int64_t, llama_pos) { n_rows++; });
         }
         if (n_rows > 0) {
-            inp.k_g_rows  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
-            inp.k_g_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
-            ggml_set_input(inp.k_g_rows);  ggml_set_name(inp.k_g_rows,  "se_k_g_rows");
-            ggml_set_input(inp.k_g_shift); ggml_set_name(inp.k_g_shift, "se_k_g_shift");
+            inp.k_g_rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
+            ggml_set_input(inp.k_g_rows); ggml_set_name(inp.k_g_rows, "se_k_g_rows");
+            if (!table) {
+                inp.k_g_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
+                ggml_set_input(inp.k_g_shift); ggml_set_name(inp.k_g_shift, "se_k_g_shift");
+            }
+        }
+        if (table) {
+            inp.k_rot_rows = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, kc->k_g[0]->ne[0], n_tokens + n_rows);
+            ggml_set_input(inp.k_rot_rows); ggml_set_name(inp.k_rot_rows, "se_k_rot_rows");
         }
     } else {
         inp.k_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_kv*n_stream);
@@ -546,17 +667,43 @@ void llama_se_set_inp(
             k_shift[i] = se_k_pos(ubatch->pos[i], G) - ubatch->pos[i];
         }
     }
+    if (inp.k_rot_rows) {
+        // table form: per row, cos/sin of each pair's angle for the shift from the cell's position to its grouped one
+        GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_rot_rows->buffer));
+        const llama_se_kcache * kc = llama_se_access::kcache(kv);
+        const int64_t n_rot = inp.k_rot_rows->ne[0], half = n_rot/2;
+        const bool neox = kc->rope_mode == LLAMA_ROPE_TYPE_NEOX;
+        float * out = (float *) inp.k_rot_rows->data;
+        auto row = [&](llama_pos pos) {
+            const double shift = se_k_pos(pos, G) - pos;
+            for (int64_t i = 0; i < half; ++i) {
+                const double a = shift*kc->freq[i];
+                out[neox ? i        : 2*i]     = (float) std::cos(a);
+                out[neox ? i + half : 2*i + 1] = (float) std::sin(a);
+            }
+            out += n_rot;
+        };
+        for (int64_t i = 0; i < n_tokens; ++i) {
+            row(ubatch->pos[i]);
+        }
+        if (inp.k_g_rows) {
+            se_kcache_for_stale(mctx, [&](int64_t, llama_pos pos) { row(pos); });
+        }
+    }
     if (inp.k_g_rebuild) {
         // this graph rotates the stale keys of its streams again (the rows its build counted: same state)
         if (inp.k_g_rows) {
-            GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_g_rows->buffer) && ggml_backend_buffer_is_host(inp.k_g_shift->buffer));
+            GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_g_rows->buffer));
+            GGML_ASSERT(!inp.k_g_shift || ggml_backend_buffer_is_host(inp.k_g_shift->buffer));
             int32_t * rows  = (int32_t *) inp.k_g_rows->data;
-            int32_t * shift = (int32_t *) inp.k_g_shift->data;
+            int32_t * shift = inp.k_g_shift ? (int32_t *) inp.k_g_shift->data : nullptr;
             int64_t n = 0;
             se_kcache_for_stale(mctx, [&](int64_t row, llama_pos pos) {
                 GGML_ASSERT(n < inp.k_g_rows->ne[0]);
-                rows[n]  = (int32_t) row;
-                shift[n] = se_k_pos(pos, G) - pos;
+                rows[n] = (int32_t) row;
+                if (shift) {
+                    shift[n] = se_k_pos(pos, G) - pos;
+                }
                 n++;
             });
             GGML_ASSERT(n == inp.k_g_rows->ne[0]);
@@ -670,40 +817,63 @@ bool llama_se_build_layer(
             kg = ggml_cast(ctx, kg, GGML_TYPE_F16);
         }
     } else {
-        // fused path: the grouped-key cache, viewed like the K cache
+        // fused path: the rotation table, or the grouped-key cache viewed like the K cache
         const llama_kv_cache * kv = llama_se_access::kv(mctx);
-        ggml_tensor * all = llama_se_access::kcache(kv)->k_g[llama_se_access::layer_index(kv, il)];
-        const int64_t n_embd = all->ne[0], kv_size = all->ne[1];
-        GGML_ASSERT(n_embd == d*h);
-        auto view = [&](ggml_tensor * base) {
-            const size_t row = ggml_row_size(all->type, n_embd), strm = row*kv_size;
-            return ggml_view_4d(ctx, base, d, h, n_kv, ns, ggml_row_size(all->type, d), row, strm,
-                                strm*llama_se_access::stream0(mctx));
-        };
-        if (k_cur) {
-            ggml_tensor * rows = ggml_reshape_2d(ctx, all, n_embd, kv_size*all->ne[2]);
-            if (inp.k_g_rows) {
-                // the stale cells' keys [n_embd_head_k, n_head_kv, n_stale], read again from K (none of them is
-                // written by this ubatch) and rotated to their grouped positions
-                ggml_tensor * k_all = llama_se_access::layers(kv)[llama_se_access::layer_index(kv, il)].k;
-                ggml_tensor * ks = ggml_get_rows(ctx, ggml_reshape_2d(ctx, k_all, n_embd, kv_size*k_all->ne[2]), inp.k_g_rows);
-                ks = ggml_reshape_3d(ctx, ks, d, h, ks->ne[1]);
-                if (k_rot) {
-                    ks = llama_mul_mat_hadamard(ctx, ks, k_rot);
+        const llama_se_kcache * cache = llama_se_access::kcache(kv);
+        if (cache->rot) {
+            // table form: the first Self-Extend layer of the graph writes the rows of this ubatch's (and the stale)
+            // cells; every layer reads the table as [n_rot, 1, n_kv, n_stream], the kernel rotates K by it
+            ggml_tensor * tab = cache->k_g[0];
+            const int64_t n_rot = tab->ne[0], kv_size = tab->ne[1];
+            if (!inp.k_rot) {
+                ggml_tensor * rows = ggml_reshape_2d(ctx, tab, n_rot, kv_size*tab->ne[2]);
+                const size_t  rs   = inp.k_rot_rows->nb[1];
+                const int64_t n_cur = inp.k_rot_rows->ne[1] - (inp.k_g_rows ? inp.k_g_rows->ne[0] : 0);
+                if (inp.k_g_rows) {
+                    rows = ggml_set_rows(ctx, rows, ggml_view_2d(ctx, inp.k_rot_rows, n_rot, inp.k_g_rows->ne[0], rs,
+                                                                 rs*n_cur), inp.k_g_rows);
                 }
-                ks = se_rotate(ctx, ks, inp.k_g_shift, factors, hparams, cparams, il);
-                rows = ggml_set_rows(ctx, rows, ggml_reshape_2d(ctx, ks, n_embd, ks->ne[2]), inp.k_g_rows);
+                rows = ggml_set_rows(ctx, rows, ggml_view_2d(ctx, inp.k_rot_rows, n_rot, n_cur, rs, 0), k_idxs);
+                inp.k_rot = ggml_reshape_3d(ctx, rows, n_rot, kv_size, tab->ne[2]);
             }
-            // the ubatch's keys [n_embd_head_k, n_head_kv, n_tokens], stored at their cells as cpy_k does
-            ggml_tensor * kc = ggml_is_contiguous(k_cur) ? k_cur : ggml_cont(ctx, k_cur);
-            if (k_rot) {
-                kc = llama_mul_mat_hadamard(ctx, kc, k_rot);
-            }
-            kc = se_rotate(ctx, kc, inp.k_shift_cur, factors, hparams, cparams, il);
-            kc = ggml_reshape_2d(ctx, kc, n_embd, kc->ne[2]);
-            kg = view(ggml_set_rows(ctx, rows, kc, k_idxs));
+            const size_t row = ggml_row_size(GGML_TYPE_F32, n_rot);
+            kg = ggml_view_4d(ctx, inp.k_rot, n_rot, 1, n_kv, ns, row, row, row*kv_size,
+                              row*kv_size*llama_se_access::stream0(mctx));
+            out.rope_mode = cache->rope_mode;
         } else {
-            kg = view(all); // a layer that reads another layer's keys: that layer stored them
+            ggml_tensor * all = cache->k_g[llama_se_access::layer_index(kv, il)];
+            const int64_t n_embd = all->ne[0], kv_size = all->ne[1];
+            GGML_ASSERT(n_embd == d*h);
+            auto view = [&](ggml_tensor * base) {
+                const size_t row = ggml_row_size(all->type, n_embd), strm = row*kv_size;
+                return ggml_view_4d(ctx, base, d, h, n_kv, ns, ggml_row_size(all->type, d), row, strm,
+                                    strm*llama_se_access::stream0(mctx));
+            };
+            if (k_cur) {
+                ggml_tensor * rows = ggml_reshape_2d(ctx, all, n_embd, kv_size*all->ne[2]);
+                if (inp.k_g_rows) {
+                    // the stale cells' keys [n_embd_head_k, n_head_kv, n_stale], read again from K (none of them is
+                    // written by this ubatch) and rotated to their grouped positions
+                    ggml_tensor * k_all = llama_se_access::layers(kv)[llama_se_access::layer_index(kv, il)].k;
+                    ggml_tensor * ks = ggml_get_rows(ctx, ggml_reshape_2d(ctx, k_all, n_embd, kv_size*k_all->ne[2]), inp.k_g_rows);
+                    ks = ggml_reshape_3d(ctx, ks, d, h, ks->ne[1]);
+                    if (k_rot) {
+                        ks = llama_mul_mat_hadamard(ctx, ks, k_rot);
+                    }
+                    ks = se_rotate(ctx, ks, inp.k_g_shift, factors, hparams, cparams, il);
+                    rows = ggml_set_rows(ctx, rows, ggml_reshape_2d(ctx, ks, n_embd, ks->ne[2]), inp.k_g_rows);
+                }
+                // the ubatch's keys [n_embd_head_k, n_head_kv, n_tokens], stored at their cells as cpy_k does
+                ggml_tensor * kc = ggml_is_contiguous(k_cur) ? k_cur : ggml_cont(ctx, k_cur);
+                if (k_rot) {
+                    kc = llama_mul_mat_hadamard(ctx, kc, k_rot);
+                }
+                kc = se_rotate(ctx, kc, inp.k_shift_cur, factors, hparams, cparams, il);
+                kc = ggml_reshape_2d(ctx, kc, n_embd, kc->ne[2]);
+                kg = view(ggml_set_rows(ctx, rows, kc, k_idxs));
+            } else {
+                kg = view(all); // a layer that reads another layer's keys: that layer stored them
+            }
         }
     }
     ggml_format_name(kg, "se_k_grouped-%d", il);
@@ -737,6 +907,10 @@ ggml_tensor * llama_se_build_fattn(
     GGML_ASSERT(se.pos_q && v->nb[0] == ggml_type_size(v->type)); // flash attention: V not transposed
     ggml_tensor * qg = se_q_streams(ctx, se.q, k->ne[3]);
     ggml_tensor * kg = ggml_permute(ctx, se.k, 0, 2, 1, 3);
+    if (se.rope_mode >= 0) {
+        return ggml_flash_attn_ext_se_rot(ctx, q, k, v, kq_mask, qg, kg, se.rope_mode, se.pos_q, se.pos_k, se.n_window,
+                                          kq_scale, softcap);
+    }
     return ggml_flash_attn_ext_se(ctx, q, k, v, kq_mask, qg, kg, se.pos_q, se.pos_k, se.n_window, kq_scale, softcap);
 }
 

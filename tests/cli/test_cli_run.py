@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,18 @@ def test_verbose_shows_the_prefill_bar_summary_and_llama_log(cli: Invoke, tiny_m
     assert "Self-Extend --ga-n 4 --ga-w 64 (fused)" in result.stderr  # flash attention is on by default
     assert "selfext: prompt 451 tokens in" in result.stderr
     assert "prefill" not in result.stdout and "selfext:" not in result.stdout
+
+
+def test_the_fused_path_on_the_cpu_keeps_one_rotation_table_instead_of_a_second_k_cache(
+        cli: Invoke, tiny_model: Path) -> None:
+    # the CPU kernel makes the grouped keys from K: the context adds one table of n_rot floats per cell (the tiny
+    # llama: head size 16, all rotated) for all layers and heads, where grouped keys would add half the KV cache
+    result = cli("run", tiny_model, "--ga-n", "4", "--ga-w", "64", "-n", "1", "-c", "4096", "-v", input=DOC)
+    assert result.exit_code == 0
+    kv = float(re.search(r"KV buffer size = +([\d.]+) MiB", result.stderr)[1])
+    table = float(re.search(r"grouped-key rotations \(one table, kernels rotate K\): ([\d.]+) MiB", result.stderr)[1])
+    assert (kv, table) == (2.0, 4096 * 16 * 4 / 2**20)  # KV: 4096 cells x 2 layers x (64 + 64) x f16
+    assert "grouped keys:" not in result.stderr
 
 
 def test_without_flash_attention_the_log_names_the_generic_path(cli: Invoke, tiny_model: Path) -> None:

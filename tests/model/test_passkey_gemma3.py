@@ -4,10 +4,11 @@ trained context with Self-Extend on its global layers. About 10 minutes on 2 CPU
 `pytest -m slow tests/model -k gemma3` (needs pip install 'selfext[gemma3,eval]'; SELFEXT_TEST_NGL=99 offloads to a
 GPU build).
 
-Measured on the CUDA build (docs/RESULTS.md section 7.2, 64K natural haystack, automatic G4 W4096, seed 0 over three
-lengths): the keys at 50 % and 90 % depth were found, the one at 10 % was not; vanilla found only the one at 90 %.
-This test draws its key from a one-length plan, so its key differs from that run's; it has not yet been run to the end
-(on the shared 2-core machine it was stopped after 14 minutes).
+Measured on the CUDA build (docs/RESULTS.md section 7.2, 64K natural haystack, the earlier automatic G4 W4096, seed 0
+over three lengths): the keys at 50 % and 90 % depth were found, the one at 10 % was not; vanilla found only the one at
+90 %. This test draws its key from a one-length plan, so its key differs from that run's. Run to the end once on 2 CPU
+cores (17 min): it stopped at its first assertion, which still named the earlier rule's G4 W4096 (the rule now gives
+G8 W8192), so whether that setting finds the key is not yet known.
 """
 
 from __future__ import annotations
@@ -37,6 +38,6 @@ def test_64k_natural_text_key_at_nine_tenths_depth_with_self_extend() -> None:
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     (result,) = doc["results"]
-    assert (result["ga_n"], result["ga_w"]) == (4, 4096)  # the automatic setting for 64K on a 32K model
+    assert (result["ga_n"], result["ga_w"]) == (8, 8192)  # the automatic setting for 64K on a 32K model
     assert result["n_tokens"] > 2 * 32768 * 0.99
     assert result["correct"], result["output"]

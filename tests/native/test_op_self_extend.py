@@ -100,9 +100,10 @@ def reference(c: Case, x: dict[str, np.ndarray], scale: float) -> np.ndarray:
 
 
 def run_op(g: Ggml, backend: int, c: Case, x: dict[str, np.ndarray], scale: float,
-           vanilla: bool = False) -> np.ndarray | None:
-    """The op on one backend (``vanilla``: llama.cpp's ggml_flash_attn_ext on q, k, v, mask instead); None when
-    the backend does not support this case."""
+           vanilla: bool = False, rope_mode: int | None = None) -> np.ndarray | None:
+    """The op on one backend (``vanilla``: llama.cpp's ggml_flash_attn_ext on q, k, v, mask instead;
+    ``rope_mode``: the rotation-table form, x["k_rot"] instead of x["k_g"]); None when the backend does not
+    support this case."""
     lib = g.lib
     ctx = lib.ggml_init(InitParams(64 * 1024 * 1024 // 64, None, True))
     H = c.n_head_kv * c.gqa
@@ -119,7 +120,13 @@ def run_op(g: Ggml, backend: int, c: Case, x: dict[str, np.ndarray], scale: floa
         "mask": tensor(GGML_TYPE_F16, c.n_kv, n_q_pad, 1, c.n_stream),
         "pos_q": tensor(GGML_TYPE_I32, c.n_q, c.n_stream), "pos_k": tensor(GGML_TYPE_I32, c.n_kv, c.n_stream),
     }
-    if vanilla:
+    if rope_mode is not None:
+        del t["k_g"]
+        t["k_rot"] = tensor(GGML_TYPE_F32, x["k_rot"].shape[-1], c.n_kv, 1, c.n_stream)
+    if rope_mode is not None:
+        out = lib.ggml_flash_attn_ext_se_rot(ctx, t["q"], t["k"], t["v"], t["mask"], t["q_g"], t["k_rot"], rope_mode,
+                                             t["pos_q"], t["pos_k"], c.W, scale, c.softcap)
+    elif vanilla:
         out = lib.ggml_flash_attn_ext(ctx, t["q"], t["k"], t["v"], t["mask"], scale, 0.0, c.softcap)
         lib.ggml_prec_set_acc(out, GGML_PREC_F32)
     else:
@@ -173,6 +180,59 @@ def test_op_matches_reference_on_every_backend(ggml: Ggml, case: Case) -> None:
     if "GPU" in results:  # test-backend-ops' measure: normalized mean squared error against the CPU
         nmse = float(np.sum((results["GPU"] - results["CPU"]) ** 2) / np.sum(results["CPU"] ** 2))
         assert nmse < 1e-5, f"GPU vs CPU NMSE {nmse:.3g}"
+
+
+ROPE_NORM, ROPE_NEOX = 0, 2  # LLAMA_ROPE_TYPE_NORM / _NEOX (ggml's rope modes)
+ROT_CASES = [(Case(64, 2, 4, 7, 7, 300, GGML_TYPE_F16), ROPE_NORM, 64),
+             (Case(64, 2, 4, 7, 7, 300, GGML_TYPE_F16), ROPE_NEOX, 64),
+             (Case(128, 2, 8, 512, 512, 900, GGML_TYPE_F16), ROPE_NEOX, 128),
+             (Case(128, 2, 4, 512, 1, 2048, GGML_TYPE_F16), ROPE_NORM, 128),  # decode
+             (Case(64, 2, 8, 7, 1, 1500, GGML_TYPE_F16, 2), ROPE_NEOX, 32),    # two streams, partial rotary
+             (Case(256, 1, 4, 33, 64, 1000, GGML_TYPE_F16, 2), ROPE_NEOX, 256),
+             (Case(64, 2, 4, 7, 64, 700, GGML_TYPE_F16, softcap=2.0), ROPE_NORM, 48)]
+
+
+def rotated(k: np.ndarray, table: np.ndarray, mode: int) -> np.ndarray:
+    """k [.., n_kv, D] rotated per key by the table [.., n_kv, n_rot] (cos at a pair's first dimension, sin at
+    its second; NORM pairs (2i, 2i + 1), NEOX (i, i + n_rot/2)), as ggml-self-extend.h defines the table form."""
+    n_rot = table.shape[-1]
+    a = np.arange(n_rot // 2) * 2 if mode == ROPE_NORM else np.arange(n_rot // 2)
+    b = a + 1 if mode == ROPE_NORM else a + n_rot // 2
+    out = k.astype(np.float64).copy()
+    c, s = table[..., a], table[..., b]
+    out[..., a] = k[..., a] * c - k[..., b] * s
+    out[..., b] = k[..., a] * s + k[..., b] * c
+    return out
+
+
+@pytest.mark.parametrize("case,mode,n_rot", ROT_CASES, ids=[f"{c}-{'neox' if m else 'norm'}{r}" for c, m, r in ROT_CASES])
+def test_rotation_table_form_matches_reference(ggml: Ggml, case: Case, mode: int, n_rot: int) -> None:
+    """ggml_flash_attn_ext_se_rot: the grouped keys made in the kernel from K and a cos/sin table per key equal
+    the keys form given those keys rotated in float64. Backends without this form (CUDA so far) say so."""
+    rng = np.random.default_rng(zlib.crc32(f"{case}-{mode}-{n_rot}".encode()))
+    x = make_inputs(case, rng)
+    angle = rng.uniform(-np.pi, np.pi, (case.n_stream, 1, case.n_kv, n_rot // 2))
+    table = np.empty((case.n_stream, 1, case.n_kv, n_rot))
+    pairs = np.arange(n_rot // 2)
+    first, second = (2 * pairs, 2 * pairs + 1) if mode == ROPE_NORM else (pairs, pairs + n_rot // 2)
+    table[..., first], table[..., second] = np.cos(angle), np.sin(angle)
+    x["k_rot"] = table.astype(np.float32)
+    x["k_g"] = rotated(x["k"], x["k_rot"], mode)
+    scale = 1.0 / np.sqrt(case.D)
+    want = reference(case, x, scale)
+    ran = []
+    for name, backend in ggml.backends.items():
+        got = run_op(ggml, backend, case, x, scale, rope_mode=mode)
+        if got is None:
+            assert name != "CPU", "the CPU backend runs the table form"
+            continue
+        err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+        assert err < 2e-3, f"{name}: max error {err:.3g} (relative to the output scale)"
+        ran.append(name)
+    # the table matters: the same op with the unrotated keys as k_g is far off
+    x_plain = dict(x, k_g=x["k"])
+    assert np.max(np.abs(reference(case, x_plain, scale) - want)) / np.max(np.abs(want)) > 10 * 2e-3
+    assert "CPU" in ran
 
 
 def test_wrong_side_is_detected(ggml: Ggml) -> None:

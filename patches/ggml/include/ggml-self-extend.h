@@ -24,7 +24,16 @@
 //   result : F32          [DV, n_head, n_q, ne3]      (permuted like ggml_flash_attn_ext)
 //
 // src[0..3] = q, k, v, mask (src[4], the sinks slot of ggml_flash_attn_ext, stays NULL), src[5..8] = q_g, k_g,
-// pos_q, pos_k; op_params = { scale, max_bias (must be 0), logit_softcap, precision, W }.
+// pos_q, pos_k; op_params = { scale, max_bias (must be 0), logit_softcap, precision, W, k_g is a rotation table
+// (0/1), its RoPE mode }.
+//
+// ggml_flash_attn_ext_se_rot: the same op without grouped keys. Its k_g is a rotation table
+//   k_rot  : F32          [n_rot, n_kv, 1, ne3]      n_rot <= DK, even
+// whose row j turns RoPE at pos_k[j] into RoPE at key j's grouped position: for each rotated pair (a, b) of
+// dimensions (rope_mode 0: (2i, 2i + 1); GGML_ROPE_TYPE_NEOX: (i, i + n_rot/2)) it holds cos at a and sin at b,
+// and the kernel takes k_g[a] = k[a] cos - k[b] sin, k_g[b] = k[a] sin + k[b] cos (k dequantized; dimensions past
+// n_rot as they are). One table serves every layer and head that share the RoPE parameters, in place of a second
+// K cache. Backends without this form report it unsupported (supports_op).
 
 #include "ggml.h"
 
@@ -48,6 +57,21 @@ GGML_API struct ggml_tensor * ggml_flash_attn_ext_se(
         float                 scale,
         float                 logit_softcap);
 
+GGML_API struct ggml_tensor * ggml_flash_attn_ext_se_rot(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * q,
+        struct ggml_tensor  * k,
+        struct ggml_tensor  * v,
+        struct ggml_tensor  * mask,
+        struct ggml_tensor  * q_g,
+        struct ggml_tensor  * k_rot,
+        int32_t               rope_mode,
+        struct ggml_tensor  * pos_q,
+        struct ggml_tensor  * pos_k,
+        int32_t               n_window,
+        float                 scale,
+        float                 logit_softcap);
+
 // The operands and parameters of a GGML_OP_FLASH_ATTN_EXT_SE node, read back from where ggml_flash_attn_ext_se
 // stores them: the one place backends learn the node's layout.
 struct ggml_flash_attn_ext_se_args {
@@ -55,6 +79,8 @@ struct ggml_flash_attn_ext_se_args {
     float   scale;
     float   logit_softcap;
     int32_t n_window;
+    int32_t k_rot;     // 1: k_g is a rotation table (ggml_flash_attn_ext_se_rot), 0: grouped keys
+    int32_t rope_mode; // the table's pair layout: 0 or GGML_ROPE_TYPE_NEOX
 };
 
 static inline struct ggml_flash_attn_ext_se_args ggml_flash_attn_ext_se_get_args(const struct ggml_tensor * op) {
@@ -69,7 +95,9 @@ static inline struct ggml_flash_attn_ext_se_args ggml_flash_attn_ext_se_get_args
     a.pos_k = op->src[8];
     memcpy(&a.scale,         (const float *) op->op_params + 0, sizeof(float));
     memcpy(&a.logit_softcap, (const float *) op->op_params + 2, sizeof(float));
-    a.n_window = op->op_params[4];
+    a.n_window  = op->op_params[4];
+    a.k_rot     = op->op_params[5];
+    a.rope_mode = op->op_params[6];
     return a;
 }
 

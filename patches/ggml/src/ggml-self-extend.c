@@ -3,7 +3,8 @@
 #include "ggml-self-extend.h"
 #include "ggml-impl.h"
 
-struct ggml_tensor * ggml_flash_attn_ext_se(
+// k_rot < 0: k_g holds grouped keys; else k_g is a rotation table with that RoPE mode
+static struct ggml_tensor * ggml_flash_attn_ext_se_impl(
         struct ggml_context * ctx,
         struct ggml_tensor  * q,
         struct ggml_tensor  * k,
@@ -11,13 +12,22 @@ struct ggml_tensor * ggml_flash_attn_ext_se(
         struct ggml_tensor  * mask,
         struct ggml_tensor  * q_g,
         struct ggml_tensor  * k_g,
+        int32_t               k_rot,
         struct ggml_tensor  * pos_q,
         struct ggml_tensor  * pos_k,
         int32_t               n_window,
         float                 scale,
         float                 logit_softcap) {
     GGML_ASSERT(k->ne[0] == q->ne[0]);
-    GGML_ASSERT(ggml_are_same_shape(q, q_g) && ggml_are_same_shape(k, k_g));
+    GGML_ASSERT(ggml_are_same_shape(q, q_g));
+    if (k_rot < 0) {
+        GGML_ASSERT(ggml_are_same_shape(k, k_g));
+    } else {
+        GGML_ASSERT(k_rot == 0 || k_rot == GGML_ROPE_TYPE_NEOX);
+        GGML_ASSERT(k_g->type == GGML_TYPE_F32 && k_g->nb[0] == sizeof(float));
+        GGML_ASSERT(k_g->ne[0] % 2 == 0 && k_g->ne[0] <= k->ne[0] && k_g->ne[1] == k->ne[1]);
+        GGML_ASSERT(k_g->ne[2] == 1 && k_g->ne[3] == k->ne[3]);
+    }
     GGML_ASSERT(q->type == GGML_TYPE_F32 && q_g->type == GGML_TYPE_F32);
     GGML_ASSERT(q->ne[3] == k->ne[3] && q->ne[3] == v->ne[3]);
     GGML_ASSERT(k->ne[1] == v->ne[1] && k->ne[2] == v->ne[2]);
@@ -44,6 +54,8 @@ struct ggml_tensor * ggml_flash_attn_ext_se(
     ggml_set_op_params_f32(result, 2, logit_softcap);
     ggml_set_op_params_i32(result, 3, GGML_PREC_F32);
     ggml_set_op_params_i32(result, 4, n_window);
+    ggml_set_op_params_i32(result, 5, k_rot >= 0);
+    ggml_set_op_params_i32(result, 6, k_rot >= 0 ? k_rot : 0);
 
     result->op     = GGML_OP_FLASH_ATTN_EXT_SE;
     result->src[0] = q;
@@ -56,4 +68,39 @@ struct ggml_tensor * ggml_flash_attn_ext_se(
     result->src[8] = pos_k;
 
     return result;
+}
+
+struct ggml_tensor * ggml_flash_attn_ext_se(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * q,
+        struct ggml_tensor  * k,
+        struct ggml_tensor  * v,
+        struct ggml_tensor  * mask,
+        struct ggml_tensor  * q_g,
+        struct ggml_tensor  * k_g,
+        struct ggml_tensor  * pos_q,
+        struct ggml_tensor  * pos_k,
+        int32_t               n_window,
+        float                 scale,
+        float                 logit_softcap) {
+    return ggml_flash_attn_ext_se_impl(ctx, q, k, v, mask, q_g, k_g, -1, pos_q, pos_k, n_window, scale, logit_softcap);
+}
+
+struct ggml_tensor * ggml_flash_attn_ext_se_rot(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * q,
+        struct ggml_tensor  * k,
+        struct ggml_tensor  * v,
+        struct ggml_tensor  * mask,
+        struct ggml_tensor  * q_g,
+        struct ggml_tensor  * k_rot,
+        int32_t               rope_mode,
+        struct ggml_tensor  * pos_q,
+        struct ggml_tensor  * pos_k,
+        int32_t               n_window,
+        float                 scale,
+        float                 logit_softcap) {
+    GGML_ASSERT(rope_mode >= 0);
+    return ggml_flash_attn_ext_se_impl(ctx, q, k, v, mask, q_g, k_rot, rope_mode, pos_q, pos_k, n_window, scale,
+                                       logit_softcap);
 }

@@ -141,6 +141,39 @@ void se_pack_k(const ggml_tensor * k, int64_t c0, int64_t nk, int64_t hk, int64_
     }
 }
 
+// Rotation-table form: key j's grouped operand made from its K row, as f32: the row with its first n_rot
+// dimensions rotated by row j of the table (ggml-self-extend.h)
+void se_k_rot_row(const se_args & a, int64_t j, int64_t hk, int64_t s, float * row) {
+    const ggml_tensor * k = a.k, * tab = a.k_g;
+    se_row_to_f32(k, (const char *) k->data + j*k->nb[1] + hk*k->nb[2] + s*k->nb[3], row, k->ne[0]);
+    const float * cs = (const float *) ((const char *) tab->data + j*tab->nb[1] + s*tab->nb[3]);
+    const int64_t half = tab->ne[0]/2;
+    const bool    neox = a.rope_mode == GGML_ROPE_TYPE_NEOX;
+    for (int64_t i = 0; i < half; ++i) {
+        const int64_t ia = neox ? i : 2*i;        // the pair (ia, ib): cos at ia, sin at ib
+        const int64_t ib = neox ? i + half : 2*i + 1;
+        const float x = row[ia], y = row[ib], c = cs[ia], sn = cs[ib];
+        row[ia] = x*c - y*sn;
+        row[ib] = x*sn + y*c;
+    }
+}
+
+// the grouped keys [c0, c0 + nk) of KV head hk made from K and the table, packed as se_pack_k does
+void se_pack_k_rot(const se_args & a, int64_t c0, int64_t nk, int64_t hk, int64_t s, float * Kt, float * row) {
+    const int64_t DK = a.k->ne[0];
+    for (int64_t t = 0; t < nk; ++t) {
+        se_k_rot_row(a, c0 + t, hk, s, row);
+        for (int64_t d = 0; d < DK; ++d) {
+            Kt[d*SE_TILE_KV + t] = row[d];
+        }
+    }
+    for (int64_t d = 0; d < DK; ++d) {
+        for (int64_t t = nk; t < SE_TILE_KV; ++t) {
+            Kt[d*SE_TILE_KV + t] = 0.0f;
+        }
+    }
+}
+
 // O[r] += p[r*SE_TILE_KV] * v for the R rows of a tile: one f16 row of V converted once, in registers
 inline void se_mad_rows_f16(const ggml_fp16_t * v, int64_t DV, float * O, const float * p, int64_t R) {
     int64_t d = 0;
@@ -162,15 +195,16 @@ inline void se_mad_rows_f16(const ggml_fp16_t * v, int64_t DV, float * O, const 
 }
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-// out[r*SE_TILE_KV] = k . Q[r] for N query rows in f32: the f16 key converted once, in registers
-template <int N>
-void se_dot_rows_f16(const ggml_fp16_t * k, int64_t DK, const float * Q, float * out) {
+// out[r*SE_TILE_KV] = k . Q[r] for N query rows in f32: the key (f16 or f32) loaded once, in registers
+template <int N, bool F16>
+void se_dot_rows_n(const void * k, int64_t DK, const float * Q, float * out) {
     __m256 acc[N];
     for (int r = 0; r < N; ++r) {
         acc[r] = _mm256_setzero_ps();
     }
     for (int64_t d = 0; d < DK; d += 8) {
-        const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (k + d)));
+        const __m256 x = F16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const ggml_fp16_t *) k + d)))
+                             : _mm256_loadu_ps((const float *) k + d);
         for (int r = 0; r < N; ++r) {
             acc[r] = _mm256_fmadd_ps(x, _mm256_loadu_ps(Q + r*DK + d), acc[r]);
         }
@@ -183,26 +217,35 @@ void se_dot_rows_f16(const ggml_fp16_t * k, int64_t DK, const float * Q, float *
     }
 }
 
-// the same for any n <= 8; false when this build has no such kernel (the caller uses ggml's vec_dot)
-bool se_dot_rows(const ggml_tensor * kt, const char * k, int64_t DK, const float * Q, int64_t n, float * out) {
-    if (kt->type != GGML_TYPE_F16 || DK % 8 != 0) {
-        return false;
-    }
-    const ggml_fp16_t * kh = (const ggml_fp16_t *) k;
+template <bool F16>
+bool se_dot_rows_t(const void * k, int64_t DK, const float * Q, int64_t n, float * out) {
     switch (n) {
-        case 1: se_dot_rows_f16<1>(kh, DK, Q, out); return true;
-        case 2: se_dot_rows_f16<2>(kh, DK, Q, out); return true;
-        case 3: se_dot_rows_f16<3>(kh, DK, Q, out); return true;
-        case 4: se_dot_rows_f16<4>(kh, DK, Q, out); return true;
-        case 5: se_dot_rows_f16<5>(kh, DK, Q, out); return true;
-        case 6: se_dot_rows_f16<6>(kh, DK, Q, out); return true;
-        case 7: se_dot_rows_f16<7>(kh, DK, Q, out); return true;
-        case 8: se_dot_rows_f16<8>(kh, DK, Q, out); return true;
+        case 1: se_dot_rows_n<1, F16>(k, DK, Q, out); return true;
+        case 2: se_dot_rows_n<2, F16>(k, DK, Q, out); return true;
+        case 3: se_dot_rows_n<3, F16>(k, DK, Q, out); return true;
+        case 4: se_dot_rows_n<4, F16>(k, DK, Q, out); return true;
+        case 5: se_dot_rows_n<5, F16>(k, DK, Q, out); return true;
+        case 6: se_dot_rows_n<6, F16>(k, DK, Q, out); return true;
+        case 7: se_dot_rows_n<7, F16>(k, DK, Q, out); return true;
+        case 8: se_dot_rows_n<8, F16>(k, DK, Q, out); return true;
         default: return false;
     }
 }
+
+// the same for any n <= 8 and an F16 or F32 key row; false when this build has no such kernel (the caller uses
+// ggml's vec_dot)
+bool se_dot_rows(ggml_type type, const void * k, int64_t DK, const float * Q, int64_t n, float * out) {
+    if (DK % 8 != 0) {
+        return false;
+    }
+    switch (type) {
+        case GGML_TYPE_F16: return se_dot_rows_t<true>(k, DK, Q, n, out);
+        case GGML_TYPE_F32: return se_dot_rows_t<false>(k, DK, Q, n, out);
+        default:            return false;
+    }
+}
 #else
-bool se_dot_rows(const ggml_tensor *, const char *, int64_t, const float *, int64_t, float *) {
+bool se_dot_rows(ggml_type, const void *, int64_t, const float *, int64_t, float *) {
     return false;
 }
 #endif
@@ -211,8 +254,12 @@ bool se_dot_rows(const ggml_tensor *, const char *, int64_t, const float *, int6
 void se_prefetch(const se_args & a, int64_t j0, int64_t j1, int64_t hk, int64_t s, int32_t pos_q0) {
     const int32_t * pk = (const int32_t *) ((const char *) a.pos_k->data + s*a.pos_k->nb[1]);
     for (int64_t j = j0; j < j1; ++j) {
-        const ggml_tensor * kt = pos_q0 - pk[j] >= a.n_window ? a.k_g : a.k;
+        const bool grouped = pos_q0 - pk[j] >= a.n_window;
+        const ggml_tensor * kt = grouped && !a.k_rot ? a.k_g : a.k;
         const char * kr = (const char *) kt->data + j*kt->nb[1] + hk*kt->nb[2] + s*kt->nb[3];
+        if (grouped && a.k_rot) {
+            __builtin_prefetch((const char *) a.k_g->data + j*a.k_g->nb[1] + s*a.k_g->nb[3]);
+        }
         const char * vr = (const char *) a.v->data + j*a.v->nb[1] + hk*a.v->nb[2] + s*a.v->nb[3];
         for (size_t b = 0; b < ggml_row_size(kt->type, kt->ne[0]); b += 64) {
             __builtin_prefetch(kr + b);
@@ -236,7 +283,7 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
     // few rows (decode): dot products on the cached rows as they are, no f32 tile packing
     const bool by_key = R <= SE_ROWS_GEMM;
     const auto * tk  = ggml_get_type_traits_cpu(a.k->type);
-    const auto * tkg = ggml_get_type_traits_cpu(a.k_g->type);
+    const auto * tkg = ggml_get_type_traits_cpu(a.k_rot ? GGML_TYPE_F32 : a.k_g->type); // table form: f32 rows
     const size_t qc_row  = ggml_row_size(tk->vec_dot_type,  DK);
     const size_t qgc_row = ggml_row_size(tkg->vec_dot_type, DK);
 
@@ -259,7 +306,9 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
     if (by_key) {
         for (int64_t r = 0; r < R; ++r) {
             ggml_get_type_traits_cpu(tk->vec_dot_type)->from_float(Q + r*DK, (char *) w.Qc + r*qc_row, DK);
-            ggml_get_type_traits_cpu(tkg->vec_dot_type)->from_float(Qg + r*DK, (char *) w.Qgc + r*qgc_row, DK);
+            if (!a.k_rot) { // the table form dots f32 rows with Qg itself
+                ggml_get_type_traits_cpu(tkg->vec_dot_type)->from_float(Qg + r*DK, (char *) w.Qgc + r*qgc_row, DK);
+            }
         }
     }
 
@@ -300,6 +349,7 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
                 se_prefetch(a, ic, std::min(c1, ic + SE_PREFETCH*SE_TILE_KV), hk, s, pq[0]);
             }
             se_prefetch(a, ic + SE_PREFETCH*SE_TILE_KV, std::min(c1, ic + (SE_PREFETCH + 1)*SE_TILE_KV), hk, s, pq[0]);
+            int64_t rot_key = -1; // the key whose grouped operand `row` holds (table form)
             for (int64_t j = 0; j < nk; ++j) {
                 for (int64_t t = 0; t < nq; ++t) {
                     if (sel[t*SE_TILE_KV + j] == -INFINITY) {
@@ -308,7 +358,22 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
                     const bool g = grouped[t*SE_TILE_KV + j];
                     const ggml_tensor * kt = g ? a.k_g : a.k;
                     const char * kr = (const char *) kt->data + (ic + j)*kt->nb[1] + hk*kt->nb[2] + s*kt->nb[3];
-                    if (se_dot_rows(kt, kr, DK, (g ? Qg : Q) + t*gqa*DK, gqa, (g ? Sg : S) + t*gqa*SE_TILE_KV + j)) {
+                    if (g && a.k_rot) {
+                        // table form: the grouped key made once per key of the tile (every query shares it)
+                        if (rot_key != ic + j) {
+                            se_k_rot_row(a, ic + j, hk, s, row);
+                            rot_key = ic + j;
+                        }
+                        if (se_dot_rows(GGML_TYPE_F32, row, DK, Qg + t*gqa*DK, gqa, Sg + t*gqa*SE_TILE_KV + j)) {
+                            continue;
+                        }
+                        for (int64_t hh = 0; hh < gqa; ++hh) {
+                            const int64_t r = t*gqa + hh;
+                            ggml_vec_dot_f32(DK, Sg + r*SE_TILE_KV + j, 0, row, 0, Qg + r*DK, 0, 1);
+                        }
+                        continue;
+                    }
+                    if (se_dot_rows(kt->type, kr, DK, (g ? Qg : Q) + t*gqa*DK, gqa, (g ? Sg : S) + t*gqa*SE_TILE_KV + j)) {
                         continue;
                     }
                     for (int64_t hh = 0; hh < gqa; ++hh) {
@@ -327,7 +392,11 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
             simd_gemm(S, Q, Kt, R, DK, SE_TILE_KV);
         }
         if (need_g && !by_key) {
-            se_pack_k(a.k_g, ic, nk, hk, s, Kt, row);
+            if (a.k_rot) {
+                se_pack_k_rot(a, ic, nk, hk, s, Kt, row);
+            } else {
+                se_pack_k(a.k_g, ic, nk, hk, s, Kt, row);
+            }
             memset(Sg, 0, R*SE_TILE_KV*sizeof(float));
             simd_gemm(Sg, Qg, Kt, R, DK, SE_TILE_KV);
         }
@@ -417,6 +486,7 @@ void ggml_compute_forward_flash_attn_ext_se(const ggml_compute_params * params, 
     GGML_ASSERT(a.q->type == GGML_TYPE_F32 && a.q_g->type == GGML_TYPE_F32);
     GGML_ASSERT(a.q->nb[0] == sizeof(float) && a.q_g->nb[0] == sizeof(float));
     GGML_ASSERT(a.k->nb[0] == ggml_type_size(a.k->type) && a.k_g->nb[0] == ggml_type_size(a.k_g->type));
+    GGML_ASSERT(!a.k_rot || (a.k_g->type == GGML_TYPE_F32 && a.k_g->ne[0] <= a.k->ne[0]));
     GGML_ASSERT(a.v->nb[0] == ggml_type_size(a.v->type));
 
     const int ith = params->ith;

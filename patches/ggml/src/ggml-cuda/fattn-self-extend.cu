@@ -1144,8 +1144,8 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
     if (!ampere_mma_available(ggml_cuda_info().devices[device].cc)) {
         return false;
     }
-    if (!q || !k || !v || !q_g || !k_g || !pos_q || !pos_k || dst->src[4]) {
-        return false;
+    if (!q || !k || !v || !q_g || !k_g || !pos_q || !pos_k || dst->src[4] || a.k_rot) {
+        return false; // the grouped keys must be given (no rotation table yet)
     }
 
     float max_bias = 0.0f;
