@@ -6,7 +6,8 @@
 //
 //   1. the mask and the positions of the tile decide, per (query, key), masked / neighbour / grouped;
 //      a tile with nothing visible is skipped,
-//   2. only the operand pairs the tile needs are multiplied (q.k, q_g.k_g, or both near i - j = W),
+//   2. only the operand pairs the tile needs are multiplied (q.k, q_g.k_g, or both near i - j = W); k_g is
+//      given, or (rotation-table form) made from each K row as it is converted,
 //   3. the chosen logit of each pair goes through one online softmax (running max M, sum L per row),
 //   4. the probabilities multiply the V tile into the row's accumulator.
 //
