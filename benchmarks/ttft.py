@@ -3,7 +3,9 @@
 What a user waits for: an N-token document evaluated from an empty KV cache (default batch sizes, flash
 attention on), then single-token decodes after it. Vanilla and Self-Extend run in **separate processes** (no
 setting is switched live), each with one untimed warm-up of the whole document and then ``--repeats`` timed
-runs; the table gives medians and selfext/vanilla ratios, measured in the same invocation.
+runs; the table gives medians and selfext/vanilla ratios, measured in the same invocation. Memory is what
+llama.cpp itself logs for each context: KV cache, Self-Extend's grouped keys (or their rotation table) and the
+compute buffers, in MiB. LLAMA_SELF_EXTEND_KEYS=table|cache in the environment picks the form of the grouped keys.
 
     python benchmarks/ttft.py [MODEL] --tokens 8k,16k --ubatch 512,2048 --ga-n 8 --ga-w 1024 [-ngl 99] [--json]
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -30,7 +33,7 @@ def child(args: argparse.Namespace) -> None:
     from selfext_cpp import load
 
     n_ctx = args.n_tokens + args.n_gen + 16
-    llm = load(args.model, ga_n=args.ga_n, ga_w=args.ga_w if args.ga_n > 1 else 0, n_ctx=n_ctx,
+    llm = load(args.model, ga_n=args.ga_n, ga_w=args.ga_w if args.ga_n > 1 else 0, n_ctx=n_ctx, verbose=True,
                n_batch=args.ubatch, n_ubatch=args.ubatch, n_gpu_layers=args.ngl, flash_attn=True,
                **({"n_threads": args.threads, "n_threads_batch": args.threads} if args.threads else {}))
     unit = llm.tokenize(FILLER.encode(), add_bos=False)
@@ -50,6 +53,17 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"prefill_tps": prefill, "decode_tps": decode}))
 
 
+def memory_mib(log: str) -> dict[str, float]:
+    """A context's memory from llama.cpp's own log lines: KV caches (two for iSWA), Self-Extend's grouped keys or
+    their rotation table, and the compute buffer of each backend as last reserved (llama_set_self_extend reserves
+    them again after the context's first, vanilla reserve)."""
+    compute = dict(re.findall(r"(\S+) compute buffer size = +([\d.]+) MiB", log))
+    got = {"kv": sum(float(x) for x in re.findall(r"llama_kv_cache: size = +([\d.]+) MiB", log)),
+           "grouped": sum(float(x) for x in re.findall(r"se_kcache_alloc: [^\n]*?([\d.]+) MiB", log)),
+           "compute": sum(float(x) for x in compute.values())}
+    return {**{k: round(v, 2) for k, v in got.items()}, "total": round(sum(got.values()), 2)}
+
+
 def measure(args: argparse.Namespace, n_tokens: int, ubatch: int, ga_n: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--model", args.model, "--n-tokens", str(n_tokens), "--ubatch",
            str(ubatch), "--ga-n", str(ga_n), "--ga-w", str(args.ga_w), "--n-gen", str(args.n_gen),
@@ -59,7 +73,7 @@ def measure(args: argparse.Namespace, n_tokens: int, ubatch: int, ga_n: int) -> 
         sys.exit(f"ttft: the {'selfext' if ga_n > 1 else 'vanilla'} run failed:\n{got.stderr[-2000:]}")
     runs = json.loads(got.stdout.strip().splitlines()[-1])
     return {"n_tokens": n_tokens, "ubatch": ubatch, "mode": "selfext" if ga_n > 1 else "vanilla",
-            "ga_n": ga_n, "ga_w": args.ga_w if ga_n > 1 else 0, **runs,
+            "ga_n": ga_n, "ga_w": args.ga_w if ga_n > 1 else 0, **runs, "memory_mib": memory_mib(got.stderr),
             "prefill_median": statistics.median(runs["prefill_tps"]),
             "decode_median": statistics.median(runs["decode_tps"])}
 
@@ -98,11 +112,13 @@ def main() -> None:
             v, s = measure(args, n, ub, 1), measure(args, n, ub, args.ga_n)
             rows += [v, s]
             ratio = {k: round(s[f"{k}_median"] / v[f"{k}_median"], 3) for k in ("prefill", "decode")}
+            ratio["memory"] = round(s["memory_mib"]["total"] / v["memory_mib"]["total"], 3)
             rows[-1]["ratio"] = ratio
             if not args.json:
                 print(f"{n:>7} tokens  ubatch {ub:>5}  prefill {v['prefill_median']:9.1f} -> {s['prefill_median']:9.1f} "
                       f"tok/s ({ratio['prefill']:.3f})  decode {v['decode_median']:8.1f} -> "
-                      f"{s['decode_median']:8.1f} tok/s ({ratio['decode']:.3f})", flush=True)
+                      f"{s['decode_median']:8.1f} tok/s ({ratio['decode']:.3f})  memory {v['memory_mib']['total']:.0f} -> "
+                      f"{s['memory_mib']['total']:.0f} MiB ({ratio['memory']:.3f})", flush=True)
     if args.json:
         print(json.dumps({"model": os.path.basename(args.model), "ga_n": args.ga_n, "ga_w": args.ga_w,
                           "n_gen": args.n_gen, "repeats": args.repeats, "ngl": args.ngl, "results": rows}))

@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -45,8 +46,7 @@ struct llama_se_kcache {
     std::vector<ggml_context_ptr>        ctxs;
     std::vector<ggml_backend_buffer_ptr> bufs;
     std::vector<ggml_tensor *>           k_g;     // per KV layer, as llama_kv_cache::layers: [n_embd_k_gqa, kv_size, n_stream]
-                                                  // (table form: the one table [n_rot, kv_size, n_stream], every layer)
-    bool                                 rot = false;   // table form
+    ggml_tensor *                        tab = nullptr; // table form (k_g empty): [n_rot, kv_size, n_stream]
     int32_t                              rope_mode = 0; // table form: the pairs' layout (LLAMA_ROPE_TYPE_NORM/NEOX)
     std::vector<double>                  freq;          // table form: [n_rot/2] angle of each pair per position step
     std::vector<std::vector<uint8_t>>    stale;   // [n_stream][kv_size]: 1 where the grouped key must be rebuilt
@@ -242,21 +242,17 @@ struct se_rope_params {
 // rotation, which the kernels do not undo) and one set of RoPE parameters for all its Self-Extend layers.
 static bool se_table_form_fits(const llama_kv_cache * kv, const llama_cparams & cparams) {
     const llama_model & model = llama_se_access::model(kv);
-    const se_rope_params * first = nullptr;
-    std::vector<se_rope_params> all;
+    std::unique_ptr<se_rope_params> first;
     for (const auto & layer : llama_se_access::layers(kv)) {
         if (!se_layer_applies(model.hparams, layer.il)) {
             continue;
         }
-        if (ggml_is_quantized(layer.k->type)) {
+        const se_rope_params rp(model, cparams, layer.il);
+        if (ggml_is_quantized(layer.k->type) || (first && !(rp == *first))) {
             return false;
         }
-        all.emplace_back(model, cparams, layer.il);
-    }
-    for (const auto & rp : all) {
-        first = first ? first : &rp;
-        if (!(rp == *first)) {
-            return false;
+        if (!first) {
+            first = std::make_unique<se_rope_params>(rp);
         }
     }
     return first != nullptr;
@@ -268,7 +264,6 @@ static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, 
     auto kc = std::make_shared<llama_se_kcache>();
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
     const llama_model & model = llama_se_access::model(kv);
-    ggml_tensor * tab = nullptr;
     for (const auto & layer : llama_se_access::layers(kv)) {
         ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
         if (!ctx_of.count(buft)) {
@@ -277,26 +272,19 @@ static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, 
             ctx_of[buft] = kc->ctxs.back().get();
         }
         if (table) {
-            if (!tab && se_layer_applies(model.hparams, layer.il)) {
+            if (!kc->tab && se_layer_applies(model.hparams, layer.il)) { // next to the first Self-Extend layer's K
                 const se_rope_params rp(model, cparams, layer.il);
-                tab = ggml_new_tensor_3d(ctx_of[buft], GGML_TYPE_F32, rp.n_rot, layer.k->ne[1], layer.k->ne[2]);
-                ggml_set_name(tab, "se_k_rot");
-                kc->rot       = true;
+                kc->tab = ggml_new_tensor_3d(ctx_of[buft], GGML_TYPE_F32, rp.n_rot, layer.k->ne[1], layer.k->ne[2]);
+                ggml_set_name(kc->tab, "se_k_rot");
                 kc->rope_mode = model.hparams.rope_type;
                 kc->freq      = rp.freq(cparams);
             }
-            kc->k_g.push_back(tab); // layers before the first Self-Extend one never read it
             continue;
         }
         const ggml_type type = layer.k->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
         ggml_tensor * t = ggml_new_tensor_3d(ctx_of[buft], type, layer.k->ne[0], layer.k->ne[1], layer.k->ne[2]);
         ggml_format_name(t, "se_k_grouped_l%d", layer.il);
         kc->k_g.push_back(t);
-    }
-    if (table) {
-        for (auto & k_g : kc->k_g) {
-            k_g = tab;
-        }
     }
     size_t total = 0;
     const bool no_alloc = llama_se_access::model(kv).hparams.no_alloc; // a context that only measures memory (--fit)
@@ -325,8 +313,9 @@ static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, 
         kc->bytes[buft] += size;
         kc->bufs.emplace_back(buf);
     }
-    const uint32_t n_stream = kc->k_g.empty() ? 0 : kc->k_g[0]->ne[2];
-    const uint32_t kv_size  = kc->k_g.empty() ? 0 : kc->k_g[0]->ne[1];
+    const ggml_tensor * some = kc->tab ? kc->tab : kc->k_g.empty() ? nullptr : kc->k_g[0];
+    const uint32_t n_stream = some ? some->ne[2] : 0;
+    const uint32_t kv_size  = some ? some->ne[1] : 0;
     kc->stale.assign(n_stream, std::vector<uint8_t>(kv_size, 1)); // nothing built yet
     kc->n_stale.assign(n_stream, kv_size);
     LLAMA_LOG_INFO("%s: %s: %.2f MiB\n", __func__, table ? "grouped-key rotations (one table, kernels rotate K)" :
@@ -472,6 +461,30 @@ static bool se_fused_supported(llama_context & ctx, bool table) {
     return true;
 }
 
+// Which form of the grouped keys to prefer where the kernels run both. LLAMA_SELF_EXTEND_KEYS=table or cache picks one;
+// auto (the default) takes the table where every Self-Extend layer's K is in host memory: the CPU kernel rotates each
+// key as it converts it, for free, while the CUDA kernel rotates the whole K view into a scratch per op, which a
+// memory-bound decode pays for at every step (on an H200 at 32K: decode 0.69-0.85 of vanilla, 0.96-1.09 with the
+// cache; docs/RESULTS.md). The cache costs one more K of memory.
+static bool se_prefer_table(llama_context & ctx) {
+    const char * v = getenv("LLAMA_SELF_EXTEND_KEYS");
+    if (v && *v && strcmp(v, "auto") != 0) {
+        if (strcmp(v, "table") == 0 || strcmp(v, "cache") == 0) {
+            return strcmp(v, "table") == 0;
+        }
+        LLAMA_LOG_WARN("%s: LLAMA_SELF_EXTEND_KEYS=%s is not auto, table or cache: using auto\n", __func__, v);
+    }
+    const llama_hparams & hp = ctx.get_model().hparams;
+    for (const llama_kv_cache * kv : se_kv_caches(ctx)) {
+        for (const auto & layer : llama_se_access::layers(kv)) {
+            if (se_layer_applies(hp, layer.il) && !ggml_backend_buffer_is_host(layer.k->buffer)) {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
 int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
     if (!ctx || ga_n < 1 || (ga_n > 1 && ga_w < 1)) {
         return LLAMA_SELF_EXTEND_ERR_INVALID_ARG;
@@ -494,10 +507,10 @@ int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
         return LLAMA_SELF_EXTEND_OK;
     }
     // flash attention on: the fused op where every KV device has it, its grouped keys made in the kernels from one
-    // rotation table where every device can, else kept as a second K cache; the generic path when the op is
-    // missing somewhere or its memory does not fit
+    // rotation table where every device can and that form is preferred (se_prefer_table), else kept as a second K
+    // cache; the generic path when the op is missing somewhere or its memory does not fit
     bool fused = ga_n > 1 && cparams.flash_attn && se_fused_supported(*ctx, false);
-    const bool table = fused && se_fused_supported(*ctx, true);
+    const bool table = fused && se_prefer_table(*ctx) && se_fused_supported(*ctx, true);
     for (const llama_kv_cache * kv : se_kv_caches(*ctx)) {
         if (!fused) {
             break;
@@ -505,8 +518,9 @@ int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
         if (!se_cache_applies(kv)) {
             continue; // no Self-Extend layer reads this cache
         }
-        if (llama_se_access::kcache(kv)) {
-            llama_se_kcache_invalidate(*kv); // built under the previous setting (the same form: same devices)
+        const llama_se_kcache * kc = llama_se_access::kcache(kv);
+        if (kc && (kc->tab != nullptr) == table) {
+            llama_se_kcache_invalidate(*kv); // built under the previous setting, in the form wanted now
         } else {
             fused = se_kcache_alloc(const_cast<llama_kv_cache *>(kv), cparams, table);
         }
@@ -581,7 +595,7 @@ llama_se_inp llama_se_build_inp(
     if (cparams.se_fa) {
         // table form: instead of the keys' shifts, the table rows of the ubatch's cells, then of the stale ones
         const llama_se_kcache * kc = llama_se_access::kcache(llama_se_access::kv(mctx));
-        const bool table = kc && kc->rot;
+        const bool table = kc && kc->tab;
         if (!table) {
             inp.k_shift_cur = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
             ggml_set_input(inp.k_shift_cur); ggml_set_name(inp.k_shift_cur, "se_k_shift_cur");
@@ -599,7 +613,7 @@ llama_se_inp llama_se_build_inp(
             }
         }
         if (table) {
-            inp.k_rot_rows = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, kc->k_g[0]->ne[0], n_tokens + n_rows);
+            inp.k_rot_rows = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, kc->tab->ne[0], n_tokens + n_rows);
             ggml_set_input(inp.k_rot_rows); ggml_set_name(inp.k_rot_rows, "se_k_rot_rows");
         }
     } else {
@@ -667,27 +681,26 @@ void llama_se_set_inp(
             k_shift[i] = se_k_pos(ubatch->pos[i], G) - ubatch->pos[i];
         }
     }
-    if (inp.k_rot_rows) {
-        // table form: per row, cos/sin of each pair's angle for the shift from the cell's position to its grouped one
-        GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_rot_rows->buffer));
+    // table form: per row, cos/sin of each pair's angle for the shift from the cell's position to its grouped one;
+    // the rows of the ubatch's cells, then those of the stale ones
+    float * rot_out = nullptr;
+    auto rot_row = [&](llama_pos pos) {
         const llama_se_kcache * kc = llama_se_access::kcache(kv);
-        const int64_t n_rot = inp.k_rot_rows->ne[0], half = n_rot/2;
-        const bool neox = kc->rope_mode == LLAMA_ROPE_TYPE_NEOX;
-        float * out = (float *) inp.k_rot_rows->data;
-        auto row = [&](llama_pos pos) {
-            const double shift = se_k_pos(pos, G) - pos;
-            for (int64_t i = 0; i < half; ++i) {
-                const double a = shift*kc->freq[i];
-                out[neox ? i        : 2*i]     = (float) std::cos(a);
-                out[neox ? i + half : 2*i + 1] = (float) std::sin(a);
-            }
-            out += n_rot;
-        };
-        for (int64_t i = 0; i < n_tokens; ++i) {
-            row(ubatch->pos[i]);
+        const int64_t half = kc->freq.size();
+        const bool    neox = kc->rope_mode == LLAMA_ROPE_TYPE_NEOX;
+        const double  shift = se_k_pos(pos, G) - pos;
+        for (int64_t i = 0; i < half; ++i) {
+            const double a = shift*kc->freq[i];
+            rot_out[neox ? i        : 2*i]     = (float) std::cos(a);
+            rot_out[neox ? i + half : 2*i + 1] = (float) std::sin(a);
         }
-        if (inp.k_g_rows) {
-            se_kcache_for_stale(mctx, [&](int64_t, llama_pos pos) { row(pos); });
+        rot_out += 2*half;
+    };
+    if (inp.k_rot_rows) {
+        GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_rot_rows->buffer));
+        rot_out = (float *) inp.k_rot_rows->data;
+        for (int64_t i = 0; i < n_tokens; ++i) {
+            rot_row(ubatch->pos[i]);
         }
     }
     if (inp.k_g_rebuild) {
@@ -703,6 +716,9 @@ void llama_se_set_inp(
                 rows[n] = (int32_t) row;
                 if (shift) {
                     shift[n] = se_k_pos(pos, G) - pos;
+                }
+                if (rot_out) {
+                    rot_row(pos);
                 }
                 n++;
             });
@@ -820,10 +836,10 @@ bool llama_se_build_layer(
         // fused path: the rotation table, or the grouped-key cache viewed like the K cache
         const llama_kv_cache * kv = llama_se_access::kv(mctx);
         const llama_se_kcache * cache = llama_se_access::kcache(kv);
-        if (cache->rot) {
+        if (cache->tab) {
             // table form: the first Self-Extend layer of the graph writes the rows of this ubatch's (and the stale)
             // cells; every layer reads the table as [n_rot, 1, n_kv, n_stream], the kernel rotates K by it
-            ggml_tensor * tab = cache->k_g[0];
+            ggml_tensor * tab = cache->tab;
             const int64_t n_rot = tab->ne[0], kv_size = tab->ne[1];
             if (!inp.k_rot) {
                 ggml_tensor * rows = ggml_reshape_2d(ctx, tab, n_rot, kv_size*tab->ne[2]);

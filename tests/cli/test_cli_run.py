@@ -174,6 +174,24 @@ def test_the_fused_path_on_the_cpu_keeps_one_rotation_table_instead_of_a_second_
     assert "grouped keys:" not in result.stderr
 
 
+def test_llama_self_extend_keys_cache_keeps_the_grouped_keys_with_the_same_answer(
+        cli: Invoke, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # LLAMA_SELF_EXTEND_KEYS=cache asks libllama for the second K cache (one more K: half the 2 MiB KV cache) where
+    # the kernels could rotate K by the table; the answer does not depend on the form
+    args = ("run", tiny_model, "--ga-n", "4", "--ga-w", "64", "-n", "8", "--temp", "0", "-c", "4096", "-v")
+    table = cli(*args, input=DOC)
+    monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "cache")
+    cached = cli(*args, input=DOC)
+    assert table.exit_code == cached.exit_code == 0
+    assert float(re.search(r"grouped keys: ([\d.]+) MiB", cached.stderr)[1]) == 1.0
+    assert "rotations" not in cached.stderr
+    assert cached.stdout == table.stdout and len(table.stdout.strip()) >= 4
+    monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "fast")
+    other = cli(*args, input=DOC)
+    assert "LLAMA_SELF_EXTEND_KEYS=fast is not auto, table or cache: using auto" in other.stderr
+    assert "grouped-key rotations" in other.stderr and other.stdout == table.stdout
+
+
 def test_without_flash_attention_the_log_names_the_generic_path(cli: Invoke, tiny_model: Path) -> None:
     result = cli("run", tiny_model, "--ga-n", "4", "--ga-w", "64", "-n", "1", "-no-fa", "-v", input=DOC)
     assert result.exit_code == 0

@@ -208,7 +208,7 @@ def rotated(k: np.ndarray, table: np.ndarray, mode: int) -> np.ndarray:
 @pytest.mark.parametrize("case,mode,n_rot", ROT_CASES, ids=[f"{c}-{'neox' if m else 'norm'}{r}" for c, m, r in ROT_CASES])
 def test_rotation_table_form_matches_reference(ggml: Ggml, case: Case, mode: int, n_rot: int) -> None:
     """ggml_flash_attn_ext_se_rot: the grouped keys made in the kernel from K and a cos/sin table per key equal
-    the keys form given those keys rotated in float64. Backends without this form (CUDA so far) say so."""
+    the keys form given those keys rotated in float64, on every backend that has this form (CPU, CUDA)."""
     rng = np.random.default_rng(zlib.crc32(f"{case}-{mode}-{n_rot}".encode()))
     x = make_inputs(case, rng)
     angle = rng.uniform(-np.pi, np.pi, (case.n_stream, 1, case.n_kv, n_rot // 2))

@@ -22,6 +22,8 @@
 //     decode  (NWC = 1): 16 columns (few queries), the 4 warps split the keys of a tile and are merged at the end.
 //   When the blocks alone cannot fill the GPU the KV range of each block is also split (nsplit): every split leaves an
 //   unnormalized partial (max, sum, O) and flash_attn_ext_se_combine merges them exactly.
+//   The rotation-table form of the op (K_g given as cos/sin per key) first rotates the K view into a pool scratch
+//   (flash_attn_ext_se_rotate_k), then runs the same kernel.
 //
 // Classification
 //   prefill: flash_attn_ext_se_classify runs first and classifies every (block of queries, tile of 64 keys) once for all
@@ -52,6 +54,9 @@
 #include "mma.cuh"
 
 #include <climits>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 using namespace ggml_cuda_mma;
@@ -937,6 +942,48 @@ static __global__ void flash_attn_ext_se_combine(
     }
 }
 
+// Rotation-table form (ggml_flash_attn_ext_se_rot): the grouped keys made from K and the table, once per op, into a
+// contiguous F16 scratch [D, n_kv, n_head_kv, ne3] that the attention kernel then reads as K_g (a prefill reads every
+// grouped tile once per block of queries; rotating in there would repeat the work for each). One thread per pair of
+// dimensions of a K row: pair i < n_rot/2 is rotated (dimensions (2i, 2i + 1), or (i, i + n_rot/2) for NEOX), the others
+// are copied.
+#define FATTN_SE_ROT_NTHREADS 256
+
+template <int D>
+__launch_bounds__(FATTN_SE_ROT_NTHREADS)
+static __global__ void flash_attn_ext_se_rotate_k(
+        const char * __restrict__ k, const int64_t nb_k1, const int64_t nb_k2, const int64_t nb_k3,
+        const char * __restrict__ tab, const int64_t nb_t1, const int64_t nb_t3,
+        half * __restrict__ k_g, const int n_kv, const int n_head_kv, const int64_t nrows, const int n_rot, const bool neox) {
+    constexpr int PAIRS = D/2;
+    const int64_t row = int64_t(blockIdx.x)*(FATTN_SE_ROT_NTHREADS/PAIRS) + threadIdx.x/PAIRS;
+    if (row >= nrows) {
+        return;
+    }
+    const int     i  = threadIdx.x % PAIRS;
+    const int     j  = row % n_kv;
+    const int64_t hs = row / n_kv;
+    const int     h  = hs % n_head_kv;
+    const int     s  = hs / n_head_kv;
+
+    const half * x = (const half *) (k + j*nb_k1 + h*nb_k2 + s*nb_k3);
+    half       * y = k_g + row*D;
+    const int half_rot = n_rot/2;
+    if (i < half_rot) {
+        const int     a  = neox ? i            : 2*i;
+        const int     b  = neox ? i + half_rot : 2*i + 1;
+        const float * t  = (const float *) (tab + j*nb_t1 + s*nb_t3);
+        const float   c  = t[a], sn = t[b];
+        const float   x0 = __half2float(x[a]), x1 = __half2float(x[b]);
+        y[a] = __float2half(x0*c  - x1*sn);
+        y[b] = __float2half(x0*sn + x1*c);
+    } else {
+        const int a = n_rot + 2*(i - half_rot);
+        y[a]     = x[a];
+        y[a + 1] = x[a + 1];
+    }
+}
+
 // ------------------------------------------------------------------------------------------------------------------
 // host side
 
@@ -978,6 +1025,25 @@ static fattn_se_kernel_t fattn_se_kernel(const fattn_se_params & p, const fattn_
     }
 }
 
+// Resident blocks per SM of a kernel with nbytes_shared of dynamic shared memory on the current device. The driver is
+// asked once per (kernel, device, size): a plan is made for every op of every graph, and the answer never changes.
+static int fattn_se_blocks_per_sm(const fattn_se_kernel_t kernel, const size_t nbytes_shared) {
+    static std::mutex mutex;
+    static std::map<std::tuple<const void *, int, size_t>, int> known;
+    int device;
+    CUDA_CHECK(cudaGetDevice(&device));
+    const auto key = std::make_tuple((const void *) kernel, device, nbytes_shared);
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = known.find(key);
+    if (it == known.end()) {
+        int n = 0;
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, FATTN_SE_NTHREADS, nbytes_shared));
+        GGML_ASSERT(n > 0);
+        it = known.emplace(key, n).first;
+    }
+    return it->second;
+}
+
 static size_t fattn_se_pad_ws(const size_t n) {
     return GGML_PAD(n, 256);
 }
@@ -999,11 +1065,7 @@ static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm
 
     P.nbytes_shared = fattn_se_nbytes_shared(p.D, P.decode, P.RPB);
 
-    const fattn_se_kernel_t kernel = fattn_se_kernel(p, P);
-    int nblocks_sm = 0;
-    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nblocks_sm, kernel, FATTN_SE_NTHREADS, P.nbytes_shared));
-    GGML_ASSERT(nblocks_sm > 0);
-    const int64_t nslots = int64_t(nblocks_sm)*nsm;
+    const int64_t nslots = int64_t(fattn_se_blocks_per_sm(fattn_se_kernel(p, P), P.nbytes_shared))*nsm;
 
     // Split the keys when the blocks of columns cannot fill the GPU (decode, short prompts), or when a few splits even
     // out a poorly filled last wave (prefill): the fewest splits whose waves are the fullest, counting every slot of the
@@ -1125,9 +1187,38 @@ static fattn_se_params fattn_se_params_from_tensor(const ggml_tensor * dst) {
     return p;
 }
 
+template <int D>
+static void fattn_se_launch_rotate_k(const fattn_se_params & p, const int n_rot, const bool neox, half * k_g,
+                                     cudaStream_t stream) {
+    const int64_t nrows  = int64_t(p.n_kv)*p.n_head_kv*p.ne3;
+    const int64_t rows_b = FATTN_SE_ROT_NTHREADS/(D/2);
+    flash_attn_ext_se_rotate_k<D><<<(nrows + rows_b - 1)/rows_b, FATTN_SE_ROT_NTHREADS, 0, stream>>>(
+        p.k, p.nb_k1, p.nb_k2, p.nb_k3, p.k_g, p.nb_kg1, p.nb_kg3, k_g, p.n_kv, p.n_head_kv, nrows, n_rot, neox);
+}
+
 void ggml_cuda_flash_attn_ext_se(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
-    const fattn_se_params p = fattn_se_params_from_tensor(dst);
-    const fattn_se_plan   P = fattn_se_make_plan(p, ggml_cuda_info().devices[ctx.device].nsm);
+    fattn_se_params p = fattn_se_params_from_tensor(dst);
+    const fattn_se_plan P = fattn_se_make_plan(p, ggml_cuda_info().devices[ctx.device].nsm);
+
+    const ggml_flash_attn_ext_se_args a = ggml_flash_attn_ext_se_get_args(dst);
+    ggml_cuda_pool_alloc<half> k_g(ctx.pool());
+    if (a.k_rot) {
+        // table form: p.k_g is the table; the grouped keys go to a scratch laid out as a contiguous K
+        k_g.alloc(size_t(p.D)*p.n_kv*p.n_head_kv*p.ne3);
+        const int  n_rot = a.k_g->ne[0];
+        const bool neox  = a.rope_mode == GGML_ROPE_TYPE_NEOX;
+        switch (p.D) {
+            case  64: fattn_se_launch_rotate_k< 64>(p, n_rot, neox, k_g.get(), ctx.stream()); break;
+            case 128: fattn_se_launch_rotate_k<128>(p, n_rot, neox, k_g.get(), ctx.stream()); break;
+            case 256: fattn_se_launch_rotate_k<256>(p, n_rot, neox, k_g.get(), ctx.stream()); break;
+            default:  GGML_ABORT("%s: unsupported head size %d", __func__, p.D);
+        }
+        CUDA_CHECK(cudaGetLastError());
+        p.k_g    = (const char *) k_g.get();
+        p.nb_kg1 = int64_t(p.D)*sizeof(half);
+        p.nb_kg2 = p.nb_kg1*p.n_kv;
+        p.nb_kg3 = p.nb_kg2*p.n_head_kv;
+    }
 
     ggml_cuda_pool_alloc<char> ws(ctx.pool());
     if (P.nbytes_ws > 0) {
@@ -1144,8 +1235,8 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
     if (!ampere_mma_available(ggml_cuda_info().devices[device].cc)) {
         return false;
     }
-    if (!q || !k || !v || !q_g || !k_g || !pos_q || !pos_k || dst->src[4] || a.k_rot) {
-        return false; // the grouped keys must be given (no rotation table yet)
+    if (!q || !k || !v || !q_g || !k_g || !pos_q || !pos_k || dst->src[4]) {
+        return false;
     }
 
     float max_bias = 0.0f;
@@ -1162,11 +1253,20 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
         return false;
     }
     if (q->type != GGML_TYPE_F32 || q_g->type != GGML_TYPE_F32 || dst->type != GGML_TYPE_F32 ||
-        k->type != GGML_TYPE_F16 || k_g->type != GGML_TYPE_F16 || v->type != GGML_TYPE_F16 ||
-        pos_q->type != GGML_TYPE_I32 || pos_k->type != GGML_TYPE_I32) {
+        k->type != GGML_TYPE_F16 || v->type != GGML_TYPE_F16 || pos_q->type != GGML_TYPE_I32 || pos_k->type != GGML_TYPE_I32) {
         return false;
     }
-    if (!ggml_are_same_shape(q, q_g) || !ggml_are_same_shape(k, k_g) || !ggml_are_same_shape(k, v) ||
+    if (a.k_rot) {
+        // the rotation table [n_rot, n_kv, 1, ne3], one row per key, shared by the heads
+        if (k_g->type != GGML_TYPE_F32 || k_g->nb[0] != sizeof(float) || k_g->ne[0] % 2 != 0 || k_g->ne[0] > D ||
+            k_g->ne[1] != n_kv || k_g->ne[2] != 1 || k_g->ne[3] != ne3 ||
+            (a.rope_mode != 0 && a.rope_mode != GGML_ROPE_TYPE_NEOX)) {
+            return false;
+        }
+    } else if (k_g->type != GGML_TYPE_F16 || !ggml_are_same_shape(k, k_g)) {
+        return false;
+    }
+    if (!ggml_are_same_shape(q, q_g) || !ggml_are_same_shape(k, v) ||
         k->ne[0] != D || k->ne[3] != ne3 || q->ne[2] % k->ne[2] != 0 || n_q < 1 || n_kv < 1 || n_kv > (1 << 26)) {
         return false;
     }
@@ -1177,8 +1277,8 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
     if (q->nb[0] != sizeof(float) || q_g->nb[0] != sizeof(float)) {
         return false;
     }
-    // K, K_g and V are copied to shared memory in 16 byte pieces
-    for (const ggml_tensor * t : {k, k_g, v}) {
+    // K, K_g and V are copied to shared memory in 16 byte pieces (the table form's K_g is a scratch of ours)
+    for (const ggml_tensor * t : {k, a.k_rot ? k : k_g, v}) {
         if (t->nb[0] != sizeof(half) || !ggml_cuda_is_aligned(t, 16)) {
             return false;
         }
