@@ -101,6 +101,7 @@ def run(
     if auto:
         _say_choice(se, n_ctx_train, n_needed)
     n_ctx = ctx_size or -(-n_needed // CTX_ROUND) * CTX_ROUND
+    engine.check_context_memory(meta, n_ctx, n_gpu_layers=gpu_layers, rpc=bool(rpc))
 
     t0 = time.perf_counter()
     n_threads = threads or os.cpu_count() or 1

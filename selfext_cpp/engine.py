@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,6 +16,8 @@ from .errors import CapacityError, ModelError, ParameterError, UnsupportedModelE
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
+
+    from .models import ModelMeta
 
 # The automatic choice (docs/RESULTS.md, "Choosing G and W"): the neighbour window is a quarter of the trained
 # window, and the group size the smallest power of two that keeps the farthest grouped position inside the
@@ -148,6 +151,51 @@ def serving_plan(n_ctx_train: int, *, ga_n: int | None = None, ga_w: int | None 
                              f"{auto_max_ctx}-token context)")
     params = plan(n_ctx_train, auto_max_ctx or n_ctx or None, ga_n=ga_n, ga_w=ga_w, auto=auto_max_ctx is not None)
     return params, auto_max_ctx or n_ctx or params.capacity(n_ctx_train)
+
+
+# bytes per KV cell that llama.cpp keeps on the host besides K and V (position, sequences, shift; llama-kv-cells.h),
+# rounded up
+KV_CELL_HOST_BYTES = 64
+
+
+def check_context_memory(meta: ModelMeta, n_ctx: int, *, slots: int = 1, n_gpu_layers: int = 0,
+                         rpc: bool = False) -> None:
+    """Raise ParameterError when a context of ``n_ctx`` cells (per slot, for a server with ``slots`` sequences of
+    their own) cannot fit this machine: its f16 KV cache (every layer at full length, an upper bound for
+    sliding-window models) and llama.cpp's per-cell bookkeeping against the host's memory, plus the GPUs' when
+    layers are offloaded. Without this a mistyped ``-c`` makes llama.cpp fill the host's memory before any
+    allocation fails. Not checked with RPC servers (their memory is remote)."""
+    if rpc or n_ctx <= 0:
+        return
+    per_cell = meta.n_layer * meta.n_head_kv * (meta.n_embd_head_k + meta.n_embd_head_v) * 2 + KV_CELL_HOST_BYTES
+    need, have = n_ctx * slots * per_cell, machine_memory(gpu=n_gpu_layers != 0)
+    if need > have:
+        what = f"{slots} slots of {n_ctx} tokens need" if slots > 1 else f"a context of {n_ctx} tokens needs"
+        raise ParameterError(f"{what} about {need / 2**30:.1f} GiB for the KV cache, more than this machine's "
+                             f"{have / 2**30:.1f} GiB of memory: lower {{n_ctx}}")
+
+
+def machine_memory(*, gpu: bool) -> int:
+    """Bytes of memory on this machine: the host's, plus every discrete GPU's (as ggml reports them) when ``gpu``."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if gpu:
+        import ctypes
+
+        from ._lib import lib_dir
+
+        _capi()  # libllama loaded, and with it ggml's backends
+        ggml = ctypes.CDLL(str(lib_dir() / "libggml.so"))
+        ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+        ggml.ggml_backend_dev_get.argtypes, ggml.ggml_backend_dev_get.restype = [ctypes.c_size_t], ctypes.c_void_p
+        ggml.ggml_backend_dev_type.argtypes, ggml.ggml_backend_dev_type.restype = [ctypes.c_void_p], ctypes.c_int
+        ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        for i in range(ggml.ggml_backend_dev_count()):
+            dev = ggml.ggml_backend_dev_get(i)
+            if ggml.ggml_backend_dev_type(dev) == 1:  # GGML_BACKEND_DEVICE_TYPE_GPU (an iGPU shares the host's)
+                free, size = ctypes.c_size_t(), ctypes.c_size_t()
+                ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(size))
+                total += size.value
+    return total
 
 
 def check_request(*, ga_n: int | None = None, ga_w: int | None = None, auto: bool = False) -> None:

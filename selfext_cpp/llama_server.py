@@ -98,7 +98,7 @@ def config(model: str | Path, *, parallel: int, ga_n: int | None = None, ga_w: i
     Other keyword arguments are :class:`Config` fields (threads, n_gpu_layers, flash_attn, alias, api_key,
     extra). Raises ParameterError, CapacityError, ModelError, UnsupportedModelError.
     """
-    from .engine import serving_plan
+    from .engine import check_context_memory, serving_plan
     from .models import inspect
 
     if parallel < 1:
@@ -109,6 +109,8 @@ def config(model: str | Path, *, parallel: int, ga_n: int | None = None, ga_w: i
     meta = inspect(path)  # the header only
     params, n_ctx_slot = serving_plan(meta.n_ctx_train, ga_n=ga_n, ga_w=ga_w, n_ctx=n_ctx,
                                       auto_max_ctx=auto_max_ctx)
+    check_context_memory(meta, n_ctx_slot, slots=parallel, n_gpu_layers=options.get("n_gpu_layers", 0),
+                         rpc="--rpc" in options.get("extra", ()))
     if params.enabled and not meta.self_extend_supported:
         raise UnsupportedModelError(f"Self-Extend is not available for {path}: {meta.self_extend_status}; "
                                     "serve it without {ga_n}/{auto}")

@@ -77,6 +77,8 @@ class ModelMeta:
     n_head: int
     n_head_kv: int
     n_embd: int
+    n_embd_head_k: int  # key and value head sizes ({arch}.attention.key_length/value_length, else n_embd/n_head)
+    n_embd_head_v: int
     n_vocab: int
     file_size: int  # bytes
     self_extend_supported: bool
@@ -127,13 +129,17 @@ class ModelFile:
             base: float | None = float(self.meta_str(f"{arch}.rope.freq_base") or "")
         except ValueError:
             base = None
+        n_embd, n_head = int(ll.llama_model_n_embd(model)), int(ll.llama_model_n_head(model))
+        head = {kind: int(self.meta_str(f"{arch}.attention.{kind}_length") or n_embd // max(n_head, 1))
+                for kind in ("key", "value")}
         return ModelMeta(
             path=str(self.path), architecture=arch, name=self.meta_str("general.name"),
             n_ctx_train=int(ll.llama_model_n_ctx_train(model)),
             rope_type=compat.rope_type_names(ll).get(int(ll.llama_model_rope_type(model)), "other"),
             rope_freq_base=base,
-            n_layer=int(ll.llama_model_n_layer(model)), n_head=int(ll.llama_model_n_head(model)),
-            n_head_kv=int(ll.llama_model_n_head_kv(model)), n_embd=int(ll.llama_model_n_embd(model)),
+            n_layer=int(ll.llama_model_n_layer(model)), n_head=n_head,
+            n_head_kv=int(ll.llama_model_n_head_kv(model)), n_embd=n_embd,
+            n_embd_head_k=head["key"], n_embd_head_v=head["value"],
             n_vocab=int(ll.llama_vocab_n_tokens(self._vocab)), file_size=self.path.stat().st_size,
             self_extend_supported=status == capi.LLAMA_SELF_EXTEND_OK, self_extend_status=capi.status_str(status),
             has_chat_template=self.chat_template is not None,

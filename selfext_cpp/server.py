@@ -32,7 +32,8 @@ from typing import Any, Mapping
 
 from . import compat
 from ._lib import load_llama_cpp
-from .engine import SelfExtend, enable_self_extend, last_llama_error, n_ctx_train, serving_plan, set_llama_log
+from .engine import (SelfExtend, check_context_memory, enable_self_extend, last_llama_error, n_ctx_train, serving_plan,
+                     set_llama_log)
 from .errors import ModelError, SelfextError, ServerError, UnsupportedModelError
 
 
@@ -93,6 +94,8 @@ def model_settings(model_path: str | Path, *, ga_n: int | None = None, ga_w: int
 
     meta = inspect(model_path)  # the header only: milliseconds
     params, context = serving_plan(meta.n_ctx_train, ga_n=ga_n, ga_w=ga_w, n_ctx=n_ctx, auto_max_ctx=auto_max_ctx)
+    check_context_memory(meta, context, n_gpu_layers=settings.get("n_gpu_layers", 0),
+                         rpc=bool(settings.get("rpc_servers")))
     if params.enabled and not meta.self_extend_supported:
         raise UnsupportedModelError(f"Self-Extend is not available for {meta.path}: {meta.self_extend_status}; "
                                     "serve it without {ga_n}/{auto}")

@@ -192,6 +192,14 @@ def test_llama_self_extend_keys_cache_keeps_the_grouped_keys_with_the_same_answe
     assert "grouped-key rotations" in other.stderr and other.stdout == table.stdout
 
 
+def test_a_context_larger_than_the_machine_is_one_error_line(cli: Invoke, tiny_model: Path) -> None:
+    # a mistyped -c used to make llama.cpp fill the host's memory with per-cell bookkeeping before failing
+    result = cli("run", tiny_model, "--ga-n", "4", "--ga-w", "64", "-c", "2000000000", "-n", "1", input=DOC)
+    assert result.exit_code == 2
+    assert re.fullmatch(r"selfext: error: a context of 2000000000 tokens needs about [\d.]+ GiB for the KV cache, "
+                        r"more than this machine's [\d.]+ GiB of memory: lower --ctx-size\n", result.stderr)
+
+
 def test_without_flash_attention_the_log_names_the_generic_path(cli: Invoke, tiny_model: Path) -> None:
     result = cli("run", tiny_model, "--ga-n", "4", "--ga-w", "64", "-n", "1", "-no-fa", "-v", input=DOC)
     assert result.exit_code == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,6 +34,20 @@ def test_bad_settings_fail_in_one_line_before_loading(tiny_model: Path, args: li
     got = serve(str(tiny_model), *args)
 
     assert (got.returncode, got.stderr, got.stdout) == (code, f"selfext: error: {message}\n", "")
+
+
+@pytest.mark.parametrize("parallel", [[], ["--parallel", "2"]], ids=["one-request", "parallel"])
+def test_a_context_larger_than_the_machine_fails_in_one_line(tiny_model: Path, parallel: list[str]) -> None:
+    from selfext_cpp import llama_server
+
+    if parallel and llama_server.binary() is None:
+        pytest.skip("this install has no llama-server")
+    got = serve(str(tiny_model), "--ga-n", "100000000", "--ga-w", "16", "-c", "2000000000", *parallel)
+
+    what = "2 slots of 2000000000 tokens need" if parallel else "a context of 2000000000 tokens needs"
+    assert got.returncode == 2 and got.stdout == ""
+    assert re.fullmatch(f"selfext: error: {what} about [\\d.]+ GiB for the KV cache, more than this machine's "
+                        f"[\\d.]+ GiB of memory: lower -c\n", got.stderr), got.stderr
 
 
 def test_missing_model_file_fails_in_one_line(tmp_path: Path) -> None:

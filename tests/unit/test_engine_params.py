@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from selfext_cpp import CapacityError, ParameterError, SelfExtend, capacity, choose, plan
+from selfext_cpp import CapacityError, ParameterError, SelfExtend, capacity, choose, engine, plan
 from selfext_cpp.engine import auto_window, check_request
 
 
@@ -121,3 +121,22 @@ def test_plan_refuses_conflicting_or_invalid_requests_before_any_model(kwargs: d
 def test_plan_checks_the_capacity() -> None:
     with pytest.raises(CapacityError, match="60000 tokens exceed the capacity"):
         plan(8192, 60000, ga_n=4, ga_w=512)
+
+
+def test_a_context_that_cannot_fit_this_machine_is_refused_before_llama_cpp_allocates_it() -> None:
+    from selfext_cpp.models import ModelMeta
+
+    # SmolLM2-135M's shape: 30 layers, 3 KV heads of 64 dims: 23,040 bytes of f16 K and V per cell, plus bookkeeping
+    meta = ModelMeta(path="m.gguf", architecture="llama", name=None, n_ctx_train=8192, rope_type="norm",
+                     rope_freq_base=None, n_layer=30, n_head=9, n_head_kv=3, n_embd=576, n_embd_head_k=64,
+                     n_embd_head_v=64, n_vocab=49152, file_size=1, self_extend_supported=True, self_extend_status="ok",
+                     has_chat_template=False)
+    per_cell = 30 * 3 * 128 * 2 + engine.KV_CELL_HOST_BYTES
+    have = engine.machine_memory(gpu=False)
+    assert have > 2**30 and engine.machine_memory(gpu=True) >= have  # plus the GPUs' (none in a CPU build)
+    fits = have // per_cell
+    engine.check_context_memory(meta, fits)
+    with pytest.raises(ParameterError, match=r"a context of \d+ tokens needs about [\d.]+ GiB for the KV cache, more "
+                                             r"than this machine's [\d.]+ GiB of memory: lower n_ctx"):
+        engine.check_context_memory(meta, fits + 1)
+    engine.check_context_memory(meta, fits + 1, rpc=True)  # remote memory: not judged here
