@@ -26,15 +26,20 @@ def test_endpoints_are_host_port_pairs() -> None:
 
 
 @pytest.mark.parametrize("n_gpu_layers", [1, 99], ids=["one-layer-remote", "all-remote"])
-@pytest.mark.parametrize("flash_attn", [True, False], ids=["fused", "generic"])
+@pytest.mark.parametrize(("flash_attn", "keys"), [(True, "table"), (True, "cache"), (False, "auto")],
+                         ids=["fused-table", "fused-cache", "generic"])
 def test_logits_over_rpc_are_the_local_logits_past_the_trained_window(
-        tiny_model: Path, rpc_server: RpcServer, flash_attn: bool, n_gpu_layers: int) -> None:
+        tiny_model: Path, rpc_server: RpcServer, flash_attn: bool, keys: str, n_gpu_layers: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # The server runs the same CPU kernels with the same thread count on the same inputs: bit for bit equal
-    # in practice; 1e-6 allows for a different summation order, far below a change of greedy token.
+    # in practice; 1e-6 allows for a different summation order, far below a change of greedy token. Both
+    # contexts get the same form of the grouped keys (by default an RPC device keeps the cache, the host the
+    # table, and the two round the grouped keys differently).
     import numpy as np
 
     from selfext_cpp import load, self_extend_fused
 
+    monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", keys)
     kw: dict[str, Any] = dict(ga_n=4, ga_w=64, n_ctx=512, n_threads=2, n_threads_batch=2, flash_attn=flash_attn)
     local = load(tiny_model, **kw)
     remote = load(tiny_model, n_gpu_layers=n_gpu_layers, rpc=[rpc_server.endpoint], **kw)
