@@ -1,6 +1,6 @@
 """ctypes access to the libggml next to our libllama: just enough of ggml to build one attention op on one
 backend and run it, for the op's own test (tests/native/test_op_self_extend.py) and its benchmark
-(benchmarks/op_speed.py)."""
+(benchmarks/op_speed.py), and to ask its devices how much memory they have (engine.machine_memory)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ _SIGNATURES = {
     "ggml_backend_alloc_ctx_tensors": ([_p, _p], _p), "ggml_backend_buffer_free": ([_p], None),
     "ggml_backend_tensor_set": ([_p, _p, _sz, _sz], None), "ggml_backend_tensor_get": ([_p, _p, _sz, _sz], None),
     "ggml_backend_graph_compute": ([_p, _p], _int), "ggml_backend_free": ([_p], None),
+    "ggml_backend_dev_count": ([], _sz), "ggml_backend_dev_get": ([_sz], _p), "ggml_backend_dev_type": ([_p], _int),
+    "ggml_backend_dev_memory": ([_p, _p, _p], None),
 }
 
 
@@ -59,12 +61,30 @@ class Ggml:
         self.backends.clear()
 
 
-def open_ggml(gpu: bool) -> Ggml:
-    """libggml from lib_dir() with the CPU backend, and the first GPU's when ``gpu`` and the build has one."""
+def _libggml() -> ctypes.CDLL:
+    """libggml from lib_dir(), its prototypes set."""
     lib = ctypes.CDLL(str(lib_dir() / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
     for name, (args, res) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
+    return lib
+
+
+def gpu_memory_total() -> int:
+    """Bytes of memory of every discrete GPU that ggml sees (an iGPU shares the host's)."""
+    lib, total = _libggml(), 0
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        if lib.ggml_backend_dev_type(dev) == DEVICE_GPU:
+            free, size = ctypes.c_size_t(), ctypes.c_size_t()
+            lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(size))
+            total += size.value
+    return total
+
+
+def open_ggml(gpu: bool) -> Ggml:
+    """libggml from lib_dir() with the CPU backend, and the first GPU's when ``gpu`` and the build has one."""
+    lib = _libggml()
     g = Ggml(lib, {"CPU": lib.ggml_backend_init_by_type(DEVICE_CPU, None)})
     if gpu and lib.ggml_backend_dev_by_type(DEVICE_GPU):
         g.backends["GPU"] = lib.ggml_backend_init_by_type(DEVICE_GPU, None)

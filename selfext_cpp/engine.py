@@ -179,22 +179,9 @@ def machine_memory(*, gpu: bool) -> int:
     """Bytes of memory on this machine: the host's, plus every discrete GPU's (as ggml reports them) when ``gpu``."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if gpu:
-        import ctypes
+        from ._ggml import gpu_memory_total  # loads our libllama, and with it ggml's backends
 
-        from ._lib import lib_dir
-
-        _capi()  # libllama loaded, and with it ggml's backends
-        ggml = ctypes.CDLL(str(lib_dir() / "libggml.so"))
-        ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-        ggml.ggml_backend_dev_get.argtypes, ggml.ggml_backend_dev_get.restype = [ctypes.c_size_t], ctypes.c_void_p
-        ggml.ggml_backend_dev_type.argtypes, ggml.ggml_backend_dev_type.restype = [ctypes.c_void_p], ctypes.c_int
-        ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        for i in range(ggml.ggml_backend_dev_count()):
-            dev = ggml.ggml_backend_dev_get(i)
-            if ggml.ggml_backend_dev_type(dev) == 1:  # GGML_BACKEND_DEVICE_TYPE_GPU (an iGPU shares the host's)
-                free, size = ctypes.c_size_t(), ctypes.c_size_t()
-                ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(size))
-                total += size.value
+        total += gpu_memory_total()
     return total
 
 

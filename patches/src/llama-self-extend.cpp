@@ -684,13 +684,14 @@ void llama_se_set_inp(
     // table form: per row, cos/sin of each pair's angle for the shift from the cell's position to its grouped one;
     // the rows of the ubatch's cells, then those of the stale ones
     float * rot_out = nullptr;
+    const llama_se_kcache * kcache = llama_se_access::kcache(kv); // its pair slopes: empty but for the table form
+    const double * freq = kcache ? kcache->freq.data() : nullptr;
+    const int64_t  half = kcache ? (int64_t) kcache->freq.size() : 0;
+    const bool     neox = kcache && kcache->rope_mode == LLAMA_ROPE_TYPE_NEOX;
     auto rot_row = [&](llama_pos pos) {
-        const llama_se_kcache * kc = llama_se_access::kcache(kv);
-        const int64_t half = kc->freq.size();
-        const bool    neox = kc->rope_mode == LLAMA_ROPE_TYPE_NEOX;
-        const double  shift = se_k_pos(pos, G) - pos;
+        const double shift = se_k_pos(pos, G) - pos;
         for (int64_t i = 0; i < half; ++i) {
-            const double a = shift*kc->freq[i];
+            const double a = shift*freq[i];
             rot_out[neox ? i        : 2*i]     = (float) std::cos(a);
             rot_out[neox ? i + half : 2*i + 1] = (float) std::sin(a);
         }
