@@ -126,11 +126,12 @@ inline void se_row_to_f32(const ggml_tensor * t, const char * row, float * out, 
     }
 }
 
-// K rows [c0, c0 + nk) of KV head hk, stream s, as Kt[d*SE_TILE_KV + key] (zero padded to SE_TILE_KV keys)
-void se_pack_k(const ggml_tensor * k, int64_t c0, int64_t nk, int64_t hk, int64_t s, float * Kt, float * row) {
-    const int64_t DK = k->ne[0];
+// keys [c0, c0 + nk) as Kt[d*SE_TILE_KV + key] (zero padded to SE_TILE_KV keys), each made as an f32 row of DK by
+// make_row(j, row)
+template <typename F>
+void se_pack_rows(int64_t DK, int64_t c0, int64_t nk, float * Kt, float * row, F make_row) {
     for (int64_t t = 0; t < nk; ++t) {
-        se_row_to_f32(k, (const char *) k->data + (c0 + t)*k->nb[1] + hk*k->nb[2] + s*k->nb[3], row, DK);
+        make_row(c0 + t, row);
         for (int64_t d = 0; d < DK; ++d) {
             Kt[d*SE_TILE_KV + t] = row[d];
         }
@@ -140,6 +141,13 @@ void se_pack_k(const ggml_tensor * k, int64_t c0, int64_t nk, int64_t hk, int64_
             Kt[d*SE_TILE_KV + t] = 0.0f;
         }
     }
+}
+
+// K rows [c0, c0 + nk) of KV head hk, stream s, packed by se_pack_rows
+void se_pack_k(const ggml_tensor * k, int64_t c0, int64_t nk, int64_t hk, int64_t s, float * Kt, float * row) {
+    se_pack_rows(k->ne[0], c0, nk, Kt, row, [&](int64_t j, float * out) {
+        se_row_to_f32(k, (const char *) k->data + j*k->nb[1] + hk*k->nb[2] + s*k->nb[3], out, k->ne[0]);
+    });
 }
 
 // Rotation-table form: key j's grouped operand made from its K row, as f32: the row with its first n_rot
@@ -159,20 +167,9 @@ void se_k_rot_row(const se_args & a, int64_t j, int64_t hk, int64_t s, float * r
     }
 }
 
-// the grouped keys [c0, c0 + nk) of KV head hk made from K and the table, packed as se_pack_k does
+// the grouped keys [c0, c0 + nk) of KV head hk made from K and the table, packed by se_pack_rows
 void se_pack_k_rot(const se_args & a, int64_t c0, int64_t nk, int64_t hk, int64_t s, float * Kt, float * row) {
-    const int64_t DK = a.k->ne[0];
-    for (int64_t t = 0; t < nk; ++t) {
-        se_k_rot_row(a, c0 + t, hk, s, row);
-        for (int64_t d = 0; d < DK; ++d) {
-            Kt[d*SE_TILE_KV + t] = row[d];
-        }
-    }
-    for (int64_t d = 0; d < DK; ++d) {
-        for (int64_t t = nk; t < SE_TILE_KV; ++t) {
-            Kt[d*SE_TILE_KV + t] = 0.0f;
-        }
-    }
+    se_pack_rows(a.k->ne[0], c0, nk, Kt, row, [&](int64_t j, float * out) { se_k_rot_row(a, j, hk, s, out); });
 }
 
 // O[r] += p[r*SE_TILE_KV] * v for the R rows of a tile: one f16 row of V converted once, in registers
