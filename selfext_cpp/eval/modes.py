@@ -11,6 +11,7 @@ linear   llama.cpp's linear RoPE scaling (position interpolation), rope_freq_sca
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,6 +92,16 @@ def setting(mode: str, n_ctx_train: int, n_needed: int, ga: SelfExtend | None = 
     raise ParameterError(f"unknown mode {mode!r}: choose from {','.join(MODES)}")
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Contexts:
     """Llama contexts for the settings met so far (at most ``keep`` alive), each with its Runner."""
 
@@ -102,6 +113,7 @@ class Contexts:
         self.keep = keep
         self.llama_kwargs = llama_kwargs
         self._open: OrderedDict[tuple[Any, ...], tuple[Llama, Runner]] = OrderedDict()
+        self._last: dict[tuple[Any, ...], tuple[Setting, Sequence0]] = {}  # per context: its live sequence
         self._n_ctx_train: int | None = None
 
     @property
@@ -120,7 +132,8 @@ class Contexts:
             self._open.move_to_end(key)
             return self._open[key]
         while len(self._open) >= self.keep:
-            _, (old_llm, old_runner) = self._open.popitem(last=False)
+            old_key, (old_llm, old_runner) = self._open.popitem(last=False)
+            self._last.pop(old_key, None)
             old_runner.close()
             old_llm.close()
         from ..engine import load
@@ -140,9 +153,27 @@ class Contexts:
         shift = None
         if s.mode in SHIFT_MODES and s.ga_n > 1:
             shift = GroupShift(s.ga_n, s.ga_w, exact_div=s.mode == "shift")
-        return Sequence0(runner, shift)
+        seq = Sequence0(runner, shift)
+        self._last[s.context_key()] = (s, seq)
+        return seq
+
+    def resume(self, s: Setting, prompt: list[int]) -> Sequence0:
+        """The sequence for ``s`` still holding the longest prefix of ``prompt`` that the last sequence of this
+        setting cached (all but the prompt's last token at most, so that feeding the rest gives its logits).
+
+        Cells past that prefix are removed, so the result is the prompt read from scratch, up to the rounding of
+        other batch boundaries. A shifted sequence, or another setting since, gives an empty sequence.
+        """
+        last = self._last.get(s.context_key())
+        if last is None or last[0] != s or last[1].shift is not None:
+            return self.sequence(s)
+        seq = last[1]
+        self._get(s.context_key(), {})  # most recently used
+        seq.rewind(common_prefix(seq.tokens, prompt[:-1]))
+        return seq
 
     def close(self) -> None:
+        self._last.clear()
         while self._open:
             _, (llm, runner) = self._open.popitem()
             runner.close()

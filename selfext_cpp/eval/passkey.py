@@ -102,7 +102,8 @@ class TrialResult:
     ga_n: int
     ga_w: int
     rope_factor: float
-    seconds: float
+    seconds: float  # decoding this prompt's tokens past ``reused`` and the answer
+    reused: int = 0  # prompt tokens still cached from the previous trial (the text before the key)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,14 +164,17 @@ class PasskeyRun:
                     if on_start is not None:
                         on_start(s, t)
                     t0 = time.perf_counter()
-                    seq = self.contexts.sequence(s)
-                    logits = seq.feed(p.tokens, on_chunk=on_tokens)[-1]
+                    seq = self.contexts.resume(s, p.tokens)  # trials of one depth share the text before the key
+                    reused = seq.n_tokens
+                    if on_tokens is not None and reused:
+                        on_tokens(reused)
+                    logits = seq.feed(p.tokens[reused:], on_chunk=on_tokens)[-1]
                     eos = seq.runner.llm.token_eos()
                     out_tokens = seq.greedy(logits, cfg.n_predict, lambda tok: tok == eos)
                     output = seq.runner.llm.detokenize(out_tokens).decode("utf-8", errors="replace")
                     yield TrialResult(mode, n, len(p.tokens), t.depth, t.trial, t.key, p.key_position, output,
                                       score(output, t.key), s.ga_n, s.ga_w, s.rope_factor,
-                                      round(time.perf_counter() - t0, 3))
+                                      round(time.perf_counter() - t0, 3), reused)
 
     def close(self) -> None:
         self.contexts.close()

@@ -120,7 +120,21 @@ class Sequence0:
         self.runner = runner
         self.shift = shift
         self.n_past = 0  # next position; with shifting, in compressed coordinates
-        self.n_tokens = 0  # tokens fed so far
+        self.tokens: list[int] = []  # tokens fed so far, in order
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def rewind(self, n: int) -> None:
+        """Keep only the first ``n`` tokens fed (their cells stay cached); plain positions only."""
+        if self.shift is not None:
+            raise ValueError("a shifted sequence cannot be rewound: its cells no longer sit at token positions")
+        if not 0 <= n <= len(self.tokens):
+            raise ValueError(f"cannot keep {n} of {len(self.tokens)} tokens")
+        self.runner.seq_rm(n)
+        del self.tokens[n:]
+        self.n_past = n
 
     def feed(self, tokens: Sequence[int], logits_from: int | None = None,
              on_chunk: Callable[[int], None] | None = None) -> np.ndarray:
@@ -136,7 +150,7 @@ class Sequence0:
             want = [i + j >= start for j in range(len(part))]
             out.append(self.runner.decode(part, pos, want))
             self.n_past += len(part)
-            self.n_tokens += len(part)
+            self.tokens.extend(part)
             if on_chunk is not None:
                 on_chunk(len(part))
         return np.concatenate(out) if out else np.empty((0, self.runner.n_vocab), dtype=np.float32)

@@ -39,7 +39,7 @@ def test_passkey_json_document(tiny: TinyModel) -> None:
         ("vanilla", 400, 1, 0), ("selfext", 400, 4, 16), ("shift", 400, 4, 16)]
     assert len(doc["results"]) == 2 * 2 * 2 * 3
     assert set(doc["results"][0]) == {"mode", "length", "n_tokens", "depth", "trial", "key", "key_position",
-                                      "output", "correct", "ga_n", "ga_w", "rope_factor", "seconds"}
+                                      "output", "correct", "ga_n", "ga_w", "rope_factor", "seconds", "reused"}
     assert len(doc["accuracy"]) == 2 * 2 * 3
     assert all(a["trials"] == 2 and 0.0 <= a["accuracy"] <= 1.0 for a in doc["accuracy"])
 

@@ -131,10 +131,40 @@ def test_passkey_run_gives_one_result_per_mode_and_trial(tiny: TinyModel) -> Non
         assert (r.ga_n, r.ga_w) == ((4, 16) if r.mode in ("selfext", "shift", "shift-upstream") else (1, 0))
         factor = (r.length + 4) / 64 if r.mode in ("yarn", "linear") else 1.0
         assert r.rope_factor == pytest.approx(factor)
+    # a prompt reads the text it shares with the one before (same mode and length) from the cache
+    for prev, r in zip([None, *results], results):
+        first = prev is None or (prev.mode, prev.length) != (r.mode, r.length)
+        if first or r.mode.startswith("shift"):
+            assert r.reused == 0
+        else:
+            assert 0 <= r.reused < r.n_tokens and (r.reused > 0 or r.trial == 0)
     deep = [r for r in results if r.depth == 0.9 and r.mode == "vanilla"]
     shallow = [r for r in results if r.depth == 0.1 and r.mode == "vanilla"]
     assert all(d.key_position > s.key_position for d, s in zip(deep, shallow))
     assert run.total_tokens == (300 + 400) * 2 * 2 * 6
+
+
+@pytest.mark.parametrize(("kwargs", "atol"), [
+    (F32_CACHE, ATOL),
+    # f16 cache, fused op: the kept cells were written in other batches than a fresh read writes them
+    ({"n_threads": 2, "flash_attn": True}, 1e-2),
+], ids=["f32-generic", "f16-fused"])
+def test_a_resumed_sequence_reads_the_rest_like_a_fresh_one(tiny: TinyModel, kwargs: dict, atol: float) -> None:
+    a = random_tokens(tiny, 200, seed=3)
+    b = a[:150] + [3 + (a[150] - 2) % (tiny.vocab_size - 3)] + random_tokens(tiny, 59, seed=4)  # b[150] != a[150]
+    settings = (Setting("vanilla"), Setting("selfext", 4, 16), Setting("yarn", rope_factor=4.0))
+    with Contexts(tiny.path, n_ctx=512, n_batch=64, **kwargs) as contexts:
+        for s in settings:
+            fresh = contexts.sequence(s).feed(b)[-1]
+            contexts.sequence(s).feed(a)
+            seq = contexts.resume(s, b)
+            assert (seq.n_tokens, seq.n_past, seq.runner.pos_max()) == (150, 150, 149)
+            np.testing.assert_allclose(seq.feed(b[150:])[-1], fresh, atol=atol)
+            assert contexts.resume(s, b).n_tokens == len(b) - 1  # the last token is always fed again
+        contexts.sequence(Setting("vanilla")).feed(a)
+        assert contexts.resume(Setting("selfext", 4, 16), a).n_tokens == 0  # cached under another setting
+        contexts.sequence(Setting("shift", 4, 16)).feed(a)
+        assert contexts.resume(Setting("shift", 4, 16), a).n_tokens == 0  # shifted cells are not token positions
 
 
 def test_perplexity_matches_the_reference_and_scores_the_same_window(tiny_one_layer: TinyModel) -> None:
