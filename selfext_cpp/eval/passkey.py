@@ -7,6 +7,7 @@ is correct when a run of digits in the greedy continuation equals the key.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -47,6 +48,38 @@ def prompt_text(units: Sequence[str], n_units: int, depth: float, key: str) -> t
     return head, f"{head} {tail}{PASSKEY_QUESTION}"
 
 
+def largest_fitting(size: Callable[[int], int], limit: int) -> int:
+    """The largest n >= 0 with size(n) <= limit, for a non-decreasing ``size`` with size(0) <= limit.
+
+    A prompt's size grows almost linearly with its filler sentences, so each guess extrapolates (then
+    interpolates) from the sizes measured so far: a handful of calls where bisection takes 2·log2(n), which
+    counts when every call tokenizes a 128K-token text. A guess that does not halve the bracket is followed by
+    a bisection step, so the worst case stays logarithmic.
+    """
+    s0 = size(0)
+    lo, s_lo = 0, s0  # size(lo) <= limit
+    hi, s_hi = -1, 0  # size(hi) > limit once hi >= 0
+    guess, bisect = 1, False
+    while hi < 0 or hi - lo > 1:
+        width = hi - lo
+        s = size(guess)
+        if s <= limit:
+            lo, s_lo = guess, s
+        else:
+            hi, s_hi = guess, s
+        if hi < 0:  # extrapolate at the mean growth so far, aiming one token past the limit
+            rate = max((s_lo - s0) / lo, 1e-3)
+            guess = lo + max(1, math.ceil((limit + 1 - s_lo) / rate))
+        elif hi - lo > 1:
+            if bisect:
+                guess = (lo + hi) // 2
+            else:
+                guess = lo + (limit - s_lo) * (hi - lo) // max(s_hi - s_lo, 1)
+                guess = min(max(guess, lo + 1), hi - 1)
+            bisect = width > 0 and 2 * (hi - lo) > width  # this step did not halve the bracket
+    return lo
+
+
 def build_prompt(tokenize: Tokenize, n_tokens: int, depth: float, key: str, units: Sequence[str]) -> PasskeyPrompt:
     """The longest prompt of at most ``n_tokens`` tokens (counted as the model tokenizes it, BOS included)."""
     if not 0.0 <= depth <= 1.0:
@@ -57,15 +90,10 @@ def build_prompt(tokenize: Tokenize, n_tokens: int, depth: float, key: str, unit
 
     if size(0) > n_tokens:
         raise ParameterError(f"a passkey prompt needs at least {size(0)} tokens; {n_tokens} is too short")
-    lo, hi = 0, 1
-    while size(hi) <= n_tokens:  # grow, then bisect: at most ~2·log2(n) tokenizations
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if size(mid) <= n_tokens else (lo, mid)
-    head, text = prompt_text(units, lo, depth, key)
+    n = largest_fitting(size, n_tokens)
+    head, text = prompt_text(units, n, depth, key)
     tokens = tokenize(text)
-    return PasskeyPrompt(tokens, key, depth, key_position=len(tokenize(head)), n_filler=lo)
+    return PasskeyPrompt(tokens, key, depth, key_position=len(tokenize(head)), n_filler=n)
 
 
 def score(output: str, key: str) -> bool:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import pytest
 
 from selfext_cpp.errors import ParameterError
 from selfext_cpp.eval.modes import Setting, parse_modes, setting
 from selfext_cpp.eval.parsing import parse_depths, parse_size, parse_sizes
-from selfext_cpp.eval.passkey import accuracy, build_prompt, plan_trials, prompt_text, score
+from selfext_cpp.eval.passkey import accuracy, build_prompt, largest_fitting, plan_trials, prompt_text, score
 from selfext_cpp.eval.texts import PASSKEY_PREFIX, PASSKEY_QUESTION, PASSKEY_SENTENCE, filler_units
 from selfext_cpp import SelfExtend
 
@@ -30,6 +33,31 @@ def test_prompt_is_the_longest_that_fits(n_tokens: int) -> None:
     p = build_prompt(chars, n_tokens, 0.5, "12345", UNITS)
     assert len(p.tokens) <= n_tokens
     assert len(chars(prompt_text(UNITS, p.n_filler + 1, 0.5, "12345")[1])) > n_tokens
+
+
+def test_a_long_prompt_takes_a_handful_of_tokenizations() -> None:
+    calls = []
+
+    def counting(text: str) -> list[int]:
+        calls.append(len(text))
+        return chars(text)
+
+    p = build_prompt(counting, 131072, 0.5, "12345", UNITS)
+    assert len(p.tokens) <= 131072 < len(chars(prompt_text(UNITS, p.n_filler + 1, 0.5, "12345")[1]))
+    assert len(calls) <= 10  # bisection: about 2 * log2(7000 sentences) = 26 tokenizations of up to 131K characters
+
+
+@pytest.mark.parametrize("size", [
+    lambda n: 7 + n * n // 50 + n,  # convex
+    lambda n: 7 + 30 * math.isqrt(n),  # concave
+    lambda n: 7 + n // 100 * 100,  # plateaus
+    lambda n: 7 + 3 * n,  # linear
+], ids=["convex", "concave", "plateaus", "linear"])
+@pytest.mark.parametrize("answer", [0, 1, 2, 99, 100, 4321, 19999])
+def test_largest_fitting_is_exact_for_any_non_decreasing_size(size: Callable[[int], int], answer: int) -> None:
+    limit = size(answer)
+    n = largest_fitting(size, limit)
+    assert size(n) <= limit < size(n + 1)
 
 
 def test_prompt_reads_like_llama_cpp_passkey() -> None:
