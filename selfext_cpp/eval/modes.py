@@ -11,7 +11,6 @@ linear   llama.cpp's linear RoPE scaling (position interpolation), rope_freq_sca
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,16 +91,6 @@ def setting(mode: str, n_ctx_train: int, n_needed: int, ga: SelfExtend | None = 
     raise ParameterError(f"unknown mode {mode!r}: choose from {','.join(MODES)}")
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class Contexts:
     """Llama contexts for the settings met so far (at most ``keep`` alive), each with its Runner."""
 
@@ -168,8 +157,8 @@ class Contexts:
         if last is None or last[0] != s or last[1].shift is not None:
             return self.sequence(s)
         seq = last[1]
-        self._get(s.context_key(), {})  # most recently used
-        seq.rewind(common_prefix(seq.tokens, prompt[:-1]))
+        self._open.move_to_end(s.context_key())  # most recently used (a context with a live sequence is open)
+        seq.rewind(seq.runner.llm.longest_token_prefix(seq.tokens, prompt[:-1]))
         return seq
 
     def close(self) -> None:
