@@ -20,7 +20,9 @@ class  llama_kv_cache_context;
 struct llama_se_inp {
     ggml_tensor * q_shift = nullptr; // I32 [n_tokens]                    grouped query position - position
     ggml_tensor * k_shift = nullptr; // I32 [n_kv*n_stream]               grouped key position - position, per cell
-    ggml_tensor * k_shift_cur = nullptr; // I32 [n_tokens]                fused, grouped keys: the same for the ubatch's keys
+    // fused, grouped keys: the ubatch's keys, made when the first layer needs them (llama_se_build_layer)
+    mutable ggml_tensor * k_pos_cur   = nullptr; // I32 [n_tokens]        grouped positions, for a clone of the layer's RoPE
+    mutable ggml_tensor * k_shift_cur = nullptr; // I32 [n_tokens]        grouped - true position, to rotate roped keys further
     bool          k_g_rebuild = false;   // fused: this graph rewrites the stale grouped keys of its streams
     ggml_tensor * k_g_rows    = nullptr; // I32 [n_stale]                 fused: their rows in K, s*kv_size + cell
     ggml_tensor * k_g_shift   = nullptr; // I32 [n_stale]                 fused, grouped keys: grouped - true position

@@ -596,10 +596,6 @@ llama_se_inp llama_se_build_inp(
         // table form: instead of the keys' shifts, the table rows of the ubatch's cells, then of the stale ones
         const llama_se_kcache * kc = llama_se_access::kcache(llama_se_access::kv(mctx));
         const bool table = kc && kc->tab;
-        if (!table) {
-            inp.k_shift_cur = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
-            ggml_set_input(inp.k_shift_cur); ggml_set_name(inp.k_shift_cur, "se_k_shift_cur");
-        }
         int64_t n_rows = 0;
         if (inp.k_g_rebuild) {
             se_kcache_for_stale(mctx, [&](int64_t, llama_pos) { n_rows++; });
@@ -673,7 +669,14 @@ void llama_se_set_inp(
             }
         }
     }
-    // or the ubatch's keys only, in ubatch order
+    // or the ubatch's keys only, in ubatch order: grouped positions, or shifts from the true ones
+    if (inp.k_pos_cur) {
+        GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_pos_cur->buffer));
+        int32_t * k_pos = (int32_t *) inp.k_pos_cur->data;
+        for (int64_t i = 0; i < n_tokens; ++i) {
+            k_pos[i] = se_k_pos(ubatch->pos[i], G);
+        }
+    }
     if (inp.k_shift_cur) {
         GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_shift_cur->buffer));
         int32_t * k_shift = (int32_t *) inp.k_shift_cur->data;
@@ -784,6 +787,31 @@ static ggml_tensor * se_rotate(
             freq_base, freq_scale, cparams.yarn_ext_factor, mscale, cparams.yarn_beta_fast, cparams.yarn_beta_slow);
 }
 
+// The ubatch's per-key input t (I32 [n_tokens]), made on first use: a graph builds only the inputs its layers read.
+static ggml_tensor * se_input_cur(ggml_context * ctx, ggml_tensor *& t, int64_t n_tokens, const char * name) {
+    if (!t) {
+        t = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
+        ggml_set_input(t);
+        ggml_set_name(t, name);
+    }
+    return t;
+}
+
+// whether t is a plain RoPE node (normal or NeoX, not in place) that se_rope_like can apply at other positions
+static bool se_is_plain_rope(const ggml_tensor * t) {
+    const int32_t mode = ((const int32_t *) t->op_params)[2];
+    return t->op == GGML_OP_ROPE && !t->view_src && (mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX);
+}
+
+// roped = RoPE(x, positions) as the model built it: the same RoPE (every parameter, the frequency factors) of x at pos
+static ggml_tensor * se_rope_like(ggml_context * ctx, const ggml_tensor * roped, ggml_tensor * pos) {
+    const int32_t * params = (const int32_t *) roped->op_params;
+    ggml_tensor * r = ggml_rope_ext(ctx, roped->src[0], pos, roped->src[2], params[1], params[2], 0,
+                                    0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
+    memcpy(r->op_params, roped->op_params, sizeof(r->op_params));
+    return r;
+}
+
 bool llama_se_build_layer(
         ggml_context * ctx,
         const llama_se_inp & inp,
@@ -867,7 +895,8 @@ bool llama_se_build_layer(
                                     strm*llama_se_access::stream0(mctx));
             };
             if (k_cur) {
-                ggml_tensor * rows = ggml_reshape_2d(ctx, all, n_embd, kv_size*all->ne[2]);
+                // one stream: the cache itself, as cpy_k stores K (RoPE, view, store: a sequence backends fuse)
+                ggml_tensor * rows = all->ne[2] == 1 ? all : ggml_reshape_2d(ctx, all, n_embd, kv_size*all->ne[2]);
                 if (inp.k_g_rows) {
                     // the stale cells' keys [n_embd_head_k, n_head_kv, n_stale], read again from K (none of them is
                     // written by this ubatch) and rotated to their grouped positions
@@ -880,13 +909,22 @@ bool llama_se_build_layer(
                     ks = se_rotate(ctx, ks, inp.k_g_shift, factors, hparams, cparams, il);
                     rows = ggml_set_rows(ctx, rows, ggml_reshape_2d(ctx, ks, n_embd, ks->ne[2]), inp.k_g_rows);
                 }
-                // the ubatch's keys [n_embd_head_k, n_head_kv, n_tokens], stored at their cells as cpy_k does
-                ggml_tensor * kc = ggml_is_contiguous(k_cur) ? k_cur : ggml_cont(ctx, k_cur);
-                if (k_rot) {
-                    kc = llama_mul_mat_hadamard(ctx, kc, k_rot);
+                // the ubatch's keys [n_embd_head_k, n_head_kv, n_tokens], stored at their cells as cpy_k does: the
+                // layer's own RoPE again, at the grouped positions (exactly RoPE at j/G, and k_cur keeps its one use, so
+                // a backend may fuse its RoPE with the store as it does without Self-Extend, and ours alike); else
+                // k_cur rotated further
+                ggml_tensor * kc = nullptr;
+                if (!k_rot && se_is_plain_rope(k_cur)) {
+                    kc = se_rope_like(ctx, k_cur, se_input_cur(ctx, inp.k_pos_cur, k_cur->ne[2], "se_k_pos_cur"));
+                } else {
+                    kc = ggml_is_contiguous(k_cur) ? k_cur : ggml_cont(ctx, k_cur);
+                    if (k_rot) {
+                        kc = llama_mul_mat_hadamard(ctx, kc, k_rot);
+                    }
+                    kc = se_rotate(ctx, kc, se_input_cur(ctx, inp.k_shift_cur, k_cur->ne[2], "se_k_shift_cur"), factors,
+                                   hparams, cparams, il);
                 }
-                kc = se_rotate(ctx, kc, inp.k_shift_cur, factors, hparams, cparams, il);
-                kc = ggml_reshape_2d(ctx, kc, n_embd, kc->ne[2]);
+                kc = ggml_view_2d(ctx, kc, n_embd, kc->ne[2], kc->nb[2], 0);
                 kg = view(ggml_set_rows(ctx, rows, kc, k_idxs));
             } else {
                 kg = view(all); // a layer that reads another layer's keys: that layer stored them

@@ -103,6 +103,7 @@ struct fattn_se_plan {
     int    n_rg;          // blocks along the queries
     int    ntiles;        // KV tiles of the cache, T keys each
     int    ntiles_c;      // prefill: classified tiles of the cache, FATTN_SE_TC keys each
+    int    tpw_c;         // prefill: consecutive tiles a warp of flash_attn_ext_se_classify classifies
     int    nsplit;        // KV ranges per block of columns, merged by flash_attn_ext_se_combine if > 1
     bool   classify;      // prefill: tile classes made beforehand by flash_attn_ext_se_classify
     float  q_scale;       // Q, Q_g are multiplied by this: scale*log2(e), or scale/softcap with a softcap
@@ -786,8 +787,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 
 // Prefill: the class (and FATTN_SE_MASKED) of every tile of FATTN_SE_TC keys for every block of RPB queries of every stream,
 // from the mask and the positions as fattn_se_class_part makes it, and per block of queries the first and last + 1 tile
-// with a visible key. A warp classifies FATTN_SE_CLASSIFY_TPW consecutive tiles, two keys per lane.
-#define FATTN_SE_CLASSIFY_TPW 8
+// with a visible key. A warp classifies P.tpw_c consecutive tiles, two keys per lane.
 __launch_bounds__(FATTN_SE_NTHREADS, 1)
 static __global__ void flash_attn_ext_se_classify(const fattn_se_params p, const fattn_se_plan P) {
     constexpr int T = FATTN_SE_TC;
@@ -807,10 +807,10 @@ static __global__ void flash_attn_ext_se_classify(const fattn_se_params p, const
     fattn_se_pos_range(pos_q, rows, pq_min, pq_max);
 
     uint8_t * tiles = P.tiles + (int64_t(s)*P.n_rg + rg)*P.ntiles_c;
-    const int kt0 = (blockIdx.y*FATTN_SE_NWARPS + w)*FATTN_SE_CLASSIFY_TPW;
+    const int kt0 = (blockIdx.y*FATTN_SE_NWARPS + w)*P.tpw_c;
     int lo = INT_MAX; // first and last + 1 tile with a visible key, warp-uniform
     int hi = INT_MIN;
-    for (int kt = kt0; kt < min(kt0 + FATTN_SE_CLASSIFY_TPW, P.ntiles_c); ++kt) {
+    for (int kt = kt0; kt < min(kt0 + P.tpw_c, P.ntiles_c); ++kt) {
         const int k = kt*T + 2*lane;
         bool vis0 = k     < p.n_kv; // visible to some row
         bool vis1 = k + 1 < p.n_kv;
@@ -1059,6 +1059,10 @@ static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm
     P.ntiles    = (p.n_kv + T - 1)/T;
     P.ntiles_c  = (p.n_kv + FATTN_SE_TC - 1)/FATTN_SE_TC;
     P.classify  = !P.decode;
+    // few tiles per warp: a tile's classification is a chain of dependent loads, which many warps hide best (8 tiles
+    // -> 2: 15.5 -> 6.9 us per launch in an 8K-token prefill of an 8B shape, n_ubatch 512, H200); more tiles only
+    // where the grid's y dimension would pass its limit
+    P.tpw_c     = std::max(2, (P.ntiles_c + 65535*FATTN_SE_NWARPS - 1)/(65535*FATTN_SE_NWARPS));
 
     P.q_scale   = p.softcap != 0.0f ? p.scale/p.softcap : p.scale*FATTN_SE_LOG2E;
     P.logit_mul = p.softcap*FATTN_SE_LOG2E;
@@ -1123,7 +1127,7 @@ static void fattn_se_run(const fattn_se_params & p, fattn_se_plan P, char * ws, 
     const dim3 block_dim(WARP_SIZE, FATTN_SE_NWARPS, 1);
     if (P.classify) {
         CUDA_CHECK(cudaMemsetAsync(P.range, 0, size_t(p.ne3)*P.n_rg*sizeof(int2), stream));
-        const int tiles_block = FATTN_SE_NWARPS*FATTN_SE_CLASSIFY_TPW;
+        const int tiles_block = FATTN_SE_NWARPS*P.tpw_c;
         const dim3 grid(P.n_rg, (P.ntiles_c + tiles_block - 1)/tiles_block, p.ne3);
         flash_attn_ext_se_classify<<<grid, block_dim, 0, stream>>>(p, P);
         CUDA_CHECK(cudaGetLastError());
