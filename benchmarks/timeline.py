@@ -1,0 +1,138 @@
+"""Where the time of a whole-document prefill goes on a CUDA build: kernels, GPU idle time, host time per decode.
+
+One process, one setting: the model is loaded, one untimed warm-up document is read, then ``--repeats`` documents
+(reset + eval + the first token after) run under a CUPTI timeline (torch.profiler: kernels, copies, CUDA runtime
+calls; torch is only the recorder). Printed per run: wall time, the sum of kernel times and the time the GPU was
+busy; then the kernels of one run by total time, and per llama_decode the host time before its first CUDA call
+(graph build, scheduling, inputs) and after it (launches, waits). Run it once per setting and compare:
+
+    python benchmarks/timeline.py llama-8b.gguf --ga-n 1 --ubatch 512 --tokens 8192      # vanilla
+    python benchmarks/timeline.py llama-8b.gguf --ga-n 8 --ubatch 512 --tokens 8192      # Self-Extend, G8 W1024
+
+``--trace out.json.gz`` keeps the whole timeline (chrome://tracing, Perfetto). Needs a GPU, torch with CUDA and a
+CUDA build of selfext; the document is the filler of benchmarks/ttft.py. Results: docs/RESULTS.md, section 4.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import gzip
+import json
+import os
+import statistics
+import tempfile
+import time
+from typing import Any
+
+from ttft import FILLER
+
+
+def record(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Runs the documents under the profiler; returns the timeline's events."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    torch.zeros(1, device="cuda")  # the recorder's CUDA context first
+    from selfext_cpp import load
+
+    llm = load(args.model, ga_n=args.ga_n, ga_w=args.ga_w if args.ga_n > 1 else 0, n_ctx=args.tokens + 64,
+               n_batch=args.ubatch, n_ubatch=args.ubatch, n_gpu_layers=args.ngl, flash_attn=True, verbose=False)
+    unit = llm.tokenize(FILLER.encode(), add_bos=False)
+    doc = (unit * (args.tokens // len(unit) + 1))[: args.tokens]
+    decode = llm._ctx.decode
+
+    def marked_decode(batch: Any) -> Any:
+        with record_function("decode"):
+            return decode(batch)
+
+    llm._ctx.decode = marked_decode
+
+    def document() -> float:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(doc)
+        llm.eval([unit[0]])  # the first token after the document
+        return time.perf_counter() - t0
+
+    document()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for r in range(args.repeats):
+            with record_function(f"run{r}"):
+                document()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path, "rb") as f:
+            raw = f.read()
+    if args.trace:
+        with gzip.open(args.trace, "wb") as g:
+            g.write(raw)
+    return json.loads(raw)["traceEvents"]
+
+
+def busy_ms(kernels: list[dict[str, Any]]) -> float:
+    """Time covered by at least one kernel, ms."""
+    total, end = 0.0, None
+    start = 0.0
+    for k in sorted(kernels, key=lambda k: k["ts"]):
+        s, e = k["ts"], k["ts"] + k["dur"]
+        if end is None or s > end:
+            total += 0 if end is None else end - start
+            start, end = s, e
+        else:
+            end = max(end, e)
+    return (total + (end - start if end is not None else 0)) / 1e3
+
+
+def report(events: list[dict[str, Any]]) -> None:
+    def marked(name: str) -> list[dict[str, Any]]:
+        return sorted((e for e in events if e.get("cat") == "user_annotation" and e.get("name", "").startswith(name)),
+                      key=lambda e: e["ts"])
+
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    calls = sorted((e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")), key=lambda e: e["ts"])
+    runs = marked("run")
+    for r in runs:
+        ks = [k for k in kernels if r["ts"] <= k["ts"] <= r["ts"] + r["dur"]]
+        print(f"{r['name']}: wall {r['dur'] / 1e3:.1f} ms, kernels {len(ks)} summing {sum(k['dur'] for k in ks) / 1e3:.1f}"
+              f" ms, GPU busy {busy_ms(ks):.1f} ms")
+    r = runs[len(runs) // 2]  # the middle run, by kernel
+    total: collections.Counter[str] = collections.Counter()
+    count: collections.Counter[str] = collections.Counter()
+    for k in kernels:
+        if r["ts"] <= k["ts"] <= r["ts"] + r["dur"]:
+            name = k["name"].removeprefix("void ").split("<")[0].split("(")[0][:48]
+            total[name] += k["dur"]
+            count[name] += 1
+    print(f"kernels of {r['name']} (ms, launches):")
+    for name, us in total.most_common(16):
+        print(f"  {us / 1e3:8.2f} {count[name]:6d}  {name}")
+    starts = [c["ts"] for c in calls]
+    before, after = [], []
+    for d in marked("decode"):
+        i = bisect.bisect_left(starts, d["ts"])
+        if i < len(calls) and calls[i]["ts"] < d["ts"] + d["dur"]:
+            before.append((calls[i]["ts"] - d["ts"]) / 1e3)
+            after.append((d["ts"] + d["dur"] - calls[i]["ts"]) / 1e3)
+    if before:
+        print(f"per llama_decode (median of {len(before)}): {statistics.median(before):.2f} ms on the host before its "
+              f"first CUDA call, {statistics.median(after):.2f} ms from there to its return")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--ubatch", type=int, default=512, help="n_batch = n_ubatch")
+    ap.add_argument("--ga-n", type=int, default=8)
+    ap.add_argument("--ga-w", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("-ngl", "--n-gpu-layers", dest="ngl", type=int, default=99)
+    ap.add_argument("--trace", help="also write the timeline here (gzipped chrome-trace JSON)")
+    report(record(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

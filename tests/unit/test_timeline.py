@@ -1,0 +1,52 @@
+"""benchmarks/timeline.py reads a CUPTI timeline into per-run GPU time and per-decode host time."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def timeline() -> ModuleType:
+    sys.path.insert(0, str(BENCH))  # timeline.py imports its neighbour ttft.py
+    try:
+        spec = importlib.util.spec_from_file_location("timeline", BENCH / "timeline.py")
+        assert spec and spec.loader
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def kernel(name: str, ts: float, dur: float) -> dict:
+    return {"cat": "kernel", "name": name, "ts": ts, "dur": dur}
+
+
+def test_busy_time_counts_overlapping_kernels_once(timeline: ModuleType) -> None:
+    ks = [kernel("a", 0, 10), kernel("b", 5, 10), kernel("c", 30, 5), kernel("d", 31, 1)]  # us
+    assert timeline.busy_ms(ks) == pytest.approx((15 + 5) / 1e3)
+    assert timeline.busy_ms([]) == 0
+
+
+def test_report_gives_runs_kernels_and_host_time_per_decode(timeline: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    events = [
+        {"cat": "user_annotation", "name": "run0", "ts": 0, "dur": 1000},
+        {"cat": "user_annotation", "name": "decode", "ts": 100, "dur": 400},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 300, "dur": 5},  # 200 us after the decode began
+        kernel("void flash_attn_ext_se_f16<128, false>(params)", 320, 100),
+        kernel("void flash_attn_ext_se_f16<128, false>(params)", 400, 100),
+        kernel("rope_norm", 600, 50),
+        kernel("outside", 2000, 50),
+    ]
+    timeline.report(events)
+    out = capsys.readouterr().out
+    assert "run0: wall 1.0 ms, kernels 3 summing 0.2 ms, GPU busy 0.2 ms" in out
+    assert "0.20      2  flash_attn_ext_se_f16" in out
+    assert "0.20 ms on the host before its first CUDA call, 0.20 ms from there to its return" in out
