@@ -2,8 +2,8 @@
 
 What a user waits for: an N-token document evaluated from an empty KV cache (default batch sizes, flash
 attention on), then single-token decodes after it. Vanilla and Self-Extend run in **separate processes** (no
-setting is switched live), each with one untimed warm-up of the whole document and then ``--repeats`` timed
-runs; the table gives medians and selfext/vanilla ratios, measured in the same invocation. Memory is what
+setting is switched live), each with ``--warmups`` untimed runs of the whole document (default 1) and then
+``--repeats`` timed runs; the table gives medians and selfext/vanilla ratios, measured in the same invocation. Memory is what
 llama.cpp itself logs for each context: KV cache, Self-Extend's grouped keys (or their rotation table) and the
 compute buffers, in MiB. LLAMA_SELF_EXTEND_KEYS=table|cache in the environment picks the form of the grouped keys.
 
@@ -39,7 +39,7 @@ def child(args: argparse.Namespace) -> None:
     unit = llm.tokenize(FILLER.encode(), add_bos=False)
     doc = (unit * (args.n_tokens // len(unit) + 1))[: args.n_tokens]
     prefill, decode = [], []
-    for run in range(args.repeats + 1):
+    for run in range(args.warmups + args.repeats):
         llm.reset()  # an empty cache: the next eval drops every cell
         t0 = time.perf_counter()
         llm.eval(doc)
@@ -47,7 +47,7 @@ def child(args: argparse.Namespace) -> None:
         for i in range(args.n_gen):
             llm.eval([unit[i % len(unit)]])
         t2 = time.perf_counter()
-        if run:  # run 0 is the warm-up
+        if run >= args.warmups:
             prefill.append(args.n_tokens / (t1 - t0))
             decode.append(args.n_gen / (t2 - t1))
     print(json.dumps({"prefill_tps": prefill, "decode_tps": decode}))
@@ -67,7 +67,8 @@ def memory_mib(log: str) -> dict[str, float]:
 def measure(args: argparse.Namespace, n_tokens: int, ubatch: int, ga_n: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--model", args.model, "--n-tokens", str(n_tokens), "--ubatch",
            str(ubatch), "--ga-n", str(ga_n), "--ga-w", str(args.ga_w), "--n-gen", str(args.n_gen),
-           "--repeats", str(args.repeats), "-ngl", str(args.ngl)] + (["-t", str(args.threads)] if args.threads else [])
+           "--repeats", str(args.repeats), "--warmups", str(args.warmups), "-ngl", str(args.ngl)]
+    cmd += ["-t", str(args.threads)] if args.threads else []
     got = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if got.returncode:
         sys.exit(f"ttft: the {'selfext' if ga_n > 1 else 'vanilla'} run failed:\n{got.stderr[-2000:]}")
@@ -91,7 +92,9 @@ def main() -> None:
     ap.add_argument("--ga-n", type=int, default=8)
     ap.add_argument("--ga-w", type=int, default=1024)
     ap.add_argument("--n-gen", type=int, default=32, help="single-token decodes timed after the document")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per process (after one warm-up)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per process (after the warm-ups)")
+    ap.add_argument("--warmups", type=int, default=1,
+                    help="untimed runs per process first (0 for long documents on a slow machine)")
     ap.add_argument("-ngl", "--n-gpu-layers", dest="ngl", type=int, default=0)
     ap.add_argument("-t", "--threads", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
@@ -121,7 +124,7 @@ def main() -> None:
                       f"{s['memory_mib']['total']:.0f} MiB ({ratio['memory']:.3f})", flush=True)
     if args.json:
         print(json.dumps({"model": os.path.basename(args.model), "ga_n": args.ga_n, "ga_w": args.ga_w,
-                          "n_gen": args.n_gen, "repeats": args.repeats, "ngl": args.ngl, "results": rows}))
+                          "n_gen": args.n_gen, "repeats": args.repeats, "warmups": args.warmups, "ngl": args.ngl, "results": rows}))
 
 
 if __name__ == "__main__":
