@@ -463,9 +463,12 @@ static bool se_fused_supported(llama_context & ctx, bool table) {
 
 // Which form of the grouped keys to prefer where the kernels run both. LLAMA_SELF_EXTEND_KEYS=table or cache picks one;
 // auto (the default) takes the table where every Self-Extend layer's K is in host memory: the CPU kernel rotates each
-// key as it converts it, for free, while the CUDA kernel rotates the whole K view into a scratch per op, which a
-// memory-bound decode pays for at every step (on an H200 at 32K: decode 0.69-0.85 of vanilla, 0.96-1.09 with the
-// cache; docs/RESULTS.md). The cache costs one more K of memory.
+// key as it converts it, while the CUDA kernel rotates the whole K view into a scratch per op, which a memory-bound
+// decode pays for at every step (on an H200 at 32K: decode 0.69-0.85 of vanilla, 0.96-1.09 with the cache;
+// docs/RESULTS.md). The cache costs one more K of memory; the table is there to save it, so auto also wants it to be at
+// most half the grouped keys' size: a CPU decode reads the table next to K, which costs more than reading the grouped
+// keys once the table is as large as they are (Gemma 3 270M on 2 cores, a 64K document: 1 KiB of table per cell
+// against 1.5 KiB of grouped keys; decode 0.80 of vanilla with the table, 1.09 with the grouped keys; RESULTS 7.1).
 static bool se_prefer_table(llama_context & ctx) {
     const char * v = getenv("LLAMA_SELF_EXTEND_KEYS");
     if (v && *v && strcmp(v, "auto") != 0) {
@@ -476,10 +479,20 @@ static bool se_prefer_table(llama_context & ctx) {
     }
     const llama_hparams & hp = ctx.get_model().hparams;
     for (const llama_kv_cache * kv : se_kv_caches(ctx)) {
+        size_t table = 0; // bytes per cell: the table's, and the grouped keys' of all layers
+        size_t keys  = 0;
         for (const auto & layer : llama_se_access::layers(kv)) {
-            if (se_layer_applies(hp, layer.il) && !ggml_backend_buffer_is_host(layer.k->buffer)) {
+            if (!se_layer_applies(hp, layer.il)) {
+                continue;
+            }
+            if (!ggml_backend_buffer_is_host(layer.k->buffer)) {
                 return false;
             }
+            table = std::max<size_t>(table, hp.n_rot(layer.il)*sizeof(float));
+            keys += ggml_row_size(layer.k->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16, layer.k->ne[0]);
+        }
+        if (2*table > keys) {
+            return false;
         }
     }
     return true;
@@ -799,8 +812,11 @@ static ggml_tensor * se_input_cur(ggml_context * ctx, ggml_tensor *& t, int64_t 
 
 // whether t is a plain RoPE node (normal or NeoX, not in place) that se_rope_like can apply at other positions
 static bool se_is_plain_rope(const ggml_tensor * t) {
+    if (t->op != GGML_OP_ROPE || t->view_src) {
+        return false;
+    }
     const int32_t mode = ((const int32_t *) t->op_params)[2];
-    return t->op == GGML_OP_ROPE && !t->view_src && (mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX);
+    return mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX;
 }
 
 // roped = RoPE(x, positions) as the model built it: the same RoPE (every parameter, the frequency factors) of x at pos

@@ -25,7 +25,7 @@ def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture
 def attn_path() -> str:
-    """Which attention path runners take by default: "generic" (flash attention off) or "fused" (on)."""
+    """Which attention path runners take by default: "generic" (flash attention off) or "fused..." (on)."""
     return "generic"
 
 
@@ -36,7 +36,7 @@ def runner_for(model: TinyModel, attn_path: str) -> Iterator[RunnerFactory]:
 
     def make(path: Path | None = None, **kw: Any) -> LlamaRunner:
         kw.setdefault("n_ctx", 256)
-        kw.setdefault("flash_attn", attn_path == "fused")
+        kw.setdefault("flash_attn", attn_path.startswith("fused"))
         made.append(LlamaRunner(path or model.path, **kw))
         return made[-1]
 

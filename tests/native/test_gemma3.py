@@ -74,15 +74,17 @@ def test_reference_is_vanilla_llama_cpp(gemma: TinyGemma) -> None:
     assert max_err(wide, want) > 10 * ATOL_FA
 
 
-@pytest.mark.parametrize("path", ["generic", "fused"])
+@pytest.mark.parametrize("path", ["generic", "fused-table", "fused-cache"])  # the two forms of the grouped keys
 @pytest.mark.parametrize(("ga_n", "ga_w", "swa_full"), [(2, 4, True), (4, 8, False), (3, 33, False)],
                          ids=["G2-W4-swa-full", "G4-W8-swa-window", "G3-W33-swa-window"])
 def test_self_extend_on_global_layers_matches_reference(gemma: TinyGemma, path: str, swa_full: bool, ga_n: int,
-                                                        ga_w: int) -> None:
+                                                        ga_w: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    if path != "generic":  # the cache's grouped keys are a second RoPE of k_norm's output
+        monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", path.removeprefix("fused-"))
     tokens = tokens_for(gemma, seed=1)
-    got = run(gemma, tokens, ga_n, ga_w, fused=path == "fused", swa_full=swa_full)
+    got = run(gemma, tokens, ga_n, ga_w, fused=path != "generic", swa_full=swa_full)
     want = gemma_reference_logits(gemma, tokens, ga_n=ga_n, ga_w=ga_w)
-    atol = ATOL_FA if path == "fused" else ATOL
+    atol = ATOL_FA if path != "generic" else ATOL
     assert max_err(got, want) <= atol
     # Self-Extend itself moves the logits far more than the tolerance
     assert max_err(gemma_reference_logits(gemma, tokens), want) > 10 * ATOL_FA

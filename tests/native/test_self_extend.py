@@ -25,10 +25,13 @@ GGML_TYPE_Q8_0 = 8
 N_TOKENS = 100  # the tiny models are trained to 64 positions
 
 
-@pytest.fixture(params=["generic", "fused"])
-def attn_path(request: pytest.FixtureRequest) -> str:
+@pytest.fixture(params=["generic", "fused", "fused-cache"])
+def attn_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test below runs on both Self-Extend paths: the generic graph (flash attention off) and the fused
-    GGML_OP_FLASH_ATTN_EXT_SE (flash attention on; with an f32 cache the op computes in f32, same ATOL)."""
+    GGML_OP_FLASH_ATTN_EXT_SE (flash attention on; with an f32 cache the op computes in f32, same ATOL), the latter
+    in both forms of the grouped keys: the rotation table (the CPU's default) and the grouped-key cache (GPUs')."""
+    if request.param == "fused-cache":
+        monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "cache")
     return str(request.param)
 
 
@@ -49,7 +52,7 @@ def test_logits_match_reference(model: TinyModel, runner_for: RunnerFactory, att
     r = runner_for()
     assert r.set_self_extend(ga_n, ga_w) == 0
     # G = 1 is plain llama.cpp, whose flash attention casts an f32 cache to f16
-    atol = ATOL_F16 if attn_path == "fused" and ga_n == 1 else ATOL
+    atol = ATOL_F16 if attn_path.startswith("fused") and ga_n == 1 else ATOL
     assert_close(r.decode(tokens), reference_logits(model, tokens, ga_n=ga_n, ga_w=ga_w), atol)
 
 
