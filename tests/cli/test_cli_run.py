@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from cliutil import TINY_L, Invoke
+from tinygemma import make_tiny_gemma3
 
 DOC = " ".join(["hello world the"] * 150)  # 450 tokens + BOS on the tiny model: past its trained 256
 
@@ -177,17 +178,8 @@ def test_the_fused_path_on_the_cpu_keeps_one_rotation_table_instead_of_a_second_
 def test_the_cpu_keeps_grouped_keys_where_a_table_would_save_little(cli: Invoke, tmp_path: Path) -> None:
     # Gemma 3-like: one global layer of one KV head of 256 dims, so its grouped keys take 512 bytes per cell (f16)
     # and a table 1 KiB (256 floats): the table would cost decode speed and save nothing, so auto keeps the keys
-    import importlib.util
-
-    pytest.importorskip("gguf")
-    spec = importlib.util.spec_from_file_location(
-        "random_gguf", Path(__file__).resolve().parents[2] / "benchmarks" / "random_gguf.py")
-    assert spec and spec.loader
-    random_gguf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(random_gguf)
-    model = tmp_path / "gemma3-tiny.gguf"
-    random_gguf.write(str(model), "gemma3-tiny", n_ctx_train=256)
-    result = cli("run", model, "--ga-n", "4", "--ga-w", "64", "-n", "1", "-c", "4096", "-v", "-p", "hello world")
+    model = make_tiny_gemma3(tmp_path / "gemma3.gguf", head_dim=256).path
+    result = cli("run", model, "--ga-n", "4", "--ga-w", "16", "-n", "1", "-c", "4096", "-v", "-p", "hello world")
     assert result.exit_code == 0, result.output
     assert float(re.search(r"grouped keys: ([\d.]+) MiB", result.stderr)[1]) == 4096 * 256 * 2 / 2**20
     assert "grouped-key rotations" not in result.stderr
