@@ -73,17 +73,12 @@ def record(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def busy_ms(kernels: list[dict[str, Any]]) -> float:
-    """Time covered by at least one kernel, ms."""
-    total, end = 0.0, None
-    start = 0.0
+    """Time covered by at least one kernel, ms: each kernel, by start, adds what it runs past all before it."""
+    total, end = 0.0, float("-inf")
     for k in sorted(kernels, key=lambda k: k["ts"]):
-        s, e = k["ts"], k["ts"] + k["dur"]
-        if end is None or s > end:
-            total += 0 if end is None else end - start
-            start, end = s, e
-        else:
-            end = max(end, e)
-    return (total + (end - start if end is not None else 0)) / 1e3
+        total += max(0.0, k["ts"] + k["dur"] - max(k["ts"], end))
+        end = max(end, k["ts"] + k["dur"])
+    return total / 1e3
 
 
 def report(events: list[dict[str, Any]]) -> None:
@@ -94,18 +89,17 @@ def report(events: list[dict[str, Any]]) -> None:
     kernels = [e for e in events if e.get("cat") == "kernel"]
     calls = sorted((e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")), key=lambda e: e["ts"])
     runs = marked("run")
-    for r in runs:
-        ks = [k for k in kernels if r["ts"] <= k["ts"] <= r["ts"] + r["dur"]]
+    in_run = [[k for k in kernels if r["ts"] <= k["ts"] <= r["ts"] + r["dur"]] for r in runs]
+    for r, ks in zip(runs, in_run):
         print(f"{r['name']}: wall {r['dur'] / 1e3:.1f} ms, kernels {len(ks)} summing {sum(k['dur'] for k in ks) / 1e3:.1f}"
               f" ms, GPU busy {busy_ms(ks):.1f} ms")
     r = runs[len(runs) // 2]  # the middle run, by kernel
     total: collections.Counter[str] = collections.Counter()
     count: collections.Counter[str] = collections.Counter()
-    for k in kernels:
-        if r["ts"] <= k["ts"] <= r["ts"] + r["dur"]:
-            name = k["name"].removeprefix("void ").split("<")[0].split("(")[0][:48]
-            total[name] += k["dur"]
-            count[name] += 1
+    for k in in_run[len(runs) // 2]:
+        name = k["name"].removeprefix("void ").split("<")[0].split("(")[0][:48]
+        total[name] += k["dur"]
+        count[name] += 1
     print(f"kernels of {r['name']} (ms, launches):")
     for name, us in total.most_common(16):
         print(f"  {us / 1e3:8.2f} {count[name]:6d}  {name}")
