@@ -258,6 +258,11 @@ static bool se_table_form_fits(const llama_kv_cache * kv, const llama_cparams & 
     return first != nullptr;
 }
 
+// the type of a layer's grouped keys: f32 for an f32 K cache, else f16 (also for a quantized K)
+static ggml_type se_grouped_key_type(const ggml_tensor * k) {
+    return k->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+}
+
 // allocates the grouped keys (or, table form, the rotation table) of a cache next to its K tensors (same buffer
 // types); false when out of memory
 static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, bool table) {
@@ -281,8 +286,8 @@ static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, 
             }
             continue;
         }
-        const ggml_type type = layer.k->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
-        ggml_tensor * t = ggml_new_tensor_3d(ctx_of[buft], type, layer.k->ne[0], layer.k->ne[1], layer.k->ne[2]);
+        ggml_tensor * t = ggml_new_tensor_3d(ctx_of[buft], se_grouped_key_type(layer.k), layer.k->ne[0], layer.k->ne[1],
+                                             layer.k->ne[2]);
         ggml_format_name(t, "se_k_grouped_l%d", layer.il);
         kc->k_g.push_back(t);
     }
@@ -489,7 +494,7 @@ static bool se_prefer_table(llama_context & ctx) {
                 return false;
             }
             table = std::max<size_t>(table, hp.n_rot(layer.il)*sizeof(float));
-            keys += ggml_row_size(layer.k->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16, layer.k->ne[0]);
+            keys += ggml_row_size(se_grouped_key_type(layer.k), layer.k->ne[0]);
         }
         if (2*table > keys) {
             return false;
