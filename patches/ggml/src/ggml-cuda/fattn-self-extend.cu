@@ -55,6 +55,7 @@
 
 #include <climits>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <tuple>
 #include <type_traits>
@@ -109,9 +110,10 @@ struct fattn_se_plan {
     float  q_scale;       // Q, Q_g are multiplied by this: scale*log2(e), or scale/softcap with a softcap
     float  logit_mul;     // softcap*log2(e)
     size_t nbytes_shared;
-    size_t off_range, off_tiles, off_ML, off_O, nbytes_ws; // workspace layout
+    size_t off_tiles, nbytes_cls;   // layout of the tile classes (prefill): range at 0, tiles at off_tiles
+    size_t off_O, nbytes_ws;        // layout of the workspace (split KV ranges): part_ML at 0, part_O at off_O
 
-    // workspace pointers, set by fattn_se_run
+    // pointers, set by fattn_se_classify and fattn_se_run
     int2    * range;      // [ne3][n_rg]: ntiles_c - first and last + 1 classified tile with a visible key (atomicMax from 0)
     uint8_t * tiles;      // [ne3][n_rg][ntiles_c]: class | FATTN_SE_MASKED of every classified tile
     float2  * part_ML;    // [rows][nsplit]: max (base 2) and sum of each partial
@@ -942,6 +944,48 @@ static __global__ void flash_attn_ext_se_combine(
     }
 }
 
+// The same merge for few splits (prefill): one thread per 4 dimensions of a row, FATTN_SE_NTHREADS/(D/4) rows per block,
+// each thread reading its row's nsplit (max, sum) pairs itself; no shared memory, no barriers. (One block per row, as
+// above, leaves the GPU between tiny blocks: 16K rows of D = 64 took 16 us per launch in a 1.1B-shaped prefill of 512
+// queries, a sixth of the attention kernel's time.)
+#define FATTN_SE_COMBINE_FEW 8 // the most splits merged this way
+
+template <int D>
+__launch_bounds__(FATTN_SE_NTHREADS)
+static __global__ void flash_attn_ext_se_combine_few(
+        const float * __restrict__ part_O, const float2 * __restrict__ part_ML, float * __restrict__ dst,
+        const int64_t nrows, const int nsplit) {
+    constexpr int D4 = D/4;
+    static_assert(D % 4 == 0 && FATTN_SE_NTHREADS % D4 == 0, "bad head size");
+
+    const int64_t row = int64_t(blockIdx.x)*(FATTN_SE_NTHREADS/D4) + threadIdx.x/D4;
+    const int     d4  = threadIdx.x % D4;
+    if (row >= nrows) {
+        return;
+    }
+    const float2 * ML = part_ML + row*nsplit;
+    const float4 * O4 = (const float4 *) (part_O + row*nsplit*D);
+
+    float M = -FLT_MAX;
+    for (int i = 0; i < nsplit; ++i) {
+        M = fmaxf(M, ML[i].x);
+    }
+    float  L   = 0.0f;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int i = 0; i < nsplit; ++i) {
+        const float2 ml  = ML[i];
+        const float  wgt = exp2f(ml.x - M);
+        const float4 o   = O4[i*D4 + d4];
+        L     += wgt*ml.y;
+        acc.x += wgt*o.x;
+        acc.y += wgt*o.y;
+        acc.z += wgt*o.z;
+        acc.w += wgt*o.w;
+    }
+    const float inv = L > 0.0f ? 1.0f/L : 0.0f;
+    ((float4 *) (dst + row*D))[d4] = make_float4(acc.x*inv, acc.y*inv, acc.z*inv, acc.w*inv);
+}
+
 // Rotation-table form (ggml_flash_attn_ext_se_rot): the grouped keys made from K and the table, once per op, into a
 // contiguous F16 scratch [D, n_kv, n_head_kv, ne3] that the attention kernel then reads as K_g (a prefill reads every
 // grouped tile once per block of queries; rotating in there would repeat the work for each). One thread per pair of
@@ -1092,47 +1136,57 @@ static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm
     }
     GGML_ASSERT(int64_t(p.ne3)*P.nsplit <= 65535);
 
-    size_t off = 0;
     if (P.classify) {
-        P.off_range = off;
-        off += fattn_se_pad_ws(size_t(p.ne3)*P.n_rg*sizeof(int2));
-        P.off_tiles = off;
-        off += fattn_se_pad_ws(size_t(p.ne3)*P.n_rg*P.ntiles_c);
+        P.off_tiles  = fattn_se_pad_ws(size_t(p.ne3)*P.n_rg*sizeof(int2));
+        P.nbytes_cls = P.off_tiles + fattn_se_pad_ws(size_t(p.ne3)*P.n_rg*P.ntiles_c);
     }
     if (P.nsplit > 1) {
         const size_t nrows = size_t(p.ne3)*p.n_q*p.n_head;
-        P.off_ML = off;
-        off += fattn_se_pad_ws(nrows*P.nsplit*sizeof(float2));
-        P.off_O = off;
-        off += fattn_se_pad_ws(nrows*P.nsplit*p.D*sizeof(float));
+        P.off_O     = fattn_se_pad_ws(nrows*P.nsplit*sizeof(float2));
+        P.nbytes_ws = P.off_O + fattn_se_pad_ws(nrows*P.nsplit*p.D*sizeof(float));
     }
-    P.nbytes_ws = off;
     return P;
 }
 
 template <int D>
 static void fattn_se_launch_combine(const fattn_se_params & p, const fattn_se_plan & P, cudaStream_t stream) {
-    const unsigned int nrows = (unsigned int) p.ne3*p.n_q*p.n_head;
-    flash_attn_ext_se_combine<D><<<nrows, FATTN_SE_NTHREADS, P.nsplit*sizeof(float), stream>>>(
-        P.part_O, P.part_ML, p.dst, P.nsplit);
+    const int64_t nrows = int64_t(p.ne3)*p.n_q*p.n_head;
+    if (P.nsplit <= FATTN_SE_COMBINE_FEW) {
+        constexpr int rows_block = FATTN_SE_NTHREADS/(D/4);
+        flash_attn_ext_se_combine_few<D><<<(nrows + rows_block - 1)/rows_block, FATTN_SE_NTHREADS, 0, stream>>>(
+            P.part_O, P.part_ML, p.dst, nrows, P.nsplit);
+    } else {
+        flash_attn_ext_se_combine<D><<<(unsigned int) nrows, FATTN_SE_NTHREADS, P.nsplit*sizeof(float), stream>>>(
+            P.part_O, P.part_ML, p.dst, P.nsplit);
+    }
 }
 
-// ws: P.nbytes_ws bytes of device memory.
-static void fattn_se_run(const fattn_se_params & p, fattn_se_plan P, char * ws, cudaStream_t stream) {
-    P.range   = P.classify   ? (int2    *) (ws + P.off_range) : nullptr;
-    P.tiles   = P.classify   ? (uint8_t *) (ws + P.off_tiles) : nullptr;
-    P.part_ML = P.nsplit > 1 ? (float2  *) (ws + P.off_ML)    : nullptr;
-    P.part_O  = P.nsplit > 1 ? (float   *) (ws + P.off_O)     : nullptr;
+static void fattn_se_set_cls(fattn_se_plan & P, char * cls) {
+    P.range = (int2    *) cls;
+    P.tiles = (uint8_t *) (cls + P.off_tiles);
+}
+
+// Prefill (P.classify): the tile classes of the op's mask and positions into cls, P.nbytes_cls bytes of device memory.
+// They depend on nothing else of the op than P's n_rg, RPB and ntiles_c, so ops of one plan shape that read the same
+// mask and positions can share them.
+static void fattn_se_classify(const fattn_se_params & p, fattn_se_plan P, char * cls, cudaStream_t stream) {
+    fattn_se_set_cls(P, cls);
+    CUDA_CHECK(cudaMemsetAsync(P.range, 0, size_t(p.ne3)*P.n_rg*sizeof(int2), stream));
+    const int tiles_block = FATTN_SE_NWARPS*P.tpw_c;
+    const dim3 grid(P.n_rg, (P.ntiles_c + tiles_block - 1)/tiles_block, p.ne3);
+    flash_attn_ext_se_classify<<<grid, dim3(WARP_SIZE, FATTN_SE_NWARPS, 1), 0, stream>>>(p, P);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// cls: the tile classes from fattn_se_classify (prefill; else unused); ws: P.nbytes_ws bytes of device memory.
+static void fattn_se_run(const fattn_se_params & p, fattn_se_plan P, char * cls, char * ws, cudaStream_t stream) {
+    if (P.classify) {
+        fattn_se_set_cls(P, cls);
+    }
+    P.part_ML = P.nsplit > 1 ? (float2 *) ws              : nullptr;
+    P.part_O  = P.nsplit > 1 ? (float  *) (ws + P.off_O) : nullptr;
 
     const dim3 block_dim(WARP_SIZE, FATTN_SE_NWARPS, 1);
-    if (P.classify) {
-        CUDA_CHECK(cudaMemsetAsync(P.range, 0, size_t(p.ne3)*P.n_rg*sizeof(int2), stream));
-        const int tiles_block = FATTN_SE_NWARPS*P.tpw_c;
-        const dim3 grid(P.n_rg, (P.ntiles_c + tiles_block - 1)/tiles_block, p.ne3);
-        flash_attn_ext_se_classify<<<grid, block_dim, 0, stream>>>(p, P);
-        CUDA_CHECK(cudaGetLastError());
-    }
-
     const fattn_se_kernel_t kernel = fattn_se_kernel(p, P);
     kernel<<<dim3(P.n_rg, p.n_head/P.NHB, p.ne3*P.nsplit), block_dim, P.nbytes_shared, stream>>>(p, P);
     CUDA_CHECK(cudaGetLastError());
@@ -1200,9 +1254,76 @@ static void fattn_se_launch_rotate_k(const fattn_se_params & p, const int n_rot,
         p.k, p.nb_k1, p.nb_k2, p.nb_k3, p.k_g, p.nb_kg1, p.nb_kg3, k_g, p.n_kv, p.n_head_kv, nrows, n_rot, neox);
 }
 
+// The tile classes of a prefill, made by the first Self-Extend op of a graph compute and read by the ops after it: every
+// layer of a model reads the same mask and positions, graph inputs that a compute does not change, so one classification
+// serves them all (one launch, a memset and a read of the whole mask per ubatch instead of per layer). They live in a
+// pool buffer held until the backend's graph compute ends (ggml_cuda_flash_attn_ext_se_graph_end); it is allocated before
+// anything else of its op, so the ops in between allocate after it and free before it, the order the pool wants. A CUDA
+// graph's capture records the same launches and replays them on the same buffer.
+struct fattn_se_cls_key {
+    const ggml_tensor * mask, * pos_q, * pos_k;
+    const void        * mask_data, * pos_q_data, * pos_k_data;
+    int64_t nb_m1, nb_m3, nb_pq1, nb_pk1;
+    int     ne_m3, n_q, n_kv, ne3, W, RPB, stream;
+
+    bool operator==(const fattn_se_cls_key & o) const {
+        return memcmp(this, &o, sizeof(*this)) == 0;
+    }
+};
+
+struct fattn_se_cls_entry {
+    fattn_se_cls_key                            key;
+    std::unique_ptr<ggml_cuda_pool_alloc<char>> buf;
+};
+
+static std::mutex fattn_se_cls_mutex;
+static std::map<const ggml_backend_cuda_context *, fattn_se_cls_entry> fattn_se_cls_kept;
+
+// whether t is a graph input (or a view of one), which no node of the graph writes
+static bool fattn_se_is_input(const ggml_tensor * t) {
+    return !t || ((t->view_src ? t->view_src : t)->flags & GGML_TENSOR_FLAG_INPUT);
+}
+
+// the op's tile classes: kept ones when an earlier op of this compute made them for the same mask, positions and plan
+// shape, else made now (and kept if the mask and positions are graph inputs, else held by local until the op ends)
+static char * fattn_se_classes(ggml_backend_cuda_context & ctx, const ggml_tensor * dst, const fattn_se_params & p,
+                               const fattn_se_plan & P, ggml_cuda_pool_alloc<char> & local) {
+    const ggml_flash_attn_ext_se_args a = ggml_flash_attn_ext_se_get_args(dst);
+    if (!fattn_se_is_input(a.mask) || !fattn_se_is_input(a.pos_q) || !fattn_se_is_input(a.pos_k)) {
+        local.alloc(P.nbytes_cls);
+        fattn_se_classify(p, P, local.get(), ctx.stream());
+        return local.get();
+    }
+    fattn_se_cls_key key;
+    memset(&key, 0, sizeof(key)); // the padding too: keys compare as bytes
+    key.mask = a.mask;   key.mask_data  = p.mask;  key.nb_m1  = p.nb_m1;  key.nb_m3  = p.nb_m3;  key.ne_m3 = p.ne_m3;
+    key.pos_q = a.pos_q; key.pos_q_data = p.pos_q; key.nb_pq1 = p.nb_pq1;
+    key.pos_k = a.pos_k; key.pos_k_data = p.pos_k; key.nb_pk1 = p.nb_pk1;
+    key.n_q = p.n_q; key.n_kv = p.n_kv; key.ne3 = p.ne3; key.W = p.W; key.RPB = P.RPB; key.stream = ctx.curr_stream_no;
+
+    std::lock_guard<std::mutex> lock(fattn_se_cls_mutex);
+    fattn_se_cls_entry & e = fattn_se_cls_kept[&ctx];
+    if (!e.buf || !(e.key == key)) {
+        e.buf.reset(); // the top of its pool's stack: nothing of this op is allocated yet
+        e.key = key;
+        e.buf = std::make_unique<ggml_cuda_pool_alloc<char>>(ctx.pool(), P.nbytes_cls);
+        fattn_se_classify(p, P, e.buf->get(), ctx.stream());
+    }
+    return e.buf->get();
+}
+
+void ggml_cuda_flash_attn_ext_se_graph_end(ggml_backend_cuda_context & ctx) {
+    std::lock_guard<std::mutex> lock(fattn_se_cls_mutex);
+    fattn_se_cls_kept.erase(&ctx);
+}
+
 void ggml_cuda_flash_attn_ext_se(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     fattn_se_params p = fattn_se_params_from_tensor(dst);
     const fattn_se_plan P = fattn_se_make_plan(p, ggml_cuda_info().devices[ctx.device].nsm);
+
+    // first, as its buffer may outlive the op
+    ggml_cuda_pool_alloc<char> cls_local(ctx.pool());
+    char * cls = P.classify ? fattn_se_classes(ctx, dst, p, P, cls_local) : nullptr;
 
     const ggml_flash_attn_ext_se_args a = ggml_flash_attn_ext_se_get_args(dst);
     ggml_cuda_pool_alloc<half> k_g(ctx.pool());
@@ -1228,7 +1349,7 @@ void ggml_cuda_flash_attn_ext_se(ggml_backend_cuda_context & ctx, ggml_tensor * 
     if (P.nbytes_ws > 0) {
         ws.alloc(P.nbytes_ws);
     }
-    fattn_se_run(p, P, ws.get(), ctx.stream());
+    fattn_se_run(p, P, cls, ws.get(), ctx.stream());
 }
 
 bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) {
