@@ -81,8 +81,8 @@ struct se_device {
     }
 };
 
-// one op as the backend runs a prefill's first: classes (prefill) and the attention; ws holds the classes, then the
-// workspace
+// one op as the backend runs the first Self-Extend op of a graph: the tile classes (prefill), then the attention; ws
+// holds the classes, then the workspace
 static void se_run(const fattn_se_params & p, const fattn_se_plan & P, char * ws) {
     if (P.classify) {
         fattn_se_classify(p, P, ws, 0);
