@@ -449,9 +449,8 @@ static bool se_fused_supported(llama_context & ctx, bool table) {
                 ggml_tensor * k_rot = ggml_new_tensor_2d(c, GGML_TYPE_F32, hp.n_rot(layer.il), n);
                 op = ggml_flash_attn_ext_se_rot(c, q, k, v, m, q_g, k_rot, hp.rope_type, p_q, p_k, 1, 1.0f, 0.0f);
             } else {
-                const ggml_type tg = layer.k->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
-                op = ggml_flash_attn_ext_se(c, q, k, v, m, q_g, ggml_new_tensor_3d(c, tg, dk, n, nkv), p_q, p_k,
-                                            1, 1.0f, 0.0f);
+                ggml_tensor * k_g = ggml_new_tensor_3d(c, se_grouped_key_type(layer.k), dk, n, nkv);
+                op = ggml_flash_attn_ext_se(c, q, k, v, m, q_g, k_g, p_q, p_k, 1, 1.0f, 0.0f);
             }
             ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
             ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
