@@ -1277,14 +1277,15 @@ static void fattn_se_launch_rotate_k(const fattn_se_params & p, const int n_rot,
 // pool buffer held until the backend's graph compute ends (ggml_cuda_flash_attn_ext_se_graph_end); it is allocated before
 // anything else of its op, so the ops in between allocate after it and free before it, the order the pool wants. A CUDA
 // graph's capture records the same launches and replays them on the same buffer.
+//
+// The key: within one compute a tensor keeps its data and shape, and the positions' shapes are the op's n_q, n_kv and ne3, so the
+// tensors, W, the plan's queries per block and the stream say everything the classes depend on.
 struct fattn_se_cls_key {
     const ggml_tensor * mask, * pos_q, * pos_k;
-    const void        * mask_data, * pos_q_data, * pos_k_data;
-    int64_t nb_m1, nb_m3, nb_pq1, nb_pk1;
-    int     ne_m3, n_q, n_kv, ne3, W, RPB, stream;
+    int                 W, RPB, stream;
 
     bool operator==(const fattn_se_cls_key & o) const {
-        return memcmp(this, &o, sizeof(*this)) == 0;
+        return std::tie(mask, pos_q, pos_k, W, RPB, stream) == std::tie(o.mask, o.pos_q, o.pos_k, o.W, o.RPB, o.stream);
     }
 };
 
@@ -1311,20 +1312,14 @@ static bool fattn_se_is_input(const ggml_tensor * t) {
 // the op's tile classes: kept ones when an earlier op of this compute made them for the same mask, positions and plan
 // shape, else made now (and kept if the mask and positions are set before the compute, else held by local until the op
 // ends)
-static char * fattn_se_classes(ggml_backend_cuda_context & ctx, const ggml_tensor * dst, const fattn_se_params & p,
-                               const fattn_se_plan & P, ggml_cuda_pool_alloc<char> & local) {
-    const ggml_flash_attn_ext_se_args a = ggml_flash_attn_ext_se_get_args(dst);
+static char * fattn_se_classes(ggml_backend_cuda_context & ctx, const ggml_flash_attn_ext_se_args & a,
+                               const fattn_se_params & p, const fattn_se_plan & P, ggml_cuda_pool_alloc<char> & local) {
     if (!fattn_se_is_input(a.mask) || !fattn_se_is_input(a.pos_q) || !fattn_se_is_input(a.pos_k)) {
         local.alloc(P.nbytes_cls);
         fattn_se_classify(p, P, local.get(), ctx.stream());
         return local.get();
     }
-    fattn_se_cls_key key;
-    memset(&key, 0, sizeof(key)); // the padding too: keys compare as bytes
-    key.mask = a.mask;   key.mask_data  = p.mask;  key.nb_m1  = p.nb_m1;  key.nb_m3  = p.nb_m3;  key.ne_m3 = p.ne_m3;
-    key.pos_q = a.pos_q; key.pos_q_data = p.pos_q; key.nb_pq1 = p.nb_pq1;
-    key.pos_k = a.pos_k; key.pos_k_data = p.pos_k; key.nb_pk1 = p.nb_pk1;
-    key.n_q = p.n_q; key.n_kv = p.n_kv; key.ne3 = p.ne3; key.W = p.W; key.RPB = P.RPB; key.stream = ctx.curr_stream_no;
+    const fattn_se_cls_key key = { a.mask, a.pos_q, a.pos_k, p.W, P.RPB, ctx.curr_stream_no };
 
     std::lock_guard<std::mutex> lock(fattn_se_cls_mutex);
     fattn_se_cls_entry & e = fattn_se_cls_kept[&ctx];
@@ -1346,11 +1341,11 @@ void ggml_cuda_flash_attn_ext_se(ggml_backend_cuda_context & ctx, ggml_tensor * 
     fattn_se_params p = fattn_se_params_from_tensor(dst);
     const fattn_se_plan P = fattn_se_make_plan(p, ggml_cuda_info().devices[ctx.device].nsm);
 
+    const ggml_flash_attn_ext_se_args a = ggml_flash_attn_ext_se_get_args(dst);
+
     // first, as its buffer may outlive the op
     ggml_cuda_pool_alloc<char> cls_local(ctx.pool());
-    char * cls = P.classify ? fattn_se_classes(ctx, dst, p, P, cls_local) : nullptr;
-
-    const ggml_flash_attn_ext_se_args a = ggml_flash_attn_ext_se_get_args(dst);
+    char * cls = P.classify ? fattn_se_classes(ctx, a, p, P, cls_local) : nullptr;
     ggml_cuda_pool_alloc<half> k_g(ctx.pool());
     if (a.k_rot) {
         // table form: p.k_g is the table; the grouped keys go to a scratch laid out as a contiguous K
