@@ -369,6 +369,28 @@ static __device__ __forceinline__ void fattn_se_kq(
     }
 }
 
+// Position of element l of C tile kk among the thread's values of its column (l/2 % 2) in the tile row of C tiles:
+// 0 .. 4*NK - 1.
+static __device__ __forceinline__ int fattn_se_col_index(const int kk, const int l) {
+    return 4*kk + 2*(l/4) + l % 2;
+}
+
+// op(v[0], ..., v[N - 1]) as a tree of depth log2(N); v is overwritten. One level per instantiation, so that every loop
+// has a constant trip count and v stays in registers.
+template <int N, typename F>
+static __device__ __forceinline__ float fattn_se_tree(float * v, const F op) {
+    static_assert(N > 0 && (N & (N - 1)) == 0, "N must be a power of 2");
+    if constexpr (N == 1) {
+        return v[0];
+    } else {
+#pragma unroll
+        for (int i = 0; i < N/2; ++i) {
+            v[i] = op(v[i], v[i + N/2]);
+        }
+        return fattn_se_tree<N/2>(v, op);
+    }
+}
+
 // ------------------------------------------------------------------------------------------------------------------
 // kernels
 
@@ -385,6 +407,8 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     constexpr int  SO     = D + 4;               // row stride of the f32 O staging of the epilogue
     constexpr bool decode = NWC == 1;
     constexpr int  TPC    = decode ? 1 : FATTN_SE_TC/T; // prefill: tiles per classified tile
+    constexpr int  NV     = KW/4;                // keys of a tile per thread and column (4 lanes share a column)
+    static_assert(tile<16, 16, float>::ne == 8, "fattn_se_col_index assumes 4 values per column and C tile");
     static_assert(D % 16 == 0 && KW % 16 == 0 && (NC <= T || (!decode && NC <= 2*T)), "bad tile sizes");
     static_assert(NC == fattn_se_ncols(decode) && T == fattn_se_T(D, decode), "kernel and host configuration differ");
     static_assert(decode || FATTN_SE_TC % T == 0, "a tile must lie in one classified tile");
@@ -450,10 +474,14 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     auto nvalid_of = [&](const int t) {
         return t < ntb ? min(T, p.n_kv - (kt0 + t)*T) : 0;
     };
-    // what tile t needs of its keys' positions and mask (decode: everything, its class is yet to be made)
+    // what tile t needs of its keys' positions and mask (decode: everything, its class is yet to be made); a grouped,
+    // unmasked tile needs nothing, and then no address is computed
     auto load_pos_mask = [&](const int t, const int slot, const int cls) {
         const bool pos  = decode || (cls & FATTN_SE_CLASS) == FATTN_SE_MIXED;
         const bool mask = decode || (cls & FATTN_SE_MASKED);
+        if (!pos && !mask) {
+            return;
+        }
         fattn_se_load_pos_mask<T>(pos ? sP + slot*T : nullptr, pos_k, sM + slot*P.RPB*SM, mask ? mask_rows : nullptr,
                                   p.nb_m1, rows, (kt0 + t)*T, p.n_kv, tid);
     };
@@ -467,7 +495,10 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         }
     };
 
-    int cls_next = decode ? 0 : class_of(1); // class of tile t + 1 (prefill)
+    // prefill: the classes of tiles t + 1 and t + 2, read from global memory one step before their loads are issued
+    // (read in the step that issues them, the load of the class stalled every tile on its latency)
+    int cls_next  = decode ? 0 : class_of(1);
+    int cls_next2 = decode ? 0 : class_of(2);
     if (ntb > 0) {
         load_pos_mask(0, 0, decode ? 0 : class_of(0));
         if (ntb > 1) {
@@ -592,12 +623,12 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         if (work) {
             fattn_se_load_kv<D, T>(sV, V, p.nb_v1, (kt0 + t)*T, p.n_kv, tid);
         }
-        int cls_next2 = 0; // prefill: class of tile t + 2, read now for use at (B)
+        int cls_next3 = 0; // prefill: class of tile t + 3, for the next step
         if constexpr (decode) {
             fattn_se_class_part<T>(sC + w, sP + (1 - slot)*T, mask_rows ? sM + (1 - slot)*P.RPB*SM : nullptr, rows,
                                    nvalid_of(t + 1));
         } else {
-            cls_next2 = class_of(t + 2);
+            cls_next3 = class_of(t + 3);
         }
 
         tile<16, 8, half2> P_A[KW/16];
@@ -657,13 +688,21 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                 }
             }
 
-            // online softmax; lanes with the same lane/4 hold keys of the same columns
-            float KQ_max_new[2] = {-INFINITY, -INFINITY};
+            // online softmax; lanes with the same lane/4 hold keys of the same columns. The thread's maxima and sums
+            // are trees over its NV keys of a column: as chains of NV dependent instructions they stalled every tile.
+            float KQ_max_new[2];
+            {
+                float v[2][NV];
 #pragma unroll
-            for (int kk = 0; kk < KW/16; ++kk) {
+                for (int kk = 0; kk < KW/16; ++kk) {
 #pragma unroll
-                for (int l = 0; l < S[kk].ne; ++l) {
-                    KQ_max_new[(l/2) % 2] = fmaxf(KQ_max_new[(l/2) % 2], S[kk].x[l]);
+                    for (int l = 0; l < S[kk].ne; ++l) {
+                        v[(l/2) % 2][fattn_se_col_index(kk, l)] = S[kk].x[l];
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    KQ_max_new[j] = fattn_se_tree<NV>(v[j], [](const float a, const float b) { return fmaxf(a, b); });
                 }
             }
             float KQ_scale[2];
@@ -675,15 +714,22 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                 KQ_scale[j]   = exp2_approx(KQ_max[j] - KQ_max_new[j]);
                 KQ_max[j]     = KQ_max_new[j];
             }
-            float KQ_sum_add[2] = {0.0f, 0.0f};
+            float KQ_sum_add[2];
+            {
+                float v[2][NV];
 #pragma unroll
-            for (int kk = 0; kk < KW/16; ++kk) {
+                for (int kk = 0; kk < KW/16; ++kk) {
 #pragma unroll
-                for (int l = 0; l < S[kk].ne; ++l) {
-                    S[kk].x[l] = exp2_approx(S[kk].x[l] - KQ_max[(l/2) % 2]);
-                    KQ_sum_add[(l/2) % 2] += S[kk].x[l];
+                    for (int l = 0; l < S[kk].ne; ++l) {
+                        S[kk].x[l] = exp2_approx(S[kk].x[l] - KQ_max[(l/2) % 2]);
+                        v[(l/2) % 2][fattn_se_col_index(kk, l)] = S[kk].x[l];
+                    }
+                    P_A[kk] = get_half2(S[kk]);
                 }
-                P_A[kk] = get_half2(S[kk]);
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    KQ_sum_add[j] = fattn_se_tree<NV>(v[j], [](const float a, const float b) { return a + b; });
+                }
             }
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
@@ -726,8 +772,9 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
             }
         }
 
-        cls      = cls_next;
-        cls_next = cls_next2;
+        cls       = cls_next;
+        cls_next  = cls_next2;
+        cls_next2 = cls_next3;
     };
     for (int t = 0; t < ntb; ++t) {
         if (cls == FATTN_SE_GROUPED && (kt0 + t + 1)*T <= p.n_kv) {
