@@ -3,7 +3,9 @@
 What a user waits for: an N-token document evaluated from an empty KV cache (default batch sizes, flash
 attention on), then single-token decodes after it. Vanilla and Self-Extend run in **separate processes** (no
 setting is switched live), each with ``--warmups`` untimed runs of the whole document (default 1) and then
-``--repeats`` timed runs; the table gives medians and selfext/vanilla ratios, measured in the same invocation. Memory is what
+``--repeats`` timed runs; the table gives medians and selfext/vanilla ratios, measured in the same invocation. Where a
+process's speed varies from one process to the next (a small model on a fast GPU is bound by its host side), use
+``--processes N``: N vanilla and N Self-Extend processes, alternating, their timed runs pooled. Memory is what
 llama.cpp itself logs for each context: KV cache, Self-Extend's grouped keys (or their rotation table) and the
 compute buffers, in MiB. LLAMA_SELF_EXTEND_KEYS=table|cache in the environment picks the form of the grouped keys.
 
@@ -79,6 +81,18 @@ def measure(args: argparse.Namespace, n_tokens: int, ubatch: int, ga_n: int) -> 
             "decode_median": statistics.median(runs["decode_tps"])}
 
 
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One setting's row from its processes: their timed runs together, the medians of all of them, and each
+    process's own median where there are several."""
+    row = dict(runs[0])
+    for k in ("prefill", "decode"):
+        row[f"{k}_tps"] = [x for r in runs for x in r[f"{k}_tps"]]
+        row[f"{k}_median"] = statistics.median(row[f"{k}_tps"])
+        if len(runs) > 1:
+            row[f"{k}_process_medians"] = [r[f"{k}_median"] for r in runs]
+    return row
+
+
 def sizes(text: str) -> list[int]:
     return [int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t) for t in text.split(",") if t]
 
@@ -93,6 +107,8 @@ def main() -> None:
     ap.add_argument("--ga-w", type=int, default=1024)
     ap.add_argument("--n-gen", type=int, default=32, help="single-token decodes timed after the document")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per process (after the warm-ups)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="processes per setting, vanilla and Self-Extend alternating; their runs are pooled")
     ap.add_argument("--warmups", type=int, default=1,
                     help="untimed runs per process first (0 for long documents on a slow machine)")
     ap.add_argument("-ngl", "--n-gpu-layers", dest="ngl", type=int, default=0)
@@ -112,7 +128,11 @@ def main() -> None:
     rows = []
     for n in sizes(args.tokens):
         for ub in sizes(args.ubatch):
-            v, s = measure(args, n, ub, 1), measure(args, n, ub, args.ga_n)
+            vs, ss = [], []
+            for _ in range(args.processes):
+                vs.append(measure(args, n, ub, 1))
+                ss.append(measure(args, n, ub, args.ga_n))
+            v, s = pooled(vs), pooled(ss)
             rows += [v, s]
             ratio = {k: round(s[f"{k}_median"] / v[f"{k}_median"], 3) for k in ("prefill", "decode")}
             ratio["memory"] = round(s["memory_mib"]["total"] / v["memory_mib"]["total"], 3)
@@ -124,7 +144,8 @@ def main() -> None:
                       f"{s['memory_mib']['total']:.0f} MiB ({ratio['memory']:.3f})", flush=True)
     if args.json:
         print(json.dumps({"model": os.path.basename(args.model), "ga_n": args.ga_n, "ga_w": args.ga_w,
-                          "n_gen": args.n_gen, "repeats": args.repeats, "warmups": args.warmups, "ngl": args.ngl, "results": rows}))
+                          "n_gen": args.n_gen, "repeats": args.repeats, "warmups": args.warmups,
+                          "processes": args.processes, "ngl": args.ngl, "results": rows}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,60 @@
+"""benchmarks/ttft.py pools the timed runs of several processes of one setting."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def ttft() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ttft", BENCH / "ttft.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def process(prefill: list[float], decode: list[float]) -> dict:
+    return {"mode": "vanilla", "memory_mib": {"total": 10.0}, "prefill_tps": prefill, "decode_tps": decode,
+            "prefill_median": sorted(prefill)[len(prefill) // 2], "decode_median": sorted(decode)[len(decode) // 2]}
+
+
+def test_pooled_takes_the_median_of_every_run_of_every_process(ttft: ModuleType) -> None:
+    # a slow process and two fast ones: the pooled median is a fast run's, each process's own median is kept
+    row = ttft.pooled([process([50, 52, 51], [5, 5, 5]), process([80, 81, 82], [6, 6, 7]), process([79, 83, 80], [6, 7, 7])])
+    assert row["prefill_tps"] == [50, 52, 51, 80, 81, 82, 79, 83, 80]
+    assert row["prefill_median"] == 80
+    assert row["prefill_process_medians"] == [51, 81, 80]
+    assert row["decode_median"] == 6
+    assert row["memory_mib"] == {"total": 10.0}
+
+
+def test_one_process_is_its_own_row(ttft: ModuleType) -> None:
+    one = process([10, 30, 20], [1, 2, 3])
+    row = ttft.pooled([one])
+    assert row["prefill_median"] == 20 and row["decode_median"] == 2
+    assert "prefill_process_medians" not in row
+    assert row["prefill_tps"] == [10, 30, 20]
+
+
+def test_processes_flag_alternates_vanilla_and_selfext(ttft: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    calls = []
+
+    def fake_measure(args, n_tokens, ubatch, ga_n):
+        calls.append(ga_n)
+        row = process([100.0 if ga_n == 1 else 95.0], [10.0])
+        return {**row, "mode": "vanilla" if ga_n == 1 else "selfext", "n_tokens": n_tokens, "ubatch": ubatch}
+
+    monkeypatch.setattr(ttft, "measure", fake_measure)
+    monkeypatch.setattr("sys.argv", ["ttft.py", "m.gguf", "--tokens", "1k", "--ubatch", "512", "--processes", "3", "--json"])
+    ttft.main()
+    assert calls == [1, 8, 1, 8, 1, 8]
+    out = capsys.readouterr().out
+    assert '"processes": 3' in out and '"prefill": 0.95' in out
