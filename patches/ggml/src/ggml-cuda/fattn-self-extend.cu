@@ -689,7 +689,8 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
             }
 
             // online softmax; lanes with the same lane/4 hold keys of the same columns. The thread's maxima and sums
-            // are trees over its NV keys of a column: as chains of NV dependent instructions they stalled every tile.
+            // are trees over its NV keys of a column, not chains of NV dependent instructions: with two warps per
+            // scheduler little else hides their latency.
             float KQ_max_new[2];
             {
                 float v[2][NV];
