@@ -496,7 +496,8 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     };
 
     // prefill: the classes of tiles t + 1 and t + 2; each is read from global memory a step before the step that
-    // issues its loads, so that the read's latency is not waited for at (B)
+    // issues its loads, so that the read has a whole step to land. (ncu still shows a stall right after (B): the K
+    // tile's cp.async instructions still reading registers that the next instructions overwrite; RESULTS 4.5.)
     int cls_next  = decode ? 0 : class_of(1);
     int cls_next2 = decode ? 0 : class_of(2);
     if (ntb > 0) {
