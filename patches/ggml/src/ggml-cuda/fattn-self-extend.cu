@@ -391,6 +391,24 @@ static __device__ __forceinline__ float fattn_se_tree(float * v, const F op) {
     }
 }
 
+// r[j] = op over the thread's values of its column j (0, 1) in the C tiles S[0 .. NK - 1], as trees (fattn_se_tree).
+template <int NK, typename F>
+static __device__ __forceinline__ void fattn_se_col_reduce(const tile<16, 16, float> * S, const F op, float * r) {
+    static_assert(tile<16, 16, float>::ne == 8, "fattn_se_col_index assumes 4 values per column and C tile");
+    float v[2][4*NK];
+#pragma unroll
+    for (int kk = 0; kk < NK; ++kk) {
+#pragma unroll
+        for (int l = 0; l < tile<16, 16, float>::ne; ++l) {
+            v[(l/2) % 2][fattn_se_col_index(kk, l)] = S[kk].x[l];
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        r[j] = fattn_se_tree<4*NK>(v[j], op);
+    }
+}
+
 // ------------------------------------------------------------------------------------------------------------------
 // kernels
 
@@ -407,8 +425,6 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     constexpr int  SO     = D + 4;               // row stride of the f32 O staging of the epilogue
     constexpr bool decode = NWC == 1;
     constexpr int  TPC    = decode ? 1 : FATTN_SE_TC/T; // prefill: tiles per classified tile
-    constexpr int  NV     = KW/4;                // keys of a tile per thread and column (4 lanes share a column)
-    static_assert(tile<16, 16, float>::ne == 8, "fattn_se_col_index assumes 4 values per column and C tile");
     static_assert(D % 16 == 0 && KW % 16 == 0 && (NC <= T || (!decode && NC <= 2*T)), "bad tile sizes");
     static_assert(NC == fattn_se_ncols(decode) && T == fattn_se_T(D, decode), "kernel and host configuration differ");
     static_assert(decode || FATTN_SE_TC % T == 0, "a tile must lie in one classified tile");
@@ -690,23 +706,10 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
             }
 
             // online softmax; lanes with the same lane/4 hold keys of the same columns. The thread's maxima and sums
-            // are trees over its NV keys of a column, not chains of NV dependent instructions: with two warps per
+            // are trees over its KW/4 keys of a column, not chains of dependent instructions: with two warps per
             // scheduler little else hides their latency.
             float KQ_max_new[2];
-            {
-                float v[2][NV];
-#pragma unroll
-                for (int kk = 0; kk < KW/16; ++kk) {
-#pragma unroll
-                    for (int l = 0; l < S[kk].ne; ++l) {
-                        v[(l/2) % 2][fattn_se_col_index(kk, l)] = S[kk].x[l];
-                    }
-                }
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    KQ_max_new[j] = fattn_se_tree<NV>(v[j], [](const float a, const float b) { return fmaxf(a, b); });
-                }
-            }
+            fattn_se_col_reduce<KW/16>(S, [](const float a, const float b) { return fmaxf(a, b); }, KQ_max_new);
             float KQ_scale[2];
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
@@ -716,23 +719,16 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                 KQ_scale[j]   = exp2_approx(KQ_max[j] - KQ_max_new[j]);
                 KQ_max[j]     = KQ_max_new[j];
             }
-            float KQ_sum_add[2];
-            {
-                float v[2][NV];
 #pragma unroll
-                for (int kk = 0; kk < KW/16; ++kk) {
+            for (int kk = 0; kk < KW/16; ++kk) {
 #pragma unroll
-                    for (int l = 0; l < S[kk].ne; ++l) {
-                        S[kk].x[l] = exp2_approx(S[kk].x[l] - KQ_max[(l/2) % 2]);
-                        v[(l/2) % 2][fattn_se_col_index(kk, l)] = S[kk].x[l];
-                    }
-                    P_A[kk] = get_half2(S[kk]);
+                for (int l = 0; l < S[kk].ne; ++l) {
+                    S[kk].x[l] = exp2_approx(S[kk].x[l] - KQ_max[(l/2) % 2]);
                 }
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    KQ_sum_add[j] = fattn_se_tree<NV>(v[j], [](const float a, const float b) { return a + b; });
-                }
+                P_A[kk] = get_half2(S[kk]);
             }
+            float KQ_sum_add[2];
+            fattn_se_col_reduce<KW/16>(S, [](const float a, const float b) { return a + b; }, KQ_sum_add);
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 KQ_sum[j] = KQ_scale[j]*KQ_sum[j] + KQ_sum_add[j];
