@@ -22,8 +22,10 @@
 //     decode  (NWC = 1): 16 columns (few queries), the 4 warps split the keys of a tile and are merged at the end.
 //   When the blocks alone cannot fill the GPU the KV range of each block is also split (nsplit): every split leaves an
 //   unnormalized partial (max, sum, O) and flash_attn_ext_se_combine merges them exactly.
-//   The rotation-table form of the op (K_g given as cos/sin per key) first rotates the K view into a pool scratch
-//   (flash_attn_ext_se_rotate_k), then runs the same kernel.
+//   The rotation-table form of the op (K_g given as cos/sin per key): decode loads the table rows of a grouped tile with
+//   its K rows and rotates the B operands of Q_g K_g^T as they come out of shared memory (fattn_se_kq_rot), so that a
+//   step reads no second K; prefill first rotates the K view into a pool scratch (flash_attn_ext_se_rotate_k), then runs
+//   the same kernel.
 //
 // Classification
 //   prefill: flash_attn_ext_se_classify runs first and classifies every (block of queries, tile of 64 keys) once for all
@@ -94,6 +96,8 @@ struct fattn_se_params {
     int   D, n_q, n_kv, n_head, n_head_kv, ne3;
     int   W;
     float scale, softcap;
+    int   k_rot;                                        // fattn_se_rot: NONE, or k_g is a rotation table of D floats
+                                                        // per key (decode only), F32 [D, n_kv, 1, ne3], nb_kg2 unused
 };
 
 // How the op is cut into blocks, made on the host by fattn_se_make_plan.
@@ -159,10 +163,11 @@ static void fattn_se_block_shape(const int n_q, const int gqa, bool & decode, in
     RPB    = fattn_se_ncols(decode)/NHB;
 }
 
-// Must match the carving of shared memory in flash_attn_ext_se_f16.
-static size_t fattn_se_nbytes_shared(const int D, const bool decode, const int RPB) {
+// Must match the carving of shared memory in flash_attn_ext_se_f16. rot: K_g is a rotation table tile of D + 8 floats per
+// key, in place of a K_g tile of D + 8 halves.
+static size_t fattn_se_nbytes_shared(const int D, const bool decode, const int RPB, const bool rot) {
     const int T = fattn_se_T(D, decode);
-    return 3*T*(D + 8)*sizeof(half)                     // K, K_g, V tiles, rows padded by 16 bytes
+    return (rot ? 4 : 3)*T*(D + 8)*sizeof(half)         // K, K_g (or table), V tiles, rows padded by 16 (32) bytes
          + 2*RPB*(T + 8)*sizeof(half)                   // mask, 2 slots
          + 2*T*sizeof(int)                              // pos_k, 2 slots
          + FATTN_SE_NWARPS*sizeof(int4)                 // per warp parts of the class of the next tile
@@ -172,10 +177,11 @@ static size_t fattn_se_nbytes_shared(const int D, const bool decode, const int R
 // ------------------------------------------------------------------------------------------------------------------
 // device helpers
 
-// One K/V tile, rows k0 .. k0 + T - 1 of D halves, into shared memory rows of D + 8 halves (the padding makes ldmatrix
+// One K/V tile, rows k0 .. k0 + T - 1 of D halves, into shared memory rows of S halves (the padding of D + 8 makes ldmatrix
 // conflict-free). Rows past the end of the cache repeat its last row: their keys are masked, but V must stay finite since
-// P = 0 multiplies it. Thread tid always copies the same 16 byte column of every (128/(D/8))-th row.
-template <int D, int T>
+// P = 0 multiplies it. Thread tid always copies the same 16 byte column of every (128/(D/8))-th row. (Also the rows of a
+// rotation table: D = 2*(floats per row).)
+template <int D, int T, int S = D + 8>
 static __device__ __forceinline__ void fattn_se_load_kv(
         half * __restrict__ tile, const char * __restrict__ src, const int64_t nb1, const int k0, const int n_kv, const int tid) {
     constexpr int chunks_row = D/8;
@@ -184,19 +190,19 @@ static __device__ __forceinline__ void fattn_se_load_kv(
 
     const int j0 = tid / chunks_row;
     const int jc = tid % chunks_row;
-    const unsigned int dst = ggml_cuda_cvta_generic_to_shared(tile + j0*(D + 8) + 8*jc);
+    const unsigned int dst = ggml_cuda_cvta_generic_to_shared(tile + j0*S + 8*jc);
     const char * src_c = src + 16*jc;
     if (k0 + T <= n_kv) {
         src_c += int64_t(k0 + j0)*nb1;
 #pragma unroll
         for (int i = 0; i < T/rows_pass; ++i) {
-            cp_async_cg_16<64>(dst + i*rows_pass*(D + 8)*sizeof(half), src_c + i*rows_pass*nb1);
+            cp_async_cg_16<64>(dst + i*rows_pass*S*sizeof(half), src_c + i*rows_pass*nb1);
         }
     } else {
 #pragma unroll
         for (int i = 0; i < T/rows_pass; ++i) {
             const int64_t k = min(k0 + j0 + i*rows_pass, n_kv - 1);
-            cp_async_cg_16<64>(dst + i*rows_pass*(D + 8)*sizeof(half), src_c + k*nb1);
+            cp_async_cg_16<64>(dst + i*rows_pass*S*sizeof(half), src_c + k*nb1);
         }
     }
 }
@@ -369,6 +375,79 @@ static __device__ __forceinline__ void fattn_se_kq(
     }
 }
 
+// The forms of K_g a kernel reads (template parameter ROT): the grouped keys themselves, or K and a rotation table tile of D
+// floats per key (ggml-self-extend.h), the pairs (2i, 2i + 1) or (i, i + D/2) rotated as the B operands are loaded.
+enum fattn_se_rot { FATTN_SE_ROT_NONE = 0, FATTN_SE_ROT_NORM = 1, FATTN_SE_ROT_NEOX = 2 };
+
+// Row stride of a rotation table tile in floats: rows 32 bytes apart modulo 128, so that the float2 reads of a half warp
+// (4 rows x 4 lanes) hit distinct banks.
+template <int D>
+static constexpr __host__ __device__ int fattn_se_rot_stride() {
+    return D + 8;
+}
+
+// Element r of a B operand loaded by fattn_se_ldsm<FATTN_SE_LDSM_B> is the half2 at row lane/4 + 8*(r % 2), halves
+// 8*(r/2) + 2*(lane % 4) and the next: the table offset of that pair from the lane's first one (fattn_se_kq_rot's tab).
+template <int D>
+static __device__ __forceinline__ int fattn_se_rot_offset(const int r) {
+    return 8*(r % 2)*fattn_se_rot_stride<D>() + 8*(r/2);
+}
+
+// S[kk] = Q_g K_g^T as fattn_se_kq, K_g made from the K rows at K and the table rows at tab: the lane's first table
+// element, row lane/4 of the first key, column 2*(lane % 4). ROT_NORM: the half2 of a B element is one pair, its cos and
+// sin one float2 of the table; ROT_NEOX: element r of dimension chunk d16 < D/32 and element r of chunk d16 + D/32 are
+// the two halves of the same pairs, whose cos and sin are float2 D/2 apart.
+template <int D, int NK, int SKV, int ROT>
+static __device__ __forceinline__ void fattn_se_kq_rot(
+        tile<16, 16, float> * S, const tile<16, 8, half2> * Q_reg, const uint32_t K, const float * __restrict__ tab) {
+    static_assert(ROT == FATTN_SE_ROT_NORM || ROT == FATTN_SE_ROT_NEOX, "not a rotation");
+    constexpr int ST = fattn_se_rot_stride<D>();
+#pragma unroll
+    for (int kk = 0; kk < NK; ++kk) {
+        S[kk] = tile<16, 16, float>{};
+    }
+    if constexpr (ROT == FATTN_SE_ROT_NORM) {
+#pragma unroll
+        for (int d16 = 0; d16 < D/16; ++d16) {
+#pragma unroll
+            for (int kk = 0; kk < NK; ++kk) {
+                tile<16, 8, half2> K_B;
+                fattn_se_ldsm<FATTN_SE_LDSM_B>(K_B, K + (16*kk*SKV + 16*d16)*sizeof(half));
+#pragma unroll
+                for (int r = 0; r < K_B.ne; ++r) {
+                    const float2 cs = *(const float2 *) (tab + 16*kk*ST + 16*d16 + fattn_se_rot_offset<D>(r));
+                    const float2 k  = __half22float2(K_B.x[r]);
+                    K_B.x[r] = __floats2half2_rn(k.x*cs.x - k.y*cs.y, k.x*cs.y + k.y*cs.x);
+                }
+                mma(S[kk], Q_reg[d16], K_B);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int d16 = 0; d16 < D/32; ++d16) {
+#pragma unroll
+            for (int kk = 0; kk < NK; ++kk) {
+                tile<16, 8, half2> K_a; // dimensions 16*d16 ..: the pairs' first halves
+                tile<16, 8, half2> K_b; // dimensions D/2 + 16*d16 ..: their second halves
+                fattn_se_ldsm<FATTN_SE_LDSM_B>(K_a, K + (16*kk*SKV + 16*d16)*sizeof(half));
+                fattn_se_ldsm<FATTN_SE_LDSM_B>(K_b, K + (16*kk*SKV + 16*d16 + D/2)*sizeof(half));
+#pragma unroll
+                for (int r = 0; r < K_a.ne; ++r) {
+                    const float * t  = tab + 16*kk*ST + 16*d16 + fattn_se_rot_offset<D>(r);
+                    const float2  c  = *(const float2 *) t;
+                    const float2  sn = *(const float2 *) (t + D/2);
+                    const float2  a  = __half22float2(K_a.x[r]);
+                    const float2  b  = __half22float2(K_b.x[r]);
+                    K_a.x[r] = __floats2half2_rn(a.x*c.x  - b.x*sn.x, a.y*c.y  - b.y*sn.y);
+                    K_b.x[r] = __floats2half2_rn(a.x*sn.x + b.x*c.x,  a.y*sn.y + b.y*c.y);
+                }
+                mma(S[kk], Q_reg[d16],        K_a);
+                mma(S[kk], Q_reg[d16 + D/32], K_b);
+            }
+        }
+    }
+}
+
 // Position of element l of C tile kk among the thread's values of its column (l/2 % 2) in the tile row of C tiles:
 // 0 .. 4*NK - 1.
 static __device__ __forceinline__ int fattn_se_col_index(const int kk, const int l) {
@@ -412,8 +491,8 @@ static __device__ __forceinline__ void fattn_se_col_reduce(const tile<16, 16, fl
 // ------------------------------------------------------------------------------------------------------------------
 // kernels
 
-// NWC: warps along the columns (4: prefill, 1: decode), T: keys per tile.
-template <int D, int NWC, int T, bool use_softcap>
+// NWC: warps along the columns (4: prefill, 1: decode), T: keys per tile, ROT: the form of K_g (fattn_se_rot).
+template <int D, int NWC, int T, bool use_softcap, int ROT>
 __launch_bounds__(FATTN_SE_NTHREADS, fattn_se_min_blocks(D, NWC))
 static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fattn_se_plan P) {
 #if defined(AMPERE_MMA_AVAILABLE)
@@ -428,6 +507,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     static_assert(D % 16 == 0 && KW % 16 == 0 && (NC <= T || (!decode && NC <= 2*T)), "bad tile sizes");
     static_assert(NC == fattn_se_ncols(decode) && T == fattn_se_T(D, decode), "kernel and host configuration differ");
     static_assert(decode || FATTN_SE_TC % T == 0, "a tile must lie in one classified tile");
+    static_assert(ROT == FATTN_SE_ROT_NONE || decode, "a prefill reads K_g from a scratch (flash_attn_ext_se_rotate_k)");
     // the epilogue reuses the K/K_g/V tiles and what follows them, up to the end of Q
     static_assert(NWK*NC*(SO*sizeof(float) + sizeof(float2)) <= (3*T + NC)*SKV*sizeof(half), "epilogue does not fit");
 
@@ -453,7 +533,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     const int rows  = min(P.RPB, p.n_q - i0);
 
     const char * K         = p.k   + s*p.nb_k3  + hk*p.nb_k2;
-    const char * Kg        = p.k_g + s*p.nb_kg3 + hk*p.nb_kg2;
+    const char * Kg        = p.k_g + s*p.nb_kg3 + (ROT ? 0 : hk*p.nb_kg2); // a table serves every head
     const char * V         = p.v   + s*p.nb_v3  + hk*p.nb_v2;
     const char * mask_rows = p.mask ? p.mask + (s % p.ne_m3)*p.nb_m3 + i0*p.nb_m1 : nullptr;
     const int  * pos_q     = (const int *) (p.pos_q + s*p.nb_pq1) + i0;
@@ -478,8 +558,8 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 
     extern __shared__ half2 fattn_se_smem[];
     half * sK  = (half *) fattn_se_smem;
-    half * sKg = sK  + T*SKV;
-    half * sV  = sKg + T*SKV;
+    half * sKg = sK  + T*SKV;                 // or the table tile, rows of D + 8 floats
+    half * sV  = sKg + (ROT ? 2 : 1)*T*SKV;
     half * sM  = sV  + T*SKV;               // mask of tile t at sM + (t % 2)*P.RPB*SM
     int  * sP  = (int *) (sM + 2*P.RPB*SM); // pos_k of tile t at sP + (t % 2)*T
     int4 * sC  = (int4 *) (sP + 2*T);       // quarters of the class of the next tile
@@ -503,11 +583,15 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     };
     auto load_k = [&](const int t, const int cls) { // the key operands the class of tile t needs
         const int k0 = (kt0 + t)*T;
-        if (cls & FATTN_SE_NEIGHBOUR) {
-            fattn_se_load_kv<D, T>(sK,  K,  p.nb_k1,  k0, p.n_kv, tid);
+        if (cls & (ROT ? FATTN_SE_CLASS : FATTN_SE_NEIGHBOUR)) {
+            fattn_se_load_kv<D, T>(sK, K, p.nb_k1, k0, p.n_kv, tid);
         }
         if (cls & FATTN_SE_GROUPED) {
-            fattn_se_load_kv<D, T>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
+            if constexpr (ROT) {
+                fattn_se_load_kv<2*D, T, 2*SKV>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
+            } else {
+                fattn_se_load_kv<D, T>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
+            }
         }
     };
 
@@ -607,6 +691,8 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     const uint32_t K_sm = ggml_cuda_cvta_generic_to_shared(sK + (KW*wk + fattn_se_lane_row<FATTN_SE_LDSM_B>(lane))*SKV
                                                                 + fattn_se_lane_col<FATTN_SE_LDSM_B>(lane));
     const uint32_t Kg_sm = K_sm + T*SKV*sizeof(half); // sKg follows sK
+    // (ROT) the lane's first table element: row lane/4 of the warp's first key, column 2*(lane % 4)
+    const float * tab = (const float *) sKg + (KW*wk + lane/4)*fattn_se_rot_stride<D>() + 2*(lane % 4);
     const uint32_t V_sm = ggml_cuda_cvta_generic_to_shared(sV + (KW*wk + fattn_se_lane_row<FATTN_SE_LDSM_BT>(lane))*SKV
                                                                 + fattn_se_lane_col<FATTN_SE_LDSM_BT>(lane));
 
@@ -652,7 +738,11 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         if (work) {
             tile<16, 16, float> S[KW/16];
             if (pure || (cls & FATTN_SE_CLASS) == FATTN_SE_GROUPED) {
-                fattn_se_kq<D, KW/16, SKV>(S, Qg_A, 0, Kg_sm);
+                if constexpr (ROT) {
+                    fattn_se_kq_rot<D, KW/16, SKV, ROT>(S, Qg_A, K_sm, tab);
+                } else {
+                    fattn_se_kq<D, KW/16, SKV>(S, Qg_A, 0, Kg_sm);
+                }
             } else {
                 fattn_se_kq<D, KW/16, SKV>(S, nullptr, Q_sm, K_sm);
                 if ((cls & FATTN_SE_CLASS) == FATTN_SE_MIXED) {
@@ -661,7 +751,12 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 #pragma unroll
                     for (int kk = 0; kk < KW/16; ++kk) {
                         tile<16, 16, float> Sg;
-                        fattn_se_kq<D, 1, SKV>(&Sg, Qg_A, 0, Kg_sm + 16*kk*SKV*sizeof(half));
+                        if constexpr (ROT) {
+                            fattn_se_kq_rot<D, 1, SKV, ROT>(&Sg, Qg_A, K_sm + 16*kk*SKV*sizeof(half),
+                                                            tab + 16*kk*fattn_se_rot_stride<D>());
+                        } else {
+                            fattn_se_kq<D, 1, SKV>(&Sg, Qg_A, 0, Kg_sm + 16*kk*SKV*sizeof(half));
+                        }
 #pragma unroll
                         for (int l = 0; l < Sg.ne; ++l) {
                             if (pq[(l/2) % 2] - pk[16*kk + Sg.get_j(l)] >= p.W) {
@@ -1096,10 +1191,10 @@ static __global__ void flash_attn_ext_se_rotate_k(
 typedef void (* fattn_se_kernel_t)(const fattn_se_params p, const fattn_se_plan P);
 
 // The kernel of a configuration, its shared memory limit raised (per device) to at least nbytes_shared.
-template <int D, bool decode, bool use_softcap>
+template <int D, bool decode, bool use_softcap, int ROT = FATTN_SE_ROT_NONE>
 static fattn_se_kernel_t fattn_se_kernel_instance(const size_t nbytes_shared) {
     constexpr int NWC = decode ? 1 : 4;
-    const fattn_se_kernel_t kernel = flash_attn_ext_se_f16<D, NWC, fattn_se_T(D, decode), use_softcap>;
+    const fattn_se_kernel_t kernel = flash_attn_ext_se_f16<D, NWC, fattn_se_T(D, decode), use_softcap, ROT>;
 
     static size_t smem_limit[GGML_CUDA_MAX_DEVICES] = {0};
     int device;
@@ -1111,12 +1206,23 @@ static fattn_se_kernel_t fattn_se_kernel_instance(const size_t nbytes_shared) {
     return kernel;
 }
 
-template <int D>
-static fattn_se_kernel_t fattn_se_kernel_d(const bool decode, const bool use_softcap, const size_t nbytes_shared) {
-    if (decode) {
-        return use_softcap ? fattn_se_kernel_instance<D, true,  true>(nbytes_shared)
-                           : fattn_se_kernel_instance<D, true,  false>(nbytes_shared);
+template <int D, bool use_softcap>
+static fattn_se_kernel_t fattn_se_kernel_decode(const int rot, const size_t nbytes_shared) {
+    switch (rot) {
+        case FATTN_SE_ROT_NORM: return fattn_se_kernel_instance<D, true, use_softcap, FATTN_SE_ROT_NORM>(nbytes_shared);
+        case FATTN_SE_ROT_NEOX: return fattn_se_kernel_instance<D, true, use_softcap, FATTN_SE_ROT_NEOX>(nbytes_shared);
+        default:                return fattn_se_kernel_instance<D, true, use_softcap>(nbytes_shared);
     }
+}
+
+template <int D>
+static fattn_se_kernel_t fattn_se_kernel_d(const bool decode, const bool use_softcap, const int rot,
+                                           const size_t nbytes_shared) {
+    if (decode) {
+        return use_softcap ? fattn_se_kernel_decode<D, true>(rot, nbytes_shared)
+                           : fattn_se_kernel_decode<D, false>(rot, nbytes_shared);
+    }
+    GGML_ASSERT(rot == FATTN_SE_ROT_NONE);
     return use_softcap ? fattn_se_kernel_instance<D, false, true>(nbytes_shared)
                        : fattn_se_kernel_instance<D, false, false>(nbytes_shared);
 }
@@ -1124,9 +1230,9 @@ static fattn_se_kernel_t fattn_se_kernel_d(const bool decode, const bool use_sof
 static fattn_se_kernel_t fattn_se_kernel(const fattn_se_params & p, const fattn_se_plan & P) {
     const bool use_softcap = p.softcap != 0.0f;
     switch (p.D) {
-        case  64: return fattn_se_kernel_d< 64>(P.decode, use_softcap, P.nbytes_shared);
-        case 128: return fattn_se_kernel_d<128>(P.decode, use_softcap, P.nbytes_shared);
-        case 256: return fattn_se_kernel_d<256>(P.decode, use_softcap, P.nbytes_shared);
+        case  64: return fattn_se_kernel_d< 64>(P.decode, use_softcap, p.k_rot, P.nbytes_shared);
+        case 128: return fattn_se_kernel_d<128>(P.decode, use_softcap, p.k_rot, P.nbytes_shared);
+        case 256: return fattn_se_kernel_d<256>(P.decode, use_softcap, p.k_rot, P.nbytes_shared);
         default:  GGML_ABORT("%s: unsupported head size %d", __func__, p.D);
     }
 }
@@ -1173,7 +1279,7 @@ static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm
     P.q_scale   = p.softcap != 0.0f ? p.scale/p.softcap : p.scale*FATTN_SE_LOG2E;
     P.logit_mul = p.softcap*FATTN_SE_LOG2E;
 
-    P.nbytes_shared = fattn_se_nbytes_shared(p.D, P.decode, P.RPB);
+    P.nbytes_shared = fattn_se_nbytes_shared(p.D, P.decode, P.RPB, p.k_rot != FATTN_SE_ROT_NONE);
 
     const int64_t nslots = int64_t(fattn_se_blocks_per_sm(fattn_se_kernel(p, P), P.nbytes_shared))*nsm;
 
@@ -1382,21 +1488,37 @@ void ggml_cuda_flash_attn_ext_se_graph_end(ggml_backend_cuda_context & ctx) {
     fattn_se_cls_kept.erase(&ctx);
 }
 
+// Table form: whether a decode kernel reads the table itself (fattn_se_rot), rotating K as it loads its B operands: where the
+// table covers the whole head and the kernel's larger tiles fit the device. Else the grouped keys go to a scratch first,
+// once per op: a prefill reads every grouped tile once per block of queries, and rotating there would repeat the work
+// for each block and each of its warps.
+static int fattn_se_rot_in_kernel(const fattn_se_params & p, const int n_rot, const bool neox, const size_t smpbo) {
+    bool decode;
+    int  NHB, RPB;
+    fattn_se_block_shape(p.n_q, p.n_head/p.n_head_kv, decode, NHB, RPB);
+    if (!decode || n_rot != p.D || fattn_se_nbytes_shared(p.D, true, RPB, true) > smpbo) {
+        return FATTN_SE_ROT_NONE;
+    }
+    return neox ? FATTN_SE_ROT_NEOX : FATTN_SE_ROT_NORM;
+}
+
 void ggml_cuda_flash_attn_ext_se(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     fattn_se_params p = fattn_se_params_from_tensor(dst);
-    const fattn_se_plan P = fattn_se_make_plan(p, ggml_cuda_info().devices[ctx.device].nsm);
-
     const ggml_flash_attn_ext_se_args a = ggml_flash_attn_ext_se_get_args(dst);
+    const int  n_rot = a.k_rot ? int(a.k_g->ne[0]) : 0;
+    const bool neox  = a.rope_mode == GGML_ROPE_TYPE_NEOX;
+    if (a.k_rot) {
+        p.k_rot = fattn_se_rot_in_kernel(p, n_rot, neox, ggml_cuda_info().devices[ctx.device].smpbo);
+    }
+    const fattn_se_plan P = fattn_se_make_plan(p, ggml_cuda_info().devices[ctx.device].nsm);
 
     // first, as its buffer may outlive the op
     ggml_cuda_pool_alloc<char> cls_local(ctx.pool());
     char * cls = P.classify ? fattn_se_classes(ctx, a, p, P, cls_local) : nullptr;
     ggml_cuda_pool_alloc<half> k_g(ctx.pool());
-    if (a.k_rot) {
-        // table form: p.k_g is the table; the grouped keys go to a scratch laid out as a contiguous K
+    if (a.k_rot && p.k_rot == FATTN_SE_ROT_NONE) {
+        // table form, rotated beforehand: p.k_g is the table; the grouped keys go to a scratch laid out as a contiguous K
         k_g.alloc(size_t(p.D)*p.n_kv*p.n_head_kv*p.ne3);
-        const int  n_rot = a.k_g->ne[0];
-        const bool neox  = a.rope_mode == GGML_ROPE_TYPE_NEOX;
         switch (p.D) {
             case  64: fattn_se_launch_rotate_k< 64>(p, n_rot, neox, k_g.get(), ctx.stream()); break;
             case 128: fattn_se_launch_rotate_k<128>(p, n_rot, neox, k_g.get(), ctx.stream()); break;
@@ -1486,7 +1608,8 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
     bool decode;
     int  NHB, RPB;
     fattn_se_block_shape(n_q, q->ne[2]/k->ne[2], decode, NHB, RPB);
-    return q->ne[2]/NHB <= 65535 && fattn_se_nbytes_shared(D, decode, RPB) <= ggml_cuda_info().devices[device].smpbo;
+    // (the table form always has the scratch to fall back on)
+    return q->ne[2]/NHB <= 65535 && fattn_se_nbytes_shared(D, decode, RPB, false) <= ggml_cuda_info().devices[device].smpbo;
 }
 
 #endif // GGML_CUDA_FATTN_SE_SELFTEST
