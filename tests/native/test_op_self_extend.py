@@ -189,7 +189,10 @@ ROT_CASES = [(Case(64, 2, 4, 7, 7, 300, GGML_TYPE_F16), ROPE_NORM, 64),
              (Case(128, 2, 4, 512, 1, 2048, GGML_TYPE_F16), ROPE_NORM, 128),  # decode
              (Case(64, 2, 8, 7, 1, 1500, GGML_TYPE_F16, 2), ROPE_NEOX, 32),    # two streams, partial rotary
              (Case(256, 1, 4, 33, 64, 1000, GGML_TYPE_F16, 2), ROPE_NEOX, 256),
-             (Case(64, 2, 4, 7, 64, 700, GGML_TYPE_F16, softcap=2.0), ROPE_NORM, 48)]
+             (Case(64, 2, 4, 7, 64, 700, GGML_TYPE_F16, softcap=2.0), ROPE_NORM, 48),
+             # pairs that do not fall on whole pieces of 8 dimensions (the CUDA scratch takes them one by one)
+             (Case(64, 2, 4, 7, 64, 700, GGML_TYPE_F16), ROPE_NEOX, 24),
+             (Case(128, 2, 2, 7, 7, 300, GGML_TYPE_F16), ROPE_NORM, 6)]
 # decode with a table of the whole head: the CUDA kernel rotates K as it loads it (the cases above with n_rot < D, or
 # more queries, go through its scratch of grouped keys)
 ROT_CASES += [(Case(64, 2, 4, 7, 1, 700, GGML_TYPE_F16), ROPE_NEOX, 64),

@@ -1143,11 +1143,12 @@ static __global__ void flash_attn_ext_se_combine_few(
     ((float4 *) (dst + row*D))[d4] = make_float4(acc.x*inv, acc.y*inv, acc.z*inv, acc.w*inv);
 }
 
-// Rotation-table form (ggml_flash_attn_ext_se_rot): the grouped keys made from K and the table, once per op, into a
-// contiguous F16 scratch [D, n_kv, n_head_kv, ne3] that the attention kernel then reads as K_g (a prefill reads every
-// grouped tile once per block of queries; rotating in there would repeat the work for each). One thread per pair of
-// dimensions of a K row: pair i < n_rot/2 is rotated (dimensions (2i, 2i + 1), or (i, i + n_rot/2) for NEOX), the others
-// are copied.
+// Rotation-table form (ggml_flash_attn_ext_se_rot), prefill: the grouped keys made from K and the table, once per op, into
+// a contiguous F16 scratch [D, n_kv, n_head_kv, ne3] that the attention kernel then reads as K_g (a prefill reads every
+// grouped tile once per block of queries; rotating in there would repeat the work for each). A thread makes 8
+// consecutive dimensions of a K row with 16-byte loads and stores: those of rotated pairs (dimensions (2i, 2i + 1), or
+// (i, i + n_rot/2) for NEOX, i < n_rot/2; the partner 8 of a NEOX pair is read as well), the others copied. A table whose
+// pairs do not fall on whole 8-dimension pieces that way is taken one dimension at a time.
 #define FATTN_SE_ROT_NTHREADS 256
 
 template <int D>
@@ -1155,34 +1156,73 @@ __launch_bounds__(FATTN_SE_ROT_NTHREADS)
 static __global__ void flash_attn_ext_se_rotate_k(
         const char * __restrict__ k, const int64_t nb_k1, const int64_t nb_k2, const int64_t nb_k3,
         const char * __restrict__ tab, const int64_t nb_t1, const int64_t nb_t3,
-        half * __restrict__ k_g, const int n_kv, const int n_head_kv, const int64_t nrows, const int n_rot, const bool neox) {
-    constexpr int PAIRS = D/2;
-    const int64_t row = int64_t(blockIdx.x)*(FATTN_SE_ROT_NTHREADS/PAIRS) + threadIdx.x/PAIRS;
-    if (row >= nrows) {
+        half * __restrict__ k_g, const int n_kv, const int n_rot, const bool neox) {
+    constexpr int CH  = D/8;                        // pieces of 8 dimensions per row
+    constexpr int RPB = FATTN_SE_ROT_NTHREADS/CH;   // rows per block
+    static_assert(FATTN_SE_ROT_NTHREADS % CH == 0, "bad head size");
+
+    const int j  = blockIdx.x*RPB + threadIdx.x/CH; // key; head blockIdx.y, stream blockIdx.z
+    const int d0 = 8*(threadIdx.x % CH);
+    if (j >= n_kv) {
         return;
     }
-    const int     i  = threadIdx.x % PAIRS;
-    const int     j  = row % n_kv;
-    const int64_t hs = row / n_kv;
-    const int     h  = hs % n_head_kv;
-    const int     s  = hs / n_head_kv;
-
-    const half * x = (const half *) (k + j*nb_k1 + h*nb_k2 + s*nb_k3);
-    half       * y = k_g + row*D;
+    const half  * x = (const half *) (k + j*nb_k1 + blockIdx.y*nb_k2 + blockIdx.z*nb_k3);
+    const float * t = (const float *) (tab + j*nb_t1 + blockIdx.z*nb_t3);
+    half        * y = k_g + ((int64_t(blockIdx.z)*gridDim.y + blockIdx.y)*n_kv + j)*D + d0;
     const int half_rot = n_rot/2;
-    if (i < half_rot) {
-        const int     a  = neox ? i            : 2*i;
-        const int     b  = neox ? i + half_rot : 2*i + 1;
-        const float * t  = (const float *) (tab + j*nb_t1 + s*nb_t3);
-        const float   c  = t[a], sn = t[b];
-        const float   x0 = __half2float(x[a]), x1 = __half2float(x[b]);
-        y[a] = __float2half(x0*c  - x1*sn);
-        y[b] = __float2half(x0*sn + x1*c);
+
+    half2 out[4];
+    *(uint4 *) out = *(const uint4 *) (x + d0);
+    if (d0 >= n_rot) {
+        // past the rotated dimensions: copied
+    } else if (d0 + 8 <= n_rot && n_rot % 4 == 0 && (!neox || half_rot % 8 == 0)) {
+        if (!neox) {
+            // pairs (d0 + 2m, d0 + 2m + 1): cos, sin at the same dimensions of the table
+            float4 cs[2];
+            cs[0] = *(const float4 *) (t + d0);
+            cs[1] = *(const float4 *) (t + d0 + 4);
+            const float * c = (const float *) cs;
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+                const float2 v = __half22float2(out[m]);
+                out[m] = __floats2half2_rn(v.x*c[2*m] - v.y*c[2*m + 1], v.x*c[2*m + 1] + v.y*c[2*m]);
+            }
+        } else {
+            // pairs (i, i + n_rot/2), i = i0 .. i0 + 7: cos at i, sin at i + n_rot/2
+            const bool first = d0 < half_rot;
+            const int  i0    = first ? d0 : d0 - half_rot;
+            half2 other[4];
+            *(uint4 *) other = *(const uint4 *) (x + (first ? d0 + half_rot : i0));
+            float4 cv[2], sv[2];
+            cv[0] = *(const float4 *) (t + i0);
+            cv[1] = *(const float4 *) (t + i0 + 4);
+            sv[0] = *(const float4 *) (t + i0 + half_rot);
+            sv[1] = *(const float4 *) (t + i0 + half_rot + 4);
+            const float * c  = (const float *) cv;
+            const float * sn = (const float *) sv;
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+                const float2 v = __half22float2(out[m]);
+                const float2 o = __half22float2(other[m]);
+                out[m] = first ? __floats2half2_rn(v.x*c[2*m]      - o.x*sn[2*m],      v.y*c[2*m + 1]      - o.y*sn[2*m + 1])
+                               : __floats2half2_rn(o.x*sn[2*m]     + v.x*c[2*m],       o.y*sn[2*m + 1]     + v.y*c[2*m + 1]);
+            }
+        }
     } else {
-        const int a = n_rot + 2*(i - half_rot);
-        y[a]     = x[a];
-        y[a + 1] = x[a + 1];
+        half * e = (half *) out;
+#pragma unroll
+        for (int m = 0; m < 8; ++m) {
+            const int d = d0 + m;
+            if (d >= n_rot) {
+                continue;
+            }
+            const int   a  = neox ? (d < half_rot ? d : d - half_rot) : d & ~1;
+            const int   b  = neox ? a + half_rot                     : a + 1;
+            const float xa = __half2float(x[a]), xb = __half2float(x[b]);
+            e[m] = __float2half(d == a ? xa*t[a] - xb*t[b] : xa*t[b] + xb*t[a]);
+        }
     }
+    *(uint4 *) y = *(const uint4 *) out;
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -1416,10 +1456,10 @@ static fattn_se_params fattn_se_params_from_tensor(const ggml_tensor * dst) {
 template <int D>
 static void fattn_se_launch_rotate_k(const fattn_se_params & p, const int n_rot, const bool neox, half * k_g,
                                      cudaStream_t stream) {
-    const int64_t nrows  = int64_t(p.n_kv)*p.n_head_kv*p.ne3;
-    const int64_t rows_b = FATTN_SE_ROT_NTHREADS/(D/2);
-    flash_attn_ext_se_rotate_k<D><<<(nrows + rows_b - 1)/rows_b, FATTN_SE_ROT_NTHREADS, 0, stream>>>(
-        p.k, p.nb_k1, p.nb_k2, p.nb_k3, p.k_g, p.nb_kg1, p.nb_kg3, k_g, p.n_kv, p.n_head_kv, nrows, n_rot, neox);
+    constexpr int rows_b = FATTN_SE_ROT_NTHREADS/(D/8);
+    const dim3 grid((p.n_kv + rows_b - 1)/rows_b, p.n_head_kv, p.ne3);
+    flash_attn_ext_se_rotate_k<D><<<grid, FATTN_SE_ROT_NTHREADS, 0, stream>>>(
+        p.k, p.nb_k1, p.nb_k2, p.nb_k3, p.k_g, p.nb_kg1, p.nb_kg3, k_g, p.n_kv, n_rot, neox);
 }
 
 // The tile classes of a prefill, made by the first Self-Extend op of a graph compute and read by the ops after it: every
