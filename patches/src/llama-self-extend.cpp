@@ -466,13 +466,16 @@ static bool se_fused_supported(llama_context & ctx, bool table) {
 }
 
 // Which form of the grouped keys to prefer where the kernels run both. LLAMA_SELF_EXTEND_KEYS=table or cache picks one;
-// auto (the default) takes the table where every Self-Extend layer's K is in host memory: the CPU kernel rotates each
-// key as it converts it, while the CUDA kernel rotates the whole K view into a scratch per op, which a memory-bound
-// decode pays for at every step (on an H200 at 32K: decode 0.69-0.85 of vanilla, 0.96-1.09 with the cache;
-// docs/RESULTS.md). The cache costs one more K of memory; the table is there to save it, so auto also wants it to be at
-// most half the grouped keys' size: a CPU decode reads the table next to K, which costs more than reading the grouped
-// keys once the table is as large as they are (Gemma 3 270M on 2 cores, a 64K document: 1 KiB of table per cell
-// against 1.5 KiB of grouped keys; decode 0.80 of vanilla with the table, 1.09 with the grouped keys; RESULTS 7.1).
+// auto (the default) takes the table, which costs n_rot floats per cell where the cache costs one more K, unless
+//  - a Self-Extend layer's K lives on a device and its RoPE does not turn the whole head: the CUDA decode kernel rotates
+//    the keys by the table as it loads them only for a whole head, else every decode step would rotate the whole K view
+//    into a scratch first (0.69-0.85 of vanilla's decode at 32K on an H200; with the rotation in the kernel 0.92-1.00,
+//    as with the cache; docs/RESULTS.md 4.5). The table's price on CUDA is that scratch in prefill, once per op: about
+//    2 % of a whole document's prefill at 512-token ubatches, where the cache costs 1.2-1.5x vanilla's memory.
+//  - the table is more than half the grouped keys' size: a decode reads the table next to K, which costs more than
+//    reading the grouped keys once the table is as large as they are (Gemma 3 270M on 2 cores, a 64K document: 1 KiB of
+//    table per cell against 1.5 KiB of grouped keys; decode 0.80 of vanilla with the table, 1.09 with the grouped keys;
+//    RESULTS 7.1).
 static bool se_prefer_table(llama_context & ctx) {
     const char * v = getenv("LLAMA_SELF_EXTEND_KEYS");
     if (v && *v && strcmp(v, "auto") != 0) {
@@ -489,7 +492,7 @@ static bool se_prefer_table(llama_context & ctx) {
             if (!se_layer_applies(hp, layer.il)) {
                 continue;
             }
-            if (!ggml_backend_buffer_is_host(layer.k->buffer)) {
+            if (!ggml_backend_buffer_is_host(layer.k->buffer) && hp.n_rot(layer.il) != hp.n_embd_head_k(layer.il)) {
                 return false;
             }
             table = std::max<size_t>(table, hp.n_rot(layer.il)*sizeof(float));

@@ -19,7 +19,7 @@ bool common_self_extend_apply(llama_context * ctx, const common_params & params,
 int32_t common_self_extend_n_ctx_max(const llama_context * ctx);
 
 // While one is alive, the contexts that --fit creates to measure memory (common_fit_params) get params'
-// Self-Extend too, so the fit counts its grouped-key cache (one more K cache on the fused path).
+// Self-Extend too, so the fit counts its grouped keys (a rotation table, or one more K cache, on the fused path).
 struct common_self_extend_fit_scope {
     explicit common_self_extend_fit_scope(const common_params & params);
     ~common_self_extend_fit_scope();

@@ -29,7 +29,7 @@ N_TOKENS = 100  # the tiny models are trained to 64 positions
 def attn_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test below runs on both Self-Extend paths: the generic graph (flash attention off) and the fused
     GGML_OP_FLASH_ATTN_EXT_SE (flash attention on; with an f32 cache the op computes in f32, same ATOL), the latter
-    in both forms of the grouped keys: the rotation table (the CPU's default) and the grouped-key cache (GPUs')."""
+    in both forms of the grouped keys: the rotation table (the default) and the grouped-key cache."""
     if request.param == "fused-cache":
         monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "cache")
     return str(request.param)

@@ -33,8 +33,7 @@ def test_logits_over_rpc_are_the_local_logits_past_the_trained_window(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # The server runs the same CPU kernels with the same thread count on the same inputs: bit for bit equal
     # in practice; 1e-6 allows for a different summation order, far below a change of greedy token. Both
-    # contexts get the same form of the grouped keys (by default an RPC device keeps the cache, the host the
-    # table, and the two round the grouped keys differently).
+    # contexts get the same form of the grouped keys (the table and the cache round the grouped keys differently).
     import numpy as np
 
     from selfext_cpp import load, self_extend_fused
@@ -55,6 +54,25 @@ def test_logits_over_rpc_are_the_local_logits_past_the_trained_window(
     finally:
         local.close()
         remote.close()
+
+
+def test_layers_on_an_rpc_device_keep_one_rotation_table_by_default(
+        tiny_model: Path, rpc_server: RpcServer, capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # K outside host memory and RoPE turning the whole head: the device's kernels rotate K by the table (the CUDA
+    # decode kernel as it loads K), so auto keeps no second K cache there
+    from selfext_cpp import load, self_extend_fused
+
+    monkeypatch.delenv("LLAMA_SELF_EXTEND_KEYS", raising=False)
+    remote = load(tiny_model, ga_n=4, ga_w=64, n_ctx=512, n_threads=2, n_gpu_layers=99, rpc=[rpc_server.endpoint],
+                  flash_attn=True, verbose=True)
+    try:
+        assert self_extend_fused(remote)
+    finally:
+        remote.close()
+    log = capfd.readouterr().err
+    assert "se_kcache_alloc: grouped-key rotations (one table, kernels rotate K)" in log
+    assert "se_kcache_alloc: grouped keys:" not in log
 
 
 def last_logits(llm: Any) -> Any:
