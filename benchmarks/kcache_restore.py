@@ -5,7 +5,7 @@
     SELFEXT_LIB_PATH=/path/to/other/build/lib python benchmarks/kcache_restore.py ...   # another libllama
 
 N sequences of --tokens tokens share one context (Self-Extend on, flash attention: the fused path with its
-grouped-key cache). Then, --reps times each, timed: (a) one token of sequence 0, then one decode step of one
+grouped keys, a rotation table or a second K cache as LLAMA_SELF_EXTEND_KEYS and the devices choose). Then, --reps times each, timed: (a) one token of sequence 0, then one decode step of one
 token in every other sequence (the baseline); (b) sequence 0's saved state loaded back (llama-server's RAM
 prompt cache), then (a); (c) sequence 0 shifted by one position (llama_memory_seq_add, as --cache-reuse and
 context shift do), then (a). Printed: median milliseconds. When the grouped keys go stale per stream or for
