@@ -185,6 +185,17 @@ def test_the_cpu_keeps_grouped_keys_where_a_table_would_save_little(cli: Invoke,
     assert "grouped-key rotations" not in result.stderr
 
 
+def test_run_gives_the_sliding_window_layers_a_cache_of_their_window(cli: Invoke, tmp_path: Path) -> None:
+    # one prompt per context: the sliding-window layers (n_swa 16) get n_swa + n_ubatch cells, padded to 256, as in
+    # llama.cpp's own programs, not a full-size cache of -c cells (the default of llama.cpp's library)
+    model = make_tiny_gemma3(tmp_path / "gemma3.gguf").path
+    result = cli("run", model, "--ga-n", "4", "--ga-w", "16", "-n", "1", "-c", "4096", "-v", "-p", "hello world")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"creating non-SWA KV cache, size = 4096 cells", result.stderr)
+    assert re.search(r"creating +SWA KV cache, size = 768 cells", result.stderr)
+    assert "using full-size SWA cache" not in result.stderr
+
+
 def test_llama_self_extend_keys_cache_keeps_the_grouped_keys_with_the_same_answer(
         cli: Invoke, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # LLAMA_SELF_EXTEND_KEYS=cache asks libllama for the second K cache (one more K: half the 2 MiB KV cache) where
