@@ -37,6 +37,7 @@ def child(args: argparse.Namespace) -> None:
     n_ctx = args.n_tokens + args.n_gen + 16
     llm = load(args.model, ga_n=args.ga_n, ga_w=args.ga_w if args.ga_n > 1 else 0, n_ctx=n_ctx, verbose=True,
                n_batch=args.ubatch, n_ubatch=args.ubatch, n_gpu_layers=args.ngl, flash_attn=True,
+               swa_full=args.swa_full == "on",
                **({"n_threads": args.threads, "n_threads_batch": args.threads} if args.threads else {}))
     unit = llm.tokenize(FILLER.encode(), add_bos=False)
     doc = (unit * (args.n_tokens // len(unit) + 1))[: args.n_tokens]
@@ -69,7 +70,8 @@ def memory_mib(log: str) -> dict[str, float]:
 def measure(args: argparse.Namespace, n_tokens: int, ubatch: int, ga_n: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--model", args.model, "--n-tokens", str(n_tokens), "--ubatch",
            str(ubatch), "--ga-n", str(ga_n), "--ga-w", str(args.ga_w), "--n-gen", str(args.n_gen),
-           "--repeats", str(args.repeats), "--warmups", str(args.warmups), "-ngl", str(args.ngl)]
+           "--repeats", str(args.repeats), "--warmups", str(args.warmups), "-ngl", str(args.ngl),
+           "--swa-full", args.swa_full]
     cmd += ["-t", str(args.threads)] if args.threads else []
     got = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if got.returncode:
@@ -113,6 +115,9 @@ def main() -> None:
                     help="untimed runs per process first (0 for long documents on a slow machine)")
     ap.add_argument("-ngl", "--n-gpu-layers", dest="ngl", type=int, default=0)
     ap.add_argument("-t", "--threads", type=int, default=0)
+    ap.add_argument("--swa-full", choices=("on", "off"), default="on",
+                    help="sliding-window layers: a full-size cache (llama-cpp-python's default) or one of their window "
+                         "plus a ubatch (llama.cpp's programs, selfext run)")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--n-tokens", type=int, help=argparse.SUPPRESS)
@@ -145,7 +150,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({"model": os.path.basename(args.model), "ga_n": args.ga_n, "ga_w": args.ga_w,
                           "n_gen": args.n_gen, "repeats": args.repeats, "warmups": args.warmups,
-                          "processes": args.processes, "ngl": args.ngl, "results": rows}))
+                          "processes": args.processes, "ngl": args.ngl, "swa_full": args.swa_full, "results": rows}))
 
 
 if __name__ == "__main__":

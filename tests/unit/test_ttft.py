@@ -1,8 +1,9 @@
-"""benchmarks/ttft.py pools the timed runs of several processes of one setting."""
+"""benchmarks/ttft.py pools the timed runs of several processes of one setting and passes its settings to them."""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 from pathlib import Path
 from types import ModuleType
 
@@ -58,3 +59,20 @@ def test_processes_flag_alternates_vanilla_and_selfext(ttft: ModuleType, monkeyp
     assert calls == [1, 8, 1, 8, 1, 8]
     out = capsys.readouterr().out
     assert '"processes": 3' in out and '"prefill": 0.95' in out
+
+
+def test_swa_full_reaches_each_child_process(ttft: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    cmds = []
+
+    def fake_run(cmd, **kw):
+        cmds.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"prefill_tps": [1.0], "decode_tps": [1.0]}\n',
+                                           stderr="llama_kv_cache: size =    1.00 MiB\n")
+
+    monkeypatch.setattr(ttft.subprocess, "run", fake_run)
+    monkeypatch.setattr("sys.argv", ["ttft.py", "m.gguf", "--tokens", "1k", "--ubatch", "512", "--swa-full", "off",
+                                     "--json"])
+    ttft.main()
+    assert len(cmds) == 2 and all(c[c.index("--swa-full") + 1] == "off" for c in cmds)
+    assert '"swa_full": "off"' in capsys.readouterr().out
