@@ -163,11 +163,22 @@ static void fattn_se_block_shape(const int n_q, const int gqa, bool & decode, in
     RPB    = fattn_se_ncols(decode)/NHB;
 }
 
-// Must match the carving of shared memory in flash_attn_ext_se_f16. rot: K_g is a rotation table tile of D + 8 floats per
-// key, in place of a K_g tile of D + 8 halves.
+// The forms of K_g a kernel reads (template parameter ROT): the grouped keys themselves, or K and a rotation table tile of D
+// floats per key (ggml-self-extend.h), the pairs (2i, 2i + 1) or (i, i + D/2) rotated as the B operands are loaded.
+enum fattn_se_rot { FATTN_SE_ROT_NONE = 0, FATTN_SE_ROT_NORM = 1, FATTN_SE_ROT_NEOX = 2 };
+
+// Row stride of a rotation table tile in floats: rows 32 bytes apart modulo 128, so that the float2 reads of a half warp
+// (4 rows x 4 lanes) hit distinct banks.
+static constexpr __host__ __device__ int fattn_se_rot_stride(const int D) {
+    return D + 8;
+}
+
+// Must match the carving of shared memory in flash_attn_ext_se_f16. rot: K_g is a rotation table tile, in place of a K_g
+// tile of D + 8 halves per key.
 static size_t fattn_se_nbytes_shared(const int D, const bool decode, const int RPB, const bool rot) {
     const int T = fattn_se_T(D, decode);
-    return (rot ? 4 : 3)*T*(D + 8)*sizeof(half)         // K, K_g (or table), V tiles, rows padded by 16 (32) bytes
+    return 2*T*(D + 8)*sizeof(half)                     // K, V tiles, rows padded by 16 bytes
+         + T*(rot ? fattn_se_rot_stride(D)*sizeof(float) : (D + 8)*sizeof(half)) // K_g tile, or table tile
          + 2*RPB*(T + 8)*sizeof(half)                   // mask, 2 slots
          + 2*T*sizeof(int)                              // pos_k, 2 slots
          + FATTN_SE_NWARPS*sizeof(int4)                 // per warp parts of the class of the next tile
@@ -375,22 +386,11 @@ static __device__ __forceinline__ void fattn_se_kq(
     }
 }
 
-// The forms of K_g a kernel reads (template parameter ROT): the grouped keys themselves, or K and a rotation table tile of D
-// floats per key (ggml-self-extend.h), the pairs (2i, 2i + 1) or (i, i + D/2) rotated as the B operands are loaded.
-enum fattn_se_rot { FATTN_SE_ROT_NONE = 0, FATTN_SE_ROT_NORM = 1, FATTN_SE_ROT_NEOX = 2 };
-
-// Row stride of a rotation table tile in floats: rows 32 bytes apart modulo 128, so that the float2 reads of a half warp
-// (4 rows x 4 lanes) hit distinct banks.
-template <int D>
-static constexpr __host__ __device__ int fattn_se_rot_stride() {
-    return D + 8;
-}
-
 // Element r of a B operand loaded by fattn_se_ldsm<FATTN_SE_LDSM_B> is the half2 at row lane/4 + 8*(r % 2), halves
 // 8*(r/2) + 2*(lane % 4) and the next: the table offset of that pair from the lane's first one (fattn_se_kq_rot's tab).
 template <int D>
 static __device__ __forceinline__ int fattn_se_rot_offset(const int r) {
-    return 8*(r % 2)*fattn_se_rot_stride<D>() + 8*(r/2);
+    return 8*(r % 2)*fattn_se_rot_stride(D) + 8*(r/2);
 }
 
 // S[kk] = Q_g K_g^T as fattn_se_kq, K_g made from the K rows at K and the table rows at tab: the lane's first table
@@ -401,7 +401,7 @@ template <int D, int NK, int SKV, int ROT>
 static __device__ __forceinline__ void fattn_se_kq_rot(
         tile<16, 16, float> * S, const tile<16, 8, half2> * Q_reg, const uint32_t K, const float * __restrict__ tab) {
     static_assert(ROT == FATTN_SE_ROT_NORM || ROT == FATTN_SE_ROT_NEOX, "not a rotation");
-    constexpr int ST = fattn_se_rot_stride<D>();
+    constexpr int ST = fattn_se_rot_stride(D);
 #pragma unroll
     for (int kk = 0; kk < NK; ++kk) {
         S[kk] = tile<16, 16, float>{};
@@ -559,7 +559,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     extern __shared__ half2 fattn_se_smem[];
     half * sK  = (half *) fattn_se_smem;
     half * sKg = sK  + T*SKV;                 // or the table tile, rows of D + 8 floats
-    half * sV  = sKg + (ROT ? 2 : 1)*T*SKV;
+    half * sV  = sKg + T*(ROT ? 2*fattn_se_rot_stride(D) : SKV);
     half * sM  = sV  + T*SKV;               // mask of tile t at sM + (t % 2)*P.RPB*SM
     int  * sP  = (int *) (sM + 2*P.RPB*SM); // pos_k of tile t at sP + (t % 2)*T
     int4 * sC  = (int4 *) (sP + 2*T);       // quarters of the class of the next tile
@@ -588,7 +588,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         }
         if (cls & FATTN_SE_GROUPED) {
             if constexpr (ROT) {
-                fattn_se_load_kv<2*D, T, 2*SKV>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
+                fattn_se_load_kv<2*D, T, 2*fattn_se_rot_stride(D)>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
             } else {
                 fattn_se_load_kv<D, T>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
             }
@@ -692,7 +692,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                                                                 + fattn_se_lane_col<FATTN_SE_LDSM_B>(lane));
     const uint32_t Kg_sm = K_sm + T*SKV*sizeof(half); // sKg follows sK
     // (ROT) the lane's first table element: row lane/4 of the warp's first key, column 2*(lane % 4)
-    const float * tab = (const float *) sKg + (KW*wk + lane/4)*fattn_se_rot_stride<D>() + 2*(lane % 4);
+    const float * tab = (const float *) sKg + (KW*wk + lane/4)*fattn_se_rot_stride(D) + 2*(lane % 4);
     const uint32_t V_sm = ggml_cuda_cvta_generic_to_shared(sV + (KW*wk + fattn_se_lane_row<FATTN_SE_LDSM_BT>(lane))*SKV
                                                                 + fattn_se_lane_col<FATTN_SE_LDSM_BT>(lane));
 
@@ -753,7 +753,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                         tile<16, 16, float> Sg;
                         if constexpr (ROT) {
                             fattn_se_kq_rot<D, 1, SKV, ROT>(&Sg, Qg_A, K_sm + 16*kk*SKV*sizeof(half),
-                                                            tab + 16*kk*fattn_se_rot_stride<D>());
+                                                            tab + 16*kk*fattn_se_rot_stride(D));
                         } else {
                             fattn_se_kq<D, 1, SKV>(&Sg, Qg_A, 0, Kg_sm + 16*kk*SKV*sizeof(half));
                         }
