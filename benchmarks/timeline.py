@@ -4,7 +4,8 @@ One process, one setting: the model is loaded, one untimed warm-up document is r
 (reset + eval + the first token after) run under a CUPTI timeline (torch.profiler: kernels, copies, CUDA runtime
 calls; torch is only the recorder). Printed per run: wall time, the sum of kernel times and the time the GPU was
 busy; then the kernels of one run by total time, and per llama_decode the host time before its first CUDA call
-(graph build, scheduling, inputs) and after it (launches, waits). Run it once per setting and compare:
+(graph build, scheduling, inputs) and after it (launches, waits). ``--decodes N`` adds N single-token decodes to
+each run and reports their kernels per step apart. Run it once per setting and compare:
 
     python benchmarks/timeline.py llama-8b.gguf --ga-n 1 --ubatch 512 --tokens 8192      # vanilla
     python benchmarks/timeline.py llama-8b.gguf --ga-n 8 --ubatch 512 --tokens 8192      # Self-Extend, G8 W1024
@@ -54,6 +55,10 @@ def record(args: argparse.Namespace) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         llm.eval(doc)
         llm.eval([unit[0]])  # the first token after the document
+        if args.decodes:
+            with record_function("steps"):
+                for t in range(args.decodes):
+                    llm.eval([unit[1 + t % (len(unit) - 1)]])
         return time.perf_counter() - t0
 
     document()  # warm-up
@@ -81,6 +86,19 @@ def busy_ms(kernels: list[dict[str, Any]]) -> float:
     return total / 1e3
 
 
+def top_kernels(kernels: list[dict[str, Any]], per: int, unit: str) -> None:
+    """The 16 kernels of most total time, each as its time and launches divided by ``per``."""
+    total: collections.Counter[str] = collections.Counter()
+    count: collections.Counter[str] = collections.Counter()
+    for k in kernels:
+        name = k["name"].removeprefix("void ").split("<")[0].split("(")[0][:48]
+        total[name] += k["dur"]
+        count[name] += 1
+    scale = 1e3 if unit == "ms" else 1.0
+    for name, us in total.most_common(16):
+        print(f"  {us / scale / per:8.2f} {count[name] / per:6g}  {name}")
+
+
 def report(events: list[dict[str, Any]]) -> None:
     def marked(name: str) -> list[dict[str, Any]]:
         return sorted((e for e in events if e.get("cat") == "user_annotation" and e.get("name", "").startswith(name)),
@@ -94,15 +112,18 @@ def report(events: list[dict[str, Any]]) -> None:
         print(f"{r['name']}: wall {r['dur'] / 1e3:.1f} ms, kernels {len(ks)} summing {sum(k['dur'] for k in ks) / 1e3:.1f}"
               f" ms, GPU busy {busy_ms(ks):.1f} ms")
     r = runs[len(runs) // 2]  # the middle run, by kernel
-    total: collections.Counter[str] = collections.Counter()
-    count: collections.Counter[str] = collections.Counter()
-    for k in in_run[len(runs) // 2]:
-        name = k["name"].removeprefix("void ").split("<")[0].split("(")[0][:48]
-        total[name] += k["dur"]
-        count[name] += 1
     print(f"kernels of {r['name']} (ms, launches):")
-    for name, us in total.most_common(16):
-        print(f"  {us / 1e3:8.2f} {count[name]:6d}  {name}")
+    top_kernels(in_run[len(runs) // 2], 1, "ms")
+    steps = marked("steps")
+    if steps:
+        in_steps = [[k for k in kernels if s["ts"] <= k["ts"] <= s["ts"] + s["dur"]] for s in steps]
+        n = sum(1 for d in marked("decode") for s in steps if s["ts"] <= d["ts"] <= s["ts"] + s["dur"])
+        per_run = max(1, n // len(steps))
+        print(f"single-token decodes, per step (median of {len(steps)} runs of {per_run}): wall "
+              f"{statistics.median(s['dur'] for s in steps) / 1e3 / per_run:.3f} ms, kernels "
+              f"{statistics.median(sum(k['dur'] for k in ks) for ks in in_steps) / 1e3 / per_run:.3f} ms, GPU busy "
+              f"{statistics.median(busy_ms(ks) for ks in in_steps) / per_run:.3f} ms; kernels per step (us, launches):")
+        top_kernels([k for ks in in_steps for k in ks], per_run * len(steps), "us")
     starts = [c["ts"] for c in calls]
     before, after = [], []
     for d in marked("decode"):
@@ -123,6 +144,7 @@ def main() -> None:
     ap.add_argument("--ga-n", type=int, default=8)
     ap.add_argument("--ga-w", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decodes", type=int, default=0, help="single-token decodes after each document, reported apart")
     ap.add_argument("-ngl", "--n-gpu-layers", dest="ngl", type=int, default=99)
     ap.add_argument("--trace", help="also write the timeline here (gzipped chrome-trace JSON)")
     report(record(ap.parse_args()))

@@ -50,3 +50,20 @@ def test_report_gives_runs_kernels_and_host_time_per_decode(timeline: ModuleType
     assert "run0: wall 1.0 ms, kernels 3 summing 0.2 ms, GPU busy 0.2 ms" in out
     assert "0.20      2  flash_attn_ext_se_f16" in out
     assert "0.20 ms on the host before its first CUDA call, 0.20 ms from there to its return" in out
+
+
+def test_report_gives_the_single_token_decodes_per_step(timeline: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    events = [
+        {"cat": "user_annotation", "name": "run0", "ts": 0, "dur": 3000},
+        {"cat": "user_annotation", "name": "steps", "ts": 1000, "dur": 1000},
+        {"cat": "user_annotation", "name": "decode", "ts": 1000, "dur": 400},
+        {"cat": "user_annotation", "name": "decode", "ts": 1500, "dur": 400},
+        kernel("rope_norm", 1100, 10), kernel("flash_attn_ext_se_f16", 1110, 30),
+        kernel("rope_norm", 1600, 10), kernel("flash_attn_ext_se_f16", 1610, 50),
+        kernel("before the steps", 200, 500),
+    ]
+    timeline.report(events)
+    out = capsys.readouterr().out
+    assert "per step (median of 1 runs of 2): wall 0.500 ms, kernels 0.050 ms, GPU busy 0.050 ms" in out
+    assert "40.00      1  flash_attn_ext_se_f16" in out
+    assert "10.00      1  rope_norm" in out
