@@ -124,6 +124,8 @@ def report(events: list[dict[str, Any]]) -> None:
               f"{statistics.median(sum(k['dur'] for k in ks) for ks in in_steps) / 1e3 / per_run:.3f} ms, GPU busy "
               f"{statistics.median(busy_ms(ks) for ks in in_steps) / per_run:.3f} ms; kernels per step (us, launches):")
         top_kernels([k for ks in in_steps for k in ks], per_run * len(steps), "us")
+        api = collections.Counter(c["name"] for c in calls for s in steps if s["ts"] <= c["ts"] <= s["ts"] + s["dur"])
+        print("  CUDA calls per step: " + ", ".join(f"{n} {c / (per_run * len(steps)):g}" for n, c in api.most_common(8)))
     starts = [c["ts"] for c in calls]
     before, after = [], []
     for d in marked("decode"):

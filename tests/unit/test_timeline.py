@@ -58,6 +58,9 @@ def test_report_gives_the_single_token_decodes_per_step(timeline: ModuleType, ca
         {"cat": "user_annotation", "name": "steps", "ts": 1000, "dur": 1000},
         {"cat": "user_annotation", "name": "decode", "ts": 1000, "dur": 400},
         {"cat": "user_annotation", "name": "decode", "ts": 1500, "dur": 400},
+        {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 1050, "dur": 5},
+        {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 1550, "dur": 5},
+        {"cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 1560, "dur": 5},
         kernel("rope_norm", 1100, 10), kernel("flash_attn_ext_se_f16", 1110, 30),
         kernel("rope_norm", 1600, 10), kernel("flash_attn_ext_se_f16", 1610, 50),
         kernel("before the steps", 200, 500),
@@ -67,3 +70,4 @@ def test_report_gives_the_single_token_decodes_per_step(timeline: ModuleType, ca
     assert "per step (median of 1 runs of 2): wall 0.500 ms, kernels 0.050 ms, GPU busy 0.050 ms" in out
     assert "40.00      1  flash_attn_ext_se_f16" in out
     assert "10.00      1  rope_norm" in out
+    assert "CUDA calls per step: cudaGraphLaunch 1, cudaMemcpyAsync 0.5" in out
