@@ -43,6 +43,13 @@
 //     B: wait for V(t), sync; class(t+1) (decode: merge the quarters);
 //        issue K part(t+1), pos/mask(t+2) as its class needs them (slot of tile t); PV-phase of tile t.
 //
+// Launches
+//   Every kernel goes through ggml_cuda_kernel_launch, so that on Hopper it takes part in programmatic dependent launch
+//   like llama.cpp's own kernels: it lets the next kernel launch at once and waits for the previous grid's end before its
+//   first memory access (ggml_cuda_pdl_lc, ggml_cuda_pdl_sync). A kernel launched plainly breaks that chain twice: it
+//   cannot start early itself, and the kernel after it cannot either. (Hence no __restrict__ on Hopper, GGML_CUDA_RESTRICT:
+//   no load may be hoisted above the wait.)
+//
 // mma tiles (ggml_cuda_mma::tile on Ampere):
 //   tile<16, 8, half2>  A/B operand, 16 rows x 16 halves, loaded with ldmatrix from row-major shared memory.
 //   tile<16, 16, float> mma(C, A, B): C[i][j] += sum_k A[i][k] B[j][k]; element l of a thread is at
@@ -194,7 +201,7 @@ static size_t fattn_se_nbytes_shared(const int D, const bool decode, const int R
 // rotation table: D = 2*(floats per row).)
 template <int D, int T, int S = D + 8>
 static __device__ __forceinline__ void fattn_se_load_kv(
-        half * __restrict__ tile, const char * __restrict__ src, const int64_t nb1, const int k0, const int n_kv, const int tid) {
+        half * GGML_CUDA_RESTRICT tile, const char * GGML_CUDA_RESTRICT src, const int64_t nb1, const int k0, const int n_kv, const int tid) {
     constexpr int chunks_row = D/8;
     constexpr int rows_pass  = FATTN_SE_NTHREADS/chunks_row;
     static_assert(FATTN_SE_NTHREADS % chunks_row == 0 && T % rows_pass == 0, "bad K/V tile size");
@@ -222,8 +229,8 @@ static __device__ __forceinline__ void fattn_se_load_kv(
 // n_kv are left out.
 template <int T>
 static __device__ __forceinline__ void fattn_se_load_pos_mask(
-        int * __restrict__ pos_tile, const char * __restrict__ pos_k, half * __restrict__ mask_tile,
-        const char * __restrict__ mask_rows, const int64_t nb_m1, const int rows, const int k0, const int n_kv, const int tid) {
+        int * GGML_CUDA_RESTRICT pos_tile, const char * GGML_CUDA_RESTRICT pos_k, half * GGML_CUDA_RESTRICT mask_tile,
+        const char * GGML_CUDA_RESTRICT mask_rows, const int64_t nb_m1, const int rows, const int k0, const int n_kv, const int tid) {
     if (pos_tile && tid < T && k0 + tid < n_kv) {
         // 4 byte cp.async: the positions have no alignment beyond their element size
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4;"
@@ -244,7 +251,7 @@ static __device__ __forceinline__ void fattn_se_load_pos_mask(
 }
 
 // Smallest and largest of the positions of the block's rows (queries), in every lane of the warp.
-static __device__ __forceinline__ void fattn_se_pos_range(const int * __restrict__ pos_q, const int rows, int & lo, int & hi) {
+static __device__ __forceinline__ void fattn_se_pos_range(const int * GGML_CUDA_RESTRICT pos_q, const int rows, int & lo, int & hi) {
     lo = INT_MAX;
     hi = INT_MIN;
     for (int r = threadIdx.x; r < rows; r += WARP_SIZE) {
@@ -260,7 +267,7 @@ static __device__ __forceinline__ void fattn_se_pos_range(const int * __restrict
 // A key is visible to a row if its mask value is not -inf; nvalid: keys of the tile that exist (0: a tile past the range).
 template <int T>
 static __device__ __forceinline__ void fattn_se_class_part(
-        int4 * __restrict__ part, const int * __restrict__ pos_tile, const half * __restrict__ mask_tile,
+        int4 * GGML_CUDA_RESTRICT part, const int * GGML_CUDA_RESTRICT pos_tile, const half * GGML_CUDA_RESTRICT mask_tile,
         const int rows, const int nvalid) {
     constexpr int KPW = T/FATTN_SE_NWARPS; // keys per warp
     constexpr int CPW = KPW/8;             // 8-key mask chunks per row and warp
@@ -399,7 +406,7 @@ static __device__ __forceinline__ int fattn_se_rot_offset(const int r) {
 // the two halves of the same pairs, whose cos and sin are float2 D/2 apart.
 template <int D, int NK, int SKV, int ROT>
 static __device__ __forceinline__ void fattn_se_kq_rot(
-        tile<16, 16, float> * S, const tile<16, 8, half2> * Q_reg, const uint32_t K, const float * __restrict__ tab) {
+        tile<16, 16, float> * S, const tile<16, 8, half2> * Q_reg, const uint32_t K, const float * GGML_CUDA_RESTRICT tab) {
     static_assert(ROT == FATTN_SE_ROT_NORM || ROT == FATTN_SE_ROT_NEOX, "not a rotation");
     constexpr int ST = fattn_se_rot_stride(D);
 #pragma unroll
@@ -496,6 +503,8 @@ template <int D, int NWC, int T, bool use_softcap, int ROT>
 __launch_bounds__(FATTN_SE_NTHREADS, fattn_se_min_blocks(D, NWC))
 static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fattn_se_plan P) {
 #if defined(AMPERE_MMA_AVAILABLE)
+    ggml_cuda_pdl_lc();   // the next kernel may launch now; it waits for this grid's end before its first access
+    ggml_cuda_pdl_sync(); // and so does this one for the previous grid
     constexpr int  NWK    = FATTN_SE_NWARPS/NWC; // warps along the keys of a tile
     constexpr int  NC     = 16*NWC;              // columns per block
     constexpr int  KW     = T/NWK;               // keys per warp and tile
@@ -949,6 +958,8 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 // with a visible key. A warp classifies P.tpw_c consecutive tiles, two keys per lane.
 __launch_bounds__(FATTN_SE_NTHREADS, 1)
 static __global__ void flash_attn_ext_se_classify(const fattn_se_params p, const fattn_se_plan P) {
+    ggml_cuda_pdl_lc();   // the next kernel may launch now; it waits for this grid's end before its first access
+    ggml_cuda_pdl_sync(); // and so does this one for the previous grid
     constexpr int T = FATTN_SE_TC;
     static_assert(T == 2*WARP_SIZE, "one tile per warp, two keys per lane");
 
@@ -1024,7 +1035,9 @@ static __global__ void flash_attn_ext_se_classify(const fattn_se_params p, const
 template <int D>
 __launch_bounds__(FATTN_SE_NTHREADS, 1)
 static __global__ void flash_attn_ext_se_combine(
-        const float * __restrict__ part_O, const float2 * __restrict__ part_ML, float * __restrict__ dst, const int nsplit) {
+        const float * part_O, const float2 * part_ML, float * dst, const int nsplit) {
+    ggml_cuda_pdl_lc();   // the next kernel may launch now; it waits for this grid's end before its first access
+    ggml_cuda_pdl_sync(); // and so does this one for the previous grid
     constexpr int D4 = D/4;                   // float4 per row
     constexpr int NG = FATTN_SE_NTHREADS/D4;  // groups of threads, each sums every NG-th split
     static_assert(D % 4 == 0 && FATTN_SE_NTHREADS % D4 == 0, "bad head size");
@@ -1110,8 +1123,10 @@ static __global__ void flash_attn_ext_se_combine(
 template <int D>
 __launch_bounds__(FATTN_SE_NTHREADS)
 static __global__ void flash_attn_ext_se_combine_few(
-        const float * __restrict__ part_O, const float2 * __restrict__ part_ML, float * __restrict__ dst,
+        const float * part_O, const float2 * part_ML, float * dst,
         const int64_t nrows, const int nsplit) {
+    ggml_cuda_pdl_lc();   // the next kernel may launch now; it waits for this grid's end before its first access
+    ggml_cuda_pdl_sync(); // and so does this one for the previous grid
     constexpr int D4 = D/4;
     static_assert(D % 4 == 0 && FATTN_SE_NTHREADS % D4 == 0, "bad head size");
 
@@ -1154,9 +1169,11 @@ static __global__ void flash_attn_ext_se_combine_few(
 template <int D>
 __launch_bounds__(FATTN_SE_ROT_NTHREADS)
 static __global__ void flash_attn_ext_se_rotate_k(
-        const char * __restrict__ k, const int64_t nb_k1, const int64_t nb_k2, const int64_t nb_k3,
-        const char * __restrict__ tab, const int64_t nb_t1, const int64_t nb_t3,
-        half * __restrict__ k_g, const int n_kv, const int n_rot, const bool neox) {
+        const char * k, const int64_t nb_k1, const int64_t nb_k2, const int64_t nb_k3,
+        const char * tab, const int64_t nb_t1, const int64_t nb_t3,
+        half * k_g, const int n_kv, const int n_rot, const bool neox) {
+    ggml_cuda_pdl_lc();   // the next kernel may launch now; it waits for this grid's end before its first access
+    ggml_cuda_pdl_sync(); // and so does this one for the previous grid
     constexpr int CH  = D/8;                        // pieces of 8 dimensions per row
     constexpr int RPB = FATTN_SE_ROT_NTHREADS/CH;   // rows per block
     static_assert(FATTN_SE_ROT_NTHREADS % CH == 0, "bad head size");
@@ -1361,10 +1378,12 @@ static void fattn_se_launch_combine(const fattn_se_params & p, const fattn_se_pl
     const int64_t nrows = int64_t(p.ne3)*p.n_q*p.n_head;
     if (P.nsplit <= FATTN_SE_COMBINE_FEW) {
         constexpr int rows_block = FATTN_SE_NTHREADS/(D/4);
-        flash_attn_ext_se_combine_few<D><<<(nrows + rows_block - 1)/rows_block, FATTN_SE_NTHREADS, 0, stream>>>(
+        ggml_cuda_kernel_launch(flash_attn_ext_se_combine_few<D>,
+            ggml_cuda_kernel_launch_params((nrows + rows_block - 1)/rows_block, FATTN_SE_NTHREADS, 0, stream),
             P.part_O, P.part_ML, p.dst, nrows, P.nsplit);
     } else {
-        flash_attn_ext_se_combine<D><<<(unsigned int) nrows, FATTN_SE_NTHREADS, P.nsplit*sizeof(float), stream>>>(
+        ggml_cuda_kernel_launch(flash_attn_ext_se_combine<D>,
+            ggml_cuda_kernel_launch_params((unsigned int) nrows, FATTN_SE_NTHREADS, P.nsplit*sizeof(float), stream),
             P.part_O, P.part_ML, p.dst, P.nsplit);
     }
 }
@@ -1382,8 +1401,8 @@ static void fattn_se_classify(const fattn_se_params & p, fattn_se_plan P, char *
     CUDA_CHECK(cudaMemsetAsync(P.range, 0, size_t(p.ne3)*P.n_rg*sizeof(int2), stream));
     const int tiles_block = FATTN_SE_NWARPS*P.tpw_c;
     const dim3 grid(P.n_rg, (P.ntiles_c + tiles_block - 1)/tiles_block, p.ne3);
-    flash_attn_ext_se_classify<<<grid, dim3(WARP_SIZE, FATTN_SE_NWARPS, 1), 0, stream>>>(p, P);
-    CUDA_CHECK(cudaGetLastError());
+    ggml_cuda_kernel_launch(flash_attn_ext_se_classify,
+        ggml_cuda_kernel_launch_params(grid, dim3(WARP_SIZE, FATTN_SE_NWARPS, 1), 0, stream), p, P);
 }
 
 // cls: the tile classes from fattn_se_classify (prefill; else unused); ws: P.nbytes_ws bytes of device memory.
@@ -1396,8 +1415,8 @@ static void fattn_se_run(const fattn_se_params & p, fattn_se_plan P, char * cls,
 
     const dim3 block_dim(WARP_SIZE, FATTN_SE_NWARPS, 1);
     const fattn_se_kernel_t kernel = fattn_se_kernel(p, P);
-    kernel<<<dim3(P.n_rg, p.n_head/P.NHB, p.ne3*P.nsplit), block_dim, P.nbytes_shared, stream>>>(p, P);
-    CUDA_CHECK(cudaGetLastError());
+    ggml_cuda_kernel_launch(kernel,
+        ggml_cuda_kernel_launch_params(dim3(P.n_rg, p.n_head/P.NHB, p.ne3*P.nsplit), block_dim, P.nbytes_shared, stream), p, P);
 
     if (P.nsplit > 1) {
         switch (p.D) {
@@ -1406,7 +1425,6 @@ static void fattn_se_run(const fattn_se_params & p, fattn_se_plan P, char * cls,
             case 256: fattn_se_launch_combine<256>(p, P, stream); break;
             default:  GGML_ABORT("%s: unsupported head size %d", __func__, p.D);
         }
-        CUDA_CHECK(cudaGetLastError());
     }
 }
 
@@ -1458,7 +1476,7 @@ static void fattn_se_launch_rotate_k(const fattn_se_params & p, const int n_rot,
                                      cudaStream_t stream) {
     constexpr int rows_b = FATTN_SE_ROT_NTHREADS/(D/8);
     const dim3 grid((p.n_kv + rows_b - 1)/rows_b, p.n_head_kv, p.ne3);
-    flash_attn_ext_se_rotate_k<D><<<grid, FATTN_SE_ROT_NTHREADS, 0, stream>>>(
+    ggml_cuda_kernel_launch(flash_attn_ext_se_rotate_k<D>, ggml_cuda_kernel_launch_params(grid, FATTN_SE_ROT_NTHREADS, 0, stream),
         p.k, p.nb_k1, p.nb_k2, p.nb_k3, p.k_g, p.nb_kg1, p.nb_kg3, k_g, p.n_kv, n_rot, neox);
 }
 
@@ -1565,7 +1583,6 @@ void ggml_cuda_flash_attn_ext_se(ggml_backend_cuda_context & ctx, ggml_tensor * 
             case 256: fattn_se_launch_rotate_k<256>(p, n_rot, neox, k_g.get(), ctx.stream()); break;
             default:  GGML_ABORT("%s: unsupported head size %d", __func__, p.D);
         }
-        CUDA_CHECK(cudaGetLastError());
         p.k_g    = (const char *) k_g.get();
         p.nb_kg1 = int64_t(p.D)*sizeof(half);
         p.nb_kg2 = p.nb_kg1*p.n_kv;
