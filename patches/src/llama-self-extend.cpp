@@ -593,6 +593,18 @@ bool llama_se_can_reuse(const llama_se_inp & inp, const llama_kv_cache_context *
     return !inp.k_g_rebuild && !(inp.pos_q && se_kcache_stale(mctx));
 }
 
+// A part of the pack: a view of its copy on the device at element offset off. Every part has 4-byte elements, the
+// pack is I32: an F32 part holds the bits of its floats, which the copy moves as they are.
+static ggml_tensor * se_part(ggml_context * ctx, const llama_se_inp & inp, ggml_type type, int64_t off, const char * name,
+                             int64_t ne0, int64_t ne1 = 1, int64_t ne2 = 1, int64_t ne3 = 1) {
+    GGML_ASSERT(ggml_type_size(type) == sizeof(int32_t) && ggml_blck_size(type) == 1);
+    const size_t nb1 = ne0*sizeof(int32_t);
+    ggml_tensor * t = ggml_view_4d(ctx, inp.pack_dev, ne0, ne1, ne2, ne3, nb1, nb1*ne1, nb1*ne1*ne2, off*sizeof(int32_t));
+    t->type = type;
+    ggml_set_name(t, name);
+    return t;
+}
+
 llama_se_inp llama_se_build_inp(
         ggml_context * ctx,
         const llama_kv_cache_context * mctx,
@@ -606,8 +618,21 @@ llama_se_inp llama_se_build_inp(
     const int64_t n_tokens = ubatch.n_tokens;
     const int64_t n_stream = cparams.kv_unified ? 1 : ubatch.n_seqs_unq;
 
-    inp.q_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
-    ggml_set_input(inp.q_shift); ggml_set_name(inp.q_shift, "se_q_shift");
+    // the parts' places in the pack, 256 bytes apart at least (the CUDA op reads positions 16 bytes at a time)
+    struct part { ggml_tensor ** t; ggml_type type; const char * name; int64_t ne[4]; int64_t off; };
+    std::vector<part> parts;
+    int64_t n_pack = 0;
+    auto reserve = [&](int64_t n) {
+        const int64_t off = n_pack;
+        n_pack += GGML_PAD(n, 64);
+        return off;
+    };
+    auto add = [&](ggml_tensor ** t, ggml_type type, const char * name, int64_t ne0, int64_t ne1 = 1, int64_t ne2 = 1,
+                   int64_t ne3 = 1) {
+        parts.push_back({ t, type, name, { ne0, ne1, ne2, ne3 }, reserve(ne0*ne1*ne2*ne3) });
+    };
+
+    add(&inp.q_shift, GGML_TYPE_I32, "se_q_shift", n_tokens);
 
     // keys: the fused path rotates the ubatch's keys into the grouped-key cache, and the stale cells' keys again;
     // the generic path rotates every cached key
@@ -621,34 +646,42 @@ llama_se_inp llama_se_build_inp(
             se_kcache_for_stale(mctx, [&](int64_t, llama_pos) { n_rows++; });
         }
         if (n_rows > 0) {
-            inp.k_g_rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
-            ggml_set_input(inp.k_g_rows); ggml_set_name(inp.k_g_rows, "se_k_g_rows");
+            add(&inp.k_g_rows, GGML_TYPE_I32, "se_k_g_rows", n_rows);
             if (!table) {
-                inp.k_g_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
-                ggml_set_input(inp.k_g_shift); ggml_set_name(inp.k_g_shift, "se_k_g_shift");
+                add(&inp.k_g_shift, GGML_TYPE_I32, "se_k_g_shift", n_rows);
             }
         }
         if (table) {
-            inp.k_rot_rows = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, kc->tab->ne[0], n_tokens + n_rows);
-            ggml_set_input(inp.k_rot_rows); ggml_set_name(inp.k_rot_rows, "se_k_rot_rows");
+            add(&inp.k_rot_rows, GGML_TYPE_F32, "se_k_rot_rows", kc->tab->ne[0], n_tokens + n_rows);
+        } else {
+            // the ubatch's keys: grouped positions or shifts, as the layers need them (se_input_cur)
+            inp.off_k_pos_cur   = reserve(n_tokens);
+            inp.off_k_shift_cur = reserve(n_tokens);
         }
+        add(&inp.pos_q, GGML_TYPE_I32, "se_pos_q", n_tokens/n_stream, n_stream);
+        add(&inp.pos_k, GGML_TYPE_I32, "se_pos_k", n_kv, n_stream);
     } else {
-        inp.k_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_kv*n_stream);
-        ggml_set_input(inp.k_shift); ggml_set_name(inp.k_shift, "se_k_shift");
+        add(&inp.k_shift, GGML_TYPE_I32, "se_k_shift", n_kv*n_stream);
+        add(&inp.nbr, GGML_TYPE_F32, "se_nbr", n_kv, n_tokens/n_stream, 1, n_stream);
+        add(&inp.grp, GGML_TYPE_F32, "se_grp", n_kv, n_tokens/n_stream, 1, n_stream);
     }
 
-    if (cparams.se_fa) {
-        inp.pos_q = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_tokens/n_stream, n_stream);
-        inp.pos_k = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_kv, n_stream);
-        ggml_set_input(inp.pos_q); ggml_set_name(inp.pos_q, "se_pos_q");
-        ggml_set_input(inp.pos_k); ggml_set_name(inp.pos_k, "se_pos_k");
-    } else {
-        inp.nbr = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, n_tokens/n_stream, 1, n_stream);
-        inp.grp = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, n_tokens/n_stream, 1, n_stream);
-        ggml_set_input(inp.nbr); ggml_set_name(inp.nbr, "se_nbr");
-        ggml_set_input(inp.grp); ggml_set_name(inp.grp, "se_grp");
+    inp.pack = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_pack);
+    ggml_set_input(inp.pack);
+    ggml_set_name(inp.pack, "se_inp");
+    inp.pack_dev = ggml_cont(ctx, inp.pack);
+    ggml_set_name(inp.pack_dev, "se_inp_dev");
+    for (const part & pt : parts) {
+        *pt.t = se_part(ctx, inp, pt.type, pt.off, pt.name, pt.ne[0], pt.ne[1], pt.ne[2], pt.ne[3]);
     }
     return inp;
+}
+
+// where llama_se_set_inp writes part t: its place in the pack on the host
+template <typename T>
+static T * se_host(const llama_se_inp & inp, const ggml_tensor * t) {
+    GGML_ASSERT(t->view_src == inp.pack_dev);
+    return (T *) ((char *) inp.pack->data + t->view_offs);
 }
 
 void llama_se_set_inp(
@@ -656,7 +689,7 @@ void llama_se_set_inp(
         const llama_kv_cache_context * mctx,
         const llama_ubatch * ubatch,
         const llama_cparams & cparams) {
-    if (!inp.q_shift || !inp.q_shift->buffer) {
+    if (!inp.pack || !inp.pack->buffer) {
         return;
     }
     const int32_t G = cparams.se_n;
@@ -668,10 +701,10 @@ void llama_se_set_inp(
     const int64_t n_stream = cparams.kv_unified ? 1 : ubatch->n_seqs_unq;
     const int64_t n_kv     = mctx->get_n_kv();
 
-    GGML_ASSERT(ggml_backend_buffer_is_host(inp.q_shift->buffer));
+    GGML_ASSERT(ggml_backend_buffer_is_host(inp.pack->buffer));
 
     // queries: [n_tokens]
-    int32_t * q_shift = (int32_t *) inp.q_shift->data;
+    int32_t * q_shift = se_host<int32_t>(inp, inp.q_shift);
     for (int64_t i = 0; i < n_tokens; ++i) {
         const llama_pos p = ubatch->pos[i];
         q_shift[i] = se_q_pos(p, G, W) - p;
@@ -680,8 +713,7 @@ void llama_se_set_inp(
     // keys: the cells of the streams the layer's K view covers, in view order
     const uint32_t s0 = llama_se_access::stream0(mctx);
     if (inp.k_shift) {
-        GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_shift->buffer));
-        int32_t * k_shift = (int32_t *) inp.k_shift->data;
+        int32_t * k_shift = se_host<int32_t>(inp, inp.k_shift);
         for (int64_t s = 0; s < n_stream; ++s) {
             const llama_kv_cells & cells = llama_se_access::cells(kv, s0 + s);
             for (int64_t j = 0; j < n_kv; ++j) {
@@ -691,15 +723,13 @@ void llama_se_set_inp(
     }
     // or the ubatch's keys only, in ubatch order: grouped positions, or shifts from the true ones
     if (inp.k_pos_cur) {
-        GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_pos_cur->buffer));
-        int32_t * k_pos = (int32_t *) inp.k_pos_cur->data;
+        int32_t * k_pos = se_host<int32_t>(inp, inp.k_pos_cur);
         for (int64_t i = 0; i < n_tokens; ++i) {
             k_pos[i] = se_k_pos(ubatch->pos[i], G);
         }
     }
     if (inp.k_shift_cur) {
-        GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_shift_cur->buffer));
-        int32_t * k_shift = (int32_t *) inp.k_shift_cur->data;
+        int32_t * k_shift = se_host<int32_t>(inp, inp.k_shift_cur);
         for (int64_t i = 0; i < n_tokens; ++i) {
             k_shift[i] = se_k_pos(ubatch->pos[i], G) - ubatch->pos[i];
         }
@@ -721,8 +751,7 @@ void llama_se_set_inp(
         rot_out += 2*half;
     };
     if (inp.k_rot_rows) {
-        GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_rot_rows->buffer));
-        rot_out = (float *) inp.k_rot_rows->data;
+        rot_out = se_host<float>(inp, inp.k_rot_rows);
         for (int64_t i = 0; i < n_tokens; ++i) {
             rot_row(ubatch->pos[i]);
         }
@@ -730,10 +759,8 @@ void llama_se_set_inp(
     if (inp.k_g_rebuild) {
         // this graph rotates the stale keys of its streams again (the rows its build counted: same state)
         if (inp.k_g_rows) {
-            GGML_ASSERT(ggml_backend_buffer_is_host(inp.k_g_rows->buffer));
-            GGML_ASSERT(!inp.k_g_shift || ggml_backend_buffer_is_host(inp.k_g_shift->buffer));
-            int32_t * rows  = (int32_t *) inp.k_g_rows->data;
-            int32_t * shift = inp.k_g_shift ? (int32_t *) inp.k_g_shift->data : nullptr;
+            int32_t * rows  = se_host<int32_t>(inp, inp.k_g_rows);
+            int32_t * shift = inp.k_g_shift ? se_host<int32_t>(inp, inp.k_g_shift) : nullptr;
             int64_t n = 0;
             se_kcache_for_stale(mctx, [&](int64_t row, llama_pos pos) {
                 GGML_ASSERT(n < inp.k_g_rows->ne[0]);
@@ -755,14 +782,13 @@ void llama_se_set_inp(
     }
 
     if (inp.pos_q) {
-        GGML_ASSERT(ggml_backend_buffer_is_host(inp.pos_q->buffer) && ggml_backend_buffer_is_host(inp.pos_k->buffer));
         // queries: token i is row i % n_tps of stream i / n_tps, so [n_tps, n_stream] is the ubatch order
-        int32_t * pos_q = (int32_t *) inp.pos_q->data;
+        int32_t * pos_q = se_host<int32_t>(inp, inp.pos_q);
         for (int64_t i = 0; i < n_tokens; ++i) {
             pos_q[i] = ubatch->pos[i];
         }
         // keys: empty cells are masked; -1 classifies them with the distant (grouped) keys
-        int32_t * pos_k = (int32_t *) inp.pos_k->data;
+        int32_t * pos_k = se_host<int32_t>(inp, inp.pos_k);
         for (int64_t s = 0; s < n_stream; ++s) {
             const llama_kv_cells & cells = llama_se_access::cells(kv, s0 + s);
             for (int64_t j = 0; j < n_kv; ++j) {
@@ -773,9 +799,8 @@ void llama_se_set_inp(
     }
 
     // neighbour/grouped selection per (key, query); cells outside the causal mask get 1/0 (masked anyway)
-    GGML_ASSERT(ggml_backend_buffer_is_host(inp.nbr->buffer) && ggml_backend_buffer_is_host(inp.grp->buffer));
-    float * nbr = (float *) inp.nbr->data;
-    float * grp = (float *) inp.grp->data;
+    float * nbr = se_host<float>(inp, inp.nbr);
+    float * grp = se_host<float>(inp, inp.grp);
     for (int64_t i = 0; i < n_tokens; ++i) { // token i is row i % n_tps of stream i / n_tps: offset i*n_kv
         const llama_pos p1 = ubatch->pos[i];
         const llama_kv_cells & cells = llama_se_access::cells(kv, llama_se_access::stream_of(kv, ubatch->seq_id[i][0]));
@@ -807,12 +832,12 @@ static ggml_tensor * se_rotate(
             freq_base, freq_scale, cparams.yarn_ext_factor, mscale, cparams.yarn_beta_fast, cparams.yarn_beta_slow);
 }
 
-// The ubatch's per-key input t (I32 [n_tokens]), made on first use: a graph builds only the inputs its layers read.
-static ggml_tensor * se_input_cur(ggml_context * ctx, ggml_tensor *& t, int64_t n_tokens, const char * name) {
+// The ubatch's per-key part t (I32 [n_tokens]) at its reserved place, made on first use: llama_se_set_inp fills only the
+// parts that the graph's layers read.
+static ggml_tensor * se_input_cur(ggml_context * ctx, const llama_se_inp & inp, ggml_tensor *& t, int64_t off,
+                                  int64_t n_tokens, const char * name) {
     if (!t) {
-        t = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
-        ggml_set_input(t);
-        ggml_set_name(t, name);
+        t = se_part(ctx, inp, GGML_TYPE_I32, off, name, n_tokens);
     }
     return t;
 }
@@ -938,13 +963,14 @@ bool llama_se_build_layer(
                 // k_cur rotated further
                 ggml_tensor * kc = nullptr;
                 if (!k_rot && se_is_plain_rope(k_cur)) {
-                    kc = se_rope_like(ctx, k_cur, se_input_cur(ctx, inp.k_pos_cur, k_cur->ne[2], "se_k_pos_cur"));
+                    kc = se_rope_like(ctx, k_cur, se_input_cur(ctx, inp, inp.k_pos_cur, inp.off_k_pos_cur, k_cur->ne[2], "se_k_pos_cur"));
                 } else {
                     kc = ggml_is_contiguous(k_cur) ? k_cur : ggml_cont(ctx, k_cur);
                     if (k_rot) {
                         kc = llama_mul_mat_hadamard(ctx, kc, k_rot);
                     }
-                    kc = se_rotate(ctx, kc, se_input_cur(ctx, inp.k_shift_cur, k_cur->ne[2], "se_k_shift_cur"), factors,
+                    kc = se_rotate(ctx, kc, se_input_cur(ctx, inp, inp.k_shift_cur, inp.off_k_shift_cur, k_cur->ne[2],
+                                                "se_k_shift_cur"), factors,
                                    hparams, cparams, il);
                 }
                 kc = ggml_view_2d(ctx, kc, n_embd, kc->ne[2], kc->nb[2], 0);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 from live_server import SELFEXT
 
 STARTUP_TIMEOUT = 30.0  # seconds until a server listens (the machine is shared)
+RPC_CMD_SET_TENSOR, RPC_CMD_SET_TENSOR_HASH = 6, 7
 RPC_CMD_GRAPH_COMPUTE, RPC_CMD_HELLO, RPC_CMD_GRAPH_RECOMPUTE = 10, 14, 16
 HELLO_REQUEST = 24  # bytes: the client's connection capabilities
 OUR_PROTOCOL = (108, 0, 0)
@@ -123,12 +125,13 @@ class FakeServer:
 class CutProxy:
     """A TCP proxy to an RPC server that ends both sides of the connection right after forwarding the
     client's ``cut_after``-th graph computation, or when :meth:`cut` is called: the server, as the client sees
-    it, is lost at that point of the run."""
+    it, is lost at that point of the run. ``commands`` counts the client's commands by type."""
 
     def __init__(self, target_port: int, cut_after: int | None = None) -> None:
         self.target_port = target_port
         self.cut_after = cut_after
         self.graphs = 0
+        self.commands: collections.Counter[int] = collections.Counter()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self._sockets: list[socket.socket] = []
@@ -166,6 +169,7 @@ class CutProxy:
                 dst.sendall(head + payload)
             except OSError:
                 break
+            self.commands[head[0]] += 1
             if head[0] in (RPC_CMD_GRAPH_COMPUTE, RPC_CMD_GRAPH_RECOMPUTE):
                 self.graphs += 1
                 if self.cut_after is not None and self.graphs >= self.cut_after:

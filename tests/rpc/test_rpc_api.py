@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from live_server import start
-from rpcutil import CutProxy, RpcServer, free_port, start_rpc_server
+from rpcutil import RPC_CMD_SET_TENSOR, RPC_CMD_SET_TENSOR_HASH, CutProxy, RpcServer, free_port, start_rpc_server
 
 DOC = " ".join(["hello world the"] * 150)  # past the tiny model's trained 256 tokens
 
@@ -73,6 +73,39 @@ def test_layers_on_an_rpc_device_keep_one_rotation_table_by_default(
     log = capfd.readouterr().err
     assert "se_kcache_alloc: grouped-key rotations (one table, kernels rotate K)" in log
     assert "se_kcache_alloc: grouped keys:" not in log
+
+
+@pytest.mark.parametrize(("flash_attn", "keys"), [(True, "table"), (True, "cache"), (False, "auto")],
+                         ids=["fused-table", "fused-cache", "generic"])
+def test_a_decode_step_over_rpc_uploads_the_self_extend_inputs_as_one_tensor(
+        tiny_model: Path, rpc_server: RpcServer, flash_attn: bool, keys: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every graph input set on the host costs each ubatch one upload to the device that reads it: a round trip over
+    # RPC, two synchronizations on a GPU. Self-Extend's positions, shifts and table rows travel as one.
+    from selfext_cpp import load
+
+    monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", keys)
+    proxy = CutProxy(rpc_server.port)
+
+    def uploads_per_step(ga_n: int) -> int:
+        llm = load(tiny_model, ga_n=ga_n, ga_w=64 if ga_n > 1 else 0, n_ctx=512, n_threads=2, n_gpu_layers=99,
+                   rpc=[proxy.endpoint], flash_attn=flash_attn)
+        try:
+            tokens = llm.tokenize(DOC.encode())
+            llm.eval(tokens)
+            llm.eval(tokens[:1])  # the first step builds the single-token graph
+            before = proxy.commands.copy()
+            llm.eval(tokens[1:2])
+            sent = proxy.commands - before
+            return sent[RPC_CMD_SET_TENSOR] + sent[RPC_CMD_SET_TENSOR_HASH]
+        finally:
+            llm.close()
+
+    try:
+        vanilla = uploads_per_step(1)
+        assert vanilla > 0
+        assert uploads_per_step(4) == vanilla + 1
+    finally:
+        proxy.close()
 
 
 def last_logits(llm: Any) -> Any:

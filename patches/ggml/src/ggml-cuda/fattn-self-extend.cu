@@ -1507,14 +1507,19 @@ static std::mutex fattn_se_cls_mutex;
 static std::map<const ggml_backend_cuda_context *, fattn_se_cls_entry> fattn_se_cls_kept;
 
 // whether t (or what it views) is set before a compute rather than made by a node: a graph input, or the scheduler's
-// copy of one on this backend (a leaf like it, flagged only when the scheduler keeps several copies). A mask or
-// positions that a node of the same graph rewrote between two Self-Extend ops would defeat the sharing; no graph of
-// llama.cpp does that.
+// copy of one on this backend (a leaf like it, flagged only when the scheduler keeps several copies), or a plain copy
+// of such an input made by the graph (libllama's Self-Extend positions are views of one, made before the first op
+// that reads them). A mask or positions that a node of the same graph rewrote between two Self-Extend ops would
+// defeat the sharing; no graph of llama.cpp does that.
 static bool fattn_se_is_input(const ggml_tensor * t) {
     if (!t) {
         return true;
     }
-    const ggml_tensor * base = t->view_src ? t->view_src : t;
+    auto base_of = [](const ggml_tensor * x) { return x->view_src ? x->view_src : x; };
+    const ggml_tensor * base = base_of(t);
+    if ((base->op == GGML_OP_CONT || base->op == GGML_OP_DUP) && base->src[0]) {
+        base = base_of(base->src[0]);
+    }
     return (base->flags & GGML_TENSOR_FLAG_INPUT) || base->op == GGML_OP_NONE;
 }
 
