@@ -17,12 +17,12 @@ class  llama_kv_cache_context;
 
 // Graph inputs of one KV cache, filled from the KV cells and the ubatch at every llama_decode().
 // The fused op (cparams.se_fa) reads positions; the generic path reads 0/1 selection masks.
-// All of them are parts of one graph input (pack): the scheduler copies each input of a device's split with two
-// synchronizations, which four inputs made a tenth of a small model's decode step on a GPU. The parts are views of
-// the pack's copy on the device of the first layer that reads it (pack_dev), where llama_se_set_inp writes the pack.
+// All of them are parts of one graph input (pack), which llama_se_set_inp writes: the scheduler uploads each input
+// that a device reads with two synchronizations (over RPC, a round trip). The fused path's parts are views of the
+// pack's copy on the device of the first layer that reads it (pack_dev), so the pack travels once per ubatch.
 struct llama_se_inp {
     ggml_tensor * pack     = nullptr; // I32 [n_pack]                     the input, on the host
-    ggml_tensor * pack_dev = nullptr; // its copy (ggml_cont), which the parts below view
+    ggml_tensor * pack_dev = nullptr; // fused: its copy (ggml_cont); generic: pack. The parts below view it.
     int64_t off_k_pos_cur = 0, off_k_shift_cur = 0; // places reserved for the parts made on first use
 
     ggml_tensor * q_shift = nullptr; // I32 [n_tokens]                    grouped query position - position

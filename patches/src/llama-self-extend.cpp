@@ -707,8 +707,13 @@ llama_se_inp llama_se_build_inp(
     inp.pack = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_pack);
     ggml_set_input(inp.pack);
     ggml_set_name(inp.pack, "se_inp");
-    inp.pack_dev = ggml_cont(ctx, inp.pack);
-    ggml_set_name(inp.pack_dev, "se_inp_dev");
+    // the fused path's pack is small (positions, table rows); the generic path's holds two n_kv x n_tokens selections,
+    // which a device copy would double on the device: its parts view the host pack, each uploaded where it is read
+    inp.pack_dev = inp.pack;
+    if (cparams.se_fa) {
+        inp.pack_dev = ggml_cont(ctx, inp.pack);
+        ggml_set_name(inp.pack_dev, "se_inp_dev");
+    }
     for (const part & pt : parts) {
         *pt.t = se_part(ctx, inp, pt.type, pt.off, pt.name, pt.ne[0], pt.ne[1], pt.ne[2], pt.ne[3]);
     }

@@ -75,12 +75,11 @@ def test_layers_on_an_rpc_device_keep_one_rotation_table_by_default(
     assert "se_kcache_alloc: grouped keys:" not in log
 
 
-@pytest.mark.parametrize(("flash_attn", "keys"), [(True, "table"), (True, "cache"), (False, "auto")],
-                         ids=["fused-table", "fused-cache", "generic"])
+@pytest.mark.parametrize("keys", ["table", "cache"])
 def test_a_decode_step_over_rpc_uploads_the_self_extend_inputs_as_one_tensor(
-        tiny_model: Path, rpc_server: RpcServer, flash_attn: bool, keys: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_model: Path, rpc_server: RpcServer, keys: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every graph input set on the host costs each ubatch one upload to the device that reads it: a round trip over
-    # RPC, two synchronizations on a GPU. Self-Extend's positions, shifts and table rows travel as one.
+    # RPC, two synchronizations on a GPU. The fused path's positions, shifts and table rows travel as one.
     from selfext_cpp import load
 
     monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", keys)
@@ -88,7 +87,7 @@ def test_a_decode_step_over_rpc_uploads_the_self_extend_inputs_as_one_tensor(
 
     def uploads_per_step(ga_n: int) -> int:
         llm = load(tiny_model, ga_n=ga_n, ga_w=64 if ga_n > 1 else 0, n_ctx=512, n_threads=2, n_gpu_layers=99,
-                   rpc=[proxy.endpoint], flash_attn=flash_attn)
+                   rpc=[proxy.endpoint], flash_attn=True)
         try:
             tokens = llm.tokenize(DOC.encode())
             llm.eval(tokens)
