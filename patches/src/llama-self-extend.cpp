@@ -631,13 +631,14 @@ bool llama_se_can_reuse(const llama_se_inp & inp, const llama_kv_cache_context *
     return !inp.k_g_rebuild && !(inp.pos_q && se_kcache_stale(mctx));
 }
 
-// A part of the pack: a view of its copy on the device at element offset off. Every part has 4-byte elements, the
-// pack is I32: an F32 part holds the bits of its floats, which the copy moves as they are.
-static ggml_tensor * se_part(ggml_context * ctx, const llama_se_inp & inp, ggml_type type, int64_t off, const char * name,
-                             int64_t ne0, int64_t ne1 = 1, int64_t ne2 = 1, int64_t ne3 = 1) {
+// A part of the pack: a contiguous view of pack_dev at element offset off. Every part has 4-byte elements and the pack
+// is I32: an F32 part holds the bits of its floats, which the device copy moves as they are.
+static ggml_tensor * se_part(ggml_context * ctx, const llama_se_inp & inp, ggml_type type, int64_t off,
+                             const char * name, int64_t ne0, int64_t ne1 = 1, int64_t ne2 = 1, int64_t ne3 = 1) {
     GGML_ASSERT(ggml_type_size(type) == sizeof(int32_t) && ggml_blck_size(type) == 1);
     const size_t nb1 = ne0*sizeof(int32_t);
-    ggml_tensor * t = ggml_view_4d(ctx, inp.pack_dev, ne0, ne1, ne2, ne3, nb1, nb1*ne1, nb1*ne1*ne2, off*sizeof(int32_t));
+    ggml_tensor * t = ggml_view_4d(ctx, inp.pack_dev, ne0, ne1, ne2, ne3, nb1, nb1*ne1, nb1*ne1*ne2,
+                                   off*sizeof(int32_t));
     t->type = type;
     ggml_set_name(t, name);
     return t;
@@ -867,8 +868,8 @@ static ggml_tensor * se_rotate(
             freq_base, freq_scale, cparams.yarn_ext_factor, mscale, cparams.yarn_beta_fast, cparams.yarn_beta_slow);
 }
 
-// The ubatch's per-key part t (I32 [n_tokens]) at its reserved place, made on first use: llama_se_set_inp fills only the
-// parts that the graph's layers read.
+// The ubatch's per-key part t (I32 [n_tokens]) at its reserved place, made on first use: llama_se_set_inp fills only
+// the parts that the graph's layers read.
 static ggml_tensor * se_input_cur(ggml_context * ctx, const llama_se_inp & inp, ggml_tensor *& t, int64_t off,
                                   int64_t n_tokens, const char * name) {
     if (!t) {
@@ -998,15 +999,17 @@ bool llama_se_build_layer(
                 // k_cur rotated further
                 ggml_tensor * kc = nullptr;
                 if (!k_rot && se_is_plain_rope(k_cur)) {
-                    kc = se_rope_like(ctx, k_cur, se_input_cur(ctx, inp, inp.k_pos_cur, inp.off_k_pos_cur, k_cur->ne[2], "se_k_pos_cur"));
+                    ggml_tensor * pos = se_input_cur(ctx, inp, inp.k_pos_cur, inp.off_k_pos_cur, k_cur->ne[2],
+                                                     "se_k_pos_cur");
+                    kc = se_rope_like(ctx, k_cur, pos);
                 } else {
                     kc = ggml_is_contiguous(k_cur) ? k_cur : ggml_cont(ctx, k_cur);
                     if (k_rot) {
                         kc = llama_mul_mat_hadamard(ctx, kc, k_rot);
                     }
-                    kc = se_rotate(ctx, kc, se_input_cur(ctx, inp, inp.k_shift_cur, inp.off_k_shift_cur, k_cur->ne[2],
-                                                "se_k_shift_cur"), factors,
-                                   hparams, cparams, il);
+                    ggml_tensor * shift = se_input_cur(ctx, inp, inp.k_shift_cur, inp.off_k_shift_cur, k_cur->ne[2],
+                                                       "se_k_shift_cur");
+                    kc = se_rotate(ctx, kc, shift, factors, hparams, cparams, il);
                 }
                 kc = ggml_view_2d(ctx, kc, n_embd, kc->ne[2], kc->nb[2], 0);
                 kg = view(ggml_set_rows(ctx, rows, kc, k_idxs));
