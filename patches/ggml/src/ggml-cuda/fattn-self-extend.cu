@@ -498,13 +498,18 @@ static __device__ __forceinline__ void fattn_se_col_reduce(const tile<16, 16, fl
 // ------------------------------------------------------------------------------------------------------------------
 // kernels
 
+// The start of every kernel here ("Launches" above): let the next kernel launch, then wait for the previous grid.
+static __device__ __forceinline__ void fattn_se_chain() {
+    ggml_cuda_pdl_lc();
+    ggml_cuda_pdl_sync();
+}
+
 // NWC: warps along the columns (4: prefill, 1: decode), T: keys per tile, ROT: the form of K_g (fattn_se_rot).
 template <int D, int NWC, int T, bool use_softcap, int ROT>
 __launch_bounds__(FATTN_SE_NTHREADS, fattn_se_min_blocks(D, NWC))
 static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fattn_se_plan P) {
 #if defined(AMPERE_MMA_AVAILABLE)
-    ggml_cuda_pdl_lc();   // the next kernel may launch now; it waits for this grid's end before its first access
-    ggml_cuda_pdl_sync(); // and so does this one for the previous grid
+    fattn_se_chain();
     constexpr int  NWK    = FATTN_SE_NWARPS/NWC; // warps along the keys of a tile
     constexpr int  NC     = 16*NWC;              // columns per block
     constexpr int  KW     = T/NWK;               // keys per warp and tile
@@ -958,8 +963,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 // with a visible key. A warp classifies P.tpw_c consecutive tiles, two keys per lane.
 __launch_bounds__(FATTN_SE_NTHREADS, 1)
 static __global__ void flash_attn_ext_se_classify(const fattn_se_params p, const fattn_se_plan P) {
-    ggml_cuda_pdl_lc();   // the next kernel may launch now; it waits for this grid's end before its first access
-    ggml_cuda_pdl_sync(); // and so does this one for the previous grid
+    fattn_se_chain();
     constexpr int T = FATTN_SE_TC;
     static_assert(T == 2*WARP_SIZE, "one tile per warp, two keys per lane");
 
@@ -1036,8 +1040,7 @@ template <int D>
 __launch_bounds__(FATTN_SE_NTHREADS, 1)
 static __global__ void flash_attn_ext_se_combine(
         const float * part_O, const float2 * part_ML, float * dst, const int nsplit) {
-    ggml_cuda_pdl_lc();   // the next kernel may launch now; it waits for this grid's end before its first access
-    ggml_cuda_pdl_sync(); // and so does this one for the previous grid
+    fattn_se_chain();
     constexpr int D4 = D/4;                   // float4 per row
     constexpr int NG = FATTN_SE_NTHREADS/D4;  // groups of threads, each sums every NG-th split
     static_assert(D % 4 == 0 && FATTN_SE_NTHREADS % D4 == 0, "bad head size");
@@ -1125,8 +1128,7 @@ __launch_bounds__(FATTN_SE_NTHREADS)
 static __global__ void flash_attn_ext_se_combine_few(
         const float * part_O, const float2 * part_ML, float * dst,
         const int64_t nrows, const int nsplit) {
-    ggml_cuda_pdl_lc();   // the next kernel may launch now; it waits for this grid's end before its first access
-    ggml_cuda_pdl_sync(); // and so does this one for the previous grid
+    fattn_se_chain();
     constexpr int D4 = D/4;
     static_assert(D % 4 == 0 && FATTN_SE_NTHREADS % D4 == 0, "bad head size");
 
@@ -1172,8 +1174,7 @@ static __global__ void flash_attn_ext_se_rotate_k(
         const char * k, const int64_t nb_k1, const int64_t nb_k2, const int64_t nb_k3,
         const char * tab, const int64_t nb_t1, const int64_t nb_t3,
         half * k_g, const int n_kv, const int n_rot, const bool neox) {
-    ggml_cuda_pdl_lc();   // the next kernel may launch now; it waits for this grid's end before its first access
-    ggml_cuda_pdl_sync(); // and so does this one for the previous grid
+    fattn_se_chain();
     constexpr int CH  = D/8;                        // pieces of 8 dimensions per row
     constexpr int RPB = FATTN_SE_ROT_NTHREADS/CH;   // rows per block
     static_assert(FATTN_SE_ROT_NTHREADS % CH == 0, "bad head size");
