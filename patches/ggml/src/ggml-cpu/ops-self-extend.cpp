@@ -32,7 +32,8 @@
 
 namespace {
 
-constexpr int64_t SE_TILE_ROWS = 64; // rows (query x head) per tile, at most
+constexpr int64_t SE_TILE_ROWS = 128; // rows (query x head) per tile, at most: each K/V tile is converted once per
+                                      // tile of rows (64 -> 128: prefill 8 % faster, SmolLM2 at 8K on 2 cores)
 constexpr int64_t SE_TILE_KV   = 64; // keys per tile
 constexpr int64_t SE_MIN_CHUNK = 256; // keys per chunk when the keys are split, at least
 constexpr int64_t SE_ROWS_GEMM = 8;   // tiles of more rows multiply packed f32 tiles; fewer (decode) dot each key
@@ -82,7 +83,7 @@ se_plan se_make_plan(const se_args & a, int nth) {
 // per-thread scratch: the tile buffers, then the accumulators of one work item
 struct se_scratch {
     float * Q, * Qg;   // [R, DK]            rows of the tile (query t, head hh) at t*gqa + hh
-    float * Qc, * Qgc; // [R, DK] (at most)  the same rows in the vec_dot type of K / K_g (few-row tiles)
+    float * Qc, * Qgc; // [R, DK] (at most)  the same rows in the vec_dot type of K / K_g (few-row tiles only)
     float * Kt;        // [DK, SE_TILE_KV]   K or K_g tile, transposed
     float * S, * Sg;   // [R, SE_TILE_KV]    q.k and q_g.k_g; S then holds the probabilities
     float * V;         // [SE_TILE_KV, DV]
@@ -98,8 +99,8 @@ struct se_scratch {
         auto take = [&](int64_t n) { float * r = base ? base + off : nullptr; off += (n + 15) & ~int64_t(15); return r; };
         Q   = take(R*p.DK);
         Qg  = take(R*p.DK);
-        Qc  = take(R*p.DK);
-        Qgc = take(R*p.DK);
+        Qc  = take(std::min(R, SE_ROWS_GEMM)*p.DK);
+        Qgc = take(std::min(R, SE_ROWS_GEMM)*p.DK);
         Kt  = take(p.DK*SE_TILE_KV);
         S   = take(R*SE_TILE_KV);
         Sg  = take(R*SE_TILE_KV);
