@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 from live_server import start
-from rpcutil import RPC_CMD_SET_TENSOR, RPC_CMD_SET_TENSOR_HASH, CutProxy, RpcServer, free_port, start_rpc_server
+from rpcutil import (
+    RPC_CMD_SET_TENSOR,
+    RPC_CMD_SET_TENSOR_HASH,
+    CutProxy,
+    RpcServer,
+    free_port,
+    start_rpc_server,
+)
 
 DOC = " ".join(["hello world the"] * 150)  # past the tiny model's trained 256 tokens
 

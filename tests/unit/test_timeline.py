@@ -29,6 +29,19 @@ def kernel(name: str, ts: float, dur: float) -> dict:
     return {"cat": "kernel", "name": name, "ts": ts, "dur": dur}
 
 
+def mark(name: str, ts: float, dur: float) -> dict:  # a record_function range
+    return {"cat": "user_annotation", "name": name, "ts": ts, "dur": dur}
+
+
+def call(name: str, ts: float) -> dict:  # a CUDA runtime call
+    return {"cat": "cuda_runtime", "name": name, "ts": ts, "dur": 5}
+
+
+def printed(timeline: ModuleType, capsys: pytest.CaptureFixture[str], events: list[dict]) -> str:
+    timeline.report(events)
+    return capsys.readouterr().out
+
+
 def test_busy_time_counts_overlapping_kernels_once(timeline: ModuleType) -> None:
     ks = [kernel("a", 0, 10), kernel("b", 5, 10), kernel("c", 30, 5), kernel("d", 31, 1)]  # us
     assert timeline.busy_ms(ks) == pytest.approx((15 + 5) / 1e3)
@@ -36,37 +49,27 @@ def test_busy_time_counts_overlapping_kernels_once(timeline: ModuleType) -> None
 
 
 def test_report_gives_runs_kernels_and_host_time_per_decode(timeline: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
-    events = [
-        {"cat": "user_annotation", "name": "run0", "ts": 0, "dur": 1000},
-        {"cat": "user_annotation", "name": "decode", "ts": 100, "dur": 400},
-        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 300, "dur": 5},  # 200 us after the decode began
+    out = printed(timeline, capsys, [
+        mark("run0", 0, 1000), mark("decode", 100, 400),
+        call("cudaLaunchKernel", 300),  # 200 us after the decode began
         kernel("void flash_attn_ext_se_f16<128, false>(params)", 320, 100),
         kernel("void flash_attn_ext_se_f16<128, false>(params)", 400, 100),
         kernel("rope_norm", 600, 50),
         kernel("outside", 2000, 50),
-    ]
-    timeline.report(events)
-    out = capsys.readouterr().out
+    ])
     assert "run0: wall 1.0 ms, kernels 3 summing 0.2 ms, GPU busy 0.2 ms" in out
     assert "0.20      2  flash_attn_ext_se_f16" in out
     assert "0.20 ms on the host before its first CUDA call, 0.20 ms from there to its return" in out
 
 
 def test_report_gives_the_single_token_decodes_per_step(timeline: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
-    events = [
-        {"cat": "user_annotation", "name": "run0", "ts": 0, "dur": 3000},
-        {"cat": "user_annotation", "name": "steps", "ts": 1000, "dur": 1000},
-        {"cat": "user_annotation", "name": "decode", "ts": 1000, "dur": 400},
-        {"cat": "user_annotation", "name": "decode", "ts": 1500, "dur": 400},
-        {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 1050, "dur": 5},
-        {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 1550, "dur": 5},
-        {"cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 1560, "dur": 5},
+    out = printed(timeline, capsys, [
+        mark("run0", 0, 3000), mark("steps", 1000, 1000), mark("decode", 1000, 400), mark("decode", 1500, 400),
+        call("cudaGraphLaunch", 1050), call("cudaGraphLaunch", 1550), call("cudaMemcpyAsync", 1560),
         kernel("rope_norm", 1100, 10), kernel("flash_attn_ext_se_f16", 1110, 30),
         kernel("rope_norm", 1600, 10), kernel("flash_attn_ext_se_f16", 1610, 50),
         kernel("before the steps", 200, 500),
-    ]
-    timeline.report(events)
-    out = capsys.readouterr().out
+    ])
     assert "per step (median of 1 runs of 2): wall 0.500 ms, kernels 0.050 ms, GPU busy 0.050 ms" in out
     assert "40.00      1  flash_attn_ext_se_f16" in out
     assert "10.00      1  rope_norm" in out
