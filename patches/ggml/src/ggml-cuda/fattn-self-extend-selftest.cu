@@ -5,7 +5,8 @@
 // From ggml/src/ggml-cuda of the patched llama.cpp, with this file next to fattn-self-extend.cu:
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I../../include -I.. -I. fattn-self-extend-selftest.cu -o selftest && ./selftest
 // Exit status 0: every case within 1e-2 of its output scale (the largest |reference| of the case).
-// Options: --check runs the cases only (e.g. under compute-sanitizer), --perf the timings only (e.g. under ncu).
+// Options: --check runs the cases only (e.g. under compute-sanitizer), --perf the timings only (e.g. under ncu),
+// --splits times decode shapes with several numbers of KV splits.
 
 #define GGML_CUDA_FATTN_SE_SELFTEST
 #include "fattn-self-extend.cu"
@@ -19,7 +20,7 @@
 #include <random>
 #include <vector>
 
-// the two ggml functions that the host code of the kernels can reach
+// the ggml functions that the host code of the kernels can reach
 void ggml_abort(const char * file, int line, const char * fmt, ...) {
     fprintf(stderr, "%s:%d: ", file, line);
     va_list args;
@@ -28,6 +29,12 @@ void ggml_abort(const char * file, int line, const char * fmt, ...) {
     va_end(args);
     fprintf(stderr, "\n");
     abort();
+}
+
+int ggml_cuda_get_device() {
+    int id;
+    CUDA_CHECK(cudaGetDevice(&id));
+    return id;
 }
 
 void ggml_cuda_error(const char * stmt, const char * func, const char * file, int line, const char * msg) {
@@ -327,8 +334,9 @@ static __global__ void se_fill_iota(int32_t * x, const int n, const int offset) 
     }
 }
 
+// nsplit: KV splits per block of columns, or 0 for the plan's own
 static void se_time(const char * name, const int D, const int n_head, const int n_head_kv, const int n_q, const int n_kv,
-                    const int W, const int nsm) {
+                    const int W, const int nsm, const int nsplit = 0) {
     se_host h; // shapes only: the data is generated on the device
     h.D = D; h.n_q = n_q; h.n_kv = n_kv; h.n_head = n_head; h.n_head_kv = n_head_kv; h.ne3 = 1; h.mask_ne3 = 1;
     h.n_cells = n_kv; h.n_kv_pad = n_kv; h.n_q_pad = n_q;
@@ -352,7 +360,11 @@ static void se_time(const char * name, const int D, const int n_head, const int 
     CUDA_CHECK(cudaGetLastError());
 
     const fattn_se_params p = se_params_of(h, d, 1.0f/sqrtf(float(D)), 0.0f, W);
-    const fattn_se_plan   P = fattn_se_make_plan(p, nsm);
+    fattn_se_plan P = fattn_se_make_plan(p, nsm);
+    if (nsplit > 0) {
+        P.nsplit = nsplit;
+        fattn_se_plan_memory(p, P);
+    }
     if (P.nbytes_cls + P.nbytes_ws > 0) {
         CUDA_CHECK(cudaMalloc(&d.ws, P.nbytes_cls + P.nbytes_ws));
     }
@@ -424,6 +436,21 @@ int main(int argc, char ** argv) {
         {"shuffled decode D=256 gqa=4 n_q=2",       256,  4, 1,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f},
         {"2 sequences prefill D=256 gqa=4 n_q=100", 256,  4, 1, 100, 4096, 512, 1, MASK_SEQS,   1, false,  0.0f},
     };
+
+    if (argc > 1 && strcmp(argv[1], "--splits") == 0) {
+        // decode of the benchmarks' shapes with the plan's splits (first line) and with others
+        const int sweep[] = {0, 8, 16, 32, 48, 64, 96, 128, 192, 264};
+        for (const int ns : sweep) {
+            se_time("decode D=128 16/4 heads 8K",  128, 16, 4, 1,  8192, 1024, prop.multiProcessorCount, ns);
+        }
+        for (const int ns : sweep) {
+            se_time("decode D=128 32/8 heads 32K", 128, 32, 8, 1, 32768, 1024, prop.multiProcessorCount, ns);
+        }
+        for (const int ns : sweep) {
+            se_time("decode D=256 4/1 heads 64K",  256,  4, 1, 1, 65536, 8192, prop.multiProcessorCount, ns);
+        }
+        return 0;
+    }
 
     std::mt19937 rng(1234);
     int n_fail = 0;

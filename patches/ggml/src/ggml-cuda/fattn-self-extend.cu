@@ -1036,25 +1036,35 @@ static __global__ void flash_attn_ext_se_classify(const fattn_se_params p, const
 }
 
 // dst row = sum_s 2^(M_s - M) O_s / sum_s 2^(M_s - M) L_s over the splits s of the row; 0 if no split saw a key.
+// Many splits (decode): a block takes FATTN_SE_COMBINE_DC dimensions of one row (grid: rows x D/FATTN_SE_COMBINE_DC), its
+// threads read NG splits at a time, FATTN_SE_COMBINE_UNROLL of those batches in flight per thread; the rows' partials are
+// in L2, so what costs is latency, not bytes. (One block per row, each thread walking every NG-th split of it one load
+// after the other, took ~20 us for Gemma 3's 4 rows of 256 dimensions in 262 splits, a 64K decode of 16 us of K/V reads.)
+#define FATTN_SE_COMBINE_DC     32 // dimensions per block
+#define FATTN_SE_COMBINE_UNROLL 4
+
 template <int D>
-__launch_bounds__(FATTN_SE_NTHREADS, 1)
+__launch_bounds__(FATTN_SE_NTHREADS)
 static __global__ void flash_attn_ext_se_combine(
         const float * part_O, const float2 * part_ML, float * dst, const int nsplit) {
     fattn_se_chain();
-    constexpr int D4 = D/4;                   // float4 per row
-    constexpr int NG = FATTN_SE_NTHREADS/D4;  // groups of threads, each sums every NG-th split
-    static_assert(D % 4 == 0 && FATTN_SE_NTHREADS % D4 == 0, "bad head size");
+    constexpr int C4 = FATTN_SE_COMBINE_DC/4;  // float4 per block and split
+    constexpr int NG = FATTN_SE_NTHREADS/C4;   // splits read at once
+    constexpr int U  = FATTN_SE_COMBINE_UNROLL;
+    static_assert(D % FATTN_SE_COMBINE_DC == 0 && FATTN_SE_NTHREADS % C4 == 0, "bad head size");
 
-    extern __shared__ float combine_wgt[];    // [nsplit]
     __shared__ float  red[FATTN_SE_NWARPS];
-    __shared__ float4 acc_part[NG][D4];
+    __shared__ float4 acc_part[NG][C4];
+    __shared__ float  L_part[NG];
 
     const int tid  = threadIdx.x;
     const int lane = tid % WARP_SIZE;
     const int w    = tid / WARP_SIZE;
+    const int g    = tid / C4;                            // the thread's splits: g, g + NG, ...
+    const int d4   = blockIdx.y*C4 + tid % C4;            // its float4 of the row
     const int64_t row = blockIdx.x;
     const float2 * ML = part_ML + row*nsplit;
-    const float4 * O4 = (const float4 *) (part_O + row*nsplit*D);
+    const float4 * O4 = (const float4 *) (part_O + row*nsplit*D) + d4;
 
     float M = -FLT_MAX;
     for (int i = tid; i < nsplit; i += FATTN_SE_NTHREADS) {
@@ -1069,51 +1079,48 @@ static __global__ void flash_attn_ext_se_combine(
     for (int i = 0; i < FATTN_SE_NWARPS; ++i) {
         M = fmaxf(M, red[i]);
     }
-    __syncthreads();
 
-    float L = 0.0f;
-    for (int i = tid; i < nsplit; i += FATTN_SE_NTHREADS) {
-        const float2 ml  = ML[i];
-        const float  wgt = exp2f(ml.x - M);
-        combine_wgt[i] = wgt;
-        L += wgt*ml.y;
-    }
-    L = warp_reduce_sum(L);
-    if (lane == 0) {
-        red[w] = L;
-    }
-    __syncthreads();
-    L = 0.0f;
-#pragma unroll
-    for (int i = 0; i < FATTN_SE_NWARPS; ++i) {
-        L += red[i];
-    }
-
-    const int g  = tid / D4;
-    const int d4 = tid % D4;
+    // every thread of a split's group weighs it alike and sums L alike; one of them hands L on
+    float  L   = 0.0f;
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int i = g; i < nsplit; i += NG) {
-        const float  wgt = combine_wgt[i];
-        const float4 o   = O4[i*D4 + d4];
-        acc.x += wgt*o.x;
-        acc.y += wgt*o.y;
-        acc.z += wgt*o.z;
-        acc.w += wgt*o.w;
+    for (int i0 = g; i0 < nsplit; i0 += U*NG) {
+        float2 ml[U];
+        float4 o[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int i = i0 + u*NG;
+            ml[u] = i < nsplit ? ML[i] : make_float2(-INFINITY, 0.0f);
+            o[u]  = i < nsplit ? O4[int64_t(i)*(D/4)] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const float wgt = exp2f(ml[u].x - M);
+            L     += wgt*ml[u].y;
+            acc.x += wgt*o[u].x;
+            acc.y += wgt*o[u].y;
+            acc.z += wgt*o[u].z;
+            acc.w += wgt*o[u].w;
+        }
     }
-    acc_part[g][d4] = acc;
+    acc_part[g][tid % C4] = acc;
+    if (tid % C4 == 0) {
+        L_part[g] = L;
+    }
     __syncthreads();
 
-    if (tid < D4) {
+    if (tid < C4) {
         acc = acc_part[0][tid];
+        L   = L_part[0];
 #pragma unroll
         for (int gg = 1; gg < NG; ++gg) {
             acc.x += acc_part[gg][tid].x;
             acc.y += acc_part[gg][tid].y;
             acc.z += acc_part[gg][tid].z;
             acc.w += acc_part[gg][tid].w;
+            L     += L_part[gg];
         }
         const float inv = L > 0.0f ? 1.0f/L : 0.0f;
-        ((float4 *) (dst + row*D))[tid] = make_float4(acc.x*inv, acc.y*inv, acc.z*inv, acc.w*inv);
+        ((float4 *) (dst + row*D))[d4] = make_float4(acc.x*inv, acc.y*inv, acc.z*inv, acc.w*inv);
     }
 }
 
@@ -1318,6 +1325,21 @@ static size_t fattn_se_pad_ws(const size_t n) {
     return GGML_PAD(n, 256);
 }
 
+// The device memory of a plan with its P.nsplit: the layouts of the tile classes and of the split workspace.
+static void fattn_se_plan_memory(const fattn_se_params & p, fattn_se_plan & P) {
+    GGML_ASSERT(int64_t(p.ne3)*P.nsplit <= 65535);
+    P.off_tiles = P.nbytes_cls = P.off_O = P.nbytes_ws = 0;
+    if (P.classify) {
+        P.off_tiles  = fattn_se_pad_ws(size_t(p.ne3)*P.n_rg*sizeof(int2));
+        P.nbytes_cls = P.off_tiles + fattn_se_pad_ws(size_t(p.ne3)*P.n_rg*P.ntiles_c);
+    }
+    if (P.nsplit > 1) {
+        const size_t nrows = size_t(p.ne3)*p.n_q*p.n_head;
+        P.off_O     = fattn_se_pad_ws(nrows*P.nsplit*sizeof(float2));
+        P.nbytes_ws = P.off_O + fattn_se_pad_ws(nrows*P.nsplit*p.D*sizeof(float));
+    }
+}
+
 // nsm: streaming multiprocessors of the current device, which the kernels will run on.
 static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm) {
     fattn_se_plan P = {};
@@ -1360,17 +1382,7 @@ static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm
             P.nsplit = nsplit;
         }
     }
-    GGML_ASSERT(int64_t(p.ne3)*P.nsplit <= 65535);
-
-    if (P.classify) {
-        P.off_tiles  = fattn_se_pad_ws(size_t(p.ne3)*P.n_rg*sizeof(int2));
-        P.nbytes_cls = P.off_tiles + fattn_se_pad_ws(size_t(p.ne3)*P.n_rg*P.ntiles_c);
-    }
-    if (P.nsplit > 1) {
-        const size_t nrows = size_t(p.ne3)*p.n_q*p.n_head;
-        P.off_O     = fattn_se_pad_ws(nrows*P.nsplit*sizeof(float2));
-        P.nbytes_ws = P.off_O + fattn_se_pad_ws(nrows*P.nsplit*p.D*sizeof(float));
-    }
+    fattn_se_plan_memory(p, P);
     return P;
 }
 
@@ -1384,7 +1396,7 @@ static void fattn_se_launch_combine(const fattn_se_params & p, const fattn_se_pl
             P.part_O, P.part_ML, p.dst, nrows, P.nsplit);
     } else {
         ggml_cuda_kernel_launch(flash_attn_ext_se_combine<D>,
-            ggml_cuda_kernel_launch_params((unsigned int) nrows, FATTN_SE_NTHREADS, P.nsplit*sizeof(float), stream),
+            ggml_cuda_kernel_launch_params(dim3((unsigned int) nrows, D/FATTN_SE_COMBINE_DC, 1), FATTN_SE_NTHREADS, 0, stream),
             P.part_O, P.part_ML, p.dst, P.nsplit);
     }
 }
