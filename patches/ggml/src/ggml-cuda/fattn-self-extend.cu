@@ -1039,7 +1039,7 @@ static __global__ void flash_attn_ext_se_classify(const fattn_se_params p, const
 // Many splits (decode): a block takes FATTN_SE_COMBINE_DC dimensions of one row (grid: rows x D/FATTN_SE_COMBINE_DC), its
 // threads read NG splits at a time, FATTN_SE_COMBINE_UNROLL of those batches in flight per thread; the rows' partials are
 // in L2, so what costs is latency, not bytes. (One block per row, each thread walking every NG-th split of it one load
-// after the other, took ~20 us for Gemma 3's 4 rows of 256 dimensions in 262 splits, a 64K decode of 16 us of K/V reads.)
+// after the other: 11.4 us for Gemma 3's 4 rows of 256 dimensions in 262 splits; this way 9.3 us; ncu, H200.)
 #define FATTN_SE_COMBINE_DC     32 // dimensions per block
 #define FATTN_SE_COMBINE_UNROLL 4
 
@@ -1365,8 +1365,10 @@ static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm
 
     // Split the keys when the blocks of columns cannot fill the GPU (decode, short prompts), or when a few splits even
     // out a poorly filled last wave (prefill): the fewest splits whose waves are the fullest, counting every slot of the
-    // last wave (with 128 blocks on 264 slots, 2 splits fill 97 % of one wave where 3 would fill 73 % of two).
-    // Each split keeps a few tiles so that its pipeline gets going.
+    // last wave (with 128 blocks on 264 slots, 2 splits fill 97 % of one wave where 3 would fill 73 % of two);
+    // prefill takes more splits only for 3 points more, decode for any (Gemma 3's 64K decode: 262 splits 36.4 us, the
+    // whole wave of 264 33.9 us; fattn-self-extend-selftest --splits, H200). Each split keeps a few tiles so that its
+    // pipeline gets going.
     const int64_t nblocks_base = int64_t(P.n_rg)*(p.n_head/P.NHB)*p.ne3;
     const int64_t nsplit_fill  = (nslots + nblocks_base - 1)/nblocks_base; // splits that make one full wave
     const int     nsplit_max   = int(std::min<int64_t>(std::max<int64_t>(nsplit_fill, P.decode ? 1 : 4),
@@ -1377,7 +1379,7 @@ static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm
         const int64_t nblocks = nblocks_base*nsplit;
         const int64_t nwaves  = (nblocks + nslots - 1)/nslots;
         const int64_t eff     = 100*nblocks/(nwaves*nslots);
-        if (eff > eff_best + 2) {
+        if (eff > eff_best + (P.decode ? 0 : 2)) {
             eff_best = eff;
             P.nsplit = nsplit;
         }
