@@ -9,6 +9,8 @@ the sdist the build downloads into the selfext cache (or ``SELFEXT_LLAMA_SOURCE`
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import io
 import os
 import re
 import shutil
@@ -230,6 +232,62 @@ def test_a_directory_that_is_not_llama_cpp_stops_the_build_naming_it(project: Pr
     assert done.returncode != 0
     assert (f"selfext: SELFEXT_LLAMA_SOURCE={tmp_path / 'empty'} is not a llama.cpp source tree"
             in one_line(done.stderr))
+
+
+# --- scripts/offline_source.py: the sources for a machine without network ----------------------------------------
+
+def offline_source(monkeypatch: pytest.MonkeyPatch, sdist: Path):
+    """scripts/offline_source.py as a module, reading the sdist at ``sdist``."""
+    monkeypatch.setenv("SELFEXT_LLAMA_SOURCE", str(sdist))
+    spec = importlib.util.spec_from_file_location("offline_source", ROOT / "scripts" / "offline_source.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fake_sdist(path: Path, files: list[str]) -> Path:
+    top = UPSTREAM["SDIST_SUBDIR"].split("/")[0]
+    with tarfile.open(path, "w:gz") as tar:
+        for rel in files:
+            data = rel.encode()
+            info = tarfile.TarInfo(f"{top}/{rel}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_the_offline_sources_keep_what_the_build_reads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    lc = "vendor/llama.cpp/"
+    kept_llama = ["CMakeLists.txt", "src/llama-graph.cpp", "src/models/llama.cpp", "ggml/src/ggml.c",
+                  "ggml/src/ggml-alloc.c", "ggml/src/ggml-cpu/ops.cpp", "ggml/src/ggml-rpc/ggml-rpc.cpp",
+                  "ggml/src/ggml-blas/ggml-blas.cpp", "ggml/src/ggml-cuda/fattn.cu", "ggml/src/ggml-hip/CMakeLists.txt",
+                  "tools/server/server.cpp", "tools/ui/CMakeLists.txt", "vendor/miniaudio/miniaudio.h"]
+    dropped_llama = ["models/ggml-vocab.gguf", "docs/build.md", "tests/test-backend-ops.cpp", "examples/x/x.cpp",
+                     "ggml/src/ggml-vulkan/ggml-vulkan.cpp", "ggml/src/ggml-metal/ggml-metal.m", ".git/HEAD"]
+    python = ["pyproject.toml", "CMakeLists.txt", "llama_cpp/llama.py"]
+    dropped_python = ["examples/high_level_api/x.py", ".git/HEAD", "vendor/llava/x.cpp"]
+    sdist = fake_sdist(tmp_path / UPSTREAM["SDIST_NAME"],
+                       [lc + f for f in kept_llama + dropped_llama] + python + dropped_python)
+
+    llama_out, python_out = offline_source(monkeypatch, sdist).write(tmp_path / "out", ["hip"])  # hip builds cuda's
+
+    top = UPSTREAM["SDIST_SUBDIR"].split("/")[0]
+    with tarfile.open(llama_out) as tar:
+        assert sorted(tar.getnames()) == sorted(f"{top}/{lc}{f}" for f in kept_llama)
+    with tarfile.open(python_out) as tar:
+        assert sorted(tar.getnames()) == sorted(f"{top}/{f}" for f in python)
+    assert llama_out.name == f"llama.cpp-{UPSTREAM['LLAMA_CPP_COMMIT']}.tar.gz" and python_out.name == UPSTREAM["SDIST_NAME"]
+
+
+def test_the_offline_llama_cpp_tarball_yields_the_patched_tree(project: Project, sdist: Path, source_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    llama_out, _ = offline_source(monkeypatch, sdist).write(tmp_path / "out", ["cuda"])
+    assert llama_out.stat().st_size < sdist.stat().st_size / 5
+    tree = project.prepare(llama_out)
+    assert_prepared(tree, source_dir, tmp_path / "expected")
+    assert (tree / "ggml" / "src" / "ggml-cuda" / "fattn.cu").is_file()
+    assert not (tree / "ggml" / "src" / "ggml-vulkan").exists() and not (tree / "tests").exists()
 
 
 # --- re-configuring ----------------------------------------------------------------------------------------------
