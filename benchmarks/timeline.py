@@ -10,6 +10,7 @@ each run and reports their kernels per step apart. Run it once per setting and c
     python benchmarks/timeline.py llama-8b.gguf --ga-n 1 --ubatch 512 --tokens 8192      # vanilla
     python benchmarks/timeline.py llama-8b.gguf --ga-n 8 --ubatch 512 --tokens 8192      # Self-Extend, G8 W1024
 
+``--swa-full off`` gives sliding-window layers a cache of their window, as in ttft.py.
 ``--trace out.json.gz`` keeps the whole timeline (chrome://tracing, Perfetto). Needs a GPU, torch with CUDA and a
 CUDA build of selfext; the document is the filler of benchmarks/ttft.py. Results: docs/RESULTS.md, section 4.5.
 """
@@ -27,7 +28,16 @@ import tempfile
 import time
 from typing import Any
 
-from ttft import FILLER
+from ttft import FILLER, add_swa_full
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """The model as ttft.py's child processes load it: one document's context, n_batch = n_ubatch, flash attention."""
+    from selfext_cpp import load
+
+    return load(args.model, ga_n=args.ga_n, ga_w=args.ga_w if args.ga_n > 1 else 0, n_ctx=args.tokens + 64,
+                n_batch=args.ubatch, n_ubatch=args.ubatch, n_gpu_layers=args.ngl, flash_attn=True, verbose=False,
+                swa_full=args.swa_full == "on")
 
 
 def record(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -36,10 +46,7 @@ def record(args: argparse.Namespace) -> list[dict[str, Any]]:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     torch.zeros(1, device="cuda")  # the recorder's CUDA context first
-    from selfext_cpp import load
-
-    llm = load(args.model, ga_n=args.ga_n, ga_w=args.ga_w if args.ga_n > 1 else 0, n_ctx=args.tokens + 64,
-               n_batch=args.ubatch, n_ubatch=args.ubatch, n_gpu_layers=args.ngl, flash_attn=True, verbose=False)
+    llm = load_model(args)
     unit = llm.tokenize(FILLER.encode(), add_bos=False)
     doc = (unit * (args.tokens // len(unit) + 1))[: args.tokens]
     decode = llm._ctx.decode
@@ -148,6 +155,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decodes", type=int, default=0, help="single-token decodes after each document, reported apart")
     ap.add_argument("-ngl", "--n-gpu-layers", dest="ngl", type=int, default=99)
+    add_swa_full(ap)
     ap.add_argument("--trace", help="also write the timeline here (gzipped chrome-trace JSON)")
     report(record(ap.parse_args()))
 

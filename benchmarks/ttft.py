@@ -30,6 +30,13 @@ from typing import Any
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 
 
+def add_swa_full(ap: argparse.ArgumentParser) -> None:
+    """--swa-full on|off, as this benchmark and timeline.py take it (Llama's swa_full: "on" is True)."""
+    ap.add_argument("--swa-full", choices=("on", "off"), default="on",
+                    help="sliding-window layers: a full-size cache (llama-cpp-python's default) or one of their window "
+                         "plus a ubatch (llama.cpp's programs, selfext run)")
+
+
 def child(args: argparse.Namespace) -> None:
     """One process, one setting: warm-up, then the timed runs; prints one JSON line."""
     from selfext_cpp import load
@@ -115,9 +122,7 @@ def main() -> None:
                     help="untimed runs per process first (0 for long documents on a slow machine)")
     ap.add_argument("-ngl", "--n-gpu-layers", dest="ngl", type=int, default=0)
     ap.add_argument("-t", "--threads", type=int, default=0)
-    ap.add_argument("--swa-full", choices=("on", "off"), default="on",
-                    help="sliding-window layers: a full-size cache (llama-cpp-python's default) or one of their window "
-                         "plus a ubatch (llama.cpp's programs, selfext run)")
+    add_swa_full(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--n-tokens", type=int, help=argparse.SUPPRESS)

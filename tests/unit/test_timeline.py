@@ -74,3 +74,17 @@ def test_report_gives_the_single_token_decodes_per_step(timeline: ModuleType, ca
     assert "40.00      1  flash_attn_ext_se_f16" in out
     assert "10.00      1  rope_norm" in out
     assert "CUDA calls per step: cudaGraphLaunch 1, cudaMemcpyAsync 0.5" in out
+
+
+
+def test_swa_full_reaches_the_model_load(timeline: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    import selfext_cpp
+
+    parsed = []
+    monkeypatch.setattr(timeline, "record", lambda args: parsed.append(args) or [])
+    monkeypatch.setattr(timeline, "report", lambda events: None)
+    monkeypatch.setattr(selfext_cpp, "load", lambda model, **kw: kw)
+    for flag, expected in (("on", True), ("off", False)):
+        monkeypatch.setattr("sys.argv", ["timeline.py", "m.gguf", "--swa-full", flag])
+        timeline.main()
+        assert timeline.load_model(parsed.pop())["swa_full"] is expected
