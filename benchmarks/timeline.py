@@ -28,16 +28,7 @@ import tempfile
 import time
 from typing import Any
 
-from ttft import FILLER, add_swa_full
-
-
-def load_model(args: argparse.Namespace) -> Any:
-    """The model as ttft.py's child processes load it: one document's context, n_batch = n_ubatch, flash attention."""
-    from selfext_cpp import load
-
-    return load(args.model, ga_n=args.ga_n, ga_w=args.ga_w if args.ga_n > 1 else 0, n_ctx=args.tokens + 64,
-                n_batch=args.ubatch, n_ubatch=args.ubatch, n_gpu_layers=args.ngl, flash_attn=True, verbose=False,
-                swa_full=args.swa_full == "on")
+from ttft import add_swa_full, document, load_model
 
 
 def record(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -46,9 +37,8 @@ def record(args: argparse.Namespace) -> list[dict[str, Any]]:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     torch.zeros(1, device="cuda")  # the recorder's CUDA context first
-    llm = load_model(args)
-    unit = llm.tokenize(FILLER.encode(), add_bos=False)
-    doc = (unit * (args.tokens // len(unit) + 1))[: args.tokens]
+    llm = load_model(args, args.tokens + 64, verbose=False)
+    unit, doc = document(llm, args.tokens)
     decode = llm._ctx.decode
 
     def marked_decode(batch: Any) -> Any:

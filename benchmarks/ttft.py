@@ -37,17 +37,27 @@ def add_swa_full(ap: argparse.ArgumentParser) -> None:
                          "plus a ubatch (llama.cpp's programs, selfext run)")
 
 
-def child(args: argparse.Namespace) -> None:
-    """One process, one setting: warm-up, then the timed runs; prints one JSON line."""
+def load_model(args: argparse.Namespace, n_ctx: int, verbose: bool, threads: int = 0) -> Any:
+    """The model as this benchmark and timeline.py load it from their options (model, ga_n, ga_w, ubatch, ngl,
+    swa_full): vanilla for ga_n 1, n_batch = n_ubatch, flash attention on; threads 0 keeps the library's default."""
     from selfext_cpp import load
 
-    n_ctx = args.n_tokens + args.n_gen + 16
-    llm = load(args.model, ga_n=args.ga_n, ga_w=args.ga_w if args.ga_n > 1 else 0, n_ctx=n_ctx, verbose=True,
-               n_batch=args.ubatch, n_ubatch=args.ubatch, n_gpu_layers=args.ngl, flash_attn=True,
-               swa_full=args.swa_full == "on",
-               **({"n_threads": args.threads, "n_threads_batch": args.threads} if args.threads else {}))
+    return load(args.model, ga_n=args.ga_n, ga_w=args.ga_w if args.ga_n > 1 else 0, n_ctx=n_ctx, verbose=verbose,
+                n_batch=args.ubatch, n_ubatch=args.ubatch, n_gpu_layers=args.ngl, flash_attn=True,
+                swa_full=args.swa_full == "on",
+                **({"n_threads": threads, "n_threads_batch": threads} if threads else {}))
+
+
+def document(llm: Any, n_tokens: int) -> tuple[list[int], list[int]]:
+    """(unit, doc): FILLER as tokens, and n_tokens of it repeated."""
     unit = llm.tokenize(FILLER.encode(), add_bos=False)
-    doc = (unit * (args.n_tokens // len(unit) + 1))[: args.n_tokens]
+    return unit, (unit * (n_tokens // len(unit) + 1))[:n_tokens]
+
+
+def child(args: argparse.Namespace) -> None:
+    """One process, one setting: warm-up, then the timed runs; prints one JSON line."""
+    llm = load_model(args, args.n_tokens + args.n_gen + 16, verbose=True, threads=args.threads)
+    unit, doc = document(llm, args.n_tokens)
     prefill, decode = [], []
     for run in range(args.warmups + args.repeats):
         llm.reset()  # an empty cache: the next eval drops every cell

@@ -76,7 +76,6 @@ def test_report_gives_the_single_token_decodes_per_step(timeline: ModuleType, ca
     assert "CUDA calls per step: cudaGraphLaunch 1, cudaMemcpyAsync 0.5" in out
 
 
-
 def test_swa_full_reaches_the_model_load(timeline: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     import selfext_cpp
 
@@ -87,4 +86,4 @@ def test_swa_full_reaches_the_model_load(timeline: ModuleType, monkeypatch: pyte
     for flag, expected in (("on", True), ("off", False)):
         monkeypatch.setattr("sys.argv", ["timeline.py", "m.gguf", "--swa-full", flag])
         timeline.main()
-        assert timeline.load_model(parsed.pop())["swa_full"] is expected
+        assert timeline.load_model(parsed.pop(), 512, verbose=False)["swa_full"] is expected
