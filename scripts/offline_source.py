@@ -24,11 +24,11 @@ import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from patches import pristine_source, upstream_info  # noqa: E402
+from patches import SKIP_DIRS, pristine_source, upstream_info  # noqa: E402
 
-# top-level entries of llama.cpp that the build never reads
-SKIP_TOP = {".git", ".github", "models", "docs", "media", "benches", "tests", "examples", "scripts", "conversion",
-            "gguf-py", "grammars", "prompts", "requirements"}
+# top-level entries of llama.cpp that the build never reads: those any source copy skips, and more
+SKIP_TOP = SKIP_DIRS | {".github", "tests", "examples", "scripts", "conversion", "gguf-py", "grammars", "prompts",
+                        "requirements"}
 # ggml backends (ggml/src/ggml-<name>) that every build may add; --backend adds more
 KEEP_BACKENDS = {"cpu", "blas", "rpc"}
 # backends that compile another backend's sources
