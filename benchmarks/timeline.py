@@ -47,7 +47,7 @@ def record(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     llm._ctx.decode = marked_decode
 
-    def document() -> float:
+    def run_document() -> float:
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(doc)
@@ -58,11 +58,11 @@ def record(args: argparse.Namespace) -> list[dict[str, Any]]:
                     llm.eval([unit[1 + t % (len(unit) - 1)]])
         return time.perf_counter() - t0
 
-    document()  # warm-up
+    run_document()  # warm-up
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for r in range(args.repeats):
             with record_function(f"run{r}"):
-                document()
+                run_document()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)

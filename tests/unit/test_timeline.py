@@ -87,3 +87,62 @@ def test_swa_full_reaches_the_model_load(timeline: ModuleType, monkeypatch: pyte
         monkeypatch.setattr("sys.argv", ["timeline.py", "m.gguf", "--swa-full", flag])
         timeline.main()
         assert timeline.load_model(parsed.pop(), 512, verbose=False)["swa_full"] is expected
+
+
+class FakeProfile:
+    """torch.profiler.profile's part that record() uses: a context whose trace holds one kernel per decode."""
+
+    def __init__(self, log: list[str], **kw: object) -> None:
+        self.log = log
+
+    def __enter__(self) -> FakeProfile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def export_chrome_trace(self, path: str) -> None:
+        import json
+
+        with open(path, "w") as f:
+            json.dump({"traceEvents": [kernel(name, i, 1) for i, name in enumerate(self.log)]}, f)
+
+
+class FakeModel:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self._ctx = type("Ctx", (), {"decode": lambda _, batch: log.append(f"decode {batch}")})()
+
+    def tokenize(self, text: bytes, add_bos: bool) -> list[int]:
+        return [1, 2, 3, 4]
+
+    def reset(self) -> None:
+        self.log.append("reset")
+
+    def eval(self, tokens: list[int]) -> None:
+        self._ctx.decode(len(tokens))
+
+
+def test_record_runs_the_warm_up_then_the_documents_and_decodes(
+        timeline: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import contextlib
+    import types
+
+    log: list[str] = []
+    torch = types.ModuleType("torch")
+    torch.zeros = lambda *a, **kw: None  # type: ignore[attr-defined]
+    profiler = types.ModuleType("torch.profiler")
+    profiler.ProfilerActivity = types.SimpleNamespace(CPU="cpu", CUDA="cuda")  # type: ignore[attr-defined]
+    profiler.profile = lambda **kw: FakeProfile(log, **kw)  # type: ignore[attr-defined]
+    profiler.record_function = lambda name: contextlib.nullcontext()  # type: ignore[attr-defined]
+    torch.profiler = profiler  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "torch.profiler", profiler)
+    monkeypatch.setattr(timeline, "load_model", lambda args, n_ctx, verbose: FakeModel(log))
+    args = types.SimpleNamespace(tokens=10, repeats=2, decodes=3, trace=str(tmp_path / "t.json.gz"))
+
+    events = timeline.record(args)
+    # a warm-up and two documents, each reset, the document, its first token and the 3 decodes
+    assert log == 3*["reset", "decode 10", "decode 1", "decode 1", "decode 1", "decode 1"]
+    assert len(events) == len(log)
+    assert (tmp_path / "t.json.gz").stat().st_size > 0
