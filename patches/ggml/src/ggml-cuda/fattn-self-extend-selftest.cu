@@ -6,10 +6,12 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I../../include -I.. -I. fattn-self-extend-selftest.cu -o selftest && ./selftest
 // Exit status 0: every case within 1e-2 of its output scale (the largest |reference| of the case).
 // Options: --check runs the cases only (e.g. under compute-sanitizer), --perf the timings only (e.g. under ncu),
-// --splits times decode shapes with several numbers of KV splits.
+// --splits times decode shapes with several numbers of KV splits. Decodes are timed with the grouped keys given, with a
+// rotation table, and, for a ratio in the same run, through llama.cpp's own vector kernel (fattn-vec.cuh) and its merge.
 
 #define GGML_CUDA_FATTN_SE_SELFTEST
 #include "fattn-self-extend.cu"
+#include "fattn-vec.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -56,6 +58,7 @@ struct se_case {
     int   mask_ne3;  // 1: broadcast over the streams
     bool  shuffled;  // positions of the cells in random order, some duplicated; else cell j has position j
     float softcap;
+    int   rot;       // fattn_se_rot: K_g as K and a rotation table of random angles (decode only)
 };
 
 // Host copies of the inputs, in the layouts (views) that the kernels get.
@@ -64,6 +67,7 @@ struct se_host {
     std::vector<float>   q, q_g;       // q: [ne3][n_q][n_head][D] (permuted view), q_g: [ne3][n_head][n_q][D]
     std::vector<half>    k, k_g, v;    // k, v: cache [ne3][n_cells][n_head_kv][D], k_g: [ne3][n_head_kv][n_kv][D]
     std::vector<half>    mask;         // [mask_ne3][n_q_pad][n_kv_pad]
+    std::vector<float>   tab;          // rotation table (rot): [ne3][n_kv][D]; k_g then holds the rotated keys
     std::vector<int32_t> pos_q, pos_k; // [ne3][n_q], [ne3][n_kv]
 
     float qv (int s, int i, int h, int d) const { return q  [((size_t(s)*n_q + i)*n_head + h)*D + d]; }
@@ -77,12 +81,13 @@ struct se_host {
 struct se_device {
     float * q = nullptr, * q_g = nullptr, * dst = nullptr;
     half  * k = nullptr, * k_g = nullptr, * v = nullptr, * mask = nullptr;
+    float * tab = nullptr;
     int32_t * pos_q = nullptr, * pos_k = nullptr;
     char  * ws = nullptr;
 
     ~se_device() {
         for (void * ptr : {(void *) q, (void *) q_g, (void *) dst, (void *) k, (void *) k_g, (void *) v, (void *) mask,
-                           (void *) pos_q, (void *) pos_k, (void *) ws}) {
+                           (void *) tab, (void *) pos_q, (void *) pos_k, (void *) ws}) {
             cudaFree(ptr);
         }
     }
@@ -122,6 +127,9 @@ static fattn_se_params se_params_of(const se_host & h, const se_device & d, cons
     p.dst   = d.dst;
     p.D = h.D; p.n_q = h.n_q; p.n_kv = h.n_kv; p.n_head = h.n_head; p.n_head_kv = h.n_head_kv; p.ne3 = h.ne3;
     p.W = W; p.scale = scale; p.softcap = softcap;
+    if (d.tab) {
+        p.k_g = (const char *) d.tab; p.nb_kg1 = D*4; p.nb_kg2 = 0; p.nb_kg3 = int64_t(h.n_kv)*D*4;
+    }
     return p;
 }
 
@@ -145,6 +153,30 @@ static se_host se_make_inputs(const se_case & c, std::mt19937 & rng) {
     for (half & x : h.k)   { x = __float2half(u(rng)); }
     for (half & x : h.v)   { x = __float2half(u(rng)); }
     for (half & x : h.k_g) { x = __float2half(u(rng)); }
+    if (c.rot != FATTN_SE_ROT_NONE) {
+        // a random angle per key and pair: cos at the pair's first dimension, sin at its second; K_g = K rotated
+        const int D = h.D;
+        std::uniform_real_distribution<float> angle(-3.2f, 3.2f);
+        h.tab.resize(size_t(h.ne3)*h.n_kv*D);
+        for (int s = 0; s < h.ne3; ++s) {
+            for (int j = 0; j < h.n_kv; ++j) {
+                float * t = h.tab.data() + (size_t(s)*h.n_kv + j)*D;
+                for (int i = 0; i < D/2; ++i) {
+                    const int a = c.rot == FATTN_SE_ROT_NORM ? 2*i : i;
+                    const int b = c.rot == FATTN_SE_ROT_NORM ? 2*i + 1 : i + D/2;
+                    const float phi = angle(rng);
+                    t[a] = cosf(phi);
+                    t[b] = sinf(phi);
+                    for (int hk = 0; hk < h.n_head_kv; ++hk) {
+                        const double ka = h.kv(s, j, hk, a), kb = h.kv(s, j, hk, b);
+                        half * kg = h.k_g.data() + ((size_t(s)*h.n_head_kv + hk)*h.n_kv + j)*D;
+                        kg[a] = __float2half(float(ka*t[a] - kb*t[b]));
+                        kg[b] = __float2half(float(ka*t[b] + kb*t[a]));
+                    }
+                }
+            }
+        }
+    }
 
     h.pos_q.resize(size_t(h.ne3)*h.n_q);
     h.pos_k.resize(size_t(h.ne3)*h.n_kv);
@@ -253,14 +285,20 @@ static bool se_run_case(const se_case & c, const int nsm, std::mt19937 & rng) {
     d.q   = to_device(h.q);   d.q_g = to_device(h.q_g);
     d.k   = to_device(h.k);   d.k_g = to_device(h.k_g); d.v = to_device(h.v);
     d.mask  = c.mask != MASK_NONE ? to_device(h.mask) : nullptr;
+    d.tab   = c.rot != FATTN_SE_ROT_NONE ? to_device(h.tab) : nullptr;
     d.pos_q = to_device(h.pos_q); d.pos_k = to_device(h.pos_k);
     const size_t n_out = size_t(h.ne3)*h.n_q*h.n_head*h.D;
     CUDA_CHECK(cudaMalloc(&d.dst, n_out*sizeof(float)));
     CUDA_CHECK(cudaMemset(d.dst, 0xFF, n_out*sizeof(float))); // NaN: every output must be written
 
     const float scale = 1.0f/sqrtf(float(c.D));
-    const fattn_se_params p = se_params_of(h, d, scale, c.softcap, c.W);
-    const fattn_se_plan   P = fattn_se_make_plan(p, nsm);
+    fattn_se_params p = se_params_of(h, d, scale, c.softcap, c.W);
+    p.k_rot = c.rot;
+    const fattn_se_plan P = fattn_se_make_plan(p, nsm);
+    if (c.rot != FATTN_SE_ROT_NONE && !P.decode) {
+        fprintf(stderr, "%s: a rotation table is read by decode kernels only\n", c.name);
+        return false;
+    }
     if (P.nbytes_cls + P.nbytes_ws > 0) {
         CUDA_CHECK(cudaMalloc(&d.ws, P.nbytes_cls + P.nbytes_ws));
     }
@@ -334,9 +372,41 @@ static __global__ void se_fill_iota(int32_t * x, const int n, const int offset) 
     }
 }
 
-// nsplit: KV splits per block of columns, or 0 for the plan's own
+// The median time of run in microseconds, each run timed alone after a write of more memory than the L2 cache holds: in
+// a model, the layers' weights pass through L2 between two attention ops, so a decode reads its keys from DRAM (timed
+// back to back instead, the 16 MiB of K and V of an 8K decode of the 1.1B shape stay in L2).
+template <typename F>
+static double se_time_us(const F & run) {
+    static char * flush = nullptr;
+    const size_t nflush = size_t(256) << 20;
+    if (!flush) {
+        CUDA_CHECK(cudaMalloc(&flush, nflush));
+    }
+    cudaEvent_t start, stop;
+    CUDA_CHECK(cudaEventCreate(&start));
+    CUDA_CHECK(cudaEventCreate(&stop));
+    for (int it = 0; it < 3; ++it) {
+        run();
+    }
+    std::vector<float> ms(20);
+    for (float & t : ms) {
+        CUDA_CHECK(cudaMemsetAsync(flush, 0, nflush));
+        CUDA_CHECK(cudaEventRecord(start));
+        run();
+        CUDA_CHECK(cudaEventRecord(stop));
+        CUDA_CHECK(cudaEventSynchronize(stop));
+        CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
+    }
+    CUDA_CHECK(cudaGetLastError());
+    CUDA_CHECK(cudaEventDestroy(start));
+    CUDA_CHECK(cudaEventDestroy(stop));
+    std::sort(ms.begin(), ms.end());
+    return 1e3*ms[ms.size()/2];
+}
+
+// nsplit: KV splits per block of columns, or 0 for the plan's own; rot: K_g as K and a rotation table (decode)
 static void se_time(const char * name, const int D, const int n_head, const int n_head_kv, const int n_q, const int n_kv,
-                    const int W, const int nsm, const int nsplit = 0) {
+                    const int W, const int nsm, const int nsplit = 0, const int rot = FATTN_SE_ROT_NONE) {
     se_host h; // shapes only: the data is generated on the device
     h.D = D; h.n_q = n_q; h.n_kv = n_kv; h.n_head = n_head; h.n_head_kv = n_head_kv; h.ne3 = 1; h.mask_ne3 = 1;
     h.n_cells = n_kv; h.n_kv_pad = n_kv; h.n_q_pad = n_q;
@@ -357,9 +427,14 @@ static void se_time(const char * name, const int D, const int n_head, const int 
     se_fill_causal<<<dim3(64, n_q), 256>>>(d.mask, n_q, n_kv);
     se_fill_iota<<<64, 256>>>(d.pos_q, n_q, n_kv - n_q);
     se_fill_iota<<<64, 256>>>(d.pos_k, n_kv, 0);
+    if (rot != FATTN_SE_ROT_NONE) {
+        CUDA_CHECK(cudaMalloc(&d.tab, size_t(n_kv)*D*sizeof(float)));
+        se_fill_float<<<1024, 256>>>(d.tab, size_t(n_kv)*D, 6);
+    }
     CUDA_CHECK(cudaGetLastError());
 
-    const fattn_se_params p = se_params_of(h, d, 1.0f/sqrtf(float(D)), 0.0f, W);
+    fattn_se_params p = se_params_of(h, d, 1.0f/sqrtf(float(D)), 0.0f, W);
+    p.k_rot = rot;
     fattn_se_plan P = fattn_se_make_plan(p, nsm);
     if (nsplit > 0) {
         P.nsplit = nsplit;
@@ -369,31 +444,94 @@ static void se_time(const char * name, const int D, const int n_head, const int 
         CUDA_CHECK(cudaMalloc(&d.ws, P.nbytes_cls + P.nbytes_ws));
     }
 
-    cudaEvent_t start, stop;
-    CUDA_CHECK(cudaEventCreate(&start));
-    CUDA_CHECK(cudaEventCreate(&stop));
-    for (int it = 0; it < 3; ++it) {
-        se_run(p, P, d.ws);
-    }
-    const int n_it = 20;
-    CUDA_CHECK(cudaEventRecord(start));
-    for (int it = 0; it < n_it; ++it) {
-        se_run(p, P, d.ws);
-    }
-    CUDA_CHECK(cudaEventRecord(stop));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    CUDA_CHECK(cudaEventDestroy(start));
-    CUDA_CHECK(cudaEventDestroy(stop));
-    const double us = 1e3*ms/n_it;
+    const double us = se_time_us([&]() { se_run(p, P, d.ws); });
 
     // work: the visible (query, key) pairs, 2 products of 2*D flops each; traffic: K or K_g and V once per KV head
     const double pairs = double(n_q)*(n_kv - n_q) + 0.5*double(n_q)*(n_q + 1);
     const double tflops = 4.0*D*pairs*n_head/(us*1e-6)/1e12;
     const double gbs    = 2.0*double(n_kv)*n_head_kv*D*sizeof(half)/(us*1e-6)/1e9;
     printf("%-34s %-7s NHB=%d RPB=%2d nsplit=%3d  %10.1f us/call  %6.1f TFLOP/s  %7.1f GB/s (K+V)\n",
-           name, P.decode ? "decode" : "prefill", P.NHB, P.RPB, P.nsplit, us, tflops, gbs);
+           name, rot ? "table" : P.decode ? "decode" : "prefill", P.NHB, P.RPB, P.nsplit, us, tflops, gbs);
+}
+
+// llama.cpp's own flash attention for one query (fattn-vec.cuh with its merge, as its launch_fattn sets them up) on the
+// shape of se_time, for a ratio measured in the same run.
+template <int D>
+static void se_time_vanilla(const char * name, const int n_head, const int n_head_kv, const int n_kv, const int nsm) {
+    const size_t nq = size_t(n_head)*D, nk = size_t(n_kv)*n_head_kv*D;
+    float * q, * dst, * parts;
+    half  * k, * v, * mask;
+    float2 * meta;
+    CUDA_CHECK(cudaMalloc(&q, nq*sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&dst, nq*sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&k, nk*sizeof(half)));
+    CUDA_CHECK(cudaMalloc(&v, nk*sizeof(half)));
+    CUDA_CHECK(cudaMalloc(&mask, size_t(n_kv)*sizeof(half)));
+    se_fill_float<<<1024, 256>>>(q, nq, 1);
+    se_fill_half <<<1024, 256>>>(k, nk, 3);
+    se_fill_half <<<1024, 256>>>(v, nk, 5);
+    se_fill_causal<<<dim3(64, 1), 256>>>(mask, 1, n_kv);
+    CUDA_CHECK(cudaGetLastError());
+
+    const auto kernel = flash_attn_ext_vec<D, 1, GGML_TYPE_F16, GGML_TYPE_F16, false>;
+    const int nthreads = ggml_cuda_fattn_vec_get_nthreads_host(0);
+    int blocks_per_sm = 0;
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, nthreads, 0));
+    // launch_fattn's choice of parallel blocks (no stream-k): the fullest waves, from one block per slot of an SM up
+    const int ntiles_KV = (n_kv + D - 1)/D;
+    const int per_wave  = nsm*blocks_per_sm;
+    int pb = std::min(blocks_per_sm, ntiles_KV), nwaves_best = 0, eff_best = 0;
+    for (int t = pb; t <= ntiles_KV; ++t) {
+        const int nb = n_head*t, nwaves = (nb + per_wave - 1)/per_wave, eff = 100*nb/(nwaves*per_wave);
+        if (eff_best >= 95 && nwaves > nwaves_best) {
+            break;
+        }
+        if (eff > eff_best) {
+            nwaves_best = nwaves; eff_best = eff; pb = t;
+        }
+    }
+    CUDA_CHECK(cudaMalloc(&parts, size_t(pb)*nq*sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&meta, size_t(pb)*n_head*sizeof(float2)));
+
+    const float scale = 1.0f/sqrtf(float(D));
+    const int32_t nb11 = n_head_kv*D*2, nb12 = D*2;
+    const int64_t nb13 = int64_t(n_kv)*nb11;
+    auto run = [&]() {
+        kernel<<<dim3(1, pb, n_head), dim3(WARP_SIZE, nthreads/WARP_SIZE)>>>(
+            (const char *) q, (const char *) k, (const char *) v, (const char *) mask, nullptr, nullptr,
+            pb > 1 ? parts : dst, meta, scale, 0.0f, 1.0f, 1.0f, 1u, 0.0f,
+            D, init_fastdiv_values(1), n_head, 1, n_head*D*4, D*4, n_head*D*4,
+            D, n_kv, n_head_kv, 1, nb11, nb12, nb13,
+            nb11, nb12, nb13,
+            1, 1, 1, n_kv*2, n_kv*2, int64_t(n_kv)*2);
+        if (pb > 1) {
+            flash_attn_combine_results<D><<<dim3(1, n_head, 1), D, pb*sizeof(float2)>>>(parts, meta, dst, pb);
+        }
+    };
+    const double us = se_time_us(run);
+    printf("%-34s %-7s NHB=1 RPB= 1 nsplit=%3d  %10.1f us/call  %6.1f TFLOP/s  %7.1f GB/s (K+V)\n", name, "llama",
+           pb, us, 4.0*D*n_kv*n_head/(us*1e-6)/1e12, 2.0*double(n_kv)*n_head_kv*D*sizeof(half)/(us*1e-6)/1e9);
+    for (void * ptr : {(void *) q, (void *) dst, (void *) parts, (void *) k, (void *) v, (void *) mask, (void *) meta}) {
+        cudaFree(ptr);
+    }
+}
+
+static void se_time_vanilla(const char * name, const int D, const int n_head, const int n_head_kv, const int n_kv,
+                            const int nsm) {
+    switch (D) {
+        case  64: se_time_vanilla< 64>(name, n_head, n_head_kv, n_kv, nsm); break;
+        case 128: se_time_vanilla<128>(name, n_head, n_head_kv, n_kv, nsm); break;
+        case 256: se_time_vanilla<256>(name, n_head, n_head_kv, n_kv, nsm); break;
+        default:  GGML_ABORT("head size %d", D);
+    }
+}
+
+// A decode of one query with the grouped keys given, with a rotation table, and llama.cpp's own kernel on the same shape.
+static void se_time_decode(const char * name, const int D, const int n_head, const int n_head_kv, const int n_kv, const int W,
+                           const int nsm, const int nsplit = 0) {
+    se_time(name, D, n_head, n_head_kv, 1, n_kv, W, nsm, nsplit);
+    se_time(name, D, n_head, n_head_kv, 1, n_kv, W, nsm, nsplit, FATTN_SE_ROT_NEOX);
+    se_time_vanilla(name, D, n_head, n_head_kv, n_kv, nsm);
 }
 
 int main(int argc, char ** argv) {
@@ -435,19 +573,28 @@ int main(int argc, char ** argv) {
         {"shuffled D=256 gqa=4 n_q=512, 2 streams", 256,  4, 1, 512, 1000, 100, 2, MASK_HOLES,  2, true,   0.0f},
         {"shuffled decode D=256 gqa=4 n_q=2",       256,  4, 1,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f},
         {"2 sequences prefill D=256 gqa=4 n_q=100", 256,  4, 1, 100, 4096, 512, 1, MASK_SEQS,   1, false,  0.0f},
+        // K_g as K and a rotation table: one query (vec) and a few (mma decode), both pair layouts
+        {"table NORM D=64 gqa=4",                    64, 16, 4,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NORM},
+        {"table NEOX D=128 softcap, 2 streams",     128,  8, 2,   1, 1000, 100, 2, MASK_HOLES,  2, true,  30.0f, FATTN_SE_ROT_NEOX},
+        {"table NEOX D=256 gqa=4",                  256,  4, 1,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NEOX},
+        {"table NORM D=256 2 sequences",            256,  4, 2,   1, 1000,  33, 1, MASK_SEQS,   1, false,  0.0f, FATTN_SE_ROT_NORM},
+        {"table NORM decode D=128 n_q=2",           128, 16, 4,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f, FATTN_SE_ROT_NORM},
+        {"table NEOX decode D=256 n_q=3",           256,  4, 1,   3, 1000, 100, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NEOX},
     };
 
     if (argc > 1 && strcmp(argv[1], "--splits") == 0) {
         // decode of the benchmarks' shapes with the plan's splits (first line) and with others
         const int sweep[] = {0, 8, 16, 32, 48, 64, 96, 128, 192, 264};
-        for (const int ns : sweep) {
-            se_time("decode D=128 16/4 heads 8K",  128, 16, 4, 1,  8192, 1024, prop.multiProcessorCount, ns);
-        }
-        for (const int ns : sweep) {
-            se_time("decode D=128 32/8 heads 32K", 128, 32, 8, 1, 32768, 1024, prop.multiProcessorCount, ns);
-        }
-        for (const int ns : sweep) {
-            se_time("decode D=256 4/1 heads 64K",  256,  4, 1, 1, 65536, 8192, prop.multiProcessorCount, ns);
+        struct { const char * name; int D, n_head, n_head_kv, n_kv, W; } shapes[] = {
+            {"decode D=128 16/4 heads 8K",  128, 16, 4,  8192, 1024},
+            {"decode D=128 32/8 heads 32K", 128, 32, 8, 32768, 1024},
+            {"decode D=256 4/1 heads 64K",  256,  4, 1, 65536, 8192},
+        };
+        for (const auto & sh : shapes) {
+            for (const int ns : sweep) {
+                se_time(sh.name, sh.D, sh.n_head, sh.n_head_kv, 1, sh.n_kv, sh.W, prop.multiProcessorCount, ns);
+            }
+            se_time_decode(sh.name, sh.D, sh.n_head, sh.n_head_kv, sh.n_kv, sh.W, prop.multiProcessorCount);
         }
         return 0;
     }
@@ -468,13 +615,14 @@ int main(int argc, char ** argv) {
     se_time("prefill D=64 16/4 heads",   64, 16, 4, 2048, 32768, 1024, prop.multiProcessorCount);
     se_time("prefill D=128 16/4 heads", 128, 16, 4, 2048, 32768, 1024, prop.multiProcessorCount);
     se_time("prefill D=128 32/8 heads", 128, 32, 8, 2048, 32768, 1024, prop.multiProcessorCount);
-    se_time("decode D=64 16/4 heads",    64, 16, 4,    1, 32768, 1024, prop.multiProcessorCount);
-    se_time("decode D=128 32/8 heads",  128, 32, 8,    1, 32768, 1024, prop.multiProcessorCount);
+    se_time_decode("decode D=64 16/4 heads",      64, 16, 4, 32768, 1024, prop.multiProcessorCount);
+    se_time_decode("decode D=128 16/4 heads 8K", 128, 16, 4,  8192, 1024, prop.multiProcessorCount);
+    se_time_decode("decode D=128 32/8 heads",    128, 32, 8, 32768, 1024, prop.multiProcessorCount);
     // Gemma 3 270M's global layers: 4 query heads, 1 KV head of 256
     se_time("prefill D=256 4/1 heads 64K",  256, 4, 1, 2048,  65536, 1024, prop.multiProcessorCount);
     se_time("prefill D=256 4/1 heads 128K", 256, 4, 1, 2048, 131072, 1024, prop.multiProcessorCount);
-    se_time("decode D=256 4/1 heads 64K",   256, 4, 1,    1,  65536, 1024, prop.multiProcessorCount);
-    se_time("decode D=256 4/1 heads 128K",  256, 4, 1,    1, 131072, 1024, prop.multiProcessorCount);
+    se_time_decode("decode D=256 4/1 heads 64K",  256, 4, 1,  65536, 1024, prop.multiProcessorCount);
+    se_time_decode("decode D=256 4/1 heads 128K", 256, 4, 1, 131072, 1024, prop.multiProcessorCount);
 
     return n_fail == 0 ? 0 : 1;
 }
