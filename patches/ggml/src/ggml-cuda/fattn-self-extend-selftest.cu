@@ -544,9 +544,9 @@ static void se_time_vanilla(const char * name, const int D, const int n_head, co
 
 // A decode of one query with the grouped keys given, with a rotation table, and llama.cpp's own kernel on the same shape.
 static void se_time_decode(const char * name, const int D, const int n_head, const int n_head_kv, const int n_kv, const int W,
-                           const int nsm, const int nsplit = 0) {
-    se_time(name, D, n_head, n_head_kv, 1, n_kv, W, nsm, nsplit);
-    se_time(name, D, n_head, n_head_kv, 1, n_kv, W, nsm, nsplit, FATTN_SE_ROT_NEOX);
+                           const int nsm) {
+    se_time(name, D, n_head, n_head_kv, 1, n_kv, W, nsm);
+    se_time(name, D, n_head, n_head_kv, 1, n_kv, W, nsm, 0, FATTN_SE_ROT_NEOX);
     se_time_vanilla(name, D, n_head, n_head_kv, n_kv, nsm);
 }
 
@@ -589,7 +589,7 @@ int main(int argc, char ** argv) {
         {"shuffled D=256 gqa=4 n_q=512, 2 streams", 256,  4, 1, 512, 1000, 100, 2, MASK_HOLES,  2, true,   0.0f},
         {"shuffled decode D=256 gqa=4 n_q=2",       256,  4, 1,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f},
         {"2 sequences prefill D=256 gqa=4 n_q=100", 256,  4, 1, 100, 4096, 512, 1, MASK_SEQS,   1, false,  0.0f},
-        // K_g as K and a rotation table: one query (vec) and a few (mma decode), both pair layouts
+        // K_g as K and a rotation table: decodes of one query and of a few, both pair layouts
         {"table NORM D=64 gqa=4",                    64, 16, 4,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NORM},
         {"table NEOX D=128 softcap, 2 streams",     128,  8, 2,   1, 1000, 100, 2, MASK_HOLES,  2, true,  30.0f, FATTN_SE_ROT_NEOX},
         {"table NEOX D=256 gqa=4",                  256,  4, 1,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NEOX},
