@@ -34,6 +34,7 @@ struct llama_se_inp {
     ggml_tensor * k_g_rows    = nullptr; // I32 [n_stale]                 fused: their rows in K, s*kv_size + cell
     ggml_tensor * k_g_shift   = nullptr; // I32 [n_stale]                 fused, grouped keys: grouped - true position
     ggml_tensor * k_rot_rows  = nullptr; // F32 [n_rot, n_tokens + n_stale] fused, table form: the rows to store
+    ggml_tensor * q_rot_rows  = nullptr; // F32 [n_rot, n_tokens]        fused, table form, few tokens: the queries' rows
     mutable ggml_tensor * k_rot = nullptr; // table form: the table once this graph stored its rows (first layer)
     ggml_tensor * pos_q   = nullptr; // I32 [n_tps, n_stream]             fused: query positions
     ggml_tensor * pos_k   = nullptr; // I32 [n_kv, n_stream]              fused: key (cell) positions
@@ -52,6 +53,7 @@ struct llama_se_attn {
     ggml_tensor * pos_k = nullptr;
     int32_t       n_window = 0;
     int32_t       rope_mode = -1; // >= 0: k is the rotation table of that RoPE mode (ggml_flash_attn_ext_se_rot)
+    bool          q_rot = false;  // q is the queries' rows of that table, F32 [n_rot, 1, n_tokens] (se_q_rot)
 };
 
 // true when the context runs Self-Extend (ga_n > 1)

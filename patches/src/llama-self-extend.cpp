@@ -482,21 +482,28 @@ static bool se_fused_supported(llama_context & ctx, bool table) {
             ggml_tensor * q_g = ggml_new_tensor_3d(c, GGML_TYPE_F32, dk, 1, nh);
             ggml_tensor * p_q = ggml_new_tensor_1d(c, GGML_TYPE_I32, 1);
             ggml_tensor * p_k = ggml_new_tensor_1d(c, GGML_TYPE_I32, n);
-            ggml_tensor * op;
+            std::vector<ggml_tensor *> ops;
             if (table) {
-                ggml_tensor * k_rot = ggml_new_tensor_2d(c, GGML_TYPE_F32, hp.n_rot(layer.il), n);
-                op = ggml_flash_attn_ext_se_rot(c, q, k, v, m, q_g, k_rot, hp.rope_type, p_q, p_k, 1, 1.0f, 0.0f);
+                // with the grouped queries, and (a decode step) with the queries' rows of the table
+                const int64_t n_rot = hp.n_rot(layer.il);
+                ggml_tensor * k_rot = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_rot, n);
+                ggml_tensor * q_rot = ggml_new_tensor_3d(c, GGML_TYPE_F32, n_rot, 1, 1);
+                ops.push_back(ggml_flash_attn_ext_se_rot(c, q, k, v, m, q_g, k_rot, hp.rope_type, p_q, p_k, 1, 1.0f, 0.0f));
+                ops.push_back(ggml_flash_attn_ext_se_rot(c, q, k, v, m, q_rot, k_rot, hp.rope_type, p_q, p_k, 1, 1.0f, 0.0f));
+                ggml_flash_attn_ext_se_q_rot(ops.back());
             } else {
                 ggml_tensor * k_g = ggml_new_tensor_3d(c, se_grouped_key_type(layer.k), dk, n, nkv);
-                op = ggml_flash_attn_ext_se(c, q, k, v, m, q_g, k_g, p_q, p_k, 1, 1.0f, 0.0f);
+                ops.push_back(ggml_flash_attn_ext_se(c, q, k, v, m, q_g, k_g, p_q, p_k, 1, 1.0f, 0.0f));
             }
             ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
             ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
             if (!dev && ggml_backend_buft_is_host(buft)) {
                 dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU); // the CPU buffer type names no device
             }
-            if (!dev || !ggml_backend_dev_supports_op(dev, op)) {
-                return false;
+            for (ggml_tensor * op : ops) {
+                if (!dev || !ggml_backend_dev_supports_op(dev, op)) {
+                    return false;
+                }
             }
         }
     }
@@ -644,6 +651,12 @@ static ggml_tensor * se_part(ggml_context * ctx, const llama_se_inp & inp, ggml_
     return t;
 }
 
+// Ubatches of at most this many tokens (decode steps, also of several sequences) take the table form's query rows
+// (ggml_flash_attn_ext_se_q_rot): the kernels rotate their few query rows as they load them, where a RoPE node per layer
+// would cost a launch that outlasts its work (21.5 us of a 1.27 ms decode step of a 16-layer model on an H200,
+// docs/RESULTS.md 4.5). Longer ubatches keep the RoPE node: there the kernels' staging of Q would pay for the rotation.
+static constexpr int64_t SE_Q_ROT_MAX_TOKENS = 16;
+
 llama_se_inp llama_se_build_inp(
         ggml_context * ctx,
         const llama_kv_cache_context * mctx,
@@ -692,6 +705,9 @@ llama_se_inp llama_se_build_inp(
         }
         if (table) {
             add(&inp.k_rot_rows, GGML_TYPE_F32, "se_k_rot_rows", kc->tab->ne[0], n_tokens + n_rows);
+            if (n_tokens <= SE_Q_ROT_MAX_TOKENS) {
+                add(&inp.q_rot_rows, GGML_TYPE_F32, "se_q_rot_rows", kc->tab->ne[0], n_tokens);
+            }
         } else {
             // the ubatch's keys: grouped positions or shifts, as the layers need them (se_input_cur)
             inp.off_k_pos_cur   = reserve(n_tokens);
@@ -790,6 +806,13 @@ void llama_se_set_inp(
         rot_out = se_host<float>(inp, inp.k_rot_rows);
         for (int64_t i = 0; i < n_tokens; ++i) {
             rot_row(ubatch->pos[i]);
+        }
+    }
+    if (inp.q_rot_rows) {
+        // the queries' rows: their shift from the true to the grouped query position
+        float * q_rot = se_host<float>(inp, inp.q_rot_rows);
+        for (int64_t i = 0; i < n_tokens; ++i) {
+            kcache->rot_row(se_q_pos(ubatch->pos[i], G, W) - ubatch->pos[i], q_rot + i*kcache->tab->ne[0]);
         }
     }
     if (inp.k_g_rebuild) {
@@ -915,14 +938,21 @@ bool llama_se_build_layer(
     const llama_model & model = llama_se_access::model(llama_se_access::kv(mctx));
     ggml_tensor * factors = model.get_rope_factors(cparams, il);
 
-    // queries [n_embd_head_k, n_head, n_tokens]; undo the cache's Hadamard rotation (H*H = I) so RoPE applies
-    // to the true coordinates; the dot product is the same either way since H is orthogonal
-    ggml_tensor * qg = ggml_is_contiguous(q) ? q : ggml_cont(ctx, q);
-    if (k_rot) {
-        qg = llama_mul_mat_hadamard(ctx, qg, k_rot);
+    ggml_tensor * qg = nullptr;
+    if (inp.q_rot_rows && !k_rot) {
+        // a few queries: their rows of the rotation table [n_rot, 1, n_tokens], which the op applies to q itself
+        qg = ggml_reshape_3d(ctx, inp.q_rot_rows, inp.q_rot_rows->ne[0], 1, inp.q_rot_rows->ne[1]);
+        out.q_rot = true;
+    } else {
+        // queries [n_embd_head_k, n_head, n_tokens]; undo the cache's Hadamard rotation (H*H = I) so RoPE applies
+        // to the true coordinates; the dot product is the same either way since H is orthogonal
+        qg = ggml_is_contiguous(q) ? q : ggml_cont(ctx, q);
+        if (k_rot) {
+            qg = llama_mul_mat_hadamard(ctx, qg, k_rot);
+        }
+        qg = se_rotate(ctx, qg, inp.q_shift, factors, hparams, cparams, il);
+        ggml_format_name(qg, "se_q_grouped-%d", il);
     }
-    qg = se_rotate(ctx, qg, inp.q_shift, factors, hparams, cparams, il);
-    ggml_format_name(qg, "se_q_grouped-%d", il);
 
     const int64_t d = k->ne[0], h = k->ne[1], n_kv = k->ne[2], ns = k->ne[3];
 
@@ -1050,8 +1080,12 @@ ggml_tensor * llama_se_build_fattn(
     ggml_tensor * qg = se_q_streams(ctx, se.q, k->ne[3]);
     ggml_tensor * kg = ggml_permute(ctx, se.k, 0, 2, 1, 3);
     if (se.rope_mode >= 0) {
-        return ggml_flash_attn_ext_se_rot(ctx, q, k, v, kq_mask, qg, kg, se.rope_mode, se.pos_q, se.pos_k, se.n_window,
-                                          kq_scale, softcap);
+        ggml_tensor * op = ggml_flash_attn_ext_se_rot(ctx, q, k, v, kq_mask, qg, kg, se.rope_mode, se.pos_q, se.pos_k,
+                                                      se.n_window, kq_scale, softcap);
+        if (se.q_rot) {
+            ggml_flash_attn_ext_se_q_rot(op);
+        }
+        return op;
     }
     return ggml_flash_attn_ext_se(ctx, q, k, v, kq_mask, qg, kg, se.pos_q, se.pos_k, se.n_window, kq_scale, softcap);
 }

@@ -100,10 +100,10 @@ def reference(c: Case, x: dict[str, np.ndarray], scale: float) -> np.ndarray:
 
 
 def run_op(g: Ggml, backend: int, c: Case, x: dict[str, np.ndarray], scale: float,
-           vanilla: bool = False, rope_mode: int | None = None) -> np.ndarray | None:
+           vanilla: bool = False, rope_mode: int | None = None, q_rot: bool = False) -> np.ndarray | None:
     """The op on one backend (``vanilla``: llama.cpp's ggml_flash_attn_ext on q, k, v, mask instead;
-    ``rope_mode``: the rotation-table form, x["k_rot"] instead of x["k_g"]); None when the backend does not
-    support this case."""
+    ``rope_mode``: the rotation-table form, x["k_rot"] instead of x["k_g"]; ``q_rot``: with it, x["q_rot"] instead
+    of x["q_g"]); None when the backend does not support this case."""
     lib = g.lib
     ctx = lib.ggml_init(InitParams(64 * 1024 * 1024 // 64, None, True))
     H = c.n_head_kv * c.gqa
@@ -123,9 +123,14 @@ def run_op(g: Ggml, backend: int, c: Case, x: dict[str, np.ndarray], scale: floa
     if rope_mode is not None:
         del t["k_g"]
         t["k_rot"] = tensor(GGML_TYPE_F32, x["k_rot"].shape[-1], c.n_kv, 1, c.n_stream)
+    if q_rot:
+        del t["q_g"]
+        t["q_rot"] = tensor(GGML_TYPE_F32, x["q_rot"].shape[-1], c.n_q, 1, c.n_stream)
     if rope_mode is not None:
-        out = lib.ggml_flash_attn_ext_se_rot(ctx, t["q"], t["k"], t["v"], t["mask"], t["q_g"], t["k_rot"], rope_mode,
-                                             t["pos_q"], t["pos_k"], c.W, scale, c.softcap)
+        out = lib.ggml_flash_attn_ext_se_rot(ctx, t["q"], t["k"], t["v"], t["mask"], t["q_rot" if q_rot else "q_g"],
+                                             t["k_rot"], rope_mode, t["pos_q"], t["pos_k"], c.W, scale, c.softcap)
+        if q_rot:
+            lib.ggml_flash_attn_ext_se_q_rot(out)
     elif vanilla:
         out = lib.ggml_flash_attn_ext(ctx, t["q"], t["k"], t["v"], t["mask"], scale, 0.0, c.softcap)
         lib.ggml_prec_set_acc(out, GGML_PREC_F32)
@@ -202,6 +207,17 @@ ROT_CASES += [(Case(64, 2, 4, 7, 1, 700, GGML_TYPE_F16), ROPE_NEOX, 64),
               (Case(256, 1, 4, 7, 3, 700, GGML_TYPE_F16, softcap=50.0), ROPE_NORM, 256)]
 
 
+def random_table(rng: np.random.Generator, shape: tuple[int, ...], n_rot: int, mode: int) -> np.ndarray:
+    """A rotation table [*shape, n_rot] of random angles, one per pair: cos at the pair's first dimension, sin at its
+    second (NORM pairs (2i, 2i + 1), NEOX (i, i + n_rot/2))."""
+    angle = rng.uniform(-np.pi, np.pi, (*shape, n_rot // 2))
+    table = np.empty((*shape, n_rot))
+    pairs = np.arange(n_rot // 2)
+    first, second = (2 * pairs, 2 * pairs + 1) if mode == ROPE_NORM else (pairs, pairs + n_rot // 2)
+    table[..., first], table[..., second] = np.cos(angle), np.sin(angle)
+    return table.astype(np.float32)
+
+
 def rotated(k: np.ndarray, table: np.ndarray, mode: int) -> np.ndarray:
     """k [.., n_kv, D] rotated per key by the table [.., n_kv, n_rot] (cos at a pair's first dimension, sin at
     its second; NORM pairs (2i, 2i + 1), NEOX (i, i + n_rot/2)), as ggml-self-extend.h defines the table form."""
@@ -215,24 +231,24 @@ def rotated(k: np.ndarray, table: np.ndarray, mode: int) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("q_rot", [False, True], ids=["q_g", "q_rot"])
 @pytest.mark.parametrize("case,mode,n_rot", ROT_CASES, ids=[f"{c}-{'neox' if m else 'norm'}{r}" for c, m, r in ROT_CASES])
-def test_rotation_table_form_matches_reference(ggml: Ggml, case: Case, mode: int, n_rot: int) -> None:
+def test_rotation_table_form_matches_reference(ggml: Ggml, case: Case, mode: int, n_rot: int, q_rot: bool) -> None:
     """ggml_flash_attn_ext_se_rot: the grouped keys made in the kernel from K and a cos/sin table per key equal
-    the keys form given those keys rotated in float64, on every backend that has this form (CPU, CUDA)."""
-    rng = np.random.default_rng(zlib.crc32(f"{case}-{mode}-{n_rot}".encode()))
+    the keys form given those keys rotated in float64, on every backend that has this form (CPU, CUDA). With
+    ggml_flash_attn_ext_se_q_rot the grouped queries are made from q and a table row per query the same way."""
+    rng = np.random.default_rng(zlib.crc32(f"{case}-{mode}-{n_rot}-{q_rot}".encode()))
     x = make_inputs(case, rng)
-    angle = rng.uniform(-np.pi, np.pi, (case.n_stream, 1, case.n_kv, n_rot // 2))
-    table = np.empty((case.n_stream, 1, case.n_kv, n_rot))
-    pairs = np.arange(n_rot // 2)
-    first, second = (2 * pairs, 2 * pairs + 1) if mode == ROPE_NORM else (pairs, pairs + n_rot // 2)
-    table[..., first], table[..., second] = np.cos(angle), np.sin(angle)
-    x["k_rot"] = table.astype(np.float32)
+    x["k_rot"] = random_table(rng, (case.n_stream, 1, case.n_kv), n_rot, mode)
     x["k_g"] = rotated(x["k"], x["k_rot"], mode)
+    if q_rot:  # one row per query, for all its heads
+        x["q_rot"] = random_table(rng, (case.n_stream, 1, case.n_q), n_rot, mode)
+        x["q_g"] = rotated(x["q"], x["q_rot"], mode)
     scale = 1.0 / np.sqrt(case.D)
     want = reference(case, x, scale)
     ran = []
     for name, backend in ggml.backends.items():
-        got = run_op(ggml, backend, case, x, scale, rope_mode=mode)
+        got = run_op(ggml, backend, case, x, scale, rope_mode=mode, q_rot=q_rot)
         if got is None:
             assert name != "CPU", "the CPU backend runs the table form"
             continue

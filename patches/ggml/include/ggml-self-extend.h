@@ -25,7 +25,7 @@
 //
 // src[0..3] = q, k, v, mask (src[4], the sinks slot of ggml_flash_attn_ext, stays NULL), src[5..8] = q_g, k_g,
 // pos_q, pos_k; op_params = { scale, max_bias (must be 0), logit_softcap, precision, W, k_g is a rotation table
-// (0/1), its RoPE mode }.
+// (0/1), its RoPE mode, q_g is a rotation table (0/1) }.
 //
 // ggml_flash_attn_ext_se_rot: the same op without grouped keys. Its k_g is a rotation table
 //   k_rot  : F32          [n_rot, n_kv, 1, ne3]      n_rot <= DK, even
@@ -34,6 +34,12 @@
 // and the kernel takes k_g[a] = k[a] cos - k[b] sin, k_g[b] = k[a] sin + k[b] cos (k dequantized; dimensions past
 // n_rot as they are). One table serves every layer and head that share the RoPE parameters, in place of a second
 // K cache. Backends without this form report it unsupported (supports_op).
+//
+// ggml_flash_attn_ext_se_q_rot(op), on a node of ggml_flash_attn_ext_se_rot whose q_g is
+//   q_rot  : F32          [n_rot, n_q, 1, ne3]       the same n_rot and layout as k_rot
+// makes q_g a rotation table as well: row i turns q (roped at pos_q[i]) into the grouped query, q_g[a] = q[a] cos -
+// q[b] sin, q_g[b] = q[a] sin + q[b] cos. A few queries (a decode step) then need no RoPE node of their own; a kernel
+// rotates each query row as it loads it.
 
 #include "ggml.h"
 
@@ -72,6 +78,8 @@ GGML_API struct ggml_tensor * ggml_flash_attn_ext_se_rot(
         float                 scale,
         float                 logit_softcap);
 
+GGML_API void ggml_flash_attn_ext_se_q_rot(struct ggml_tensor * op);
+
 // The operands and parameters of a GGML_OP_FLASH_ATTN_EXT_SE node, read back from where ggml_flash_attn_ext_se
 // stores them: the one place backends learn the node's layout.
 struct ggml_flash_attn_ext_se_args {
@@ -81,6 +89,7 @@ struct ggml_flash_attn_ext_se_args {
     int32_t n_window;
     int32_t k_rot;     // 1: k_g is a rotation table (ggml_flash_attn_ext_se_rot), 0: grouped keys
     int32_t rope_mode; // the table's pair layout: 0 or GGML_ROPE_TYPE_NEOX
+    int32_t q_rot;     // 1: q_g is a rotation table too (ggml_flash_attn_ext_se_q_rot)
 };
 
 static inline struct ggml_flash_attn_ext_se_args ggml_flash_attn_ext_se_get_args(const struct ggml_tensor * op) {
@@ -98,6 +107,7 @@ static inline struct ggml_flash_attn_ext_se_args ggml_flash_attn_ext_se_get_args
     a.n_window  = op->op_params[4];
     a.k_rot     = op->op_params[5];
     a.rope_mode = op->op_params[6];
+    a.q_rot     = op->op_params[7];
     return a;
 }
 

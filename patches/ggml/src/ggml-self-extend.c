@@ -19,7 +19,7 @@ static struct ggml_tensor * ggml_flash_attn_ext_se_impl(
         float                 scale,
         float                 logit_softcap) {
     GGML_ASSERT(k->ne[0] == q->ne[0]);
-    GGML_ASSERT(ggml_are_same_shape(q, q_g));
+    GGML_ASSERT(ggml_are_same_shape(q, q_g) || k_rot >= 0); // a table form's q_g may become a table (se_q_rot)
     if (k_rot < 0) {
         GGML_ASSERT(ggml_are_same_shape(k, k_g));
     } else {
@@ -103,4 +103,12 @@ struct ggml_tensor * ggml_flash_attn_ext_se_rot(
     GGML_ASSERT(rope_mode >= 0);
     return ggml_flash_attn_ext_se_impl(ctx, q, k, v, mask, q_g, k_rot, rope_mode, pos_q, pos_k, n_window, scale,
                                        logit_softcap);
+}
+
+void ggml_flash_attn_ext_se_q_rot(struct ggml_tensor * op) {
+    GGML_ASSERT(op->op == GGML_OP_FLASH_ATTN_EXT_SE && op->op_params[5] && "needs ggml_flash_attn_ext_se_rot");
+    const struct ggml_tensor * q = op->src[0], * q_g = op->src[5], * k_rot = op->src[6];
+    GGML_ASSERT(q_g->type == GGML_TYPE_F32 && q_g->nb[0] == sizeof(float));
+    GGML_ASSERT(q_g->ne[0] == k_rot->ne[0] && q_g->ne[1] == q->ne[1] && q_g->ne[2] == 1 && q_g->ne[3] == q->ne[3]);
+    op->op_params[7] = 1;
 }

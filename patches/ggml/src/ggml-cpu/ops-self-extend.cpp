@@ -151,14 +151,10 @@ void se_pack_k(const ggml_tensor * k, int64_t c0, int64_t nk, int64_t hk, int64_
     });
 }
 
-// Rotation-table form: key j's grouped operand made from its K row, as f32: the row with its first n_rot
-// dimensions rotated by row j of the table (ggml-self-extend.h)
-void se_k_rot_row(const se_args & a, int64_t j, int64_t hk, int64_t s, float * row) {
-    const ggml_tensor * k = a.k, * tab = a.k_g;
-    se_row_to_f32(k, (const char *) k->data + j*k->nb[1] + hk*k->nb[2] + s*k->nb[3], row, k->ne[0]);
-    const float * cs = (const float *) ((const char *) tab->data + j*tab->nb[1] + s*tab->nb[3]);
-    const int64_t half = tab->ne[0]/2;
-    const bool    neox = a.rope_mode == GGML_ROPE_TYPE_NEOX;
+// The first n_rot dimensions of an f32 row rotated in place by a row cs of a rotation table (ggml-self-extend.h).
+void se_rotate_row(float * row, const float * cs, int64_t n_rot, int32_t rope_mode) {
+    const int64_t half = n_rot/2;
+    const bool    neox = rope_mode == GGML_ROPE_TYPE_NEOX;
     for (int64_t i = 0; i < half; ++i) {
         const int64_t ia = neox ? i : 2*i;        // the pair (ia, ib): cos at ia, sin at ib
         const int64_t ib = neox ? i + half : 2*i + 1;
@@ -166,6 +162,13 @@ void se_k_rot_row(const se_args & a, int64_t j, int64_t hk, int64_t s, float * r
         row[ia] = x*c - y*sn;
         row[ib] = x*sn + y*c;
     }
+}
+
+// Rotation-table form: key j's grouped operand made from its K row, as f32: the row rotated by row j of the table
+void se_k_rot_row(const se_args & a, int64_t j, int64_t hk, int64_t s, float * row) {
+    const ggml_tensor * k = a.k, * tab = a.k_g;
+    se_row_to_f32(k, (const char *) k->data + j*k->nb[1] + hk*k->nb[2] + s*k->nb[3], row, k->ne[0]);
+    se_rotate_row(row, (const float *) ((const char *) tab->data + j*tab->nb[1] + s*tab->nb[3]), tab->ne[0], a.rope_mode);
 }
 
 // the grouped keys [c0, c0 + nk) of KV head hk made from K and the table, packed by se_pack_rows
@@ -297,7 +300,13 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
             const int64_t h = hk*gqa + hh;
             const int64_t r = t*gqa + hh;
             memcpy(Q  + r*DK, (const char *) a.q->data   + (i0 + t)*a.q->nb[1]   + h*a.q->nb[2]   + s*a.q->nb[3],   DK*sizeof(float));
-            memcpy(Qg + r*DK, (const char *) a.q_g->data + (i0 + t)*a.q_g->nb[1] + h*a.q_g->nb[2] + s*a.q_g->nb[3], DK*sizeof(float));
+            if (a.q_rot) { // q_g: q rotated by the query's row of the table
+                memcpy(Qg + r*DK, Q + r*DK, DK*sizeof(float));
+                se_rotate_row(Qg + r*DK, (const float *) ((const char *) a.q_g->data + (i0 + t)*a.q_g->nb[1] + s*a.q_g->nb[3]),
+                              a.q_g->ne[0], a.rope_mode);
+            } else {
+                memcpy(Qg + r*DK, (const char *) a.q_g->data + (i0 + t)*a.q_g->nb[1] + h*a.q_g->nb[2] + s*a.q_g->nb[3], DK*sizeof(float));
+            }
         }
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -492,6 +501,7 @@ void ggml_compute_forward_flash_attn_ext_se(const ggml_compute_params * params, 
     GGML_ASSERT(a.q->nb[0] == sizeof(float) && a.q_g->nb[0] == sizeof(float));
     GGML_ASSERT(a.k->nb[0] == ggml_type_size(a.k->type) && a.k_g->nb[0] == ggml_type_size(a.k_g->type));
     GGML_ASSERT(!a.k_rot || (a.k_g->type == GGML_TYPE_F32 && a.k_g->ne[0] <= a.k->ne[0]));
+    GGML_ASSERT(a.q_rot ? a.k_rot && a.q_g->ne[0] == a.k_g->ne[0] && a.q_g->ne[2] == 1 : ggml_are_same_shape(a.q, a.q_g));
     GGML_ASSERT(a.v->nb[0] == ggml_type_size(a.v->type));
 
     const int ith = params->ith;

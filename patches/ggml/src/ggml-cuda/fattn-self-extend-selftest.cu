@@ -59,6 +59,7 @@ struct se_case {
     bool  shuffled;  // positions of the cells in random order, some duplicated; else cell j has position j
     float softcap;
     int   rot;       // fattn_se_rot: K_g as K and a rotation table of random angles (decode only)
+    bool  q_rot;     // with rot: Q_g as Q and a table row per query, in the same layout
 };
 
 // Host copies of the inputs, in the layouts (views) that the kernels get.
@@ -68,6 +69,7 @@ struct se_host {
     std::vector<half>    k, k_g, v;    // k, v: cache [ne3][n_cells][n_head_kv][D], k_g: [ne3][n_head_kv][n_kv][D]
     std::vector<half>    mask;         // [mask_ne3][n_q_pad][n_kv_pad]
     std::vector<float>   tab;          // rotation table (rot): [ne3][n_kv][D]; k_g then holds the rotated keys
+    std::vector<float>   qtab;         // the queries' table (q_rot): [ne3][n_q][D]; q_g then holds the rotated queries
     std::vector<int32_t> pos_q, pos_k; // [ne3][n_q], [ne3][n_kv]
 
     float qv (int s, int i, int h, int d) const { return q  [((size_t(s)*n_q + i)*n_head + h)*D + d]; }
@@ -81,13 +83,13 @@ struct se_host {
 struct se_device {
     float * q = nullptr, * q_g = nullptr, * dst = nullptr;
     half  * k = nullptr, * k_g = nullptr, * v = nullptr, * mask = nullptr;
-    float * tab = nullptr;
+    float * tab = nullptr, * qtab = nullptr;
     int32_t * pos_q = nullptr, * pos_k = nullptr;
     char  * ws = nullptr;
 
     ~se_device() {
         for (void * ptr : {(void *) q, (void *) q_g, (void *) dst, (void *) k, (void *) k_g, (void *) v, (void *) mask,
-                           (void *) tab, (void *) pos_q, (void *) pos_k, (void *) ws}) {
+                           (void *) tab, (void *) qtab, (void *) pos_q, (void *) pos_k, (void *) ws}) {
             cudaFree(ptr);
         }
     }
@@ -130,6 +132,10 @@ static fattn_se_params se_params_of(const se_host & h, const se_device & d, cons
     if (d.tab) {
         p.k_g = (const char *) d.tab; p.nb_kg1 = D*4; p.nb_kg2 = 0; p.nb_kg3 = int64_t(h.n_kv)*D*4;
     }
+    if (d.qtab) {
+        p.q_g = (const char *) d.qtab; p.nb_qg1 = D*4; p.nb_qg2 = 0; p.nb_qg3 = int64_t(h.n_q)*D*4;
+        p.n_rot_q = h.D;
+    }
     return p;
 }
 
@@ -154,27 +160,43 @@ static se_host se_make_inputs(const se_case & c, std::mt19937 & rng) {
     for (half & x : h.v)   { x = __float2half(u(rng)); }
     for (half & x : h.k_g) { x = __float2half(u(rng)); }
     if (c.rot != FATTN_SE_ROT_NONE) {
-        // a random angle per key and pair: cos at the pair's first dimension, sin at its second; K_g = K rotated
+        // a random angle per row and pair: cos at the pair's first dimension, sin at its second; K_g = K rotated, and
+        // (q_rot) Q_g = Q rotated
         const int D = h.D;
         std::uniform_real_distribution<float> angle(-3.2f, 3.2f);
-        h.tab.resize(size_t(h.ne3)*h.n_kv*D);
-        for (int s = 0; s < h.ne3; ++s) {
-            for (int j = 0; j < h.n_kv; ++j) {
-                float * t = h.tab.data() + (size_t(s)*h.n_kv + j)*D;
-                for (int i = 0; i < D/2; ++i) {
-                    const int a = c.rot == FATTN_SE_ROT_NORM ? 2*i : i;
-                    const int b = c.rot == FATTN_SE_ROT_NORM ? 2*i + 1 : i + D/2;
-                    const float phi = angle(rng);
-                    t[a] = cosf(phi);
-                    t[b] = sinf(phi);
-                    for (int hk = 0; hk < h.n_head_kv; ++hk) {
-                        const double ka = h.kv(s, j, hk, a), kb = h.kv(s, j, hk, b);
-                        half * kg = h.k_g.data() + ((size_t(s)*h.n_head_kv + hk)*h.n_kv + j)*D;
-                        kg[a] = __float2half(float(ka*t[a] - kb*t[b]));
-                        kg[b] = __float2half(float(ka*t[b] + kb*t[a]));
+        auto rotate = [&](std::vector<float> & tab, const int n_rows, auto && put) {
+            tab.resize(size_t(h.ne3)*n_rows*D);
+            for (int s = 0; s < h.ne3; ++s) {
+                for (int j = 0; j < n_rows; ++j) {
+                    float * t = tab.data() + (size_t(s)*n_rows + j)*D;
+                    for (int i = 0; i < D/2; ++i) {
+                        const int a = c.rot == FATTN_SE_ROT_NORM ? 2*i : i;
+                        const int b = c.rot == FATTN_SE_ROT_NORM ? 2*i + 1 : i + D/2;
+                        const float phi = angle(rng);
+                        t[a] = cosf(phi);
+                        t[b] = sinf(phi);
+                        put(s, j, a, b, t[a], t[b]);
                     }
                 }
             }
+        };
+        rotate(h.tab, h.n_kv, [&](int s, int j, int a, int b, double co, double si) {
+            for (int hk = 0; hk < h.n_head_kv; ++hk) {
+                const double ka = h.kv(s, j, hk, a), kb = h.kv(s, j, hk, b);
+                half * kg = h.k_g.data() + ((size_t(s)*h.n_head_kv + hk)*h.n_kv + j)*D;
+                kg[a] = __float2half(float(ka*co - kb*si));
+                kg[b] = __float2half(float(ka*si + kb*co));
+            }
+        });
+        if (c.q_rot) {
+            rotate(h.qtab, h.n_q, [&](int s, int i, int a, int b, double co, double si) {
+                for (int hq = 0; hq < h.n_head; ++hq) {
+                    const double qa = h.qv(s, i, hq, a), qb = h.qv(s, i, hq, b);
+                    float * qg = h.q_g.data() + ((size_t(s)*h.n_head + hq)*h.n_q + i)*D;
+                    qg[a] = float(qa*co - qb*si);
+                    qg[b] = float(qa*si + qb*co);
+                }
+            });
         }
     }
 
@@ -286,6 +308,7 @@ static bool se_run_case(const se_case & c, const int nsm, std::mt19937 & rng) {
     d.k   = to_device(h.k);   d.k_g = to_device(h.k_g); d.v = to_device(h.v);
     d.mask  = c.mask != MASK_NONE ? to_device(h.mask) : nullptr;
     d.tab   = c.rot != FATTN_SE_ROT_NONE ? to_device(h.tab) : nullptr;
+    d.qtab  = c.q_rot ? to_device(h.qtab) : nullptr;
     d.pos_q = to_device(h.pos_q); d.pos_k = to_device(h.pos_k);
     const size_t n_out = size_t(h.ne3)*h.n_q*h.n_head*h.D;
     CUDA_CHECK(cudaMalloc(&d.dst, n_out*sizeof(float)));
@@ -294,6 +317,7 @@ static bool se_run_case(const se_case & c, const int nsm, std::mt19937 & rng) {
     const float scale = 1.0f/sqrtf(float(c.D));
     fattn_se_params p = se_params_of(h, d, scale, c.softcap, c.W);
     p.k_rot = c.rot;
+    p.q_rot = c.q_rot ? c.rot : FATTN_SE_ROT_NONE;
     const fattn_se_plan P = fattn_se_make_plan(p, nsm);
     if (c.rot != FATTN_SE_ROT_NONE && !P.decode) {
         fprintf(stderr, "%s: a rotation table is read by decode kernels only\n", c.name);
@@ -418,9 +442,11 @@ static double se_time_us(const F & run) {
     return 1e3*ms[ms.size()/2];
 }
 
-// nsplit: KV splits per block of columns, or 0 for the plan's own; rot: K_g as K and a rotation table (decode)
+// nsplit: KV splits per block of columns, or 0 for the plan's own; rot: K_g as K and a rotation table (decode), q_rot:
+// with Q_g as Q and a table row per query too
 static void se_time(const char * name, const int D, const int n_head, const int n_head_kv, const int n_q, const int n_kv,
-                    const int W, const int nsm, const int nsplit = 0, const int rot = FATTN_SE_ROT_NONE) {
+                    const int W, const int nsm, const int nsplit = 0, const int rot = FATTN_SE_ROT_NONE,
+                    const bool q_rot = false) {
     se_host h; // shapes only: the data is generated on the device
     h.D = D; h.n_q = n_q; h.n_kv = n_kv; h.n_head = n_head; h.n_head_kv = n_head_kv; h.ne3 = 1; h.mask_ne3 = 1;
     h.n_cells = n_kv; h.n_kv_pad = n_kv; h.n_q_pad = n_q;
@@ -445,10 +471,15 @@ static void se_time(const char * name, const int D, const int n_head, const int 
         CUDA_CHECK(cudaMalloc(&d.tab, size_t(n_kv)*D*sizeof(float)));
         se_fill_float<<<1024, 256>>>(d.tab, size_t(n_kv)*D, 6);
     }
+    if (q_rot) {
+        CUDA_CHECK(cudaMalloc(&d.qtab, size_t(n_q)*D*sizeof(float)));
+        se_fill_float<<<1024, 256>>>(d.qtab, size_t(n_q)*D, 7);
+    }
     CUDA_CHECK(cudaGetLastError());
 
     fattn_se_params p = se_params_of(h, d, 1.0f/sqrtf(float(D)), 0.0f, W);
     p.k_rot = rot;
+    p.q_rot = q_rot ? rot : FATTN_SE_ROT_NONE;
     fattn_se_plan P = fattn_se_make_plan(p, nsm);
     if (nsplit > 0) {
         P.nsplit = nsplit;
@@ -465,7 +496,7 @@ static void se_time(const char * name, const int D, const int n_head, const int 
     const double tflops = 4.0*D*pairs*n_head/(us*1e-6)/1e12;
     const double gbs    = 2.0*double(n_kv)*n_head_kv*D*sizeof(half)/(us*1e-6)/1e9;
     printf("%-34s %-7s NHB=%d RPB=%2d nsplit=%3d  %10.1f us/call  %6.1f TFLOP/s  %7.1f GB/s (K+V)\n",
-           name, rot ? "table" : P.decode ? "decode" : "prefill", P.NHB, P.RPB, P.nsplit, us, tflops, gbs);
+           name, q_rot ? "tables" : rot ? "table" : P.decode ? "decode" : "prefill", P.NHB, P.RPB, P.nsplit, us, tflops, gbs);
 }
 
 // llama.cpp's own flash attention for one query (fattn-vec.cuh with its merge, as its launch_fattn sets them up) on the
@@ -542,11 +573,13 @@ static void se_time_vanilla(const char * name, const int D, const int n_head, co
     }
 }
 
-// A decode of one query with the grouped keys given, with a rotation table, and llama.cpp's own kernel on the same shape.
+// A decode of one query with the grouped keys given, with a rotation table for the keys, with tables for the keys and the
+// query, and through llama.cpp's own kernel on the same shape.
 static void se_time_decode(const char * name, const int D, const int n_head, const int n_head_kv, const int n_kv, const int W,
                            const int nsm) {
     se_time(name, D, n_head, n_head_kv, 1, n_kv, W, nsm);
     se_time(name, D, n_head, n_head_kv, 1, n_kv, W, nsm, 0, FATTN_SE_ROT_NEOX);
+    se_time(name, D, n_head, n_head_kv, 1, n_kv, W, nsm, 0, FATTN_SE_ROT_NEOX, true);
     se_time_vanilla(name, D, n_head, n_head_kv, n_kv, nsm);
 }
 
@@ -596,6 +629,11 @@ int main(int argc, char ** argv) {
         {"table NORM D=256 2 sequences",            256,  4, 2,   1, 1000,  33, 1, MASK_SEQS,   1, false,  0.0f, FATTN_SE_ROT_NORM},
         {"table NORM decode D=128 n_q=2",           128, 16, 4,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f, FATTN_SE_ROT_NORM},
         {"table NEOX decode D=256 n_q=3",           256,  4, 1,   3, 1000, 100, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NEOX},
+        // and Q_g as Q and a table row per query
+        {"tables NORM D=64 gqa=4",                   64, 16, 4,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NORM, true},
+        {"tables NEOX D=128 softcap, 2 streams",    128,  8, 2,   1, 1000, 100, 2, MASK_HOLES,  2, true,  30.0f, FATTN_SE_ROT_NEOX, true},
+        {"tables NEOX decode D=256 n_q=3",          256,  4, 1,   3, 1000, 100, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NEOX, true},
+        {"tables NORM decode D=128 n_q=2",          128, 16, 4,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f, FATTN_SE_ROT_NORM, true},
     };
 
     if (argc > 1 && strcmp(argv[1], "--splits") == 0) {

@@ -90,7 +90,7 @@ enum fattn_se_class {
 // (fattn-self-extend-selftest.cu).
 struct fattn_se_params {
     const char * q;     int64_t nb_q1,  nb_q2,  nb_q3;  // F32 [D, n_q,  n_head,    ne3]
-    const char * q_g;   int64_t nb_qg1, nb_qg2, nb_qg3; // F32 [D, n_q,  n_head,    ne3]
+    const char * q_g;   int64_t nb_qg1, nb_qg2, nb_qg3; // F32 [D, n_q,  n_head,    ne3], or (q_rot) [n_rot_q, n_q, 1, ne3]
     const char * k;     int64_t nb_k1,  nb_k2,  nb_k3;  // F16 [D, n_kv, n_head_kv, ne3], rows contiguous
     const char * k_g;   int64_t nb_kg1, nb_kg2, nb_kg3; // F16 [D, n_kv, n_head_kv, ne3]
     const char * v;     int64_t nb_v1,  nb_v2,  nb_v3;  // F16 [D, n_kv, n_head_kv, ne3]
@@ -105,6 +105,8 @@ struct fattn_se_params {
     float scale, softcap;
     int   k_rot;                                        // fattn_se_rot: NONE, or k_g is a rotation table of D floats
                                                         // per key (decode only), F32 [D, n_kv, 1, ne3], nb_kg2 unused
+    int   q_rot;                                        // fattn_se_rot: NONE, or q_g is a rotation table of n_rot_q
+    int   n_rot_q;                                      // floats per query (nb_qg2 0): Q_g is Q rotated as it is staged
 };
 
 // How the op is cut into blocks, made on the host by fattn_se_make_plan.
@@ -455,6 +457,14 @@ static __device__ __forceinline__ void fattn_se_kq_rot(
     }
 }
 
+// The rotated pair (a, b) of a rotation table (ggml-self-extend.h) that dimension d < n_rot belongs to: (2i, 2i + 1)
+// (ROT_NORM) or (i, i + n_rot/2) (ROT_NEOX); the table holds the pair's cos at a and its sin at b.
+static __device__ __forceinline__ void fattn_se_rot_pair(const int d, const int n_rot, const int rot, int & a, int & b) {
+    const int half = n_rot/2;
+    a = rot == FATTN_SE_ROT_NORM ? d & ~1 : (d < half ? d : d - half);
+    b = rot == FATTN_SE_ROT_NORM ? a + 1  : a + half;
+}
+
 // Position of element l of C tile kk among the thread's values of its column (l/2 % 2) in the tile row of C tiles:
 // 0 .. 4*NK - 1.
 static __device__ __forceinline__ int fattn_se_col_index(const int kk, const int l) {
@@ -634,17 +644,41 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     for (int e0 = 0; e0 < NC*D; e0 += QK*FATTN_SE_NTHREADS) {
         float x[QK];
         float y[QK];
+        // (q_rot) the element's pair partner and the pair's cos and sin: loaded with the rest, combined after
+        float xp[QK];
+        float co[QK];
+        float sn[QK];
+        bool  first[QK];
 #pragma unroll
         for (int k = 0; k < QK; ++k) {
             const int e = e0 + k*FATTN_SE_NTHREADS + tid;
             const int c = e / D;
             const int r = c / P.NHB;
             const int h = h0 + c % P.NHB;
-            x[k] = 0.0f;
-            y[k] = 0.0f;
+            const int d = e % D;
+            x[k] = y[k] = xp[k] = sn[k] = 0.0f;
+            co[k] = 1.0f;
+            first[k] = true;
             if (r < rows) {
-                x[k] = ((const float *) (p.q   + s*p.nb_q3  + h*p.nb_q2  + (i0 + r)*p.nb_q1))[e % D];
-                y[k] = ((const float *) (p.q_g + s*p.nb_qg3 + h*p.nb_qg2 + (i0 + r)*p.nb_qg1))[e % D];
+                const float * qr = (const float *) (p.q + s*p.nb_q3 + h*p.nb_q2 + (i0 + r)*p.nb_q1);
+                x[k] = qr[d];
+                if (p.q_rot == FATTN_SE_ROT_NONE) {
+                    y[k] = ((const float *) (p.q_g + s*p.nb_qg3 + h*p.nb_qg2 + (i0 + r)*p.nb_qg1))[d];
+                } else if (d < p.n_rot_q) {
+                    const float * cs = (const float *) (p.q_g + s*p.nb_qg3 + (i0 + r)*p.nb_qg1);
+                    int a, b;
+                    fattn_se_rot_pair(d, p.n_rot_q, p.q_rot, a, b);
+                    first[k] = d == a;
+                    xp[k]    = qr[first[k] ? b : a];
+                    co[k]    = cs[a];
+                    sn[k]    = cs[b];
+                }
+            }
+        }
+        if (p.q_rot != FATTN_SE_ROT_NONE) {
+#pragma unroll
+            for (int k = 0; k < QK; ++k) { // dimensions past n_rot: cos 1, sin 0
+                y[k] = first[k] ? x[k]*co[k] - xp[k]*sn[k] : xp[k]*sn[k] + x[k]*co[k];
             }
         }
 #pragma unroll
@@ -1483,6 +1517,11 @@ static fattn_se_params fattn_se_params_from_tensor(const ggml_tensor * dst) {
     p.scale   = a.scale;
     p.softcap = a.logit_softcap;
     p.W       = a.n_window;
+    if (a.q_rot) {
+        p.q_rot   = a.rope_mode == GGML_ROPE_TYPE_NEOX ? FATTN_SE_ROT_NEOX : FATTN_SE_ROT_NORM;
+        p.n_rot_q = int(q_g->ne[0]);
+        p.nb_qg2  = 0; // one row per query serves its heads
+    }
     return p;
 }
 
@@ -1655,7 +1694,15 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
     } else if (k_g->type != GGML_TYPE_F16 || !ggml_are_same_shape(k, k_g)) {
         return false;
     }
-    if (!ggml_are_same_shape(q, q_g) || !ggml_are_same_shape(k, v) ||
+    if (a.q_rot) {
+        // the query table [n_rot, n_q, 1, ne3], the same width and layout as the keys' table
+        if (!a.k_rot || q_g->ne[0] != k_g->ne[0] || q_g->ne[1] != n_q || q_g->ne[2] != 1 || q_g->ne[3] != ne3) {
+            return false;
+        }
+    } else if (!ggml_are_same_shape(q, q_g)) {
+        return false;
+    }
+    if (!ggml_are_same_shape(k, v) ||
         k->ne[0] != D || k->ne[3] != ne3 || q->ne[2] % k->ne[2] != 0 || n_q < 1 || n_kv < 1 || n_kv > (1 << 26)) {
         return false;
     }
