@@ -3,7 +3,8 @@
 One process, one setting: the model is loaded, one untimed warm-up document is read, then ``--repeats`` documents
 (reset + eval + the first token after) run under a CUPTI timeline (torch.profiler: kernels, copies, CUDA runtime
 calls; torch is only the recorder). Printed per run: wall time, the sum of kernel times and the time the GPU was
-busy; then the kernels of one run by total time, and per llama_decode the host time before its first CUDA call
+busy; then the kernels of one run by total time (with each kernel's share of the busy time, which under launch chains
+is what it costs: ``busy_shares``), and per llama_decode the host time before its first CUDA call
 (graph build, scheduling, inputs) and after it (launches, waits). ``--decodes N`` adds N single-token decodes to
 each run and reports their kernels per step apart. Run it once per setting and compare:
 
@@ -74,26 +75,37 @@ def record(args: argparse.Namespace) -> list[dict[str, Any]]:
     return json.loads(raw)["traceEvents"]
 
 
-def busy_ms(kernels: list[dict[str, Any]]) -> float:
-    """Time covered by at least one kernel, ms: each kernel, by start, adds what it runs past all before it."""
-    total, end = 0.0, float("-inf")
+def busy_shares(kernels: list[dict[str, Any]]) -> list[tuple[dict[str, Any], float]]:
+    """Each kernel with what it adds to the GPU's busy time, us: by start, the part of it that runs past all kernels
+    before it. Under launch chains (programmatic dependent launch) a kernel starts before the one ahead of it ends and
+    waits, so its duration counts that wait again; its share counts only the time by which it moves the end."""
+    shares, end = [], float("-inf")
     for k in sorted(kernels, key=lambda k: k["ts"]):
-        total += max(0.0, k["ts"] + k["dur"] - max(k["ts"], end))
+        shares.append((k, max(0.0, k["ts"] + k["dur"] - max(k["ts"], end))))
         end = max(end, k["ts"] + k["dur"])
-    return total / 1e3
+    return shares
+
+
+def busy_ms(kernels: list[dict[str, Any]]) -> float:
+    """Time covered by at least one kernel, ms."""
+    return sum(share for _, share in busy_shares(kernels)) / 1e3
 
 
 def top_kernels(kernels: list[dict[str, Any]], per: int, unit: str) -> None:
-    """The 16 kernels of most total time, each as its time and launches divided by ``per``."""
+    """The 16 kernels of most total time, each as its time, its share of the busy time (busy_shares) and its launches,
+    divided by ``per``."""
     total: collections.Counter[str] = collections.Counter()
+    busy: collections.Counter[str] = collections.Counter()
     count: collections.Counter[str] = collections.Counter()
-    for k in kernels:
+    for k, share in busy_shares(kernels):
         name = k["name"].removeprefix("void ").split("<")[0].split("(")[0][:48]
         total[name] += k["dur"]
+        busy[name] += share
         count[name] += 1
     scale = 1e3 if unit == "ms" else 1.0
+    print(f"  {'time':>8} {'busy':>8} {'count':>6}")
     for name, us in total.most_common(16):
-        print(f"  {us / scale / per:8.2f} {count[name] / per:6g}  {name}")
+        print(f"  {us / scale / per:8.2f} {busy[name] / scale / per:8.2f} {count[name] / per:6g}  {name}")
 
 
 def report(events: list[dict[str, Any]]) -> None:
@@ -109,17 +121,20 @@ def report(events: list[dict[str, Any]]) -> None:
         print(f"{r['name']}: wall {r['dur'] / 1e3:.1f} ms, kernels {len(ks)} summing {sum(k['dur'] for k in ks) / 1e3:.1f}"
               f" ms, GPU busy {busy_ms(ks):.1f} ms")
     r = runs[len(runs) // 2]  # the middle run, by kernel
-    print(f"kernels of {r['name']} (ms, launches):")
+    print(f"kernels of {r['name']} (ms):")
     top_kernels(in_run[len(runs) // 2], 1, "ms")
     steps = marked("steps")
     if steps:
         in_steps = [[k for k in kernels if s["ts"] <= k["ts"] <= s["ts"] + s["dur"]] for s in steps]
-        n = sum(1 for d in marked("decode") for s in steps if s["ts"] <= d["ts"] <= s["ts"] + s["dur"])
-        per_run = max(1, n // len(steps))
+        step_starts = [[d["ts"] for d in marked("decode") if s["ts"] <= d["ts"] <= s["ts"] + s["dur"]] for s in steps]
+        per_run = max(1, sum(map(len, step_starts)) // len(steps))
+        # from one step's start to the next: robust to the odd step that captures a CUDA graph (a few ms)
+        periods = [b - a for starts in step_starts for a, b in zip(starts, starts[1:])]
         print(f"single-token decodes, per step (median of {len(steps)} runs of {per_run}): wall "
-              f"{statistics.median(s['dur'] for s in steps) / 1e3 / per_run:.3f} ms, kernels "
+              f"{statistics.median(s['dur'] for s in steps) / 1e3 / per_run:.3f} ms (median step "
+              f"{statistics.median(periods) / 1e3 if periods else float('nan'):.3f} ms), kernels "
               f"{statistics.median(sum(k['dur'] for k in ks) for ks in in_steps) / 1e3 / per_run:.3f} ms, GPU busy "
-              f"{statistics.median(busy_ms(ks) for ks in in_steps) / per_run:.3f} ms; kernels per step (us, launches):")
+              f"{statistics.median(busy_ms(ks) for ks in in_steps) / per_run:.3f} ms; kernels per step (us):")
         top_kernels([k for ks in in_steps for k in ks], per_run * len(steps), "us")
         api = collections.Counter(c["name"] for c in calls for s in steps if s["ts"] <= c["ts"] <= s["ts"] + s["dur"])
         print("  CUDA calls per step: " + ", ".join(f"{n} {c / (per_run * len(steps)):g}" for n, c in api.most_common(8)))

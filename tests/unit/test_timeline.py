@@ -58,22 +58,32 @@ def test_report_gives_runs_kernels_and_host_time_per_decode(timeline: ModuleType
         kernel("outside", 2000, 50),
     ])
     assert "run0: wall 1.0 ms, kernels 3 summing 0.2 ms, GPU busy 0.2 ms" in out
-    assert "0.20      2  flash_attn_ext_se_f16" in out
+    assert "0.20     0.18      2  flash_attn_ext_se_f16" in out  # the second starts 20 us before the first ends
     assert "0.20 ms on the host before its first CUDA call, 0.20 ms from there to its return" in out
 
 
 def test_report_gives_the_single_token_decodes_per_step(timeline: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     out = printed(timeline, capsys, [
         mark("run0", 0, 3000), mark("steps", 1000, 1000), mark("decode", 1000, 400), mark("decode", 1500, 400),
+        mark("decode", 1900, 100),
         call("cudaGraphLaunch", 1050), call("cudaGraphLaunch", 1550), call("cudaMemcpyAsync", 1560),
         kernel("rope_norm", 1100, 10), kernel("flash_attn_ext_se_f16", 1110, 30),
         kernel("rope_norm", 1600, 10), kernel("flash_attn_ext_se_f16", 1610, 50),
         kernel("before the steps", 200, 500),
     ])
-    assert "per step (median of 1 runs of 2): wall 0.500 ms, kernels 0.050 ms, GPU busy 0.050 ms" in out
-    assert "40.00      1  flash_attn_ext_se_f16" in out
-    assert "10.00      1  rope_norm" in out
-    assert "CUDA calls per step: cudaGraphLaunch 1, cudaMemcpyAsync 0.5" in out
+    # 3 steps in 1 ms; from start to start 500 and 400 us
+    assert "per step (median of 1 runs of 3): wall 0.333 ms (median step 0.450 ms), kernels 0.033 ms, GPU busy 0.033 ms" in out
+    assert "26.67    26.67 0.666667  flash_attn_ext_se_f16" in out
+    assert "6.67     6.67 0.666667  rope_norm" in out
+    assert "CUDA calls per step: cudaGraphLaunch 0.666667, cudaMemcpyAsync 0.333333" in out
+
+
+def test_a_chained_kernel_costs_only_what_it_adds_to_the_busy_time(timeline: ModuleType) -> None:
+    # b launches early and waits for a (launch chains): 15 us of duration, 10 us past a's end
+    a, b, c = kernel("a", 0, 30), kernel("b", 25, 15), kernel("c", 100, 5)
+    shares = {k["name"]: share for k, share in timeline.busy_shares([c, b, a])}
+    assert shares == {"a": 30, "b": 10, "c": 5}
+    assert timeline.busy_ms([a, b, c]) == pytest.approx(45 / 1e3)
 
 
 def test_swa_full_reaches_the_model_load(timeline: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
