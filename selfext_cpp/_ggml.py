@@ -36,6 +36,7 @@ _SIGNATURES = {
     # q, k, v, mask, scale, max_bias, logit_softcap
     "ggml_flash_attn_ext": ([_p, _p, _p, _p, _p, _f32, _f32, _f32], _p),
     "ggml_prec_set_acc": ([_p, _int], None),
+    "ggml_get_name": ([_p], ctypes.c_char_p),
     "ggml_new_graph": ([_p], _p), "ggml_build_forward_expand": ([_p, _p], None),
     "ggml_nbytes": ([_p], _sz), "ggml_quantize_chunk": ([_int, _p, _p, _i64, _i64, _i64, _p], _sz),
     "ggml_backend_init_by_type": ([_int, ctypes.c_char_p], _p),
@@ -62,7 +63,7 @@ class Ggml:
         self.backends.clear()
 
 
-def _libggml() -> ctypes.CDLL:
+def libggml() -> ctypes.CDLL:
     """libggml from lib_dir(), its prototypes set."""
     lib = ctypes.CDLL(str(lib_dir() / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
     for name, (args, res) in _SIGNATURES.items():
@@ -73,7 +74,7 @@ def _libggml() -> ctypes.CDLL:
 
 def gpu_memory_total() -> int:
     """Bytes of memory of every discrete GPU that ggml sees (an iGPU shares the host's)."""
-    lib, total = _libggml(), 0
+    lib, total = libggml(), 0
     for i in range(lib.ggml_backend_dev_count()):
         dev = lib.ggml_backend_dev_get(i)
         if lib.ggml_backend_dev_type(dev) == DEVICE_GPU:
@@ -85,7 +86,7 @@ def gpu_memory_total() -> int:
 
 def open_ggml(gpu: bool) -> Ggml:
     """libggml from lib_dir() with the CPU backend, and the first GPU's when ``gpu`` and the build has one."""
-    lib = _libggml()
+    lib = libggml()
     g = Ggml(lib, {"CPU": lib.ggml_backend_init_by_type(DEVICE_CPU, None)})
     if gpu and lib.ggml_backend_dev_by_type(DEVICE_GPU):
         g.backends["GPU"] = lib.ggml_backend_init_by_type(DEVICE_GPU, None)

@@ -10,6 +10,7 @@ K caches round every cached key (rel. 5e-4 and ~4e-3): ATOL_F16 = 1e-2, ATOL_Q8 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,27 @@ def test_flash_attention_selects_the_fused_op(model: TinyModel, runner_for: Runn
     f16 = runner_for(flash_attn=flash_attn, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16)
     assert f16.set_self_extend(4, 16) == 0
     assert f16.fused == (flash_attn and (not ON_GPU or model.head_dim in (64, 128, 256)))
+
+
+@pytest.mark.parametrize(("n_tokens", "q_rows"), [(1, True), (16, True), (17, False)])
+def test_decode_ubatches_rotate_their_queries_in_the_op(model: TinyModel, n_tokens: int, q_rows: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fused op, rotation table: a ubatch of up to 16 tokens hands the op its queries' rows of the table and has no
+    RoPE node for its grouped queries (one launch per layer less in a decode step); a longer one keeps that node. The
+    logits are the reference's either way (test_token_by_token_decode, test_any_ubatch_size)."""
+    if ON_GPU and model.head_dim not in (64, 128, 256):
+        pytest.skip("the CUDA kernel takes head sizes 64, 128 and 256")
+    monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "table")  # auto takes the cache for some of the tiny models
+    names: list[str] = []
+    with LlamaRunner(model.path, n_ctx=256, flash_attn=True, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16,
+                     on_node=names.append) as r:
+        assert r.set_self_extend(4, 16) == 0 and r.fused
+        r.decode(tokens_for(model, 40))
+        names.clear()
+        r.decode(tokens_for(model, n_tokens, seed=1))
+    rope_nodes = [n for n in names if re.fullmatch(r"se_q_grouped-\d+", n)]  # not their views
+    assert len(rope_nodes) == (0 if q_rows else model.n_layer), rope_nodes
+    assert any(n.startswith("se_q_rot_rows") for n in names) == q_rows
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])

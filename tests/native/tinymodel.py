@@ -357,7 +357,9 @@ class LlamaRunner:
         swa_full: bool = True,
         n_threads: int = 2,
         verbose: bool = False,
+        on_node: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_node``: called with the name of every node that a llama_decode computes (llama.cpp's cb_eval)."""
         from selfext_cpp._lib import load_llama_cpp
 
         llama_cpp = load_llama_cpp()  # our libllama, before anything imports llama_cpp
@@ -389,6 +391,19 @@ class LlamaRunner:
         cparams.type_k, cparams.type_v = type_k, type_v
         cparams.kv_unified = kv_unified
         cparams.swa_full = swa_full  # False: sliding-window layers get a cache of about their window only
+        self._cb_eval: Any = None
+        if on_node is not None:
+            from selfext_cpp._ggml import libggml
+
+            get_name = libggml().ggml_get_name
+
+            def cb_eval(t: int, ask: bool, user_data: int) -> bool:
+                if ask:  # the scheduler asks once per node whether we want its data: no, so it runs all at once
+                    on_node(get_name(t).decode())
+                return False
+
+            self._cb_eval = ll.ggml_backend_sched_eval_callback(cb_eval)  # kept alive with the context
+            cparams.cb_eval = self._cb_eval
         self.ctx = ll.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             self.close()
