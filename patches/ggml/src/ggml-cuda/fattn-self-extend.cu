@@ -1275,8 +1275,8 @@ static __global__ void flash_attn_ext_se_rotate_k(
             if (d >= n_rot) {
                 continue;
             }
-            const int   a  = neox ? (d < half_rot ? d : d - half_rot) : d & ~1;
-            const int   b  = neox ? a + half_rot                     : a + 1;
+            int a, b;
+            fattn_se_rot_pair(d, n_rot, neox ? FATTN_SE_ROT_NEOX : FATTN_SE_ROT_NORM, a, b);
             const float xa = __half2float(x[a]), xb = __half2float(x[b]);
             e[m] = __float2half(d == a ? xa*t[a] - xb*t[b] : xa*t[b] + xb*t[a]);
         }
