@@ -34,7 +34,7 @@ struct llama_se_inp {
     ggml_tensor * k_g_rows    = nullptr; // I32 [n_stale]                 fused: their rows in K, s*kv_size + cell
     ggml_tensor * k_g_shift   = nullptr; // I32 [n_stale]                 fused, grouped keys: grouped - true position
     ggml_tensor * k_rot_rows  = nullptr; // F32 [n_rot, n_tokens + n_stale] fused, table form: the rows to store
-    ggml_tensor * q_rot_rows  = nullptr; // F32 [n_rot, n_tokens]        fused, table form, few tokens: the queries' rows
+    ggml_tensor * q_rot_rows  = nullptr; // F32 [n_rot, n_tokens]        fused, table form: the queries' rows
     mutable ggml_tensor * k_rot = nullptr; // table form: the table once this graph stored its rows (first layer)
     ggml_tensor * pos_q   = nullptr; // I32 [n_tps, n_stream]             fused: query positions
     ggml_tensor * pos_k   = nullptr; // I32 [n_kv, n_stream]              fused: key (cell) positions

@@ -651,12 +651,6 @@ static ggml_tensor * se_part(ggml_context * ctx, const llama_se_inp & inp, ggml_
     return t;
 }
 
-// Ubatches of at most this many tokens (decode steps, also of several sequences) take the table form's query rows
-// (ggml_flash_attn_ext_se_q_rot): the kernels rotate their few query rows as they load them, where a RoPE node per layer
-// would cost a launch that outlasts its work (21.5 us of a 1.27 ms decode step of a 16-layer model on an H200,
-// docs/RESULTS.md 4.5). Longer ubatches keep the RoPE node: there the kernels' staging of Q would pay for the rotation.
-static constexpr int64_t SE_Q_ROT_MAX_TOKENS = 16;
-
 llama_se_inp llama_se_build_inp(
         ggml_context * ctx,
         const llama_kv_cache_context * mctx,
@@ -705,9 +699,9 @@ llama_se_inp llama_se_build_inp(
         }
         if (table) {
             add(&inp.k_rot_rows, GGML_TYPE_F32, "se_k_rot_rows", kc->tab->ne[0], n_tokens + n_rows);
-            if (n_tokens <= SE_Q_ROT_MAX_TOKENS) {
-                add(&inp.q_rot_rows, GGML_TYPE_F32, "se_q_rot_rows", kc->tab->ne[0], n_tokens);
-            }
+            // and the queries' rows (ggml_flash_attn_ext_se_q_rot): the kernels rotate q as they stage it, where a RoPE
+            // node per layer would cost a launch and a pass over the queries (docs/RESULTS.md 4.5)
+            add(&inp.q_rot_rows, GGML_TYPE_F32, "se_q_rot_rows", kc->tab->ne[0], n_tokens);
         } else {
             // the ubatch's keys: grouped positions or shifts, as the layers need them (se_input_cur)
             inp.off_k_pos_cur   = reserve(n_tokens);

@@ -158,15 +158,17 @@ def test_flash_attention_selects_the_fused_op(model: TinyModel, runner_for: Runn
     assert f16.fused == (flash_attn and (not ON_GPU or model.head_dim in (64, 128, 256)))
 
 
-@pytest.mark.parametrize(("n_tokens", "q_rows"), [(1, True), (16, True), (17, False)])
-def test_decode_ubatches_rotate_their_queries_in_the_op(model: TinyModel, n_tokens: int, q_rows: bool,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fused op, rotation table: a ubatch of up to 16 tokens hands the op its queries' rows of the table and has no
-    RoPE node for its grouped queries (one launch per layer less in a decode step); a longer one keeps that node. The
-    logits are the reference's either way (test_token_by_token_decode, test_any_ubatch_size)."""
+@pytest.mark.parametrize("n_tokens", [1, 17, 64])
+@pytest.mark.parametrize(("keys", "q_rows"), [("table", True), ("cache", False)])
+def test_the_table_form_rotates_the_queries_in_the_op(model: TinyModel, n_tokens: int, keys: str, q_rows: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fused op: with the rotation table every ubatch, a decode step or a prefill, hands the op its queries' rows of
+    the table and has no RoPE node for its grouped queries (one launch and one pass over the queries less per layer);
+    with the grouped-key cache the queries are rotated by that node. The logits are the reference's either way
+    (test_token_by_token_decode, test_any_ubatch_size)."""
     if ON_GPU and model.head_dim not in (64, 128, 256):
         pytest.skip("the CUDA kernel takes head sizes 64, 128 and 256")
-    monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "table")  # auto takes the cache for some of the tiny models
+    monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", keys)
     names: list[str] = []
     with LlamaRunner(model.path, n_ctx=256, flash_attn=True, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16,
                      on_node=names.append) as r:
