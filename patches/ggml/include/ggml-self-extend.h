@@ -38,8 +38,8 @@
 // ggml_flash_attn_ext_se_q_rot(op), on a node of ggml_flash_attn_ext_se_rot whose q_g is
 //   q_rot  : F32          [n_rot, n_q, 1, ne3]       the same n_rot and layout as k_rot
 // makes q_g a rotation table as well: row i turns q (roped at pos_q[i]) into the grouped query, q_g[a] = q[a] cos -
-// q[b] sin, q_g[b] = q[a] sin + q[b] cos. A few queries (a decode step) then need no RoPE node of their own; a kernel
-// rotates each query row as it loads it.
+// q[b] sin, q_g[b] = q[a] sin + q[b] cos. The queries then need no RoPE node of their own; a kernel rotates each
+// query row as it loads it.
 
 #include "ggml.h"
 

@@ -59,8 +59,13 @@ struct se_case {
     bool  shuffled;  // positions of the cells in random order, some duplicated; else cell j has position j
     float softcap;
     int   rot;       // fattn_se_rot: K_g as K and a rotation table of random angles (decode only)
-    bool  q_rot;     // with rot: Q_g as Q and a table row per query, in the same layout
+    bool  q_rot;     // Q_g as Q and a table row per query, in rot's layout (NEOX without rot: K_g given, any n_q)
 };
+
+// the pair layout of the queries' table: the keys', or NEOX where K_g is given
+static int se_q_rot_mode(const int rot, const bool q_rot) {
+    return !q_rot ? FATTN_SE_ROT_NONE : rot != FATTN_SE_ROT_NONE ? rot : FATTN_SE_ROT_NEOX;
+}
 
 // Host copies of the inputs, in the layouts (views) that the kernels get.
 struct se_host {
@@ -159,7 +164,8 @@ static se_host se_make_inputs(const se_case & c, std::mt19937 & rng) {
     for (half & x : h.k)   { x = __float2half(u(rng)); }
     for (half & x : h.v)   { x = __float2half(u(rng)); }
     for (half & x : h.k_g) { x = __float2half(u(rng)); }
-    if (c.rot != FATTN_SE_ROT_NONE) {
+    if (c.rot != FATTN_SE_ROT_NONE || c.q_rot) {
+        const int mode = c.rot != FATTN_SE_ROT_NONE ? c.rot : FATTN_SE_ROT_NEOX; // of both tables (se_q_rot_mode)
         // a random angle per row and pair: cos at the pair's first dimension, sin at its second; K_g = K rotated, and
         // (q_rot) Q_g = Q rotated
         const int D = h.D;
@@ -170,8 +176,8 @@ static se_host se_make_inputs(const se_case & c, std::mt19937 & rng) {
                 for (int j = 0; j < n_rows; ++j) {
                     float * t = tab.data() + (size_t(s)*n_rows + j)*D;
                     for (int i = 0; i < D/2; ++i) {
-                        const int a = c.rot == FATTN_SE_ROT_NORM ? 2*i : i;
-                        const int b = c.rot == FATTN_SE_ROT_NORM ? 2*i + 1 : i + D/2;
+                        const int a = mode == FATTN_SE_ROT_NORM ? 2*i : i;
+                        const int b = mode == FATTN_SE_ROT_NORM ? 2*i + 1 : i + D/2;
                         const float phi = angle(rng);
                         t[a] = cosf(phi);
                         t[b] = sinf(phi);
@@ -180,14 +186,16 @@ static se_host se_make_inputs(const se_case & c, std::mt19937 & rng) {
                 }
             }
         };
-        rotate(h.tab, h.n_kv, [&](int s, int j, int a, int b, double co, double si) {
-            for (int hk = 0; hk < h.n_head_kv; ++hk) {
-                const double ka = h.kv(s, j, hk, a), kb = h.kv(s, j, hk, b);
-                half * kg = h.k_g.data() + ((size_t(s)*h.n_head_kv + hk)*h.n_kv + j)*D;
-                kg[a] = __float2half(float(ka*co - kb*si));
-                kg[b] = __float2half(float(ka*si + kb*co));
-            }
-        });
+        if (c.rot != FATTN_SE_ROT_NONE) {
+            rotate(h.tab, h.n_kv, [&](int s, int j, int a, int b, double co, double si) {
+                for (int hk = 0; hk < h.n_head_kv; ++hk) {
+                    const double ka = h.kv(s, j, hk, a), kb = h.kv(s, j, hk, b);
+                    half * kg = h.k_g.data() + ((size_t(s)*h.n_head_kv + hk)*h.n_kv + j)*D;
+                    kg[a] = __float2half(float(ka*co - kb*si));
+                    kg[b] = __float2half(float(ka*si + kb*co));
+                }
+            });
+        }
         if (c.q_rot) {
             rotate(h.qtab, h.n_q, [&](int s, int i, int a, int b, double co, double si) {
                 for (int hq = 0; hq < h.n_head; ++hq) {
@@ -317,7 +325,7 @@ static bool se_run_case(const se_case & c, const int nsm, std::mt19937 & rng) {
     const float scale = 1.0f/sqrtf(float(c.D));
     fattn_se_params p = se_params_of(h, d, scale, c.softcap, c.W);
     p.k_rot = c.rot;
-    p.q_rot = c.q_rot ? c.rot : FATTN_SE_ROT_NONE;
+    p.q_rot = se_q_rot_mode(c.rot, c.q_rot);
     const fattn_se_plan P = fattn_se_make_plan(p, nsm);
     if (c.rot != FATTN_SE_ROT_NONE && !P.decode) {
         fprintf(stderr, "%s: a rotation table is read by decode kernels only\n", c.name);
@@ -479,7 +487,7 @@ static void se_time(const char * name, const int D, const int n_head, const int 
 
     fattn_se_params p = se_params_of(h, d, 1.0f/sqrtf(float(D)), 0.0f, W);
     p.k_rot = rot;
-    p.q_rot = q_rot ? rot : FATTN_SE_ROT_NONE;
+    p.q_rot = se_q_rot_mode(rot, q_rot);
     fattn_se_plan P = fattn_se_make_plan(p, nsm);
     if (nsplit > 0) {
         P.nsplit = nsplit;
@@ -634,6 +642,9 @@ int main(int argc, char ** argv) {
         {"tables NEOX D=128 softcap, 2 streams",    128,  8, 2,   1, 1000, 100, 2, MASK_HOLES,  2, true,  30.0f, FATTN_SE_ROT_NEOX, true},
         {"tables NEOX decode D=256 n_q=3",          256,  4, 1,   3, 1000, 100, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NEOX, true},
         {"tables NORM decode D=128 n_q=2",          128, 16, 4,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f, FATTN_SE_ROT_NORM, true},
+        {"qrows prefill D=128 n_q=512",             128, 32, 8, 512, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NONE, true},
+        {"qrows prefill D=64 n_q=100 2 streams",     64,  8, 2, 100, 1000, 100, 2, MASK_HOLES,  2, true,   0.0f, FATTN_SE_ROT_NONE, true},
+        {"qrows prefill D=256 n_q=512 softcap",     256,  4, 1, 512, 4096, 512, 1, MASK_CAUSAL, 1, false, 50.0f, FATTN_SE_ROT_NONE, true},
     };
 
     if (argc > 1 && strcmp(argv[1], "--splits") == 0) {
