@@ -44,11 +44,20 @@ def git(repo: Path, *args: str, capture: bool = False) -> str:
     return out.stdout if capture else ""
 
 
+def cache_dir() -> Path:
+    """Where the build keeps the downloaded sdist, as CMakeLists.txt chooses it."""
+    if "SELFEXT_CACHE_DIR" in os.environ:
+        return Path(os.environ["SELFEXT_CACHE_DIR"])
+    if "XDG_CACHE_HOME" in os.environ:
+        return Path(os.environ["XDG_CACHE_HOME"]) / "selfext"
+    return Path.home() / ".cache" / "selfext"
+
+
 def pristine_source(info: dict[str, str]) -> Path:
     given = os.environ.get("SELFEXT_LLAMA_SOURCE")
     if given:
         return Path(given)
-    cache = Path(os.environ.get("SELFEXT_CACHE_DIR", Path.home() / ".cache" / "selfext"))
+    cache = cache_dir()
     sdist = cache / info["SDIST_NAME"]
     if not sdist.exists():
         cache.mkdir(parents=True, exist_ok=True)

@@ -32,13 +32,17 @@ message(STATUS "prepared: ${SELFEXT_LLAMA_SRC}")
 """
 
 
-def read_upstream() -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in (PATCHES / "UPSTREAM").read_text().splitlines()
-             if re.match(r"^[A-Z0-9_]+=", line))
-    return dict(pairs)
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts import each other from their directory)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-UPSTREAM = read_upstream()
+PATCHES_PY = load_script("patches")
+UPSTREAM = PATCHES_PY.upstream_info()
 
 
 def series(patch_dir: Path = PATCHES) -> list[str]:
@@ -55,15 +59,6 @@ def touched(patch: Path) -> list[str]:
 ALL_TOUCHED = [f for name in series() for f in touched(PATCHES / name)]
 
 
-def cache_dir() -> Path:
-    """The directory CMakeLists.txt keeps the downloaded sdist in."""
-    if "SELFEXT_CACHE_DIR" in os.environ:
-        return Path(os.environ["SELFEXT_CACHE_DIR"])
-    if "XDG_CACHE_HOME" in os.environ:
-        return Path(os.environ["XDG_CACHE_HOME"]) / "selfext"
-    return Path.home() / ".cache" / "selfext"
-
-
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -75,6 +70,16 @@ def sha256(path: Path) -> str:
 def given_source() -> Path | None:
     value = os.environ.get("SELFEXT_LLAMA_SOURCE")
     return Path(value).resolve() if value else None
+
+
+def pinned_sdist() -> Path:
+    """The pinned llama-cpp-python sdist: SELFEXT_LLAMA_SOURCE when that is a file, else the build's cache."""
+    given = given_source()
+    path = given if given and given.is_file() else PATCHES_PY.cache_dir() / UPSTREAM["SDIST_NAME"]
+    if not path.is_file():
+        pytest.skip(f"no llama.cpp source: neither {path} (downloaded by the first build) "
+                    "nor SELFEXT_LLAMA_SOURCE is present")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +96,7 @@ def cmake() -> str:
 
 @pytest.fixture(scope="module")
 def sdist() -> Path:
-    """The pinned llama-cpp-python sdist: SELFEXT_LLAMA_SOURCE when that is a file, else the build's cache."""
-    given = given_source()
-    path = given if given and given.is_file() else cache_dir() / UPSTREAM["SDIST_NAME"]
-    if not path.is_file():
-        pytest.skip(f"no llama.cpp source: neither {path} (downloaded by the first build) "
-                    "nor SELFEXT_LLAMA_SOURCE is present")
-    return path
+    return pinned_sdist()
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +105,7 @@ def source_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     given = given_source()
     if given and given.is_dir():
         return given
-    path = given if given and given.is_file() else cache_dir() / UPSTREAM["SDIST_NAME"]
-    if not path.is_file():
-        pytest.skip(f"no llama.cpp source: neither {path} (downloaded by the first build) "
-                    "nor SELFEXT_LLAMA_SOURCE is present")
+    path = pinned_sdist()
     dest = tmp_path_factory.mktemp("pristine")
     prefix = UPSTREAM["SDIST_SUBDIR"] + "/"
     kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
@@ -242,11 +238,7 @@ def test_a_directory_that_is_not_llama_cpp_stops_the_build_naming_it(project: Pr
 def offline_source(monkeypatch: pytest.MonkeyPatch, sdist: Path):
     """scripts/offline_source.py as a module, reading the sdist at ``sdist``."""
     monkeypatch.setenv("SELFEXT_LLAMA_SOURCE", str(sdist))
-    spec = importlib.util.spec_from_file_location("offline_source", ROOT / "scripts" / "offline_source.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("offline_source")
 
 
 def fake_sdist(path: Path, files: list[str]) -> Path:
@@ -258,6 +250,21 @@ def fake_sdist(path: Path, files: list[str]) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"SELFEXT_CACHE_DIR": "/c/selfext-cache", "XDG_CACHE_HOME": "/x"}, "/c/selfext-cache"),
+    ({"XDG_CACHE_HOME": "/x"}, "/x/selfext"),
+    ({}, "~/.cache/selfext"),
+])
+def test_the_scripts_look_for_the_sdist_where_the_build_keeps_it(monkeypatch: pytest.MonkeyPatch,
+                                                                  env: dict[str, str], expected: str) -> None:
+    # CMakeLists.txt: SELFEXT_CACHE_DIR, else $XDG_CACHE_HOME/selfext, else ~/.cache/selfext
+    for name in ("SELFEXT_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert PATCHES_PY.cache_dir() == Path(expected).expanduser()
 
 
 def test_the_offline_sources_keep_what_the_build_reads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
