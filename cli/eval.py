@@ -95,6 +95,27 @@ def _announce(settings: dict[tuple[str, int], Any]) -> None:
             hint(f"{mode} at {n} tokens: RoPE factor {s.rope_factor:.3f}")
 
 
+def _collect(run: Any, describe_start: Callable[..., str], as_json: bool, quiet: bool,
+             report: Callable[[list[Any], bool], None]) -> None:
+    """Run ``run`` with a progress bar and hand its results to ``report(results, complete)``, also when Ctrl-C or an
+    error stops it part way (complete False): what was measured is shown before the interruption surfaces."""
+    results: list[Any] = []
+    complete = False
+    try:
+        with _progress(run.total_tokens, _bar(as_json, quiet)) as (advance, describe):
+            for r in run.run(on_tokens=advance, on_start=lambda *at: describe(describe_start(*at))):
+                results.append(r)
+        complete = True
+    finally:
+        run.close()
+        if results or complete:
+            report(results, complete)
+
+
+def _partial(title: str, complete: bool) -> str:
+    return title if complete else f"{title} (interrupted: partial)"
+
+
 @app.command("passkey", epilog=example("selfext eval passkey --lengths 4k,8k,16k --depths 10,50,90 --trials 3 \\\n"
                                        "  --modes vanilla,selfext,shift,yarn,linear --plot passkey.png"))
 @handle_errors
@@ -129,25 +150,17 @@ def passkey(model: ModelArg = None,
                         ga=_self_extend(path, ga_n, ga_w), n_predict=n_predict, n_batch=batch_size,
                         llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose, rpc, flash_attn=flash_attn))
     run = PasskeyRun(path, cfg)
-    results: list[Any] = []
-    complete = False
-    try:
-        if not as_json and not quiet:
-            _announce(run.settings)
-        with _progress(run.total_tokens, _bar(as_json, quiet)) as (advance, describe):
-            for r in run.run(on_tokens=advance,
-                             on_start=lambda s, t: describe(f"{s.mode} {t.length} @{t.depth * 100:g}%")):
-                results.append(r)
-        complete = True
-    finally:
-        run.close()
-        if results or complete:
-            doc = passkey_document({"path": str(path), "n_ctx_train": run.n_ctx_train}, cfg.to_json(),
-                                   run.settings, results, complete)
-            _show(doc, passkey_table(results, "passkey accuracy" if complete else
-                                     "passkey accuracy (interrupted: partial)"), as_json)
-            if plot is not None and results:
-                hint(f"plot written to {plot_passkey(results, plot, title=path.name)}")
+
+    def report(results: list[Any], complete: bool) -> None:
+        doc = passkey_document({"path": str(path), "n_ctx_train": run.n_ctx_train}, cfg.to_json(), run.settings,
+                               results, complete)
+        _show(doc, passkey_table(results, _partial("passkey accuracy", complete)), as_json)
+        if plot is not None and results:
+            hint(f"plot written to {plot_passkey(results, plot, title=path.name)}")
+
+    if not as_json and not quiet:
+        _announce(run.settings)
+    _collect(run, lambda s, t: f"{s.mode} {t.length} @{t.depth * 100:g}%", as_json, quiet, report)
 
 
 @app.command("ppl", epilog=example("selfext eval ppl --lengths 2k,4k,8k,16k --modes vanilla,selfext \\\n"
@@ -183,24 +196,17 @@ def ppl(model: ModelArg = None,
                     llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose, rpc, flash_attn=flash_attn))
     run = PplRun(path, text, cfg)
     source["tokens"] = len(run.text_tokens)
-    results: list[Any] = []
-    complete = False
-    try:
-        if not as_json and not quiet:
-            _announce(run.settings)
-        with _progress(run.total_tokens, _bar(as_json, quiet)) as (advance, describe):
-            for r in run.run(on_tokens=advance, on_start=lambda s, n: describe(f"{s.mode} {n}")):
-                results.append(r)
-        complete = True
-    finally:
-        run.close()
-        if results or complete:
-            doc = ppl_document({"path": str(path), "n_ctx_train": run.n_ctx_train}, cfg.to_json(), source,
-                               run.settings, results, complete)
-            title = "perplexity of the final window" + ("" if complete else " (interrupted: partial)")
-            _show(doc, ppl_table(results, run.n_ctx_train, title), as_json)
-            if plot is not None and results:
-                hint(f"plot written to {plot_ppl(results, plot, run.n_ctx_train, title=path.name)}")
+
+    def report(results: list[Any], complete: bool) -> None:
+        doc = ppl_document({"path": str(path), "n_ctx_train": run.n_ctx_train}, cfg.to_json(), source, run.settings,
+                           results, complete)
+        _show(doc, ppl_table(results, run.n_ctx_train, _partial("perplexity of the final window", complete)), as_json)
+        if plot is not None and results:
+            hint(f"plot written to {plot_ppl(results, plot, run.n_ctx_train, title=path.name)}")
+
+    if not as_json and not quiet:
+        _announce(run.settings)
+    _collect(run, lambda s, n: f"{s.mode} {n}", as_json, quiet, report)
 
 
 @app.command("speed", epilog=example("selfext eval speed --depths 0,4k,16k --ga-n 4 --ga-w 1024 -t 8"))
@@ -236,23 +242,15 @@ def speed(model: ModelArg = None,
                       flash_attn=[m == "on" for m in dict.fromkeys(fa_modes)], ga=_self_extend(path, ga_n, ga_w),
                       n_batch=batch_size, llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose, rpc))
     run = SpeedRun(path, cfg)
+
+    def report(results: list[Any], complete: bool) -> None:
+        doc = speed_document({"path": str(path), "n_ctx_train": run.n_ctx_train},
+                             {**cfg.to_json(), "ga_n": run.ga.ga_n, "ga_w": run.ga.ga_w}, results, complete)
+        _show(doc, speed_table(results, _partial("speed (tokens/s, median)", complete)), as_json)
+
     if not as_json and not quiet:
         hint(f"selfext runs use G={run.ga.ga_n} W={run.ga.ga_w}")
-    results: list[Any] = []
-    complete = False
-    try:
-        with _progress(run.total_tokens, _bar(as_json, quiet)) as (advance, describe):
-            for r in run.run(on_tokens=advance,
-                             on_start=lambda m, d, f: describe(f"{m} @{d} FA {'on' if f else 'off'}")):
-                results.append(r)
-        complete = True
-    finally:
-        run.close()
-        if results or complete:
-            doc = speed_document({"path": str(path), "n_ctx_train": run.n_ctx_train},
-                                 {**cfg.to_json(), "ga_n": run.ga.ga_n, "ga_w": run.ga.ga_w}, results, complete)
-            title = "speed (tokens/s, median)" + ("" if complete else " (interrupted: partial)")
-            _show(doc, speed_table(results, title), as_json)
+    _collect(run, lambda m, d, f: f"{m} @{d} FA {'on' if f else 'off'}", as_json, quiet, report)
 
 
 def _bar(as_json: bool, quiet: bool) -> bool:

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from selfext_cpp.cli.eval import app
 from selfext_cpp.eval.passkey import PasskeyRun
+from selfext_cpp.eval.ppl import PplRun
+from selfext_cpp.eval.speed import SpeedRun
 
 runner = CliRunner()
 SMALL = ["-t", "2", "-b", "64"]
@@ -55,15 +57,15 @@ def test_passkey_table_and_plot(tiny: TinyModel, tmp_path: Path) -> None:
     assert f"plot written to {plot}" in result.stderr
 
 
-def interrupt_after_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = PasskeyRun.run
+def interrupt_after_first(monkeypatch: pytest.MonkeyPatch, run_class: type = PasskeyRun) -> None:
+    original = run_class.run
 
-    def run(self: PasskeyRun, *args: Any, **kwargs: Any) -> Iterator[Any]:
+    def run(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
         gen = original(self, *args, **kwargs)
         yield next(gen)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(PasskeyRun, "run", run)
+    monkeypatch.setattr(run_class, "run", run)
 
 
 def test_ctrl_c_prints_the_partial_json_and_exits_130(tiny: TinyModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,6 +84,26 @@ def test_ctrl_c_prints_the_partial_table(tiny: TinyModel, monkeypatch: pytest.Mo
     assert result.exit_code == 130
     assert "passkey accuracy (interrupted: partial)" in result.stdout
     assert "vanilla" in result.stdout
+
+
+@pytest.mark.parametrize(("run_class", "args", "title"), [
+    (PplRun, ["ppl", "--lengths", "48,128", "--window", "16", "--ga-n", "4", "--ga-w", "16", *SMALL],
+     "perplexity of the final window (interrupted: partial)"),
+    (SpeedRun, ["speed", "--depths", "0,100", "-p", "16", "-n", "2", "-r", "1", "--fa", "off", "--ga-n", "4",
+                "--ga-w", "16", *SMALL], "speed (tokens/s, median) (interrupted: partial)"),
+])
+def test_ctrl_c_reports_what_ppl_and_speed_measured(tiny: TinyModel, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                    run_class: type, args: list[str], title: str) -> None:
+    if run_class is PplRun:
+        text = tmp_path / "text.txt"
+        text.write_text(" ".join(["the hello world"] * 200))
+        args = [*args, "-f", str(text)]
+    interrupt_after_first(monkeypatch, run_class)
+    table = invoke(*args, str(tiny.path))
+    assert table.exit_code == 130 and "interrupted" in table.stderr
+    assert title in " ".join(table.stdout.split())  # a narrow table wraps its title
+    doc = json.loads(invoke(*args, str(tiny.path), "--json").stdout)
+    assert doc["complete"] is False and len(doc["results"]) == 1
 
 
 def test_ppl_json_and_plot_from_a_text_file(tiny: TinyModel, tmp_path: Path) -> None:
