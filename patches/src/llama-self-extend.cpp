@@ -484,7 +484,7 @@ static bool se_fused_supported(llama_context & ctx, bool table) {
             ggml_tensor * p_k = ggml_new_tensor_1d(c, GGML_TYPE_I32, n);
             std::vector<ggml_tensor *> ops;
             if (table) {
-                // with the grouped queries, and (a decode step) with the queries' rows of the table
+                // with the grouped queries (a RoPE node), and with the queries' rows of the table (what the graph builds)
                 const int64_t n_rot = hp.n_rot(layer.il);
                 ggml_tensor * k_rot = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_rot, n);
                 ggml_tensor * q_rot = ggml_new_tensor_3d(c, GGML_TYPE_F32, n_rot, 1, 1);
@@ -934,7 +934,7 @@ bool llama_se_build_layer(
 
     ggml_tensor * qg = nullptr;
     if (inp.q_rot_rows && !k_rot) {
-        // a few queries: their rows of the rotation table [n_rot, 1, n_tokens], which the op applies to q itself
+        // the queries' rows of the rotation table [n_rot, 1, n_tokens], which the op applies to q itself
         qg = ggml_reshape_3d(ctx, inp.q_rot_rows, inp.q_rot_rows->ne[0], 1, inp.q_rot_rows->ne[1]);
         out.q_rot = true;
     } else {

@@ -62,9 +62,9 @@ struct se_case {
     bool  q_rot;     // Q_g as Q and a table row per query, in rot's layout (NEOX without rot: K_g given, any n_q)
 };
 
-// the pair layout of the queries' table: the keys', or NEOX where K_g is given
-static int se_q_rot_mode(const int rot, const bool q_rot) {
-    return !q_rot ? FATTN_SE_ROT_NONE : rot != FATTN_SE_ROT_NONE ? rot : FATTN_SE_ROT_NEOX;
+// the pair layout of a case's tables: rot's, or NEOX where only the queries have one (K_g given)
+static int se_table_mode(const int rot) {
+    return rot != FATTN_SE_ROT_NONE ? rot : FATTN_SE_ROT_NEOX;
 }
 
 // Host copies of the inputs, in the layouts (views) that the kernels get.
@@ -165,7 +165,7 @@ static se_host se_make_inputs(const se_case & c, std::mt19937 & rng) {
     for (half & x : h.v)   { x = __float2half(u(rng)); }
     for (half & x : h.k_g) { x = __float2half(u(rng)); }
     if (c.rot != FATTN_SE_ROT_NONE || c.q_rot) {
-        const int mode = c.rot != FATTN_SE_ROT_NONE ? c.rot : FATTN_SE_ROT_NEOX; // of both tables (se_q_rot_mode)
+        const int mode = se_table_mode(c.rot);
         // a random angle per row and pair: cos at the pair's first dimension, sin at its second; K_g = K rotated, and
         // (q_rot) Q_g = Q rotated
         const int D = h.D;
@@ -325,7 +325,7 @@ static bool se_run_case(const se_case & c, const int nsm, std::mt19937 & rng) {
     const float scale = 1.0f/sqrtf(float(c.D));
     fattn_se_params p = se_params_of(h, d, scale, c.softcap, c.W);
     p.k_rot = c.rot;
-    p.q_rot = se_q_rot_mode(c.rot, c.q_rot);
+    p.q_rot = c.q_rot ? se_table_mode(c.rot) : FATTN_SE_ROT_NONE;
     const fattn_se_plan P = fattn_se_make_plan(p, nsm);
     if (c.rot != FATTN_SE_ROT_NONE && !P.decode) {
         fprintf(stderr, "%s: a rotation table is read by decode kernels only\n", c.name);
@@ -487,7 +487,7 @@ static void se_time(const char * name, const int D, const int n_head, const int 
 
     fattn_se_params p = se_params_of(h, d, 1.0f/sqrtf(float(D)), 0.0f, W);
     p.k_rot = rot;
-    p.q_rot = se_q_rot_mode(rot, q_rot);
+    p.q_rot = q_rot ? se_table_mode(rot) : FATTN_SE_ROT_NONE;
     fattn_se_plan P = fattn_se_make_plan(p, nsm);
     if (nsplit > 0) {
         P.nsplit = nsplit;
