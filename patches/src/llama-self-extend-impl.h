@@ -34,7 +34,8 @@ struct llama_se_inp {
     ggml_tensor * k_g_rows    = nullptr; // I32 [n_stale]                 fused: their rows in K, s*kv_size + cell
     ggml_tensor * k_g_shift   = nullptr; // I32 [n_stale]                 fused, grouped keys: grouped - true position
     ggml_tensor * k_rot_rows  = nullptr; // F32 [n_rot, n_tokens + n_stale] fused, table form: the rows to store
-    ggml_tensor * q_rot_rows  = nullptr; // F32 [n_rot, n_tokens]        fused, table form: the queries' rows
+    ggml_tensor * q_rot_rows  = nullptr; // F32 [n_rot, n_tokens]        fused, table and steps forms: the queries' rows
+    ggml_tensor * k_steps     = nullptr; // F32 [n_rot, n_rows]          fused, steps form: the table of steps
     mutable ggml_tensor * k_rot = nullptr; // table form: the table once this graph stored its rows (first layer)
     ggml_tensor * pos_q   = nullptr; // I32 [n_tps, n_stream]             fused: query positions
     ggml_tensor * pos_k   = nullptr; // I32 [n_kv, n_stream]              fused: key (cell) positions
@@ -46,7 +47,8 @@ struct llama_se_inp {
 struct llama_se_attn {
     ggml_tensor * q     = nullptr; // F32 [n_embd_head_k, n_head,    n_tokens]          rotated to i/G + W - W/G
     ggml_tensor * k     = nullptr; // F32/F16 [n_embd_head_k, n_head_kv, n_kv, n_stream] rotated to j/G
-                                   // (rotation-table form: the table, F32 [n_rot, 1, n_kv, n_stream])
+                                   // (rotation-table form: the table, F32 [n_rot, 1, n_kv, n_stream];
+                                   //  steps form: the table of steps, F32 [n_rot, n_rows])
     ggml_tensor * nbr   = nullptr;
     ggml_tensor * grp   = nullptr;
     ggml_tensor * pos_q = nullptr; // set: build_attn_mha uses the fused op (llama_se_build_fattn)
@@ -54,6 +56,8 @@ struct llama_se_attn {
     int32_t       n_window = 0;
     int32_t       rope_mode = -1; // >= 0: k is the rotation table of that RoPE mode (ggml_flash_attn_ext_se_rot)
     bool          q_rot = false;  // q is the queries' rows of that table, F32 [n_rot, 1, n_tokens] (se_q_rot)
+    int32_t       n_group = 0;    // > 0: k is a table of steps for this group size (ggml_flash_attn_ext_se_steps)
+    int32_t       n_lo    = 0;    //      with this many single-position steps
 };
 
 // true when the context runs Self-Extend (ga_n > 1)

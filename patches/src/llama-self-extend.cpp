@@ -43,13 +43,26 @@
 // key roped at its position p on to p/G (ggml-self-extend.h). Every layer and head shares it, so it costs n_rot
 // floats per cell instead of a second K cache; the rows are computed on the host, in double precision, for the
 // cells each ubatch writes (and the stale ones), and stored with set_rows like the grouped keys.
+//
+// Steps form (ggml_flash_attn_ext_se_steps, where every device has it): the kernels compose each key's row from two
+// rows of a small table of steps, which every graph takes as an input; nothing is kept per cell, so the context's
+// memory is vanilla's and nothing goes stale. This struct then only holds the RoPE parameters.
+enum class se_keys {
+    cache, // the grouped keys, one more K per layer
+    table, // the rotation table, a row per cell
+    steps, // a table of steps per graph
+};
+
 struct llama_se_kcache {
     std::vector<ggml_context_ptr>        ctxs;
     std::vector<ggml_backend_buffer_ptr> bufs;
     std::vector<ggml_tensor *>           k_g;     // per KV layer, as llama_kv_cache::layers: [n_embd_k_gqa, kv_size, n_stream]
     ggml_tensor *                        tab = nullptr; // table form (k_g empty): [n_rot, kv_size, n_stream]
-    int32_t                              rope_mode = 0; // table form: the pairs' layout (LLAMA_ROPE_TYPE_NORM/NEOX)
-    std::vector<double>                  freq;          // table form: [n_rot/2] angle of each pair per position step
+    se_keys                              form = se_keys::cache;
+    int32_t                              n_rot = 0;     // table and steps: the rotated dimensions of a row
+    int32_t                              rope_mode = 0; // table and steps: the pairs' layout (LLAMA_ROPE_TYPE_NORM/NEOX)
+    std::vector<double>                  freq;          // table and steps: [n_rot/2] angle of each pair per position step
+    std::vector<float>                   step_rows;     // steps: the table as last made, [n_rows][n_rot]
     // table form, host side: e^{i m f} of every pair for m = r < SE_ROT_B and m = q*SE_ROT_B (grown as needed), so that
     // a row is one complex product per pair (m = q*SE_ROT_B + r) instead of a cos and a sin: those took 0.7 ms of host
     // time per 512-token ubatch for a 128-dimension head, time that every prefill waited for
@@ -107,6 +120,23 @@ struct llama_se_kcache {
             put(i, e.real(), -e.imag());
         }
     }
+
+    // steps form: the table of n_rows rows (ggml_flash_attn_ext_se_steps): back by r < SE_STEP_LO positions, then by
+    // multiples of SE_STEP_LO. The same for every ubatch until n_rows changes, so it is made once.
+    const float * steps_table(int64_t n_rows) {
+        if ((int64_t) step_rows.size() != n_rows*n_rot) {
+            step_rows.resize(n_rows*n_rot);
+            for (int64_t r = 0; r < n_rows; ++r) {
+                rot_row(r < SE_STEP_LO ? -r : -(r - SE_STEP_LO)*SE_STEP_LO, &step_rows[r*n_rot]);
+            }
+        }
+        return step_rows.data();
+    }
+
+    // steps form: the single-position steps. A decode step rotates each grouped key by one of these rows, so they
+    // must stay in the caches next to the K/V rows streaming past: 128 rows are 32 KiB for a 64-dimension head, 128 KiB
+    // for 256; the queries are rotated by the larger step, again every 128 positions.
+    static constexpr int64_t             SE_STEP_LO = 128;
 };
 
 // the one friend of the upstream classes whose internals we read
@@ -126,6 +156,12 @@ struct llama_se_access {
     static std::shared_ptr<llama_se_kcache> & kcache(llama_kv_cache * kv)   { return kv->se_kcache; }
     static llama_se_kcache * kcache(const llama_kv_cache * kv)              { return kv->se_kcache.get(); }
 };
+
+// the grouped keys or table rows that a cache keeps per cell; null where it keeps none (Self-Extend off, or steps)
+static llama_se_kcache * se_per_cell(const llama_kv_cache * kv) {
+    llama_se_kcache * kc = llama_se_access::kcache(kv);
+    return kc && kc->form != se_keys::steps ? kc : nullptr;
+}
 
 // Whether layer il takes Self-Extend: a RoPE layer that may see distances past the trained context. A sliding-window
 // layer whose window fits the trained context (Gemma 2/3, Cohere 2, ...) never sees such a distance (the mask hides keys
@@ -276,7 +312,7 @@ struct se_rope_params {
     }
 };
 
-// Whether a cache can take the rotation-table form: K not quantized (a quantized K may carry llama.cpp's Hadamard
+// Whether a cache can take the rotation-table or steps form: K not quantized (a quantized K may carry llama.cpp's Hadamard
 // rotation, which the kernels do not undo) and one set of RoPE parameters for all its Self-Extend layers.
 static bool se_table_form_fits(const llama_kv_cache * kv, const llama_cparams & cparams) {
     const llama_model & model = llama_se_access::model(kv);
@@ -301,10 +337,11 @@ static ggml_type se_grouped_key_type(const ggml_tensor * k) {
     return k->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
 }
 
-// allocates the grouped keys (or, table form, the rotation table) of a cache next to its K tensors (same buffer
-// types); false when out of memory
-static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, bool table) {
+// allocates the grouped keys (or, table form, the rotation table; steps form: nothing) of a cache next to its K
+// tensors (same buffer types); false when out of memory
+static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, se_keys form) {
     auto kc = std::make_shared<llama_se_kcache>();
+    kc->form = form;
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
     const llama_model & model = llama_se_access::model(kv);
     for (const auto & layer : llama_se_access::layers(kv)) {
@@ -314,11 +351,14 @@ static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, 
             kc->ctxs.emplace_back(ggml_init(ip));
             ctx_of[buft] = kc->ctxs.back().get();
         }
-        if (table) {
-            if (!kc->tab && se_layer_applies(model.hparams, layer.il)) { // next to the first Self-Extend layer's K
+        if (form != se_keys::cache) {
+            if (!kc->n_rot && se_layer_applies(model.hparams, layer.il)) { // next to the first Self-Extend layer's K
                 const se_rope_params rp(model, cparams, layer.il);
-                kc->tab = ggml_new_tensor_3d(ctx_of[buft], GGML_TYPE_F32, rp.n_rot, layer.k->ne[1], layer.k->ne[2]);
-                ggml_set_name(kc->tab, "se_k_rot");
+                if (form == se_keys::table) {
+                    kc->tab = ggml_new_tensor_3d(ctx_of[buft], GGML_TYPE_F32, rp.n_rot, layer.k->ne[1], layer.k->ne[2]);
+                    ggml_set_name(kc->tab, "se_k_rot");
+                }
+                kc->n_rot     = rp.n_rot;
                 kc->rope_mode = model.hparams.rope_type;
                 kc->freq      = rp.freq(cparams);
             }
@@ -333,7 +373,7 @@ static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, 
     const bool no_alloc = llama_se_access::model(kv).hparams.no_alloc; // a context that only measures memory (--fit)
     for (auto & [buft, c] : ctx_of) {
         if (!ggml_get_first_tensor(c)) {
-            continue; // table form: only the table's buffer type holds something
+            continue; // table form: only the table's buffer type holds something; steps form: none
         }
         ggml_backend_buffer_t buf;
         size_t size;
@@ -361,14 +401,15 @@ static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, 
     const uint32_t kv_size  = some ? some->ne[1] : 0;
     kc->stale.assign(n_stream, std::vector<uint8_t>(kv_size, 1)); // nothing built yet
     kc->n_stale.assign(n_stream, kv_size);
-    LLAMA_LOG_INFO("%s: %s: %.2f MiB\n", __func__, table ? "grouped-key rotations (one table, kernels rotate K)" :
-                   "grouped keys", total/1024.0/1024.0);
+    const char * what = form == se_keys::cache ? "grouped keys" : form == se_keys::table ?
+        "grouped-key rotations (one table, kernels rotate K)" : "grouped-key rotations (steps, kernels rotate K)";
+    LLAMA_LOG_INFO("%s: %s: %.2f MiB\n", __func__, what, total/1024.0/1024.0);
     llama_se_access::kcache(kv) = std::move(kc);
     return true;
 }
 
 void llama_se_kcache_invalidate(const llama_kv_cache & kv) {
-    if (llama_se_kcache * kc = llama_se_access::kcache(&kv)) {
+    if (llama_se_kcache * kc = se_per_cell(&kv)) {
         for (uint32_t s = 0; s < kc->stale.size(); ++s) {
             kc->mark_all(s);
         }
@@ -376,7 +417,7 @@ void llama_se_kcache_invalidate(const llama_kv_cache & kv) {
 }
 
 void llama_se_kcache_moved(const llama_kv_cache & kv, bool do_shift, const std::vector<uint32_t> & sdst) {
-    llama_se_kcache * kc = llama_se_access::kcache(&kv);
+    llama_se_kcache * kc = se_per_cell(&kv);
     if (!kc) {
         return;
     }
@@ -400,7 +441,7 @@ void llama_se_kcache_moved(const llama_kv_cache & kv, bool do_shift, const std::
 }
 
 void llama_se_kcache_loaded(const llama_kv_cache & kv, uint32_t strm, const std::vector<uint32_t> & cells) {
-    if (llama_se_kcache * kc = llama_se_access::kcache(&kv)) {
+    if (llama_se_kcache * kc = se_per_cell(&kv)) {
         for (uint32_t i : cells) {
             kc->mark(strm, i);
         }
@@ -417,7 +458,7 @@ void llama_se_kcache_memory_breakdown(const llama_kv_cache & kv, std::map<ggml_b
 
 // whether the streams of mctx's ubatch have stale grouped keys
 static bool se_kcache_stale(const llama_kv_cache_context * mctx) {
-    const llama_se_kcache * kc = llama_se_access::kcache(llama_se_access::kv(mctx));
+    const llama_se_kcache * kc = se_per_cell(llama_se_access::kv(mctx));
     if (!kc) {
         return false;
     }
@@ -459,9 +500,10 @@ static void se_kcache_for_stale(const llama_kv_cache_context * mctx, F f) {
 }
 
 // whether the device of every Self-Extend KV layer runs GGML_OP_FLASH_ATTN_EXT_SE for that layer's shapes and cache
-// types: with the grouped keys given (table = false), or made from K with a rotation table (table = true)
-static bool se_fused_supported(llama_context & ctx, bool table) {
+// types, in the given form of the grouped keys
+static bool se_fused_supported(llama_context & ctx, se_keys form) {
     const llama_hparams & hp = ctx.get_model().hparams;
+    const bool table = form != se_keys::cache;
     for (const llama_kv_cache * kv : se_kv_caches(ctx)) {
         if (table && se_cache_applies(kv) && !se_table_form_fits(kv, llama_se_access::cparams(ctx))) {
             return false;
@@ -483,13 +525,21 @@ static bool se_fused_supported(llama_context & ctx, bool table) {
             ggml_tensor * p_q = ggml_new_tensor_1d(c, GGML_TYPE_I32, 1);
             ggml_tensor * p_k = ggml_new_tensor_1d(c, GGML_TYPE_I32, n);
             std::vector<ggml_tensor *> ops;
-            if (table) {
+            if (form == se_keys::table) {
                 // with the grouped queries (a RoPE node), and with the queries' rows of the table (what the graph builds)
                 const int64_t n_rot = hp.n_rot(layer.il);
                 ggml_tensor * k_rot = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_rot, n);
                 ggml_tensor * q_rot = ggml_new_tensor_3d(c, GGML_TYPE_F32, n_rot, 1, 1);
                 ops.push_back(ggml_flash_attn_ext_se_rot(c, q, k, v, m, q_g, k_rot, hp.rope_type, p_q, p_k, 1, 1.0f, 0.0f));
                 ops.push_back(ggml_flash_attn_ext_se_rot(c, q, k, v, m, q_rot, k_rot, hp.rope_type, p_q, p_k, 1, 1.0f, 0.0f));
+                ggml_flash_attn_ext_se_q_rot(ops.back());
+            } else if (form == se_keys::steps) {
+                // with the queries' rows of the table, as the graph builds it
+                const int64_t n_rot = hp.n_rot(layer.il), n_lo = llama_se_kcache::SE_STEP_LO;
+                ggml_tensor * k_steps = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_rot, n_lo + 2);
+                ggml_tensor * q_rot   = ggml_new_tensor_3d(c, GGML_TYPE_F32, n_rot, 1, 1);
+                ops.push_back(ggml_flash_attn_ext_se_steps(c, q, k, v, m, q_rot, k_steps, hp.rope_type, 2, n_lo, p_q, p_k,
+                                                           1, 1.0f, 0.0f));
                 ggml_flash_attn_ext_se_q_rot(ops.back());
             } else {
                 ggml_tensor * k_g = ggml_new_tensor_3d(c, se_grouped_key_type(layer.k), dk, n, nkv);
@@ -510,8 +560,8 @@ static bool se_fused_supported(llama_context & ctx, bool table) {
     return true;
 }
 
-// Which form of the grouped keys to prefer where the kernels run both. LLAMA_SELF_EXTEND_KEYS=table or cache picks one;
-// auto (the default) takes the table, which costs n_rot floats per cell where the cache costs one more K, unless
+// Between the table and the cache, where the kernels run both but not the steps form (CUDA): auto takes the table,
+// which costs n_rot floats per cell where the cache costs one more K, unless
 //  - a Self-Extend layer's K lives on a device and its RoPE does not turn the whole head: the CUDA decode kernel rotates
 //    the keys by the table as it loads them only for a whole head, else every decode step would rotate the whole K view
 //    into a scratch first (0.69-0.85 of vanilla's decode at 32K on an H200; with the rotation in the kernel 0.92-1.00,
@@ -522,13 +572,6 @@ static bool se_fused_supported(llama_context & ctx, bool table) {
 //    table per cell against 1.5 KiB of grouped keys; decode 0.80 of vanilla with the table, 1.09 with the grouped keys;
 //    RESULTS 7.1).
 static bool se_prefer_table(llama_context & ctx) {
-    const char * v = getenv("LLAMA_SELF_EXTEND_KEYS");
-    if (v && *v && strcmp(v, "auto") != 0) {
-        if (strcmp(v, "table") == 0 || strcmp(v, "cache") == 0) {
-            return strcmp(v, "table") == 0;
-        }
-        LLAMA_LOG_WARN("%s: LLAMA_SELF_EXTEND_KEYS=%s is not auto, table or cache: using auto\n", __func__, v);
-    }
     const llama_hparams & hp = ctx.get_model().hparams;
     for (const llama_kv_cache * kv : se_kv_caches(ctx)) {
         size_t table = 0; // bytes per cell: the table's, and the grouped keys' of all layers
@@ -548,6 +591,28 @@ static bool se_prefer_table(llama_context & ctx) {
         }
     }
     return true;
+}
+
+// The form of the fused path's grouped keys. LLAMA_SELF_EXTEND_KEYS=steps, table or cache asks for one (the cache where
+// a device lacks the form asked for); auto (the default) takes the steps form where every device has it, which keeps
+// nothing per cell and reads no table per cell, else chooses between the table and the cache (se_prefer_table).
+static se_keys se_keys_form(llama_context & ctx) {
+    const char * v = getenv("LLAMA_SELF_EXTEND_KEYS");
+    if (v && *v && strcmp(v, "auto") != 0) {
+        for (auto [name, form] : { std::pair("steps", se_keys::steps), std::pair("table", se_keys::table) }) {
+            if (strcmp(v, name) == 0) {
+                return se_fused_supported(ctx, form) ? form : se_keys::cache;
+            }
+        }
+        if (strcmp(v, "cache") == 0) {
+            return se_keys::cache;
+        }
+        LLAMA_LOG_WARN("%s: LLAMA_SELF_EXTEND_KEYS=%s is not auto, steps, table or cache: using auto\n", __func__, v);
+    }
+    if (se_fused_supported(ctx, se_keys::steps)) {
+        return se_keys::steps;
+    }
+    return se_prefer_table(ctx) && se_fused_supported(ctx, se_keys::table) ? se_keys::table : se_keys::cache;
 }
 
 int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
@@ -571,11 +636,10 @@ int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
     if (cparams.se_n == ga_n && cparams.se_w == ga_w) {
         return LLAMA_SELF_EXTEND_OK;
     }
-    // flash attention on: the fused op where every KV device has it, its grouped keys made in the kernels from one
-    // rotation table where every device can and that form is preferred (se_prefer_table), else kept as a second K
-    // cache; the generic path when the op is missing somewhere or its memory does not fit
-    bool fused = ga_n > 1 && cparams.flash_attn && se_fused_supported(*ctx, false);
-    const bool table = fused && se_prefer_table(*ctx) && se_fused_supported(*ctx, true);
+    // flash attention on: the fused op where every KV device has it, its grouped keys in the form se_keys_form chooses;
+    // the generic path when the op is missing somewhere or its memory does not fit
+    bool fused = ga_n > 1 && cparams.flash_attn && se_fused_supported(*ctx, se_keys::cache);
+    const se_keys form = fused ? se_keys_form(*ctx) : se_keys::cache;
     for (const llama_kv_cache * kv : se_kv_caches(*ctx)) {
         if (!fused) {
             break;
@@ -584,10 +648,10 @@ int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
             continue; // no Self-Extend layer reads this cache
         }
         const llama_se_kcache * kc = llama_se_access::kcache(kv);
-        if (kc && (kc->tab != nullptr) == table) {
+        if (kc && kc->form == form) {
             llama_se_kcache_invalidate(*kv); // built under the previous setting, in the form wanted now
         } else {
-            fused = se_kcache_alloc(const_cast<llama_kv_cache *>(kv), cparams, table);
+            fused = se_kcache_alloc(const_cast<llama_kv_cache *>(kv), cparams, form);
         }
     }
     if (!fused) {
@@ -630,12 +694,31 @@ bool llama_se_enabled(const llama_cparams & cparams) {
     return cparams.se_n > 1;
 }
 
+// Steps form: the rows of the table of steps that the cells of mctx's streams need: SE_STEP_LO single steps, then
+// larger ones up to the highest position (a key at p goes back p - p/G <= p positions). At least as many as the cache
+// has cells, so that a graph keeps its shape while the positions stay below that.
+static int64_t se_step_rows(const llama_kv_cache_context * mctx) {
+    const llama_kv_cache * kv = llama_se_access::kv(mctx);
+    int64_t n_pos = 0;
+    for (uint32_t s = llama_se_access::stream0(mctx); s <= llama_se_access::stream1(mctx); ++s) {
+        const llama_kv_cells & cells = llama_se_access::cells(kv, s);
+        n_pos = std::max<int64_t>(n_pos, cells.size());
+        for (llama_seq_id seq = 0; seq < LLAMA_MAX_SEQ; ++seq) {
+            n_pos = std::max<int64_t>(n_pos, cells.seq_pos_max(seq) + 1);
+        }
+    }
+    const int64_t lo = llama_se_kcache::SE_STEP_LO;
+    return lo + std::max<int64_t>(1, (n_pos + lo - 1)/lo);
+}
+
 bool llama_se_can_reuse(const llama_se_inp & inp, const llama_kv_cache_context * mctx) {
     if (!inp.q_shift) {
         return true;
     }
-    // a graph that rebuilt the grouped keys must not run again, and a stale cache needs that graph
-    return !inp.k_g_rebuild && !(inp.pos_q && se_kcache_stale(mctx));
+    // a graph that rebuilt the grouped keys must not run again, and a stale cache needs that graph; a table of steps
+    // must cover the positions
+    return !inp.k_g_rebuild && !(inp.pos_q && se_kcache_stale(mctx)) &&
+           !(inp.k_steps && inp.k_steps->ne[1] < se_step_rows(mctx));
 }
 
 // A part of the pack: a contiguous view of pack_dev at element offset off. Every part has 4-byte elements and the pack
@@ -684,24 +767,29 @@ llama_se_inp llama_se_build_inp(
     // the generic path rotates every cached key
     inp.k_g_rebuild = cparams.se_fa && se_kcache_stale(mctx);
     if (cparams.se_fa) {
-        // table form: instead of the keys' shifts, the table rows of the ubatch's cells, then of the stale ones
+        // table form: instead of the keys' shifts, the table rows of the ubatch's cells, then of the stale ones; steps
+        // form: the table of steps
         const llama_se_kcache * kc = llama_se_access::kcache(llama_se_access::kv(mctx));
-        const bool table = kc && kc->tab;
         int64_t n_rows = 0;
         if (inp.k_g_rebuild) {
             se_kcache_for_stale(mctx, [&](int64_t, llama_pos) { n_rows++; });
         }
         if (n_rows > 0) {
             add(&inp.k_g_rows, GGML_TYPE_I32, "se_k_g_rows", n_rows);
-            if (!table) {
+            if (kc->form == se_keys::cache) {
                 add(&inp.k_g_shift, GGML_TYPE_I32, "se_k_g_shift", n_rows);
             }
         }
-        if (table) {
-            add(&inp.k_rot_rows, GGML_TYPE_F32, "se_k_rot_rows", kc->tab->ne[0], n_tokens + n_rows);
+        if (kc->form == se_keys::table) {
+            add(&inp.k_rot_rows, GGML_TYPE_F32, "se_k_rot_rows", kc->n_rot, n_tokens + n_rows);
+        }
+        if (kc->form == se_keys::steps) {
+            add(&inp.k_steps, GGML_TYPE_F32, "se_k_steps", kc->n_rot, se_step_rows(mctx));
+        }
+        if (kc->form != se_keys::cache) {
             // and the queries' rows (ggml_flash_attn_ext_se_q_rot): the kernels rotate q as they stage it, where a RoPE
             // node per layer would cost a launch and a pass over the queries (docs/RESULTS.md 4.5)
-            add(&inp.q_rot_rows, GGML_TYPE_F32, "se_q_rot_rows", kc->tab->ne[0], n_tokens);
+            add(&inp.q_rot_rows, GGML_TYPE_F32, "se_q_rot_rows", kc->n_rot, n_tokens);
         } else {
             // the ubatch's keys: grouped positions or shifts, as the layers need them (se_input_cur)
             inp.off_k_pos_cur   = reserve(n_tokens);
@@ -794,8 +882,11 @@ void llama_se_set_inp(
     llama_se_kcache * kcache = llama_se_access::kcache(kv);
     auto rot_row = [&](llama_pos pos) {
         kcache->rot_row(se_k_pos(pos, G) - pos, rot_out);
-        rot_out += kcache->tab->ne[0];
+        rot_out += kcache->n_rot;
     };
+    if (inp.k_steps) {
+        memcpy(se_host<float>(inp, inp.k_steps), kcache->steps_table(inp.k_steps->ne[1]), ggml_nbytes(inp.k_steps));
+    }
     if (inp.k_rot_rows) {
         rot_out = se_host<float>(inp, inp.k_rot_rows);
         for (int64_t i = 0; i < n_tokens; ++i) {
@@ -806,7 +897,7 @@ void llama_se_set_inp(
         // the queries' rows: their shift from the true to the grouped query position
         float * q_rot = se_host<float>(inp, inp.q_rot_rows);
         for (int64_t i = 0; i < n_tokens; ++i) {
-            kcache->rot_row(se_q_pos(ubatch->pos[i], G, W) - ubatch->pos[i], q_rot + i*kcache->tab->ne[0]);
+            kcache->rot_row(se_q_pos(ubatch->pos[i], G, W) - ubatch->pos[i], q_rot + i*kcache->n_rot);
         }
     }
     if (inp.k_g_rebuild) {
@@ -970,10 +1061,15 @@ bool llama_se_build_layer(
             kg = ggml_cast(ctx, kg, GGML_TYPE_F16);
         }
     } else {
-        // fused path: the rotation table, or the grouped-key cache viewed like the K cache
+        // fused path: the table of steps, the rotation table, or the grouped-key cache viewed like the K cache
         const llama_kv_cache * kv = llama_se_access::kv(mctx);
         const llama_se_kcache * cache = llama_se_access::kcache(kv);
-        if (cache->tab) {
+        if (cache->form == se_keys::steps) {
+            kg = ggml_reshape_2d(ctx, inp.k_steps, inp.k_steps->ne[0], inp.k_steps->ne[1]); // [n_rot, n_rows]
+            out.rope_mode = cache->rope_mode;
+            out.n_group   = cparams.se_n;
+            out.n_lo      = llama_se_kcache::SE_STEP_LO;
+        } else if (cache->tab) {
             // table form: the first Self-Extend layer of the graph writes the rows of this ubatch's (and the stale)
             // cells; every layer reads the table as [n_rot, 1, n_kv, n_stream], the kernel rotates K by it
             ggml_tensor * tab = cache->tab;
@@ -1072,6 +1168,14 @@ ggml_tensor * llama_se_build_fattn(
         float softcap) {
     GGML_ASSERT(se.pos_q && v->nb[0] == ggml_type_size(v->type)); // flash attention: V not transposed
     ggml_tensor * qg = se_q_streams(ctx, se.q, k->ne[3]);
+    if (se.n_group > 0) {
+        ggml_tensor * op = ggml_flash_attn_ext_se_steps(ctx, q, k, v, kq_mask, qg, se.k, se.rope_mode, se.n_group, se.n_lo,
+                                                        se.pos_q, se.pos_k, se.n_window, kq_scale, softcap);
+        if (se.q_rot) {
+            ggml_flash_attn_ext_se_q_rot(op);
+        }
+        return op;
+    }
     ggml_tensor * kg = ggml_permute(ctx, se.k, 0, 2, 1, 3);
     if (se.rope_mode >= 0) {
         ggml_tensor * op = ggml_flash_attn_ext_se_rot(ctx, q, k, v, kq_mask, qg, kg, se.rope_mode, se.pos_q, se.pos_k,

@@ -163,26 +163,30 @@ def test_verbose_shows_the_prefill_bar_summary_and_llama_log(cli: Invoke, tiny_m
     assert "prefill" not in result.stdout and "selfext:" not in result.stdout
 
 
-def test_the_fused_path_on_the_cpu_keeps_one_rotation_table_instead_of_a_second_k_cache(
-        cli: Invoke, tiny_model: Path) -> None:
-    # the CPU kernel makes the grouped keys from K: the context adds one table of n_rot floats per cell (the tiny
-    # llama: head size 16, all rotated) for all layers and heads, where grouped keys would add half the KV cache
+def test_the_fused_path_on_the_cpu_keeps_nothing_per_cell(cli: Invoke, tiny_model: Path, tmp_path: Path) -> None:
+    # the CPU kernel makes the grouped keys from K with a table of steps that every graph takes as an input: the
+    # context keeps no second K cache and no table per cell, also where a head is large (Gemma 3-like: one global
+    # layer of one KV head of 256 dims, where a table row per cell would be larger than that layer's grouped keys)
+    gemma = make_tiny_gemma3(tmp_path / "gemma3.gguf", head_dim=256).path
+    for model, args in ((tiny_model, {"input": DOC}), (gemma, {})):
+        prompt = () if args else ("-p", "hello world")
+        result = cli("run", model, "--ga-n", "4", "--ga-w", "16", "-n", "1", "-c", "4096", "-v", *prompt, **args)
+        assert result.exit_code == 0, result.output
+        assert "grouped-key rotations (steps, kernels rotate K): 0.00 MiB" in result.stderr
+        assert "grouped keys:" not in result.stderr and "one table" not in result.stderr
+
+
+def test_llama_self_extend_keys_table_keeps_one_rotation_table_instead_of_a_second_k_cache(
+        cli: Invoke, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # LLAMA_SELF_EXTEND_KEYS=table (the default on CUDA): one table of n_rot floats per cell (the tiny llama: head
+    # size 16, all rotated) for all layers and heads, where grouped keys would add half the KV cache
+    monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "table")
     result = cli("run", tiny_model, "--ga-n", "4", "--ga-w", "64", "-n", "1", "-c", "4096", "-v", input=DOC)
     assert result.exit_code == 0
     kv = float(re.search(r"KV buffer size = +([\d.]+) MiB", result.stderr)[1])
     table = float(re.search(r"grouped-key rotations \(one table, kernels rotate K\): ([\d.]+) MiB", result.stderr)[1])
     assert (kv, table) == (2.0, 4096 * 16 * 4 / 2**20)  # KV: 4096 cells x 2 layers x (64 + 64) x f16
     assert "grouped keys:" not in result.stderr
-
-
-def test_the_cpu_keeps_grouped_keys_where_a_table_would_save_little(cli: Invoke, tmp_path: Path) -> None:
-    # Gemma 3-like: one global layer of one KV head of 256 dims, so its grouped keys take 512 bytes per cell (f16)
-    # and a table 1 KiB (256 floats): the table would cost decode speed and save nothing, so auto keeps the keys
-    model = make_tiny_gemma3(tmp_path / "gemma3.gguf", head_dim=256).path
-    result = cli("run", model, "--ga-n", "4", "--ga-w", "16", "-n", "1", "-c", "4096", "-v", "-p", "hello world")
-    assert result.exit_code == 0, result.output
-    assert float(re.search(r"grouped keys: ([\d.]+) MiB", result.stderr)[1]) == 4096 * 256 * 2 / 2**20
-    assert "grouped-key rotations" not in result.stderr
 
 
 def test_run_gives_the_sliding_window_layers_a_cache_of_their_window(cli: Invoke, tmp_path: Path) -> None:
@@ -199,7 +203,7 @@ def test_run_gives_the_sliding_window_layers_a_cache_of_their_window(cli: Invoke
 def test_llama_self_extend_keys_cache_keeps_the_grouped_keys_with_the_same_answer(
         cli: Invoke, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # LLAMA_SELF_EXTEND_KEYS=cache asks libllama for the second K cache (one more K: half the 2 MiB KV cache) where
-    # the kernels could rotate K by the table; the answer does not depend on the form
+    # the kernels could rotate K themselves; the answer does not depend on the form
     args = ("run", tiny_model, "--ga-n", "4", "--ga-w", "64", "-n", "8", "--temp", "0", "-c", "4096", "-v")
     table = cli(*args, input=DOC)
     monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "cache")
@@ -210,7 +214,7 @@ def test_llama_self_extend_keys_cache_keeps_the_grouped_keys_with_the_same_answe
     assert cached.stdout == table.stdout and len(table.stdout.strip()) >= 4
     monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "fast")
     other = cli(*args, input=DOC)
-    assert "LLAMA_SELF_EXTEND_KEYS=fast is not auto, table or cache: using auto" in other.stderr
+    assert "LLAMA_SELF_EXTEND_KEYS=fast is not auto, steps, table or cache: using auto" in other.stderr
     assert "grouped-key rotations" in other.stderr and other.stdout == table.stdout
 
 

@@ -74,7 +74,7 @@ def test_reference_is_vanilla_llama_cpp(gemma: TinyGemma) -> None:
     assert max_err(wide, want) > 10 * ATOL_FA
 
 
-@pytest.mark.parametrize("path", ["generic", "fused-table", "fused-cache"])  # the two forms of the grouped keys
+@pytest.mark.parametrize("path", ["generic", "fused-steps", "fused-table", "fused-cache"])  # the forms of the grouped keys
 @pytest.mark.parametrize(("ga_n", "ga_w", "swa_full"), [(2, 4, True), (4, 8, False), (3, 33, False)],
                          ids=["G2-W4-swa-full", "G4-W8-swa-window", "G3-W33-swa-window"])
 def test_self_extend_on_global_layers_matches_reference(gemma: TinyGemma, path: str, swa_full: bool, ga_n: int,

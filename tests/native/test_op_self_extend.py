@@ -100,10 +100,12 @@ def reference(c: Case, x: dict[str, np.ndarray], scale: float) -> np.ndarray:
 
 
 def run_op(g: Ggml, backend: int, c: Case, x: dict[str, np.ndarray], scale: float,
-           vanilla: bool = False, rope_mode: int | None = None, q_rot: bool = False) -> np.ndarray | None:
+           vanilla: bool = False, rope_mode: int | None = None, q_rot: bool = False,
+           steps: tuple[int, int] | None = None) -> np.ndarray | None:
     """The op on one backend (``vanilla``: llama.cpp's ggml_flash_attn_ext on q, k, v, mask instead;
-    ``rope_mode``: the rotation-table form, x["k_rot"] instead of x["k_g"]; ``q_rot``: with it, x["q_rot"] instead
-    of x["q_g"]); None when the backend does not support this case."""
+    ``rope_mode``: the rotation-table form, x["k_rot"] instead of x["k_g"]; ``steps`` = (G, n_lo) with it: the table
+    of steps x["k_rot"], [n_rows, n_rot]; ``q_rot``: x["q_rot"] instead of x["q_g"]); None when the backend does not
+    support this case."""
     lib = g.lib
     ctx = lib.ggml_init(InitParams(64 * 1024 * 1024 // 64, None, True))
     H = c.n_head_kv * c.gqa
@@ -122,11 +124,19 @@ def run_op(g: Ggml, backend: int, c: Case, x: dict[str, np.ndarray], scale: floa
     }
     if rope_mode is not None:
         del t["k_g"]
-        t["k_rot"] = tensor(GGML_TYPE_F32, x["k_rot"].shape[-1], c.n_kv, 1, c.n_stream)
+        shape = x["k_rot"].shape
+        t["k_rot"] = (tensor(GGML_TYPE_F32, shape[-1], shape[0]) if steps
+                      else tensor(GGML_TYPE_F32, shape[-1], c.n_kv, 1, c.n_stream))
     if q_rot:
         del t["q_g"]
         t["q_rot"] = tensor(GGML_TYPE_F32, x["q_rot"].shape[-1], c.n_q, 1, c.n_stream)
-    if rope_mode is not None:
+    if steps:
+        out = lib.ggml_flash_attn_ext_se_steps(ctx, t["q"], t["k"], t["v"], t["mask"], t["q_rot" if q_rot else "q_g"],
+                                               t["k_rot"], rope_mode, *steps, t["pos_q"], t["pos_k"], c.W, scale,
+                                               c.softcap)
+        if q_rot:
+            lib.ggml_flash_attn_ext_se_q_rot(out)
+    elif rope_mode is not None:
         out = lib.ggml_flash_attn_ext_se_rot(ctx, t["q"], t["k"], t["v"], t["mask"], t["q_rot" if q_rot else "q_g"],
                                              t["k_rot"], rope_mode, t["pos_q"], t["pos_k"], c.W, scale, c.softcap)
         if q_rot:
@@ -204,7 +214,10 @@ ROT_CASES += [(Case(64, 2, 4, 7, 1, 700, GGML_TYPE_F16), ROPE_NEOX, 64),
               (Case(128, 2, 8, 100, 1, 1500, GGML_TYPE_F16, 2), ROPE_NEOX, 128),
               (Case(64, 2, 2, 7, 4, 700, GGML_TYPE_F16, softcap=2.0), ROPE_NORM, 64),
               (Case(256, 1, 4, 33, 1, 1000, GGML_TYPE_F16), ROPE_NEOX, 256),
-              (Case(256, 1, 4, 7, 3, 700, GGML_TYPE_F16, softcap=50.0), ROPE_NORM, 256)]
+              (Case(256, 1, 4, 7, 3, 700, GGML_TYPE_F16, softcap=50.0), ROPE_NORM, 256),
+              # decode with pairs that do not fill whole vectors: the CPU kernel rotates a converted row first
+              (Case(64, 2, 4, 7, 1, 700, GGML_TYPE_F16), ROPE_NEOX, 24),
+              (Case(128, 2, 2, 7, 1, 300, GGML_TYPE_F16), ROPE_NORM, 6)]
 
 
 def random_table(rng: np.random.Generator, shape: tuple[int, ...], n_rot: int, mode: int) -> np.ndarray:
@@ -258,6 +271,52 @@ def test_rotation_table_form_matches_reference(ggml: Ggml, case: Case, mode: int
     # the table matters: the same op with the unrotated keys as k_g is far off
     x_plain = dict(x, k_g=x["k"])
     assert np.max(np.abs(reference(case, x_plain, scale) - want)) / np.max(np.abs(want)) > 10 * 2e-3
+    assert "CPU" in ran
+
+
+STEP_CASES = [(Case(64, 2, 4, 7, 1, 700, GGML_TYPE_F16), ROPE_NORM, 64, 4, 16),  # decode: one query
+              (Case(64, 2, 4, 7, 64, 700, GGML_TYPE_F16), ROPE_NEOX, 64, 3, 8),  # prefill: the keys rotated whole
+              (Case(128, 2, 2, 100, 4, 1500, GGML_TYPE_F16, 2), ROPE_NEOX, 128, 8, 128),
+              (Case(128, 2, 8, 512, 512, 900, GGML_TYPE_F16), ROPE_NORM, 96, 2, 32),
+              (Case(64, 2, 8, 7, 1, 1500, GGML_TYPE_F16, 2), ROPE_NORM, 32, 1, 4),  # G 1: steps of 0
+              (Case(256, 1, 4, 33, 1, 1000, GGML_TYPE_F16), ROPE_NEOX, 256, 16, 128),
+              (Case(64, 2, 2, 7, 3, 700, GGML_TYPE_F16, softcap=2.0), ROPE_NORM, 64, 5, 2)]
+
+
+@pytest.mark.parametrize("q_rot", [False, True], ids=["q_g", "q_rot"])
+@pytest.mark.parametrize("case,mode,n_rot,G,n_lo", STEP_CASES,
+                         ids=[f"{c}-{'neox' if m else 'norm'}{r}-G{g}-lo{lo}" for c, m, r, g, lo in STEP_CASES])
+def test_table_of_steps_matches_reference(ggml: Ggml, case: Case, mode: int, n_rot: int, G: int, n_lo: int,
+                                          q_rot: bool) -> None:
+    """ggml_flash_attn_ext_se_steps: each key's row composed in the kernel from two rows of a table of steps (random
+    angles here, so a wrong row or a wrong product is O(1) off) equals the keys form given the keys rotated by that
+    product in float64. Positions are out of order (the larger step changes from key to key), some empty cells sit
+    at -1, and the table has exactly the rows the highest position needs."""
+    rng = np.random.default_rng(zlib.crc32(f"{case}-{mode}-{n_rot}-{G}-{n_lo}-{q_rot}".encode()))
+    x = make_inputs(case, rng)
+    x["pos_k"] = np.where(rng.random(x["pos_k"].shape) < 0.03, -1, x["pos_k"]).astype(np.int32)  # (masked anyway)
+    m_max = int(np.max(x["pos_k"] - x["pos_k"] // G))
+    steps = random_table(rng, (n_lo + m_max // n_lo + 1,), n_rot, mode)
+    x["k_rot"] = steps
+    m = np.where(x["pos_k"] >= 0, x["pos_k"] - x["pos_k"] // G, 0)  # [n_stream, n_kv]
+    x["k_g"] = rotated(rotated(x["k"], steps[m % n_lo][:, None], mode), steps[n_lo + m // n_lo][:, None], mode)
+    if q_rot:
+        x["q_rot"] = random_table(rng, (case.n_stream, 1, case.n_q), n_rot, mode)
+        x["q_g"] = rotated(x["q"], x["q_rot"], mode)
+    scale = 1.0 / np.sqrt(case.D)
+    want = reference(case, x, scale)
+    ran = []
+    for name, backend in ggml.backends.items():
+        got = run_op(ggml, backend, case, x, scale, rope_mode=mode, q_rot=q_rot, steps=(G, n_lo))
+        if got is None:
+            assert name != "CPU", "the CPU backend runs the steps form"
+            continue
+        err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+        assert err < 2e-3, f"{name}: max error {err:.3g} (relative to the output scale)"
+        ran.append(name)
+    # both steps matter: the keys rotated by the single-position step alone are far off
+    x_lo = dict(x, k_g=rotated(x["k"], steps[m % n_lo][:, None], mode))
+    assert np.max(np.abs(reference(case, x_lo, scale) - want)) / np.max(np.abs(want)) > 10 * 2e-3
     assert "CPU" in ran
 
 

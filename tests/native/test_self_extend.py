@@ -26,13 +26,14 @@ GGML_TYPE_Q8_0 = 8
 N_TOKENS = 100  # the tiny models are trained to 64 positions
 
 
-@pytest.fixture(params=["generic", "fused", "fused-cache"])
+@pytest.fixture(params=["generic", "fused", "fused-table", "fused-cache"])
 def attn_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test below runs on both Self-Extend paths: the generic graph (flash attention off) and the fused
     GGML_OP_FLASH_ATTN_EXT_SE (flash attention on; with an f32 cache the op computes in f32, same ATOL), the latter
-    in both forms of the grouped keys: the rotation table (the default) and the grouped-key cache."""
-    if request.param == "fused-cache":
-        monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "cache")
+    in every form of the grouped keys: the default (the table of steps on the CPU, the rotation table on CUDA), the
+    rotation table and the grouped-key cache."""
+    if request.param in ("fused-table", "fused-cache"):
+        monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", request.param.removeprefix("fused-"))
     return str(request.param)
 
 
@@ -159,15 +160,17 @@ def test_flash_attention_selects_the_fused_op(model: TinyModel, runner_for: Runn
 
 
 @pytest.mark.parametrize("n_tokens", [1, 17, 64])
-@pytest.mark.parametrize(("keys", "q_rows"), [("table", True), ("cache", False)])
+@pytest.mark.parametrize(("keys", "q_rows"), [("steps", True), ("table", True), ("cache", False)])
 def test_the_table_form_rotates_the_queries_in_the_op(model: TinyModel, n_tokens: int, keys: str, q_rows: bool,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fused op: with the rotation table every ubatch, a decode step or a prefill, hands the op its queries' rows of
-    the table and has no RoPE node for its grouped queries (one launch and one pass over the queries less per layer);
-    with the grouped-key cache the queries are rotated by that node. The logits are the reference's either way
-    (test_token_by_token_decode, test_any_ubatch_size)."""
+    """Fused op: with the rotation table or the table of steps every ubatch, a decode step or a prefill, hands the op
+    its queries' rows of the table and has no RoPE node for its grouped queries (one launch and one pass over the
+    queries less per layer); with the grouped-key cache the queries are rotated by that node. The logits are the
+    reference's either way (test_token_by_token_decode, test_any_ubatch_size)."""
     if ON_GPU and model.head_dim not in (64, 128, 256):
         pytest.skip("the CUDA kernel takes head sizes 64, 128 and 256")
+    if ON_GPU and keys == "steps":
+        pytest.skip("the CUDA kernel has no steps form: the context takes the grouped-key cache")
     monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", keys)
     names: list[str] = []
     with LlamaRunner(model.path, n_ctx=256, flash_attn=True, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16,
@@ -179,6 +182,7 @@ def test_the_table_form_rotates_the_queries_in_the_op(model: TinyModel, n_tokens
     rope_nodes = [n for n in names if re.fullmatch(r"se_q_grouped-\d+", n)]  # not their views
     assert len(rope_nodes) == (0 if q_rows else model.n_layer), rope_nodes
     assert any(n.startswith("se_q_rot_rows") for n in names) == q_rows
+    assert any(n.startswith("se_k_steps") for n in names) == (keys == "steps")  # no row per cell
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])

@@ -33,14 +33,14 @@ def test_endpoints_are_host_port_pairs() -> None:
 
 
 @pytest.mark.parametrize("n_gpu_layers", [1, 99], ids=["one-layer-remote", "all-remote"])
-@pytest.mark.parametrize(("flash_attn", "keys"), [(True, "table"), (True, "cache"), (False, "auto")],
-                         ids=["fused-table", "fused-cache", "generic"])
+@pytest.mark.parametrize(("flash_attn", "keys"), [(True, "steps"), (True, "table"), (True, "cache"), (False, "auto")],
+                         ids=["fused-steps", "fused-table", "fused-cache", "generic"])
 def test_logits_over_rpc_are_the_local_logits_past_the_trained_window(
         tiny_model: Path, rpc_server: RpcServer, flash_attn: bool, keys: str, n_gpu_layers: int,
         monkeypatch: pytest.MonkeyPatch) -> None:
     # The server runs the same CPU kernels with the same thread count on the same inputs: bit for bit equal
     # in practice; 1e-6 allows for a different summation order, far below a change of greedy token. Both
-    # contexts get the same form of the grouped keys (the table and the cache round the grouped keys differently).
+    # contexts get the same form of the grouped keys (the forms round the grouped keys differently).
     import numpy as np
 
     from selfext_cpp import load, self_extend_fused
@@ -63,11 +63,11 @@ def test_logits_over_rpc_are_the_local_logits_past_the_trained_window(
         remote.close()
 
 
-def test_layers_on_an_rpc_device_keep_one_rotation_table_by_default(
+def test_layers_on_an_rpc_device_keep_nothing_per_cell_by_default(
         tiny_model: Path, rpc_server: RpcServer, capfd: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    # K outside host memory and RoPE turning the whole head: the device's kernels rotate K by the table (the CUDA
-    # decode kernel as it loads K), so auto keeps no second K cache there
+    # K outside host memory, on a device that the server's CPU backend runs: the server answers that it has the op's
+    # steps form, so auto keeps neither a second K cache nor a table per cell there
     from selfext_cpp import load, self_extend_fused
 
     monkeypatch.delenv("LLAMA_SELF_EXTEND_KEYS", raising=False)
@@ -78,11 +78,11 @@ def test_layers_on_an_rpc_device_keep_one_rotation_table_by_default(
     finally:
         remote.close()
     log = capfd.readouterr().err
-    assert "se_kcache_alloc: grouped-key rotations (one table, kernels rotate K)" in log
+    assert "se_kcache_alloc: grouped-key rotations (steps, kernels rotate K): 0.00 MiB" in log
     assert "se_kcache_alloc: grouped keys:" not in log
 
 
-@pytest.mark.parametrize("keys", ["table", "cache"])
+@pytest.mark.parametrize("keys", ["steps", "table", "cache"])
 def test_a_decode_step_over_rpc_uploads_the_self_extend_inputs_as_one_tensor(
         tiny_model: Path, rpc_server: RpcServer, keys: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every graph input set on the host costs each ubatch one upload to the device that reads it: a round trip over

@@ -25,7 +25,7 @@
 //
 // src[0..3] = q, k, v, mask (src[4], the sinks slot of ggml_flash_attn_ext, stays NULL), src[5..8] = q_g, k_g,
 // pos_q, pos_k; op_params = { scale, max_bias (must be 0), logit_softcap, precision, W, k_g is a rotation table
-// (0/1), its RoPE mode, q_g is a rotation table (0/1) }.
+// (0/1), its RoPE mode, q_g is a rotation table (0/1), G of a table of steps (0: none), its n_lo }.
 //
 // ggml_flash_attn_ext_se_rot: the same op without grouped keys. Its k_g is a rotation table
 //   k_rot  : F32          [n_rot, n_kv, 1, ne3]      n_rot <= DK, even
@@ -35,7 +35,15 @@
 // n_rot as they are). One table serves every layer and head that share the RoPE parameters, in place of a second
 // K cache. Backends without this form report it unsupported (supports_op).
 //
-// ggml_flash_attn_ext_se_q_rot(op), on a node of ggml_flash_attn_ext_se_rot whose q_g is
+// ggml_flash_attn_ext_se_steps: the rotation-table form without a row per key. Its k_g is a table of steps
+//   k_steps: F32          [n_rot, n_lo + n_hi, 1, 1]  the same pair layout, shared by the streams
+// whose row r < n_lo rotates by -r positions and row n_lo + h by -h*n_lo positions (n_lo a power of two). Key j at
+// position p = pos_k[j] goes back m = p - p/G positions (on to p/G; G = n_group; m = 0 for p < 0, an empty cell): its
+// row is the product of rows m % n_lo and n_lo + m/n_lo, per pair (c, s) = (c1 c2 - s1 s2, s1 c2 + c1 s2). The table
+// must cover every key: m/n_lo < n_hi. It costs nothing per cell, where the table of rows costs n_rot floats per cell.
+// Backends without this form report it unsupported (supports_op).
+//
+// ggml_flash_attn_ext_se_q_rot(op), on a node of ggml_flash_attn_ext_se_rot (or _steps) whose q_g is
 //   q_rot  : F32          [n_rot, n_q, 1, ne3]       the same n_rot and layout as k_rot
 // makes q_g a rotation table as well: row i turns q (roped at pos_q[i]) into the grouped query, q_g[a] = q[a] cos -
 // q[b] sin, q_g[b] = q[a] sin + q[b] cos. The queries then need no RoPE node of their own; a kernel rotates each
@@ -78,6 +86,23 @@ GGML_API struct ggml_tensor * ggml_flash_attn_ext_se_rot(
         float                 scale,
         float                 logit_softcap);
 
+GGML_API struct ggml_tensor * ggml_flash_attn_ext_se_steps(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * q,
+        struct ggml_tensor  * k,
+        struct ggml_tensor  * v,
+        struct ggml_tensor  * mask,
+        struct ggml_tensor  * q_g,
+        struct ggml_tensor  * k_steps,
+        int32_t               rope_mode,
+        int32_t               n_group,
+        int32_t               n_lo,
+        struct ggml_tensor  * pos_q,
+        struct ggml_tensor  * pos_k,
+        int32_t               n_window,
+        float                 scale,
+        float                 logit_softcap);
+
 GGML_API void ggml_flash_attn_ext_se_q_rot(struct ggml_tensor * op);
 
 // The operands and parameters of a GGML_OP_FLASH_ATTN_EXT_SE node, read back from where ggml_flash_attn_ext_se
@@ -90,6 +115,8 @@ struct ggml_flash_attn_ext_se_args {
     int32_t k_rot;     // 1: k_g is a rotation table (ggml_flash_attn_ext_se_rot), 0: grouped keys
     int32_t rope_mode; // the table's pair layout: 0 or GGML_ROPE_TYPE_NEOX
     int32_t q_rot;     // 1: q_g is a rotation table too (ggml_flash_attn_ext_se_q_rot)
+    int32_t n_group;   // > 0: k_g is a table of steps (ggml_flash_attn_ext_se_steps) for this group size, 0: a row per key
+    int32_t n_lo;      // steps: the rows of single positions, before the rows of n_lo positions each
 };
 
 static inline struct ggml_flash_attn_ext_se_args ggml_flash_attn_ext_se_get_args(const struct ggml_tensor * op) {
@@ -108,6 +135,8 @@ static inline struct ggml_flash_attn_ext_se_args ggml_flash_attn_ext_se_get_args
     a.k_rot     = op->op_params[5];
     a.rope_mode = op->op_params[6];
     a.q_rot     = op->op_params[7];
+    a.n_group   = op->op_params[8];
+    a.n_lo      = op->op_params[9];
     return a;
 }
 

@@ -3,7 +3,8 @@
 #include "ggml-self-extend.h"
 #include "ggml-impl.h"
 
-// k_rot < 0: k_g holds grouped keys; else k_g is a rotation table with that RoPE mode
+// k_rot < 0: k_g holds grouped keys; else k_g is a rotation table with that RoPE mode: a row per key (n_group 0), or
+// steps for group size n_group
 static struct ggml_tensor * ggml_flash_attn_ext_se_impl(
         struct ggml_context * ctx,
         struct ggml_tensor  * q,
@@ -13,6 +14,8 @@ static struct ggml_tensor * ggml_flash_attn_ext_se_impl(
         struct ggml_tensor  * q_g,
         struct ggml_tensor  * k_g,
         int32_t               k_rot,
+        int32_t               n_group,
+        int32_t               n_lo,
         struct ggml_tensor  * pos_q,
         struct ggml_tensor  * pos_k,
         int32_t               n_window,
@@ -25,8 +28,13 @@ static struct ggml_tensor * ggml_flash_attn_ext_se_impl(
     } else {
         GGML_ASSERT(k_rot == 0 || k_rot == GGML_ROPE_TYPE_NEOX);
         GGML_ASSERT(k_g->type == GGML_TYPE_F32 && k_g->nb[0] == sizeof(float));
-        GGML_ASSERT(k_g->ne[0] % 2 == 0 && k_g->ne[0] <= k->ne[0] && k_g->ne[1] == k->ne[1]);
-        GGML_ASSERT(k_g->ne[2] == 1 && k_g->ne[3] == k->ne[3]);
+        GGML_ASSERT(k_g->ne[0] % 2 == 0 && k_g->ne[0] <= k->ne[0] && k_g->ne[2] == 1);
+        if (n_group > 0) {
+            GGML_ASSERT(n_lo >= 1 && (n_lo & (n_lo - 1)) == 0 && "n_lo must be a power of two");
+            GGML_ASSERT(k_g->ne[1] > n_lo && k_g->ne[3] == 1 && ggml_is_contiguous(k_g));
+        } else {
+            GGML_ASSERT(k_g->ne[1] == k->ne[1] && k_g->ne[3] == k->ne[3]);
+        }
     }
     GGML_ASSERT(q->type == GGML_TYPE_F32 && q_g->type == GGML_TYPE_F32);
     GGML_ASSERT(q->ne[3] == k->ne[3] && q->ne[3] == v->ne[3]);
@@ -56,6 +64,8 @@ static struct ggml_tensor * ggml_flash_attn_ext_se_impl(
     ggml_set_op_params_i32(result, 4, n_window);
     ggml_set_op_params_i32(result, 5, k_rot >= 0);
     ggml_set_op_params_i32(result, 6, k_rot >= 0 ? k_rot : 0);
+    ggml_set_op_params_i32(result, 8, k_rot >= 0 ? n_group : 0);
+    ggml_set_op_params_i32(result, 9, k_rot >= 0 && n_group > 0 ? n_lo : 0);
 
     result->op     = GGML_OP_FLASH_ATTN_EXT_SE;
     result->src[0] = q;
@@ -83,7 +93,8 @@ struct ggml_tensor * ggml_flash_attn_ext_se(
         int32_t               n_window,
         float                 scale,
         float                 logit_softcap) {
-    return ggml_flash_attn_ext_se_impl(ctx, q, k, v, mask, q_g, k_g, -1, pos_q, pos_k, n_window, scale, logit_softcap);
+    return ggml_flash_attn_ext_se_impl(ctx, q, k, v, mask, q_g, k_g, -1, 0, 0, pos_q, pos_k, n_window, scale,
+                                       logit_softcap);
 }
 
 struct ggml_tensor * ggml_flash_attn_ext_se_rot(
@@ -101,8 +112,29 @@ struct ggml_tensor * ggml_flash_attn_ext_se_rot(
         float                 scale,
         float                 logit_softcap) {
     GGML_ASSERT(rope_mode >= 0);
-    return ggml_flash_attn_ext_se_impl(ctx, q, k, v, mask, q_g, k_rot, rope_mode, pos_q, pos_k, n_window, scale,
+    return ggml_flash_attn_ext_se_impl(ctx, q, k, v, mask, q_g, k_rot, rope_mode, 0, 0, pos_q, pos_k, n_window, scale,
                                        logit_softcap);
+}
+
+struct ggml_tensor * ggml_flash_attn_ext_se_steps(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * q,
+        struct ggml_tensor  * k,
+        struct ggml_tensor  * v,
+        struct ggml_tensor  * mask,
+        struct ggml_tensor  * q_g,
+        struct ggml_tensor  * k_steps,
+        int32_t               rope_mode,
+        int32_t               n_group,
+        int32_t               n_lo,
+        struct ggml_tensor  * pos_q,
+        struct ggml_tensor  * pos_k,
+        int32_t               n_window,
+        float                 scale,
+        float                 logit_softcap) {
+    GGML_ASSERT(rope_mode >= 0 && n_group >= 1);
+    return ggml_flash_attn_ext_se_impl(ctx, q, k, v, mask, q_g, k_steps, rope_mode, n_group, n_lo, pos_q, pos_k,
+                                       n_window, scale, logit_softcap);
 }
 
 void ggml_flash_attn_ext_se_q_rot(struct ggml_tensor * op) {

@@ -7,7 +7,9 @@
 //   1. the mask and the positions of the tile decide, per (query, key), masked / neighbour / grouped;
 //      a tile with nothing visible is skipped,
 //   2. only the operand pairs the tile needs are multiplied (q.k, q_g.k_g, or both near i - j = W); k_g is
-//      given, or (rotation-table form) made from each K row as it is converted,
+//      given, or (rotation-table form) made from each K row as it is converted; with a table of steps, a few-row
+//      tile rotates each K row by its key's single-position step only and the queries by the larger one, which
+//      keys in position order share for n_lo positions at a time,
 //   3. the chosen logit of each pair goes through one online softmax (running max M, sum L per row),
 //   4. the probabilities multiply the V tile into the row's accumulator.
 //
@@ -50,6 +52,8 @@ struct se_plan {
     int64_t n_qblk;   // tiles of queries per (stream, KV head)
     int64_t n_chunk;  // key chunks (1: no split)
     int64_t chunk;    // keys per chunk
+    double  inv_g;    // table of steps: 1/G, and log2 n_lo, for a key's steps without an integer division (se_k_steps)
+    int     lo_shift;
     int64_t n_item() const { return ne3*n_head_kv*n_qblk*n_chunk; }
 };
 
@@ -77,6 +81,8 @@ se_plan se_make_plan(const se_args & a, int nth) {
         p.n_chunk = std::min((8*nth + n_base - 1)/n_base, std::max<int64_t>(1, p.n_kv/SE_MIN_CHUNK));
     }
     p.chunk = (p.n_kv + p.n_chunk - 1)/p.n_chunk;
+    p.inv_g    = a.n_group > 0 ? 1.0/a.n_group : 0.0;
+    p.lo_shift = a.n_group > 0 ? __builtin_ctz(a.n_lo) : 0;
     return p;
 }
 
@@ -84,11 +90,13 @@ se_plan se_make_plan(const se_args & a, int nth) {
 struct se_scratch {
     float * Q, * Qg;   // [R, DK]            rows of the tile (query t, head hh) at t*gqa + hh
     float * Qc, * Qgc; // [R, DK] (at most)  the same rows in the vec_dot type of K / K_g (few-row tiles only)
+    float * Qh;        // [R, DK] (at most)  table of steps, few-row tiles: Qg rotated on by a key's larger step
     float * Kt;        // [DK, SE_TILE_KV]   K or K_g tile, transposed
     float * S, * Sg;   // [R, SE_TILE_KV]    q.k and q_g.k_g; S then holds the probabilities
     float * V;         // [SE_TILE_KV, DV]
     float * sel;       // [q_blk, SE_TILE_KV] mask value per (query, key), -inf: not visible
     float * row;       // [max(DK, DV)]      one converted row
+    float * cs;        // [DK]               table of steps: a key's row, composed
     float * M, * L;    // [R]                running max and sum
     float * O;         // [R, DV]            unnormalized output
     size_t  n_floats;
@@ -101,12 +109,14 @@ struct se_scratch {
         Qg  = take(R*p.DK);
         Qc  = take(std::min(R, SE_ROWS_GEMM)*p.DK);
         Qgc = take(std::min(R, SE_ROWS_GEMM)*p.DK);
+        Qh  = take(std::min(R, SE_ROWS_GEMM)*p.DK);
         Kt  = take(p.DK*SE_TILE_KV);
         S   = take(R*SE_TILE_KV);
         Sg  = take(R*SE_TILE_KV);
         V   = take(SE_TILE_KV*p.DV);
         sel = take(p.q_blk*SE_TILE_KV);
         row = take(std::max(p.DK, p.DV));
+        cs  = take(p.DK);
         M   = take(R);
         L   = take(R);
         O   = take(R*p.DV);
@@ -151,29 +161,101 @@ void se_pack_k(const ggml_tensor * k, int64_t c0, int64_t nk, int64_t hk, int64_
     });
 }
 
-// The first n_rot dimensions of an f32 row rotated in place by a row cs of a rotation table (ggml-self-extend.h).
-void se_rotate_row(float * row, const float * cs, int64_t n_rot, int32_t rope_mode) {
+// The pair (ia, ib) of rotated dimension i < n_rot/2 in a rotation table's layout (ggml-self-extend.h): cos at ia, sin at ib
+inline void se_pair(int64_t i, int64_t half, bool neox, int64_t & ia, int64_t & ib) {
+    ia = neox ? i : 2*i;
+    ib = neox ? i + half : 2*i + 1;
+}
+
+// The first n_rot dimensions of an f32 row rotated in place by a row cs of a rotation table, or (inverse) back
+// (a prefill rotates each grouped key once per tile of queries; a decode step dots through se_dot_rows instead)
+void se_rotate_row(float * row, const float * cs, int64_t n_rot, int32_t rope_mode, bool inverse = false) {
     const int64_t half = n_rot/2;
     const bool    neox = rope_mode == GGML_ROPE_TYPE_NEOX;
-    for (int64_t i = 0; i < half; ++i) {
-        const int64_t ia = neox ? i : 2*i;        // the pair (ia, ib): cos at ia, sin at ib
-        const int64_t ib = neox ? i + half : 2*i + 1;
-        const float x = row[ia], y = row[ib], c = cs[ia], sn = cs[ib];
+    const float   sgn  = inverse ? -1.0f : 1.0f;
+    int64_t i = 0; // pairs done
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    const __m256 vsgn = _mm256_set1_ps(sgn);
+    if (neox) { // x, y: 8 pairs' first and second dimensions; cos and sin likewise
+        for (; i + 8 <= half; i += 8) {
+            const __m256 x = _mm256_loadu_ps(row + i), y = _mm256_loadu_ps(row + half + i);
+            const __m256 c = _mm256_loadu_ps(cs + i), sn = _mm256_mul_ps(vsgn, _mm256_loadu_ps(cs + half + i));
+            _mm256_storeu_ps(row + i,        _mm256_fmsub_ps(x, c, _mm256_mul_ps(y, sn)));
+            _mm256_storeu_ps(row + half + i, _mm256_fmadd_ps(x, sn, _mm256_mul_ps(y, c)));
+        }
+    } else { // 4 interleaved pairs (x, y): even lanes x c - y s, odd lanes y c + x s
+        for (; i + 4 <= half; i += 4) {
+            const __m256 v  = _mm256_loadu_ps(row + 2*i), t = _mm256_loadu_ps(cs + 2*i);
+            const __m256 c  = _mm256_moveldup_ps(t), sn = _mm256_mul_ps(vsgn, _mm256_movehdup_ps(t));
+            const __m256 sw = _mm256_permute_ps(v, 0xB1); // (y, x) per pair
+            _mm256_storeu_ps(row + 2*i, _mm256_fmaddsub_ps(v, c, _mm256_mul_ps(sw, sn)));
+        }
+    }
+#endif
+    for (; i < half; ++i) {
+        int64_t ia, ib;
+        se_pair(i, half, neox, ia, ib);
+        const float x = row[ia], y = row[ib], c = cs[ia], sn = sgn*cs[ib];
         row[ia] = x*c - y*sn;
         row[ib] = x*sn + y*c;
     }
 }
 
-// Rotation-table form: key j's grouped operand made from its K row, as f32: the row rotated by row j of the table
-void se_k_rot_row(const se_args & a, int64_t j, int64_t hk, int64_t s, float * row) {
-    const ggml_tensor * k = a.k, * tab = a.k_g;
+// Table of steps: key j's two rows, the single-position step (lo) and the larger one (hi, row n_lo + h). Keys the
+// table does not cover (the graph sizes it to cover every cell) take its last larger step rather than read past it.
+struct se_steps {
+    const float * lo;
+    const float * hi;
+    int64_t       h;
+};
+
+// A decode step finds the steps of every grouped key, so without an integer division: p/G from a double product,
+// corrected where it rounds below a multiple of G; n_lo is a power of two.
+inline se_steps se_k_steps(const se_args & a, const se_plan & pl, int64_t j, int64_t s) {
+    const ggml_tensor * tab = a.k_g;
+    const int64_t p = ((const int32_t *) ((const char *) a.pos_k->data + s*a.pos_k->nb[1]))[j];
+    int64_t pg = (int64_t) (p*pl.inv_g);
+    pg += (pg + 1)*a.n_group <= p;
+    const int64_t m = p > 0 ? p - pg : 0; // p/G - p positions back
+    const int64_t h = std::min<int64_t>(m >> pl.lo_shift, tab->ne[1] - a.n_lo - 1);
+    return { (const float *) ((const char *) tab->data + (m & (a.n_lo - 1))*tab->nb[1]),
+             (const float *) ((const char *) tab->data + (a.n_lo + h)*tab->nb[1]), h };
+}
+
+// Rotation-table form: the row of the table that rotates key j's K row on to its grouped position: row j, or with a
+// table of steps the single-position step only, with h = the larger step's index, which the caller applies to the
+// queries instead (q . R_hi R_lo k = R_hi^-1 q . R_lo k); h = -1 without steps.
+inline const float * se_k_rot_cs(const se_args & a, const se_plan & pl, int64_t j, int64_t s, int64_t & h) {
+    if (a.n_group == 0) {
+        h = -1;
+        return (const float *) ((const char *) a.k_g->data + j*a.k_g->nb[1] + s*a.k_g->nb[3]);
+    }
+    const se_steps st = se_k_steps(a, pl, j, s);
+    h = st.h;
+    return st.lo;
+}
+
+// Rotation-table form: key j's grouped operand made from its K row, as f32: the row rotated by row j of the table, or
+// by the product of its two steps (cs: scratch for that product)
+void se_k_rot_row(const se_args & a, const se_plan & pl, int64_t j, int64_t hk, int64_t s, float * row, float * cs) {
+    const ggml_tensor * k = a.k;
+    const int64_t n_rot = a.k_g->ne[0];
     se_row_to_f32(k, (const char *) k->data + j*k->nb[1] + hk*k->nb[2] + s*k->nb[3], row, k->ne[0]);
-    se_rotate_row(row, (const float *) ((const char *) tab->data + j*tab->nb[1] + s*tab->nb[3]), tab->ne[0], a.rope_mode);
+    if (a.n_group == 0) {
+        int64_t h;
+        se_rotate_row(row, se_k_rot_cs(a, pl, j, s, h), n_rot, a.rope_mode);
+        return;
+    }
+    const se_steps st = se_k_steps(a, pl, j, s);
+    memcpy(cs, st.lo, n_rot*sizeof(float)); // the product of the two rotations: one rotated by the other
+    se_rotate_row(cs, st.hi, n_rot, a.rope_mode);
+    se_rotate_row(row, cs, n_rot, a.rope_mode);
 }
 
 // the grouped keys [c0, c0 + nk) of KV head hk made from K and the table, packed by se_pack_rows
-void se_pack_k_rot(const se_args & a, int64_t c0, int64_t nk, int64_t hk, int64_t s, float * Kt, float * row) {
-    se_pack_rows(a.k->ne[0], c0, nk, Kt, row, [&](int64_t j, float * out) { se_k_rot_row(a, j, hk, s, out); });
+void se_pack_k_rot(const se_args & a, const se_plan & pl, int64_t c0, int64_t nk, int64_t hk, int64_t s, float * Kt,
+                   float * row, float * cs) {
+    se_pack_rows(a.k->ne[0], c0, nk, Kt, row, [&](int64_t j, float * out) { se_k_rot_row(a, pl, j, hk, s, out, cs); });
 }
 
 // O[r] += p[r*SE_TILE_KV] * v for the R rows of a tile: one f16 row of V converted once, in registers
@@ -196,20 +278,55 @@ inline void se_mad_rows_f16(const ggml_fp16_t * v, int64_t DV, float * O, const 
     }
 }
 
+// The rotation a key row takes on its way into a dot product (se_dot_rows): none, or by a row cs of a rotation table
+// over its first n_rot dimensions, in either pair layout (ggml-self-extend.h)
+struct se_rot {
+    const float * cs = nullptr; // null: none
+    int64_t       n_rot = 0;
+    bool          neox = false;
+};
+
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-// out[r*SE_TILE_KV] = k . Q[r] for N query rows in f32: the key (f16 or f32) loaded once, in registers
-template <int N, bool F16>
-void se_dot_rows_n(const void * k, int64_t DK, const float * Q, float * out) {
+template <bool F16>
+inline __m256 se_load8(const void * k, int64_t d) {
+    return F16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const ggml_fp16_t *) k + d)))
+               : _mm256_loadu_ps((const float *) k + d);
+}
+
+// out[r*SE_TILE_KV] = (R k) . Q[r] for N query rows in f32: the key (f16 or f32) loaded once, rotated (ROT: 0 none,
+// 1 NORM pairs, 2 NEOX pairs) by rot in registers. A decode step dots each grouped key of the table forms this way:
+// made in a scratch row first, by calls that convert, rotate and dot one after the other, it cost them a fifth of
+// SmolLM2's decode at 16K on two cores against the grouped-key cache (docs/RESULTS.md 4.2).
+template <int N, bool F16, int ROT>
+void se_dot_rows_n(const void * k, int64_t DK, const float * Q, const se_rot & rot, float * out) {
     __m256 acc[N];
     for (int r = 0; r < N; ++r) {
         acc[r] = _mm256_setzero_ps();
     }
-    for (int64_t d = 0; d < DK; d += 8) {
-        const __m256 x = F16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const ggml_fp16_t *) k + d)))
-                             : _mm256_loadu_ps((const float *) k + d);
+    auto add = [&](__m256 x, int64_t d) {
         for (int r = 0; r < N; ++r) {
             acc[r] = _mm256_fmadd_ps(x, _mm256_loadu_ps(Q + r*DK + d), acc[r]);
         }
+    };
+    int64_t d = 0;
+    if (ROT == 1) { // 4 interleaved pairs (x, y) per 8 floats: even lanes x c - y s, odd lanes y c + x s
+        for (; d < rot.n_rot; d += 8) {
+            const __m256 v = se_load8<F16>(k, d), t = _mm256_loadu_ps(rot.cs + d);
+            const __m256 sw = _mm256_permute_ps(v, 0xB1);
+            add(_mm256_fmaddsub_ps(v, _mm256_moveldup_ps(t), _mm256_mul_ps(sw, _mm256_movehdup_ps(t))), d);
+        }
+    } else if (ROT == 2) { // the pairs' first dimensions at d, their second at d + n_rot/2
+        const int64_t half = rot.n_rot/2;
+        for (; d < half; d += 8) {
+            const __m256 x = se_load8<F16>(k, d), y = se_load8<F16>(k, half + d);
+            const __m256 c = _mm256_loadu_ps(rot.cs + d), sn = _mm256_loadu_ps(rot.cs + half + d);
+            add(_mm256_fmsub_ps(x, c, _mm256_mul_ps(y, sn)), d);
+            add(_mm256_fmadd_ps(x, sn, _mm256_mul_ps(y, c)), half + d);
+        }
+        d = rot.n_rot;
+    }
+    for (; d < DK; d += 8) {
+        add(se_load8<F16>(k, d), d);
     }
     for (int r = 0; r < N; ++r) {
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
@@ -219,35 +336,44 @@ void se_dot_rows_n(const void * k, int64_t DK, const float * Q, float * out) {
     }
 }
 
-template <bool F16>
-bool se_dot_rows_t(const void * k, int64_t DK, const float * Q, int64_t n, float * out) {
+template <bool F16, int ROT>
+bool se_dot_rows_t(const void * k, int64_t DK, const float * Q, int64_t n, const se_rot & rot, float * out) {
     switch (n) {
-        case 1: se_dot_rows_n<1, F16>(k, DK, Q, out); return true;
-        case 2: se_dot_rows_n<2, F16>(k, DK, Q, out); return true;
-        case 3: se_dot_rows_n<3, F16>(k, DK, Q, out); return true;
-        case 4: se_dot_rows_n<4, F16>(k, DK, Q, out); return true;
-        case 5: se_dot_rows_n<5, F16>(k, DK, Q, out); return true;
-        case 6: se_dot_rows_n<6, F16>(k, DK, Q, out); return true;
-        case 7: se_dot_rows_n<7, F16>(k, DK, Q, out); return true;
-        case 8: se_dot_rows_n<8, F16>(k, DK, Q, out); return true;
+        case 1: se_dot_rows_n<1, F16, ROT>(k, DK, Q, rot, out); return true;
+        case 2: se_dot_rows_n<2, F16, ROT>(k, DK, Q, rot, out); return true;
+        case 3: se_dot_rows_n<3, F16, ROT>(k, DK, Q, rot, out); return true;
+        case 4: se_dot_rows_n<4, F16, ROT>(k, DK, Q, rot, out); return true;
+        case 5: se_dot_rows_n<5, F16, ROT>(k, DK, Q, rot, out); return true;
+        case 6: se_dot_rows_n<6, F16, ROT>(k, DK, Q, rot, out); return true;
+        case 7: se_dot_rows_n<7, F16, ROT>(k, DK, Q, rot, out); return true;
+        case 8: se_dot_rows_n<8, F16, ROT>(k, DK, Q, rot, out); return true;
         default: return false;
     }
 }
 
-// the same for any n <= 8 and an F16 or F32 key row; false when this build has no such kernel (the caller uses
-// ggml's vec_dot)
-bool se_dot_rows(ggml_type type, const void * k, int64_t DK, const float * Q, int64_t n, float * out) {
-    if (DK % 8 != 0) {
+template <bool F16>
+bool se_dot_rows_r(const void * k, int64_t DK, const float * Q, int64_t n, const se_rot & rot, float * out) {
+    if (!rot.cs) {
+        return se_dot_rows_t<F16, 0>(k, DK, Q, n, rot, out);
+    }
+    return rot.neox ? se_dot_rows_t<F16, 2>(k, DK, Q, n, rot, out) : se_dot_rows_t<F16, 1>(k, DK, Q, n, rot, out);
+}
+
+// the same for any n <= 8 and an F16 or F32 key row, rotated by rot (if any); false when this build has no such kernel
+// or the rotated dimensions do not fall on whole vectors (the caller rotates a converted row and uses ggml's vec_dot)
+bool se_dot_rows(ggml_type type, const void * k, int64_t DK, const float * Q, int64_t n, float * out,
+                 const se_rot & rot = {}) {
+    if (DK % 8 != 0 || (rot.cs && rot.n_rot % (rot.neox ? 16 : 8) != 0)) {
         return false;
     }
     switch (type) {
-        case GGML_TYPE_F16: return se_dot_rows_t<true>(k, DK, Q, n, out);
-        case GGML_TYPE_F32: return se_dot_rows_t<false>(k, DK, Q, n, out);
+        case GGML_TYPE_F16: return se_dot_rows_r<true>(k, DK, Q, n, rot, out);
+        case GGML_TYPE_F32: return se_dot_rows_r<false>(k, DK, Q, n, rot, out);
         default:            return false;
     }
 }
 #else
-bool se_dot_rows(ggml_type, const void *, int64_t, const float *, int64_t, float *) {
+bool se_dot_rows(ggml_type, const void *, int64_t, const float *, int64_t, float *, const se_rot & = {}) {
     return false;
 }
 #endif
@@ -265,7 +391,7 @@ void se_prefetch(const se_args & a, int64_t j0, int64_t j1, int64_t hk, int64_t 
         const bool use_kg  = grouped && !a.k_rot;
         const ggml_tensor * kt = use_kg ? a.k_g : a.k;
         const char * kr = (const char *) kt->data + j*kt->nb[1] + hk*kt->nb[2] + s*kt->nb[3];
-        if (grouped && a.k_rot) {
+        if (grouped && a.k_rot && a.n_group == 0) { // (a table of steps stays in the caches)
             __builtin_prefetch((const char *) a.k_g->data + j*a.k_g->nb[1] + s*a.k_g->nb[3]);
         }
         const char * vr = (const char *) a.v->data + j*a.v->nb[1] + hk*a.v->nb[2] + s*a.v->nb[3];
@@ -329,6 +455,9 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
     const int32_t * pq = (const int32_t *) ((const char *) a.pos_q->data + s*a.pos_q->nb[1]) + i0;
     const int32_t * pk = (const int32_t *) ((const char *) a.pos_k->data + s*a.pos_k->nb[1]);
 
+    int64_t       rot_h = -1; // table of steps, few rows: the larger step whose inverse rotates Qg into Qh
+    const float * Qk    = Qg; // table form, few rows: the queries that a grouped key's row is dotted with
+
     for (int64_t ic = c0; ic < c1; ic += SE_TILE_KV) {
         const int64_t nk = std::min(SE_TILE_KV, c1 - ic);
 
@@ -363,27 +492,48 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
                 se_prefetch(a, ic, std::min(c1, ic + SE_PREFETCH*SE_TILE_KV), hk, s, pq[0]);
             }
             se_prefetch(a, ic + SE_PREFETCH*SE_TILE_KV, std::min(c1, ic + (SE_PREFETCH + 1)*SE_TILE_KV), hk, s, pq[0]);
-            int64_t rot_key = -1; // the key whose grouped operand `row` holds (table form)
+            int64_t rot_key = -1;    // table form: the key whose rotation rot holds
+            bool    row_ready = false; //             whether `row` holds that key rotated (no fused dot for it)
+            se_rot  rot;
+            rot.n_rot = a.k_rot ? a.k_g->ne[0] : 0;
+            rot.neox  = a.rope_mode == GGML_ROPE_TYPE_NEOX;
             for (int64_t j = 0; j < nk; ++j) {
                 for (int64_t t = 0; t < nq; ++t) {
                     if (sel[t*SE_TILE_KV + j] == -INFINITY) {
                         continue;
                     }
                     const bool g = grouped[t*SE_TILE_KV + j];
-                    const ggml_tensor * kt = g ? a.k_g : a.k;
+                    const ggml_tensor * kt = g && !a.k_rot ? a.k_g : a.k; // the table form rotates K
                     const char * kr = (const char *) kt->data + (ic + j)*kt->nb[1] + hk*kt->nb[2] + s*kt->nb[3];
                     if (g && a.k_rot) {
-                        // table form: the grouped key made once per key of the tile (every query shares it)
+                        // table form: the key rotated as it is dotted, by its row of the table (or its single-position
+                        // step, and the queries by the larger one)
                         if (rot_key != ic + j) {
-                            se_k_rot_row(a, ic + j, hk, s, row);
-                            rot_key = ic + j;
+                            int64_t h;
+                            rot.cs    = se_k_rot_cs(a, p, ic + j, s, h);
+                            rot_key   = ic + j;
+                            row_ready = false;
+                            if (h >= 0 && h != rot_h) { // keys in position order change h once per n_lo positions
+                                memcpy(w.Qh, Qg, R*DK*sizeof(float));
+                                const float * hi = (const float *) ((const char *) a.k_g->data + (a.n_lo + h)*a.k_g->nb[1]);
+                                for (int64_t r = 0; r < R; ++r) {
+                                    se_rotate_row(w.Qh + r*DK, hi, rot.n_rot, a.rope_mode, true);
+                                }
+                                rot_h = h;
+                            }
+                            Qk = h >= 0 ? w.Qh : Qg;
                         }
-                        if (se_dot_rows(GGML_TYPE_F32, row, DK, Qg + t*gqa*DK, gqa, Sg + t*gqa*SE_TILE_KV + j)) {
+                        if (se_dot_rows(a.k->type, kr, DK, Qk + t*gqa*DK, gqa, Sg + t*gqa*SE_TILE_KV + j, rot)) {
                             continue;
+                        }
+                        if (!row_ready) { // made once per key of the tile (every query shares it)
+                            se_row_to_f32(a.k, kr, row, DK);
+                            se_rotate_row(row, rot.cs, rot.n_rot, a.rope_mode);
+                            row_ready = true;
                         }
                         for (int64_t hh = 0; hh < gqa; ++hh) {
                             const int64_t r = t*gqa + hh;
-                            ggml_vec_dot_f32(DK, Sg + r*SE_TILE_KV + j, 0, row, 0, Qg + r*DK, 0, 1);
+                            ggml_vec_dot_f32(DK, Sg + r*SE_TILE_KV + j, 0, row, 0, Qk + r*DK, 0, 1);
                         }
                         continue;
                     }
@@ -407,7 +557,7 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
         }
         if (need_g && !by_key) {
             if (a.k_rot) {
-                se_pack_k_rot(a, ic, nk, hk, s, Kt, row);
+                se_pack_k_rot(a, p, ic, nk, hk, s, Kt, row, w.cs);
             } else {
                 se_pack_k(a.k_g, ic, nk, hk, s, Kt, row);
             }
@@ -501,6 +651,7 @@ void ggml_compute_forward_flash_attn_ext_se(const ggml_compute_params * params, 
     GGML_ASSERT(a.q->nb[0] == sizeof(float) && a.q_g->nb[0] == sizeof(float));
     GGML_ASSERT(a.k->nb[0] == ggml_type_size(a.k->type) && a.k_g->nb[0] == ggml_type_size(a.k_g->type));
     GGML_ASSERT(!a.k_rot || (a.k_g->type == GGML_TYPE_F32 && a.k_g->ne[0] <= a.k->ne[0]));
+    GGML_ASSERT(a.n_group == 0 || (a.n_lo >= 1 && (a.n_lo & (a.n_lo - 1)) == 0 && a.k_g->ne[1] > a.n_lo));
     GGML_ASSERT(a.q_rot ? a.k_rot && a.q_g->ne[0] == a.k_g->ne[0] && a.q_g->ne[2] == 1 : ggml_are_same_shape(a.q, a.q_g));
     GGML_ASSERT(a.v->nb[0] == ggml_type_size(a.v->type));
 

@@ -1685,8 +1685,9 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
         return false;
     }
     if (a.k_rot) {
-        // the rotation table [n_rot, n_kv, 1, ne3], one row per key, shared by the heads
-        if (k_g->type != GGML_TYPE_F32 || k_g->nb[0] != sizeof(float) || k_g->ne[0] % 2 != 0 || k_g->ne[0] > D ||
+        // the rotation table [n_rot, n_kv, 1, ne3], one row per key, shared by the heads (not a table of steps: the
+        // kernels load a row per key as it is)
+        if (a.n_group != 0 || k_g->type != GGML_TYPE_F32 || k_g->nb[0] != sizeof(float) || k_g->ne[0] % 2 != 0 || k_g->ne[0] > D ||
             k_g->ne[1] != n_kv || k_g->ne[2] != 1 || k_g->ne[3] != ne3 ||
             (a.rope_mode != 0 && a.rope_mode != GGML_ROPE_TYPE_NEOX)) {
             return false;
