@@ -16,6 +16,7 @@ import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -244,6 +245,27 @@ def rotated(k: np.ndarray, table: np.ndarray, mode: int) -> np.ndarray:
     return out
 
 
+def with_query_rows(rng: np.random.Generator, case: Case, x: dict[str, np.ndarray], n_rot: int, mode: int) -> None:
+    """x["q_rot"]: one random table row per query, for all its heads, and x["q_g"] the queries rotated by it."""
+    x["q_rot"] = random_table(rng, (case.n_stream, 1, case.n_q), n_rot, mode)
+    x["q_g"] = rotated(x["q"], x["q_rot"], mode)
+
+
+def assert_every_backend_matches(ggml: Ggml, case: Case, x: dict[str, np.ndarray], scale: float,
+                                 want: np.ndarray, **form: Any) -> None:
+    """run_op in the given form on every backend that has it (the CPU must) within 2e-3 of the output scale."""
+    ran = []
+    for name, backend in ggml.backends.items():
+        got = run_op(ggml, backend, case, x, scale, **form)
+        if got is None:
+            assert name != "CPU", "the CPU backend runs every form"
+            continue
+        err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+        assert err < 2e-3, f"{name}: max error {err:.3g} (relative to the output scale)"
+        ran.append(name)
+    assert "CPU" in ran
+
+
 @pytest.mark.parametrize("q_rot", [False, True], ids=["q_g", "q_rot"])
 @pytest.mark.parametrize("case,mode,n_rot", ROT_CASES, ids=[f"{c}-{'neox' if m else 'norm'}{r}" for c, m, r in ROT_CASES])
 def test_rotation_table_form_matches_reference(ggml: Ggml, case: Case, mode: int, n_rot: int, q_rot: bool) -> None:
@@ -254,24 +276,14 @@ def test_rotation_table_form_matches_reference(ggml: Ggml, case: Case, mode: int
     x = make_inputs(case, rng)
     x["k_rot"] = random_table(rng, (case.n_stream, 1, case.n_kv), n_rot, mode)
     x["k_g"] = rotated(x["k"], x["k_rot"], mode)
-    if q_rot:  # one row per query, for all its heads
-        x["q_rot"] = random_table(rng, (case.n_stream, 1, case.n_q), n_rot, mode)
-        x["q_g"] = rotated(x["q"], x["q_rot"], mode)
+    if q_rot:
+        with_query_rows(rng, case, x, n_rot, mode)
     scale = 1.0 / np.sqrt(case.D)
     want = reference(case, x, scale)
-    ran = []
-    for name, backend in ggml.backends.items():
-        got = run_op(ggml, backend, case, x, scale, rope_mode=mode, q_rot=q_rot)
-        if got is None:
-            assert name != "CPU", "the CPU backend runs the table form"
-            continue
-        err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-        assert err < 2e-3, f"{name}: max error {err:.3g} (relative to the output scale)"
-        ran.append(name)
+    assert_every_backend_matches(ggml, case, x, scale, want, rope_mode=mode, q_rot=q_rot)
     # the table matters: the same op with the unrotated keys as k_g is far off
     x_plain = dict(x, k_g=x["k"])
     assert np.max(np.abs(reference(case, x_plain, scale) - want)) / np.max(np.abs(want)) > 10 * 2e-3
-    assert "CPU" in ran
 
 
 STEP_CASES = [(Case(64, 2, 4, 7, 1, 700, GGML_TYPE_F16), ROPE_NORM, 64, 4, 16),  # decode: one query
@@ -301,23 +313,13 @@ def test_table_of_steps_matches_reference(ggml: Ggml, case: Case, mode: int, n_r
     m = np.where(x["pos_k"] >= 0, x["pos_k"] - x["pos_k"] // G, 0)  # [n_stream, n_kv]
     x["k_g"] = rotated(rotated(x["k"], steps[m % n_lo][:, None], mode), steps[n_lo + m // n_lo][:, None], mode)
     if q_rot:
-        x["q_rot"] = random_table(rng, (case.n_stream, 1, case.n_q), n_rot, mode)
-        x["q_g"] = rotated(x["q"], x["q_rot"], mode)
+        with_query_rows(rng, case, x, n_rot, mode)
     scale = 1.0 / np.sqrt(case.D)
     want = reference(case, x, scale)
-    ran = []
-    for name, backend in ggml.backends.items():
-        got = run_op(ggml, backend, case, x, scale, rope_mode=mode, q_rot=q_rot, steps=(G, n_lo))
-        if got is None:
-            assert name != "CPU", "the CPU backend runs the steps form"
-            continue
-        err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-        assert err < 2e-3, f"{name}: max error {err:.3g} (relative to the output scale)"
-        ran.append(name)
+    assert_every_backend_matches(ggml, case, x, scale, want, rope_mode=mode, q_rot=q_rot, steps=(G, n_lo))
     # both steps matter: the keys rotated by the single-position step alone are far off
     x_lo = dict(x, k_g=rotated(x["k"], steps[m % n_lo][:, None], mode))
     assert np.max(np.abs(reference(case, x_lo, scale) - want)) / np.max(np.abs(want)) > 10 * 2e-3
-    assert "CPU" in ran
 
 
 def test_wrong_side_is_detected(ggml: Ggml) -> None:
