@@ -161,12 +161,6 @@ void se_pack_k(const ggml_tensor * k, int64_t c0, int64_t nk, int64_t hk, int64_
     });
 }
 
-// The pair (ia, ib) of rotated dimension i < n_rot/2 in a rotation table's layout (ggml-self-extend.h): cos at ia, sin at ib
-inline void se_pair(int64_t i, int64_t half, bool neox, int64_t & ia, int64_t & ib) {
-    ia = neox ? i : 2*i;
-    ib = neox ? i + half : 2*i + 1;
-}
-
 // The first n_rot dimensions of an f32 row rotated in place by a row cs of a rotation table, or (inverse) back
 // (a prefill rotates each grouped key once per tile of queries; a decode step dots through se_dot_rows instead)
 void se_rotate_row(float * row, const float * cs, int64_t n_rot, int32_t rope_mode, bool inverse = false) {
@@ -193,8 +187,8 @@ void se_rotate_row(float * row, const float * cs, int64_t n_rot, int32_t rope_mo
     }
 #endif
     for (; i < half; ++i) {
-        int64_t ia, ib;
-        se_pair(i, half, neox, ia, ib);
+        const int64_t ia = neox ? i : 2*i;        // the pair (ia, ib): cos at ia, sin at ib
+        const int64_t ib = neox ? i + half : 2*i + 1;
         const float x = row[ia], y = row[ib], c = cs[ia], sn = sgn*cs[ib];
         row[ia] = x*c - y*sn;
         row[ib] = x*sn + y*c;
