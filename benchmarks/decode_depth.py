@@ -37,12 +37,12 @@ def child(args: argparse.Namespace) -> None:
     if args.save:
         llm.eval(doc)
         tokens = (llama_cpp.llama_token * len(doc))(*doc)
-        if not llama_cpp.llama_state_save_file(llm._ctx.ctx, args.state.encode(), tokens, len(doc)):
+        if not llama_cpp.llama_state_save_file(llm.ctx, args.state.encode(), tokens, len(doc)):
             sys.exit(f"decode_depth: cannot save the cache to {args.state}")
         return
     tokens = (llama_cpp.llama_token * (args.n_tokens + 1))()
     n = ctypes.c_size_t(0)
-    if not llama_cpp.llama_state_load_file(llm._ctx.ctx, args.state.encode(), tokens, args.n_tokens + 1,
+    if not llama_cpp.llama_state_load_file(llm.ctx, args.state.encode(), tokens, args.n_tokens + 1,
                                            ctypes.byref(n)):
         sys.exit(f"decode_depth: cannot load the cache from {args.state}")
     llm.n_tokens = n.value
