@@ -86,10 +86,15 @@ def gpu_memory_total() -> int:
     return total
 
 
-def open_ggml(gpu: bool) -> Ggml:
-    """libggml from lib_dir() with the CPU backend, and the first GPU's when ``gpu`` and the build has one."""
+def open_ggml(gpu: bool, n_threads: int | None = None) -> Ggml:
+    """libggml from lib_dir() with the CPU backend (on ``n_threads`` threads, if given), and the first GPU's when
+    ``gpu`` and the build has one."""
     lib = libggml()
     g = Ggml(lib, {"CPU": lib.ggml_backend_init_by_type(DEVICE_CPU, None)})
+    if n_threads:
+        cpu = ctypes.CDLL(str(lib_dir() / "libggml-cpu.so"))
+        cpu.ggml_backend_cpu_set_n_threads.argtypes, cpu.ggml_backend_cpu_set_n_threads.restype = [_p, _int], None
+        cpu.ggml_backend_cpu_set_n_threads(g.backends["CPU"], n_threads)
     if gpu and lib.ggml_backend_dev_by_type(DEVICE_GPU):
         g.backends["GPU"] = lib.ggml_backend_init_by_type(DEVICE_GPU, None)
     return g
