@@ -39,7 +39,7 @@ constexpr int64_t SE_TILE_ROWS = 128; // rows (query x head) per tile, at most: 
 constexpr int64_t SE_TILE_KV   = 64; // keys per tile
 constexpr int64_t SE_MIN_CHUNK = 256; // keys per chunk when the keys are split, at least
 constexpr int64_t SE_ROWS_GEMM = 8;   // tiles of more rows multiply packed f32 tiles; fewer (decode) dot each key
-constexpr int64_t SE_PREFETCH  = 4;   // few-row tiles: key tiles requested ahead (memory latency bounds decode)
+constexpr size_t  SE_PREFETCH  = 8192; // few-row tiles: bytes of K and V rows requested ahead of the key in use
 
 // the node's operands; the kernel folds 1/logit_softcap into scale
 using se_args = ggml_flash_attn_ext_se_args;
@@ -252,26 +252,6 @@ void se_pack_k_rot(const se_args & a, const se_plan & pl, int64_t c0, int64_t nk
     se_pack_rows(a.k->ne[0], c0, nk, Kt, row, [&](int64_t j, float * out) { se_k_rot_row(a, pl, j, hk, s, out, cs); });
 }
 
-// O[r] += p[r*SE_TILE_KV] * v for the R rows of a tile: one f16 row of V converted once, in registers
-inline void se_mad_rows_f16(const ggml_fp16_t * v, int64_t DV, float * O, const float * p, int64_t R) {
-    int64_t d = 0;
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-    for (; d + 8 <= DV; d += 8) {
-        const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (v + d)));
-        for (int64_t r = 0; r < R; ++r) {
-            float * o = O + r*DV + d;
-            _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(p[r*SE_TILE_KV]), x, _mm256_loadu_ps(o)));
-        }
-    }
-#endif
-    for (; d < DV; ++d) {
-        const float x = GGML_CPU_FP16_TO_FP32(v[d]);
-        for (int64_t r = 0; r < R; ++r) {
-            O[r*DV + d] += p[r*SE_TILE_KV]*x;
-        }
-    }
-}
-
 // The rotation a key row takes on its way into a dot product (se_dot_rows): none, or by a row cs of a rotation table
 // over its first n_rot dimensions, in either pair layout (ggml-self-extend.h)
 struct se_rot {
@@ -366,21 +346,85 @@ bool se_dot_rows(ggml_type type, const void * k, int64_t DK, const float * Q, in
         default:            return false;
     }
 }
+
+// O[r] += sum_i P[r*SE_TILE_KV + js[i]] v_i over the R rows of a tile and its keys js with a visible probability,
+// for N = R <= 8 rows and f16 V rows vs: eight dimensions' accumulators stay in registers while the keys go by, where
+// a row at a time loaded and stored every accumulator once per key
+template <int N>
+void se_mad_tile_n(const ggml_fp16_t * const * vs, const int * js, int n, int64_t DV, float * O, const float * P) {
+    for (int64_t d = 0; d < DV; d += 8) {
+        __m256 acc[N];
+        for (int r = 0; r < N; ++r) {
+            acc[r] = _mm256_loadu_ps(O + r*DV + d);
+        }
+        for (int i = 0; i < n; ++i) {
+            const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (vs[i] + d)));
+            for (int r = 0; r < N; ++r) {
+                acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(P + r*SE_TILE_KV + js[i]), x, acc[r]);
+            }
+        }
+        for (int r = 0; r < N; ++r) {
+            _mm256_storeu_ps(O + r*DV + d, acc[r]);
+        }
+    }
+}
+
+// the same for any R <= 8 and f16 V whose rows fill whole vectors; false otherwise (the caller goes key by key)
+bool se_mad_tile(ggml_type type, const void * const * vs, const int * js, int n, int64_t DV, float * O, const float * P,
+                 int64_t R) {
+    if (type != GGML_TYPE_F16 || DV % 8 != 0) {
+        return false;
+    }
+    const auto * v = (const ggml_fp16_t * const *) vs;
+    switch (R) {
+        case 1: se_mad_tile_n<1>(v, js, n, DV, O, P); return true;
+        case 2: se_mad_tile_n<2>(v, js, n, DV, O, P); return true;
+        case 3: se_mad_tile_n<3>(v, js, n, DV, O, P); return true;
+        case 4: se_mad_tile_n<4>(v, js, n, DV, O, P); return true;
+        case 5: se_mad_tile_n<5>(v, js, n, DV, O, P); return true;
+        case 6: se_mad_tile_n<6>(v, js, n, DV, O, P); return true;
+        case 7: se_mad_tile_n<7>(v, js, n, DV, O, P); return true;
+        case 8: se_mad_tile_n<8>(v, js, n, DV, O, P); return true;
+        default: return false;
+    }
+}
 #else
 bool se_dot_rows(ggml_type, const void *, int64_t, const float *, int64_t, float *, const se_rot & = {}) {
     return false;
 }
+
+bool se_mad_tile(ggml_type, const void * const *, const int *, int, int64_t, float *, const float *, int64_t) {
+    return false;
+}
 #endif
 
-// prefetch the K (or K_g, as the first query of the tile will need) and V rows of keys [j0, j1)
-void se_prefetch(const se_args & a, int64_t j0, int64_t j1, int64_t hk, int64_t s, int32_t pos_q0) {
-    const int32_t * pk = (const int32_t *) ((const char *) a.pos_k->data + s*a.pos_k->nb[1]);
-    // row sizes once: ggml_row_size is a call into ggml-base, and the loop conditions made two per cache line of every
-    // row (1.5 % of the samples of a 32K prefill of a tiny Gemma-shaped model; RESULTS 4.2)
-    const size_t k_bytes  = ggml_row_size(a.k->type, a.k->ne[0]);
-    const size_t kg_bytes = a.k_rot ? k_bytes : ggml_row_size(a.k_g->type, a.k_g->ne[0]);
-    const size_t v_bytes  = ggml_row_size(a.v->type, a.v->ne[0]);
-    for (int64_t j = j0; j < j1; ++j) {
+// Decode is bound by memory latency, so a few-row tile requests the rows of the keys ahead of the one in use: one
+// key's K (or K_g, as the tile's first query will take it) and V rows per key dotted, about SE_PREFETCH bytes ahead.
+// Spread so, the requests overlap the dot products; a whole tile's rows requested at once (256 lines for SmolLM2)
+// fill the core's miss buffers and stall it, which cost the steps form a fifth of its decode speed at 16K on two
+// cores (docs/RESULTS.md 4.2).
+struct se_prefetcher {
+    const se_args & a;
+    int64_t hk, s;
+    int32_t pos_q0;
+    const int32_t * pk;
+    size_t  k_bytes, kg_bytes, v_bytes; // row sizes once: ggml_row_size is a call into ggml-base
+    int64_t dist;                       // keys ahead
+
+    se_prefetcher(const se_args & a, int64_t hk, int64_t s, int32_t pos_q0) : a(a), hk(hk), s(s), pos_q0(pos_q0) {
+        pk       = (const int32_t *) ((const char *) a.pos_k->data + s*a.pos_k->nb[1]);
+        k_bytes  = ggml_row_size(a.k->type, a.k->ne[0]);
+        kg_bytes = a.k_rot ? k_bytes : ggml_row_size(a.k_g->type, a.k_g->ne[0]);
+        v_bytes  = ggml_row_size(a.v->type, a.v->ne[0]);
+        dist     = std::max<int64_t>(4, SE_PREFETCH/(k_bytes + v_bytes));
+    }
+
+    // always inlined: GCC 12 takes a call to a function that does nothing but prefetch for one without effects
+    // and drops it (no prefetch was left in the kernel)
+#if defined(__GNUC__)
+    __attribute__((always_inline))
+#endif
+    void key(int64_t j) const {
         const bool grouped = pos_q0 - pk[j] >= a.n_window;
         const bool use_kg  = grouped && !a.k_rot;
         const ggml_tensor * kt = use_kg ? a.k_g : a.k;
@@ -396,7 +440,7 @@ void se_prefetch(const se_args & a, int64_t j0, int64_t j1, int64_t hk, int64_t 
             __builtin_prefetch(vr + b);
         }
     }
-}
+};
 
 // One work item: queries [i0, i0 + nq) of stream s, the query heads of KV head hk, keys [c0, c1).
 // Leaves M, L and the unnormalized O of each row in M_out/L_out/O_out (row r = query t*gqa + head hh).
@@ -449,6 +493,10 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
     const int32_t * pq = (const int32_t *) ((const char *) a.pos_q->data + s*a.pos_q->nb[1]) + i0;
     const int32_t * pk = (const int32_t *) ((const char *) a.pos_k->data + s*a.pos_k->nb[1]);
 
+    const se_prefetcher pf(a, hk, s, pq[0]); // few rows: the keys' rows ahead, the first ones' at once
+    for (int64_t j = c0; by_key && j < std::min(c1, c0 + pf.dist); ++j) {
+        pf.key(j);
+    }
     int64_t       rot_h = -1; // table of steps, few rows: the larger step whose inverse rotates Qg into Qh
     const float * Qk    = Qg; // table form, few rows: the queries that a grouped key's row is dotted with
 
@@ -480,18 +528,15 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
 
         // 2. the products the tile needs
         if (by_key) {
-            // decode is bound by memory latency: the K (or K_g) and V rows SE_PREFETCH tiles ahead are requested
-            // while this one computes (the first tiles' on the first one)
-            if (ic == c0) {
-                se_prefetch(a, ic, std::min(c1, ic + SE_PREFETCH*SE_TILE_KV), hk, s, pq[0]);
-            }
-            se_prefetch(a, ic + SE_PREFETCH*SE_TILE_KV, std::min(c1, ic + (SE_PREFETCH + 1)*SE_TILE_KV), hk, s, pq[0]);
             int64_t rot_key = -1;    // table form: the key whose rotation rot holds
             bool    row_ready = false; //             whether `row` holds that key rotated (no fused dot for it)
             se_rot  rot;
             rot.n_rot = a.k_rot ? a.k_g->ne[0] : 0;
             rot.neox  = a.rope_mode == GGML_ROPE_TYPE_NEOX;
             for (int64_t j = 0; j < nk; ++j) {
+                if (ic + j + pf.dist < c1) {
+                    pf.key(ic + j + pf.dist);
+                }
                 for (int64_t t = 0; t < nq; ++t) {
                     if (sel[t*SE_TILE_KV + j] == -INFINITY) {
                         continue;
@@ -592,23 +637,27 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
         }
 
         // 4. O += P V
-        if (by_key) {
+        if (by_key) { // the keys some row sees, then their V rows
+            const void * vs[SE_TILE_KV];
+            int          js[SE_TILE_KV];
+            int          n = 0;
             for (int64_t j = 0; j < nk; ++j) {
                 bool any = false;
                 for (int64_t r = 0; r < R; ++r) {
                     any |= S[r*SE_TILE_KV + j] != 0.0f;
                 }
-                if (!any) {
-                    continue;
+                if (any) {
+                    vs[n] = (const char *) a.v->data + (ic + j)*a.v->nb[1] + hk*a.v->nb[2] + s*a.v->nb[3];
+                    js[n++] = (int) j;
                 }
-                const char * vr = (const char *) a.v->data + (ic + j)*a.v->nb[1] + hk*a.v->nb[2] + s*a.v->nb[3];
-                if (a.v->type == GGML_TYPE_F16) {
-                    se_mad_rows_f16((const ggml_fp16_t *) vr, DV, O, S + j, R);
-                    continue;
-                }
-                se_row_to_f32(a.v, vr, row, DV);
+            }
+            if (se_mad_tile(a.v->type, vs, js, n, DV, O, S, R)) {
+                continue;
+            }
+            for (int i = 0; i < n; ++i) {
+                se_row_to_f32(a.v, (const char *) vs[i], row, DV);
                 for (int64_t r = 0; r < R; ++r) {
-                    ggml_vec_mad_f32(DV, O + r*DV, row, S[r*SE_TILE_KV + j]);
+                    ggml_vec_mad_f32(DV, O + r*DV, row, S[r*SE_TILE_KV + js[i]]);
                 }
             }
             continue;
