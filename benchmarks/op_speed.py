@@ -6,7 +6,9 @@ Both ops get the inputs llama.cpp's graph gives them: F32 queries, an f16 K/V ca
 `cache` (a second K cache, ggml_flash_attn_ext_se), `table` (a rotation row per key, ggml_flash_attn_ext_se_rot)
 or `steps` (a table of steps for G = `--ga-n`, ggml_flash_attn_ext_se_steps); a backend without a form skips it.
 Per shape vanilla and each form run interleaved, `--repeats` times each; prints median milliseconds, the attention
-TFLOP/s (4·D per visible query/key pair and head) and Self-Extend / vanilla as a speed ratio.
+TFLOP/s (4·D per visible query/key pair and head) and Self-Extend / vanilla as a speed ratio. On a CPU one op's
+operands stay in its caches from run to run (12.8 MB for SmolLM2's heads at 16K), so this times its arithmetic; a
+model's layers find them in memory, which `decode_depth.py` measures.
 
     python benchmarks/op_speed.py                     # GPU if the build has one, else CPU; 1.1B and 8B shapes
     python benchmarks/op_speed.py --cpu -t 2 --shape 64:9:3 --n-q 1 --depth 16384 --form steps,table,cache
