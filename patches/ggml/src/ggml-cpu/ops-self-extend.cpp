@@ -137,6 +137,64 @@ inline void se_row_to_f32(const ggml_tensor * t, const char * row, float * out, 
     }
 }
 
+// The first step of a tile for one query at position pq: for its keys j < nk (positions pk[j], mask row mp or none),
+// sl[j] = the mask value (-inf: not visible; -inf too for j >= nk up to SE_TILE_KV) and gr[j] = 1 where the pair takes
+// the grouped operands (pq - pk[j] >= W); need_n / need_g are set when a visible pair takes the plain / grouped ones.
+// Vectorized: as a scalar loop (a table lookup per mask value) it took about a tenth of a SmolLM2 prefill on 2 cores.
+inline void se_classify_row(const ggml_fp16_t * mp, const int32_t * pk, int32_t pq, int32_t W, int64_t nk, float * sl,
+                            uint8_t * gr, bool & need_n, bool & need_g) {
+    int64_t j = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    const __m256i last = _mm256_set1_epi32(pq - W); // grouped: pk <= pq - W
+    const __m256  ninf = _mm256_set1_ps(-INFINITY);
+    unsigned any_n = 0, any_g = 0;
+    for (; j + 8 <= nk; j += 8) {
+        const __m256 m = mp ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (mp + j))) : _mm256_setzero_ps();
+        _mm256_storeu_ps(sl + j, m);
+        const __m256i   k   = _mm256_loadu_si256((const __m256i *) (pk + j));
+        const unsigned  g   = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(k, last))) & 0xFFu;
+        const unsigned  vis = _mm256_movemask_ps(_mm256_cmp_ps(m, ninf, _CMP_NEQ_OQ));
+        // the 8 bits of g as 8 bytes of 0 or 1
+        const uint64_t bytes = (((g*0x0101010101010101ull) & 0x8040201008040201ull) + 0x7F7F7F7F7F7F7F7Full) >> 7
+                             & 0x0101010101010101ull;
+        memcpy(gr + j, &bytes, sizeof(bytes));
+        any_g |= g & vis;
+        any_n |= ~g & vis;
+    }
+    need_g |= any_g != 0;
+    need_n |= any_n != 0;
+#endif
+    for (; j < nk; ++j) {
+        sl[j] = mp ? GGML_CPU_FP16_TO_FP32(mp[j]) : 0.0f;
+        gr[j] = pq - pk[j] >= W;
+        if (sl[j] != -INFINITY) {
+            need_g |=  gr[j];
+            need_n |= !gr[j];
+        }
+    }
+    for (; j < SE_TILE_KV; ++j) {
+        sl[j] = -INFINITY;
+    }
+}
+
+// the largest of a tile's SE_TILE_KV logits (ggml_vec_max_f32 is a scalar loop)
+inline float se_tile_max(const float * x) {
+#if defined(__AVX2__)
+    __m256 m = _mm256_loadu_ps(x);
+    for (int64_t j = 8; j < SE_TILE_KV; j += 8) {
+        m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+#else
+    float m = -INFINITY;
+    ggml_vec_max_f32(SE_TILE_KV, &m, x);
+    return m;
+#endif
+}
+
 // keys [c0, c0 + nk) as Kt[d*SE_TILE_KV + key] (zero padded to SE_TILE_KV keys), each made as an f32 row of DK by
 // make_row(j, row)
 template <typename F>
@@ -508,19 +566,7 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
         for (int64_t t = 0; t < nq; ++t) {
             const ggml_fp16_t * mp = a.mask ? (const ggml_fp16_t *) ((const char *) a.mask->data
                     + (i0 + t)*a.mask->nb[1] + (s % a.mask->ne[3])*a.mask->nb[3]) + ic : nullptr;
-            float   * sl = sel     + t*SE_TILE_KV;
-            uint8_t * gr = grouped + t*SE_TILE_KV;
-            for (int64_t j = 0; j < nk; ++j) {
-                sl[j] = mp ? GGML_CPU_FP16_TO_FP32(mp[j]) : 0.0f;
-                gr[j] = pq[t] - pk[ic + j] >= a.n_window;
-                if (sl[j] != -INFINITY) {
-                    need_g |=  gr[j];
-                    need_n |= !gr[j];
-                }
-            }
-            for (int64_t j = nk; j < SE_TILE_KV; ++j) {
-                sl[j] = -INFINITY;
-            }
+            se_classify_row(mp, pk + ic, pq[t], a.n_window, nk, sel + t*SE_TILE_KV, grouped + t*SE_TILE_KV, need_n, need_g);
         }
         if (!need_n && !need_g) {
             continue;
@@ -620,8 +666,7 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
                     sr[j] = a.logit_softcap*tanhf((gr[j] ? sgr[j] : sr[j])*a.scale) + sl[j];
                 }
             }
-            float tile_max = -INFINITY;
-            ggml_vec_max_f32(SE_TILE_KV, &tile_max, sr);
+            const float tile_max = se_tile_max(sr);
             if (tile_max == -INFINITY) {
                 memset(sr, 0, SE_TILE_KV*sizeof(float));
                 continue;
