@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .engine import (SelfExtend, capacity, choose, enable_self_extend, get_self_extend, load, model_support,
                          plan, self_extend_fused)
     from .errors import (CapacityError, HubError, LibraryError, ModelError, ParameterError, RpcError,
-                         SelfextError, UnsupportedModelError)
+                         SelfextError, SlowPathWarning, UnsupportedModelError)
 
 __version__ = "0.1.0"
 
@@ -30,10 +30,10 @@ __all__ = [
     "self_extend_fused",
     # errors
     "SelfextError", "LibraryError", "ModelError", "UnsupportedModelError", "ParameterError", "CapacityError",
-    "HubError", "RpcError",
+    "HubError", "RpcError", "SlowPathWarning",
     "__version__",
 ]
-_WHERE = {name: "errors" if name.endswith("Error") else "engine" for name in __all__[:-1]}
+_WHERE = {name: "errors" if name.endswith(("Error", "Warning")) else "engine" for name in __all__[:-1]}
 
 use_our_library()  # a later plain `import llama_cpp` loads our libllama too
 

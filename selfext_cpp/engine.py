@@ -6,13 +6,14 @@ import codecs
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import compat
-from .errors import CapacityError, ModelError, ParameterError, UnsupportedModelError
+from .errors import CapacityError, ModelError, ParameterError, SlowPathWarning, UnsupportedModelError
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -208,11 +209,13 @@ def model_support(llm: Llama) -> tuple[bool, str]:
     return status == capi.LLAMA_SELF_EXTEND_OK, capi.status_str(status)
 
 
-def enable_self_extend(llm: Llama, ga_n: int, ga_w: int = 0) -> SelfExtend:
+def enable_self_extend(llm: Llama, ga_n: int, ga_w: int = 0, *, warn_slow: bool = True) -> SelfExtend:
     """Turn Self-Extend on (ga_n > 1) or off (ga_n == 1) for ``llm``; completion, chat and streaming then use it.
 
     Cached keys keep their true positions, so prefix caching works as without Self-Extend. Changing the
-    setting resets ``llm`` (tokens decoded under the old setting are recomputed on the next call).
+    setting resets ``llm`` (tokens decoded under the old setting are recomputed on the next call). On a context
+    with flash attention off (llama-cpp-python's default) Self-Extend runs its generic path, and a
+    :class:`SlowPathWarning` says so unless ``warn_slow=False`` (callers that chose flash attention themselves).
     """
     params = SelfExtend(ga_n, ga_w)
     params.check(n_ctx_train(llm))
@@ -225,7 +228,16 @@ def enable_self_extend(llm: Llama, ga_n: int, ga_w: int = 0) -> SelfExtend:
         raise UnsupportedModelError(f"Self-Extend is not available for this model: {capi.status_str(status)}")
     if changed:
         llm.reset()  # the next eval drops the cached cells and decodes from the start
+    if warn_slow and params.enabled and not capi.llama_self_extend_fused(llm.ctx) and not _flash_attn_on(llm):
+        warnings.warn("Self-Extend runs its generic attention path, several times slower than its fused flash-attention "
+                      "op: flash attention is off on this context (create the Llama with flash_attn=True)",
+                      SlowPathWarning, stacklevel=2)
     return params
+
+
+def _flash_attn_on(llm: Llama) -> bool:
+    """Whether ``llm``'s context was made with flash attention on (or left to llama.cpp's choice)."""
+    return llm.context_params.flash_attn_type != _capi().llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
 
 
 def self_extend_fused(llm: Llama) -> bool:
@@ -274,7 +286,7 @@ def load(model_path: str | Path, *, ga_n: int = 1, ga_w: int = 0, n_ctx: int = 0
             llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, verbose=verbose, **llama_kwargs)
     except ValueError as exc:
         raise ModelError(f"llama.cpp could not load {path}: {last_llama_error() or exc}") from exc
-    enable_self_extend(llm, params.ga_n, params.ga_w)
+    enable_self_extend(llm, params.ga_n, params.ga_w, warn_slow=False)  # flash_attn is the caller's choice here
     return llm
 
 

@@ -72,3 +72,9 @@ class ServerError(SelfextError):
 
 class RpcError(SelfextError):
     """An RPC server (``--rpc``) is unreachable, speaks another protocol, or was lost mid-run."""
+
+
+class SlowPathWarning(UserWarning):
+    """Self-Extend is on but runs its generic attention path, several times slower than the fused flash-attention
+    op (flash attention is off on that context). ``load``, the server and the evaluation harnesses, which set flash
+    attention themselves, do not raise it."""

@@ -121,7 +121,7 @@ class SelfExtendProxy(LlamaProxy):
         except ValueError as exc:
             raise ModelError(f"llama.cpp could not load {settings.model}: {last_llama_error() or exc}") from exc
         try:
-            enable_self_extend(llm, params.ga_n, params.ga_w)
+            enable_self_extend(llm, params.ga_n, params.ga_w, warn_slow=False)
             trained = n_ctx_train(llm)
             wanted = settings.n_ctx or trained  # llama-cpp-python's n_ctx=0: the trained context
             params.check(trained, wanted)

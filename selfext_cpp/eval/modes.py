@@ -136,7 +136,7 @@ class Contexts:
         llm, runner = self._get(s.context_key(), s.llama_kwargs(self.n_ctx_train))
         runner.clear()
         if s.mode == "selfext":
-            enable_self_extend(llm, s.ga_n, s.ga_w)
+            enable_self_extend(llm, s.ga_n, s.ga_w, warn_slow=False)
         else:
             enable_self_extend(llm, 1, 0)
         shift = None

@@ -152,7 +152,7 @@ class SpeedRun:
                         if on_start is not None:
                             on_start(mode, depth, fa)
                         ga = self.ga if mode == "selfext" else SelfExtend(1, 0)
-                        enable_self_extend(llm, ga.ga_n, ga.ga_w)
+                        enable_self_extend(llm, ga.ga_n, ga.ga_w, warn_slow=False)
                         runs = []
                         for _ in range(c.repeats):
                             runs.append(self._time(runner, depth))

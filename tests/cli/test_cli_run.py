@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cliutil import TINY_L, Invoke
+from cliutil import TINY_L, Invoke, Selfext
 from tinygemma import make_tiny_gemma3
 
 DOC = " ".join(["hello world the"] * 150)  # 450 tokens + BOS on the tiny model: past its trained 256
@@ -230,6 +230,15 @@ def test_without_flash_attention_the_log_names_the_generic_path(cli: Invoke, tin
     result = cli("run", tiny_model, "--ga-n", "4", "--ga-w", "64", "-n", "1", "-no-fa", "-v", input=DOC)
     assert result.exit_code == 0
     assert "Self-Extend --ga-n 4 --ga-w 64 (generic path: flash attention off" in result.stderr
+
+
+def test_without_flash_attention_run_says_nothing_of_the_librarys_slow_path_warning(selfext: Selfext,
+                                                                                     tiny_model: Path) -> None:
+    """-no-fa chooses the generic path on purpose: the library's SlowPathWarning (for a Llama made with flash
+    attention off by other code) stays out of stderr; a fresh process, so that no earlier warning hides it."""
+    result = selfext("run", tiny_model, "--ga-n", "4", "--ga-w", "64", "-n", "1", "-no-fa", input=DOC)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
 
 
 def test_chat_uses_the_model_template_and_system_message(cli: Invoke, smollm2: Path) -> None:

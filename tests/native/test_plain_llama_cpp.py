@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,23 @@ def test_a_library_the_user_chose_is_left_alone(tmp_path: Path) -> None:
     got = subprocess.run([sys.executable, "-c", "import os; print(os.environ['LLAMA_CPP_LIB_PATH'])"],
                          capture_output=True, text=True, timeout=60, env=env)
     assert got.stdout.strip() == str(tmp_path)
+
+
+def test_self_extend_on_a_llama_with_flash_attention_off_warns_of_the_slow_path(tiny: TinyModel) -> None:
+    """llama-cpp-python makes contexts with flash attention off; Self-Extend then runs its generic path, several
+    times slower than the fused op, and the warning says what to change. With flash attention on, no warning."""
+    import llama_cpp
+
+    from selfext_cpp import SlowPathWarning, enable_self_extend, self_extend_fused
+
+    slow = llama_cpp.Llama(str(tiny.path), n_ctx=256, verbose=False)
+    with pytest.warns(SlowPathWarning, match=r"flash attention is off on this context \(create the Llama with "
+                                             r"flash_attn=True\)"):
+        enable_self_extend(slow, 4, 16)
+    assert not self_extend_fused(slow)
+    fast = llama_cpp.Llama(str(tiny.path), n_ctx=256, flash_attn=True, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPathWarning)
+        enable_self_extend(fast, 4, 16)
+        enable_self_extend(slow, 1)  # and none when Self-Extend goes off
+    assert self_extend_fused(fast)
