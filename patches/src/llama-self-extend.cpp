@@ -343,19 +343,22 @@ static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, 
     auto kc = std::make_shared<llama_se_kcache>();
     kc->form = form;
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
-    const llama_model & model = llama_se_access::model(kv);
-    for (const auto & layer : llama_se_access::layers(kv)) {
-        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
+    auto ctx_for = [&](ggml_backend_buffer_type_t buft) { // a context per buffer type that receives a tensor
         if (!ctx_of.count(buft)) {
             ggml_init_params ip = { llama_se_access::layers(kv).size()*ggml_tensor_overhead(), nullptr, true };
             kc->ctxs.emplace_back(ggml_init(ip));
             ctx_of[buft] = kc->ctxs.back().get();
         }
+        return ctx_of[buft];
+    };
+    const llama_model & model = llama_se_access::model(kv);
+    for (const auto & layer : llama_se_access::layers(kv)) {
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
         if (form != se_keys::cache) {
             if (!kc->n_rot && se_layer_applies(model.hparams, layer.il)) { // next to the first Self-Extend layer's K
                 const se_rope_params rp(model, cparams, layer.il);
                 if (form == se_keys::table) {
-                    kc->tab = ggml_new_tensor_3d(ctx_of[buft], GGML_TYPE_F32, rp.n_rot, layer.k->ne[1], layer.k->ne[2]);
+                    kc->tab = ggml_new_tensor_3d(ctx_for(buft), GGML_TYPE_F32, rp.n_rot, layer.k->ne[1], layer.k->ne[2]);
                     ggml_set_name(kc->tab, "se_k_rot");
                 }
                 kc->n_rot     = rp.n_rot;
@@ -364,17 +367,14 @@ static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, 
             }
             continue;
         }
-        ggml_tensor * t = ggml_new_tensor_3d(ctx_of[buft], se_grouped_key_type(layer.k), layer.k->ne[0], layer.k->ne[1],
+        ggml_tensor * t = ggml_new_tensor_3d(ctx_for(buft), se_grouped_key_type(layer.k), layer.k->ne[0], layer.k->ne[1],
                                              layer.k->ne[2]);
         ggml_format_name(t, "se_k_grouped_l%d", layer.il);
         kc->k_g.push_back(t);
     }
     size_t total = 0;
     const bool no_alloc = llama_se_access::model(kv).hparams.no_alloc; // a context that only measures memory (--fit)
-    for (auto & [buft, c] : ctx_of) {
-        if (!ggml_get_first_tensor(c)) {
-            continue; // table form: only the table's buffer type holds something; steps form: none
-        }
+    for (auto & [buft, c] : ctx_of) { // (the steps form keeps nothing: no context)
         ggml_backend_buffer_t buf;
         size_t size;
         if (no_alloc) {
