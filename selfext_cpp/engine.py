@@ -228,7 +228,7 @@ def enable_self_extend(llm: Llama, ga_n: int, ga_w: int = 0, *, warn_slow: bool 
         raise UnsupportedModelError(f"Self-Extend is not available for this model: {capi.status_str(status)}")
     if changed:
         llm.reset()  # the next eval drops the cached cells and decodes from the start
-    if warn_slow and params.enabled and not capi.llama_self_extend_fused(llm.ctx) and not _flash_attn_on(llm):
+    if warn_slow and params.enabled and not self_extend_fused(llm) and not _flash_attn_on(llm):
         warnings.warn("Self-Extend runs its generic attention path, several times slower than its fused "
                       "flash-attention op: flash attention is off on this context (create the Llama with "
                       "flash_attn=True)", SlowPathWarning, stacklevel=2)
