@@ -680,12 +680,17 @@ int main(int argc, char ** argv) {
     se_time("prefill D=64 16/4 heads",   64, 16, 4, 2048, 32768, 1024, prop.multiProcessorCount);
     se_time("prefill D=128 16/4 heads", 128, 16, 4, 2048, 32768, 1024, prop.multiProcessorCount);
     se_time("prefill D=128 32/8 heads", 128, 32, 8, 2048, 32768, 1024, prop.multiProcessorCount);
+    // a 512-token ubatch (llama.cpp's default) at the end of an 8K and a 32K document: 1.1B and 8B shapes
+    se_time("ubatch 512 D=128 16/4 heads 8K",  128, 16, 4, 512,  8192, 1024, prop.multiProcessorCount);
+    se_time("ubatch 512 D=128 16/4 heads 32K", 128, 16, 4, 512, 32768, 1024, prop.multiProcessorCount);
+    se_time("ubatch 512 D=128 32/8 heads 8K",  128, 32, 8, 512,  8192, 1024, prop.multiProcessorCount);
     se_time_decode("decode D=64 16/4 heads",      64, 16, 4, 32768, 1024, prop.multiProcessorCount);
     se_time_decode("decode D=128 16/4 heads 8K", 128, 16, 4,  8192, 1024, prop.multiProcessorCount);
     se_time_decode("decode D=128 32/8 heads",    128, 32, 8, 32768, 1024, prop.multiProcessorCount);
     // Gemma 3 270M's global layers: 4 query heads, 1 KV head of 256
     se_time("prefill D=256 4/1 heads 64K",  256, 4, 1, 2048,  65536, 1024, prop.multiProcessorCount);
     se_time("prefill D=256 4/1 heads 128K", 256, 4, 1, 2048, 131072, 1024, prop.multiProcessorCount);
+    se_time("ubatch 512 D=256 4/1 heads 128K",  256, 4, 1,  512, 131072, 1024, prop.multiProcessorCount);
     se_time_decode("decode D=256 4/1 heads 64K",  256, 4, 1,  65536, 1024, prop.multiProcessorCount);
     se_time_decode("decode D=256 4/1 heads 128K", 256, 4, 1, 131072, 1024, prop.multiProcessorCount);
 
