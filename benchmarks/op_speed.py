@@ -128,7 +128,8 @@ def measure(g: Ggml, backend: int, D: int, H: int, Hkv: int, n_q: int, n_kv: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", action="append", help="1.1b, 8b, gemma3-270m or D:n_head:n_head_kv (default: all three)")
-    ap.add_argument("--n-q", type=int, action="append", help="queries per op (default: 2048 and 1)")
+    ap.add_argument("--n-q", type=int, action="append",
+                    help="queries per op (default: 512, llama.cpp's default ubatch, 2048 and 1)")
     ap.add_argument("--depth", type=int, action="append", help="keys before the queries (default: 8192, 32768)")
     ap.add_argument("--ga-w", type=int, default=1024, help="neighbour window W (default: 1024)")
     ap.add_argument("--ga-n", type=int, default=8, help="group size G of the steps form (default: 8)")
@@ -150,7 +151,7 @@ def main() -> None:
     try:
         for shape in args.shape or list(SHAPES):
             D, H, Hkv = SHAPES[shape] if shape in SHAPES else map(int, shape.split(":"))
-            for n_q in args.n_q or [2048, 1]:
+            for n_q in args.n_q or [512, 2048, 1]:
                 for depth in args.depth or [8192, 32768]:
                     n_kv = -(-(depth + n_q) // 256) * 256  # llama.cpp pads the KV view to 256 cells
                     for r in measure(g, backend, D, H, Hkv, n_q, n_kv, args.ga_w, args.ga_n, forms, args.repeats):
