@@ -10,7 +10,7 @@ TFLOP/s (4·D per visible query/key pair and head) and Self-Extend / vanilla as 
 operands stay in its caches from run to run (12.8 MB for SmolLM2's heads at 16K), so this times its arithmetic; a
 model's layers find them in memory, which `decode_depth.py` measures.
 
-    python benchmarks/op_speed.py                     # GPU if the build has one, else CPU; 1.1B and 8B shapes
+    python benchmarks/op_speed.py                     # GPU if the build has one, else CPU; 1.1B, 8B and Gemma 3 270M shapes
     python benchmarks/op_speed.py --cpu -t 2 --shape 64:9:3 --n-q 1 --depth 16384 --form steps,table,cache
 """
 
