@@ -50,7 +50,10 @@ _SIGNATURES = {
     "ggml_backend_graph_compute": ([_p, _p], _int), "ggml_backend_free": ([_p], None),
     "ggml_backend_dev_count": ([], _sz), "ggml_backend_dev_get": ([_sz], _p), "ggml_backend_dev_type": ([_p], _int),
     "ggml_backend_dev_memory": ([_p, _p, _p], None),
+    "ggml_backend_get_device": ([_p], _p), "ggml_backend_dev_backend_reg": ([_p], _p),
+    "ggml_backend_reg_get_proc_address": ([_p, ctypes.c_char_p], _p),
 }
+_SET_N_THREADS = ctypes.CFUNCTYPE(None, _p, _int)  # ggml_backend_set_n_threads_t (ggml-backend.h)
 
 
 @dataclass
@@ -91,10 +94,10 @@ def open_ggml(gpu: bool, n_threads: int | None = None) -> Ggml:
     ``gpu`` and the build has one."""
     lib = libggml()
     g = Ggml(lib, {"CPU": lib.ggml_backend_init_by_type(DEVICE_CPU, None)})
-    if n_threads:
-        cpu = ctypes.CDLL(str(lib_dir() / "libggml-cpu.so"))
-        cpu.ggml_backend_cpu_set_n_threads.argtypes, cpu.ggml_backend_cpu_set_n_threads.restype = [_p, _int], None
-        cpu.ggml_backend_cpu_set_n_threads(g.backends["CPU"], n_threads)
+    if n_threads:  # through the backend's registry, as llama.cpp sets it
+        cpu = g.backends["CPU"]
+        reg = lib.ggml_backend_dev_backend_reg(lib.ggml_backend_get_device(cpu))
+        _SET_N_THREADS(lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads"))(cpu, n_threads)
     if gpu and lib.ggml_backend_dev_by_type(DEVICE_GPU):
         g.backends["GPU"] = lib.ggml_backend_init_by_type(DEVICE_GPU, None)
     return g
