@@ -8,7 +8,7 @@ import ctypes
 from dataclasses import dataclass, field
 
 from . import compat
-from ._lib import lib_dir, load_llama_cpp
+from ._lib import lib_dir, lib_file, load_llama_cpp
 
 _ll = load_llama_cpp().llama_cpp
 GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_I32 = (compat.ggml_type(_ll, t) for t in ("F32", "F16", "Q8_0",
@@ -70,7 +70,7 @@ class Ggml:
 
 def libggml() -> ctypes.CDLL:
     """libggml from lib_dir(), its prototypes set."""
-    lib = ctypes.CDLL(str(lib_dir() / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
+    lib = ctypes.CDLL(str(lib_file(lib_dir(), "ggml")), mode=ctypes.RTLD_GLOBAL)
     for name, (args, res) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res

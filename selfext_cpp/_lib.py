@@ -24,7 +24,7 @@ def lib_dir() -> Path:
     override = os.environ.get("SELFEXT_LIB_PATH")
     if override:
         return Path(override).resolve()
-    if _lib_file(PACKAGE_LIB_DIR).exists():
+    if lib_file(PACKAGE_LIB_DIR).exists():
         return PACKAGE_LIB_DIR
     return _installed_lib_dir() or PACKAGE_LIB_DIR
 
@@ -39,17 +39,18 @@ def _installed_lib_dir() -> Path | None:
     except metadata.PackageNotFoundError:
         return None
     for f in files:
-        if f.parent.name == "lib" and f.name == _lib_file(Path()).name:
+        if f.parent.name == "lib" and f.name == lib_file(Path()).name:
             return Path(str(f.locate())).resolve().parent
     return None
 
 
-def _lib_file(directory: Path) -> Path:
+def lib_file(directory: Path, name: str = "llama") -> Path:
+    """The shared library ``name`` of a build (llama, ggml, ...) in directory, as this platform names it."""
     if sys.platform == "win32":
-        return directory / "llama.dll"
-    if sys.platform == "darwin" and (directory / "libllama.dylib").exists():
-        return directory / "libllama.dylib"
-    return directory / "libllama.so"
+        return directory / f"{name}.dll"
+    if sys.platform == "darwin" and (directory / f"lib{name}.dylib").exists():
+        return directory / f"lib{name}.dylib"
+    return directory / f"lib{name}.so"
 
 
 def load_llama_cpp() -> ModuleType:
@@ -61,7 +62,7 @@ def load_llama_cpp() -> ModuleType:
     """
     directory = lib_dir()
     if "llama_cpp.llama_cpp" not in sys.modules:
-        path = _lib_file(directory)
+        path = lib_file(directory)
         if not path.exists():
             raise LibraryError(f"no libllama at {path}: reinstall selfext (pip install selfext) "
                                "or set SELFEXT_LIB_PATH to a directory holding a selfext build")
