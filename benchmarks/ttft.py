@@ -5,7 +5,8 @@ attention on), then single-token decodes after it. Vanilla and Self-Extend run i
 setting is switched live), each with ``--warmups`` untimed runs of the whole document (default 1) and then
 ``--repeats`` timed runs; the table gives medians and selfext/vanilla ratios, measured in the same invocation. Where a
 process's speed varies from one process to the next (a small model on a fast GPU is bound by its host side), use
-``--processes N``: N vanilla and N Self-Extend processes, alternating, their timed runs pooled. Memory is what
+``--processes N``: N vanilla and N Self-Extend processes, alternating, their timed runs pooled; the line then also gives
+the range of the ratios of each vanilla process and the Self-Extend process after it ("pairs"). Memory is what
 llama.cpp itself logs for each context: KV cache, Self-Extend's grouped keys (or their rotation table) and the
 compute buffers, in MiB. LLAMA_SELF_EXTEND_KEYS=table|cache in the environment picks the form of the grouped keys.
 
@@ -112,6 +113,13 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
+def pair_range(vanilla: list[dict[str, Any]], selfext: list[dict[str, Any]], key: str) -> list[float]:
+    """The smallest and largest selfext/vanilla ratio of the medians of two processes run one after the other: how far
+    the pooled ratio could swing with the host's speed from one process to the next."""
+    ratios = [s[f"{key}_median"] / v[f"{key}_median"] for v, s in zip(vanilla, selfext)]
+    return [round(min(ratios), 3), round(max(ratios), 3)]
+
+
 def sizes(text: str) -> list[int]:
     return [int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t) for t in text.split(",") if t]
 
@@ -156,12 +164,19 @@ def main() -> None:
             rows += [v, s]
             ratio = {k: round(s[f"{k}_median"] / v[f"{k}_median"], 3) for k in ("prefill", "decode")}
             ratio["memory"] = round(s["memory_mib"]["total"] / v["memory_mib"]["total"], 3)
+            if args.processes > 1:
+                for k in ("prefill", "decode"):
+                    ratio[f"{k}_pairs"] = pair_range(vs, ss, k)
             rows[-1]["ratio"] = ratio
             if not args.json:
+                pairs = ""
+                if args.processes > 1:
+                    pairs = "  pairs: prefill {:.3f}-{:.3f}, decode {:.3f}-{:.3f}".format(*ratio["prefill_pairs"],
+                                                                                       *ratio["decode_pairs"])
                 print(f"{n:>7} tokens  ubatch {ub:>5}  prefill {v['prefill_median']:9.1f} -> {s['prefill_median']:9.1f} "
                       f"tok/s ({ratio['prefill']:.3f})  decode {v['decode_median']:8.1f} -> "
                       f"{s['decode_median']:8.1f} tok/s ({ratio['decode']:.3f})  memory {v['memory_mib']['total']:.0f} -> "
-                      f"{s['memory_mib']['total']:.0f} MiB ({ratio['memory']:.3f})", flush=True)
+                      f"{s['memory_mib']['total']:.0f} MiB ({ratio['memory']:.3f}){pairs}", flush=True)
     if args.json:
         print(json.dumps({"model": os.path.basename(args.model), "ga_n": args.ga_n, "ga_w": args.ga_w,
                           "n_gen": args.n_gen, "repeats": args.repeats, "warmups": args.warmups,

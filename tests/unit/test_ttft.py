@@ -76,3 +76,21 @@ def test_swa_full_reaches_each_child_process(ttft: ModuleType, monkeypatch: pyte
     ttft.main()
     assert len(cmds) == 2 and all(c[c.index("--swa-full") + 1] == "off" for c in cmds)
     assert '"swa_full": "off"' in capsys.readouterr().out
+
+
+def test_processes_report_the_range_of_their_pairs(ttft: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # the second pair ran on a slower host: its ratio is the low end, the pooled ratio stays the medians'
+    speeds = iter([(100.0, 10.0), (97.0, 9.5), (80.0, 10.0), (68.0, 9.0), (101.0, 10.0), (98.0, 10.0)])
+
+    def fake_measure(args, n_tokens, ubatch, ga_n):
+        prefill, decode = next(speeds)
+        return {**process([prefill], [decode]), "mode": "vanilla" if ga_n == 1 else "selfext"}
+
+    monkeypatch.setattr(ttft, "measure", fake_measure)
+    monkeypatch.setattr("sys.argv", ["ttft.py", "m.gguf", "--tokens", "1k", "--ubatch", "512", "--processes", "3"])
+    ttft.main()
+    line = capsys.readouterr().out
+    assert "(0.970)" in line  # 97 / 100: the pooled medians
+    assert "pairs: prefill 0.850-0.970, decode 0.900-1.000" in line
+    assert ttft.pair_range([process([100.0], [1.0])], [process([95.0], [1.0])], "prefill") == [0.95, 0.95]
