@@ -35,7 +35,8 @@ struct llama_se_inp {
     ggml_tensor * k_g_shift   = nullptr; // I32 [n_stale]                 fused, grouped keys: grouped - true position
     ggml_tensor * k_rot_rows  = nullptr; // F32 [n_rot, n_tokens + n_stale] fused, table form: the rows to store
     ggml_tensor * q_rot_rows  = nullptr; // F32 [n_rot, n_tokens]        fused, table and steps forms: the queries' rows
-    ggml_tensor * k_steps     = nullptr; // F32 [n_rot, n_rows]          fused, steps form: the table of steps
+    ggml_tensor * k_steps     = nullptr; // F32 [n_rot, n_rows]          fused, steps form: the table of steps (kept
+                                         //                                with the cache, or an input part)
     mutable ggml_tensor * k_rot = nullptr; // table form: the table once this graph stored its rows (first layer)
     ggml_tensor * pos_q   = nullptr; // I32 [n_tps, n_stream]             fused: query positions
     ggml_tensor * pos_k   = nullptr; // I32 [n_kv, n_stream]              fused: key (cell) positions

@@ -45,12 +45,15 @@
 // cells each ubatch writes (and the stale ones), and stored with set_rows like the grouped keys.
 //
 // Steps form (ggml_flash_attn_ext_se_steps, where every device has it): the kernels compose each key's row from two
-// rows of a small table of steps, which every graph takes as an input; nothing is kept per cell, so the context's
-// memory is vanilla's and nothing goes stale. This struct then only holds the RoPE parameters.
+// rows of a small table of steps; nothing is kept per cell, so the context's memory is vanilla's and nothing goes
+// stale. The table, which depends on the RoPE parameters alone, is made once and kept next to the first Self-Extend
+// layer's K, sized for positions up to the cache's size (0.06 MiB for SmolLM2 at 16K, about 1 MiB for Gemma 3 at 128K);
+// a graph whose positions go past it takes a larger table as an input instead. (As an input of every graph it was
+// uploaded with every ubatch: 64-200 KB per decode step at 8K-32K, sent to each device or RPC server.)
 enum class se_keys {
     cache, // the grouped keys, one more K per layer
     table, // the rotation table, a row per cell
-    steps, // a table of steps per graph
+    steps, // a table of steps
 };
 
 struct llama_se_kcache {
@@ -58,6 +61,7 @@ struct llama_se_kcache {
     std::vector<ggml_backend_buffer_ptr> bufs;
     std::vector<ggml_tensor *>           k_g;     // per KV layer, as llama_kv_cache::layers: [n_embd_k_gqa, kv_size, n_stream]
     ggml_tensor *                        tab = nullptr; // table form (k_g empty): [n_rot, kv_size, n_stream]
+    ggml_tensor *                        steps = nullptr; // steps form: the table of steps kept, [n_rot, n_steps_kept(kv_size)]
     se_keys                              form = se_keys::cache;
     int32_t                              n_rot = 0;     // table and steps: the rotated dimensions of a row
     int32_t                              rope_mode = 0; // table and steps: the pairs' layout (LLAMA_ROPE_TYPE_NORM/NEOX)
@@ -137,6 +141,11 @@ struct llama_se_kcache {
     // must stay in the caches next to the K/V rows streaming past: 128 rows are 32 KiB for a 64-dimension head, 128 KiB
     // for 256; the queries are rotated by the larger step, again every 128 positions.
     static constexpr int64_t             SE_STEP_LO = 128;
+
+    // steps form: the rows of a table of steps that covers positions below n_pos (at least one larger step)
+    static int64_t steps_rows(int64_t n_pos) {
+        return SE_STEP_LO + std::max<int64_t>(1, (n_pos + SE_STEP_LO - 1)/SE_STEP_LO);
+    }
 };
 
 // the one friend of the upstream classes whose internals we read
@@ -360,6 +369,10 @@ static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, 
                 if (form == se_keys::table) {
                     kc->tab = ggml_new_tensor_3d(ctx_for(buft), GGML_TYPE_F32, rp.n_rot, layer.k->ne[1], layer.k->ne[2]);
                     ggml_set_name(kc->tab, "se_k_rot");
+                } else {
+                    kc->steps = ggml_new_tensor_2d(ctx_for(buft), GGML_TYPE_F32, rp.n_rot,
+                                                   llama_se_kcache::steps_rows(layer.k->ne[1]));
+                    ggml_set_name(kc->steps, "se_k_steps_kept");
                 }
                 kc->n_rot     = rp.n_rot;
                 kc->rope_mode = model.hparams.rope_type;
@@ -374,7 +387,7 @@ static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, 
     }
     size_t total = 0;
     const bool no_alloc = llama_se_access::model(kv).hparams.no_alloc; // a context that only measures memory (--fit)
-    for (auto & [buft, c] : ctx_of) { // (the steps form keeps nothing: no context)
+    for (auto & [buft, c] : ctx_of) {
         ggml_backend_buffer_t buf;
         size_t size;
         if (no_alloc) {
@@ -395,6 +408,9 @@ static bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, 
         total += size;
         kc->bytes[buft] += size;
         kc->bufs.emplace_back(buf);
+    }
+    if (kc->steps && !no_alloc) {
+        ggml_backend_tensor_set(kc->steps, kc->steps_table(kc->steps->ne[1]), 0, ggml_nbytes(kc->steps));
     }
     const ggml_tensor * some = kc->tab ? kc->tab : kc->k_g.empty() ? nullptr : kc->k_g[0];
     const uint32_t n_stream = some ? some->ne[2] : 0;
@@ -707,8 +723,7 @@ static int64_t se_step_rows(const llama_kv_cache_context * mctx) {
             n_pos = std::max<int64_t>(n_pos, cells.seq_pos_max(seq) + 1);
         }
     }
-    const int64_t lo = llama_se_kcache::SE_STEP_LO;
-    return lo + std::max<int64_t>(1, (n_pos + lo - 1)/lo);
+    return llama_se_kcache::steps_rows(n_pos);
 }
 
 bool llama_se_can_reuse(const llama_se_inp & inp, const llama_kv_cache_context * mctx) {
@@ -784,7 +799,13 @@ llama_se_inp llama_se_build_inp(
             add(&inp.k_rot_rows, GGML_TYPE_F32, "se_k_rot_rows", kc->n_rot, n_tokens + n_rows);
         }
         if (kc->form == se_keys::steps) {
-            add(&inp.k_steps, GGML_TYPE_F32, "se_k_steps", kc->n_rot, se_step_rows(mctx));
+            // the table kept with the cache, or where the positions go past it a larger one as an input
+            const int64_t n_rows = se_step_rows(mctx);
+            if (kc->steps && n_rows <= kc->steps->ne[1]) {
+                inp.k_steps = kc->steps;
+            } else {
+                add(&inp.k_steps, GGML_TYPE_F32, "se_k_steps", kc->n_rot, n_rows);
+            }
         }
         if (kc->form != se_keys::cache) {
             // and the queries' rows (ggml_flash_attn_ext_se_q_rot): the kernels rotate q as they stage it, where a RoPE
@@ -884,7 +905,7 @@ void llama_se_set_inp(
         kcache->rot_row(se_k_pos(pos, G) - pos, rot_out);
         rot_out += kcache->n_rot;
     };
-    if (inp.k_steps) {
+    if (inp.k_steps && inp.k_steps->view_src == inp.pack_dev) { // (not the table kept with the cache)
         memcpy(se_host<float>(inp, inp.k_steps), kcache->steps_table(inp.k_steps->ne[1]), ggml_nbytes(inp.k_steps));
     }
     if (inp.k_rot_rows) {

@@ -164,15 +164,17 @@ def test_verbose_shows_the_prefill_bar_summary_and_llama_log(cli: Invoke, tiny_m
 
 
 def test_the_fused_path_on_the_cpu_keeps_nothing_per_cell(cli: Invoke, tiny_model: Path, tmp_path: Path) -> None:
-    # the CPU kernel makes the grouped keys from K with a table of steps that every graph takes as an input: the
-    # context keeps no second K cache and no table per cell, also where a head is large (Gemma 3-like: one global
-    # layer of one KV head of 256 dims, where a table row per cell would be larger than that layer's grouped keys)
+    # the CPU kernel makes the grouped keys from K with a table of steps: the context keeps no second K cache and no
+    # table per cell, only that table (128 single-position steps and one larger step per 128 cells, n_rot floats
+    # each), also where a head is large (Gemma 3-like: one global layer of one KV head of 256 dims, where a table row
+    # per cell would be larger than that layer's grouped keys)
     gemma = make_tiny_gemma3(tmp_path / "gemma3.gguf", head_dim=256).path
-    for model, args in ((tiny_model, {"input": DOC}), (gemma, {})):
+    for model, n_rot, args in ((tiny_model, 16, {"input": DOC}), (gemma, 256, {})):
         prompt = () if args else ("-p", "hello world")
         result = cli("run", model, "--ga-n", "4", "--ga-w", "16", "-n", "1", "-c", "4096", "-v", *prompt, **args)
         assert result.exit_code == 0, result.output
-        assert "grouped-key rotations (steps, kernels rotate K): 0.00 MiB" in result.stderr
+        steps = float(re.search(r"grouped-key rotations \(steps, kernels rotate K\): ([\d.]+) MiB", result.stderr)[1])
+        assert steps == round((128 + 4096 // 128) * n_rot * 4 / 2**20, 2)
         assert "grouped keys:" not in result.stderr and "one table" not in result.stderr
 
 

@@ -182,7 +182,8 @@ def test_the_table_form_rotates_the_queries_in_the_op(model: TinyModel, n_tokens
     rope_nodes = [n for n in names if re.fullmatch(r"se_q_grouped-\d+", n)]  # not their views
     assert len(rope_nodes) == (0 if q_rows else model.n_layer), rope_nodes
     assert any(n.startswith("se_q_rot_rows") for n in names) == q_rows
-    assert any(n.startswith("se_k_steps") for n in names) == (keys == "steps")  # no row per cell
+    assert any(n.startswith("se_k_rot_rows") for n in names) == (keys == "table")  # rows per cell: the table form's
+    assert not any(n.startswith("se_k_steps") for n in names)  # the table of steps is kept with the cache
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])
@@ -262,6 +263,29 @@ def test_long_positions(tmp_path: Path, arch: str, ga_n: int, ga_w: int, shift: 
         got = r.decode(tokens[60:])  # continues after the moved cells
     positions = list(range(30)) + list(range(30 + shift, N_TOKENS + shift))
     assert_close(got, reference_logits(model, tokens, positions, ga_n=ga_n, ga_w=ga_w)[60:], ATOL_LONG)
+
+
+def test_positions_past_the_cache_take_a_larger_table_of_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps form: the table of steps kept with the cache covers positions up to its size, so a graph uploads none; cells
+    moved past that (llama_memory_seq_add) make the next graphs take a larger table as an input, with the logits of a
+    fresh run at those positions (one layer, as test_long_positions)."""
+    if ON_GPU:
+        pytest.skip("the CUDA kernel has no steps form")
+    monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "steps")
+    model = make_tiny_gguf(tmp_path / "llama-1layer.gguf", arch="llama", n_layer=1, n_head_kv=2, seed=5)
+    tokens = tokens_for(model, seed=13)
+    names: list[str] = []
+    shift = 30000
+    with LlamaRunner(model.path, n_ctx=256, flash_attn=True, on_node=names.append) as r:
+        assert r.set_self_extend(8, 16) == 0 and r.fused
+        r.decode(tokens[:60])
+        assert not any(n.startswith("se_k_steps") for n in names)
+        r.seq_add(0, 30, -1, shift)
+        names.clear()
+        got = r.decode(tokens[60:])
+        assert any(n.startswith("se_k_steps") for n in names)
+    positions = list(range(30)) + list(range(30 + shift, N_TOKENS + shift))
+    assert_close(got, reference_logits(model, tokens, positions, ga_n=8, ga_w=16)[60:], ATOL_LONG)
 
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["generic", "fused"])
