@@ -61,7 +61,7 @@ struct llama_se_kcache {
     std::vector<ggml_backend_buffer_ptr> bufs;
     std::vector<ggml_tensor *>           k_g;     // per KV layer, as llama_kv_cache::layers: [n_embd_k_gqa, kv_size, n_stream]
     ggml_tensor *                        tab = nullptr; // table form (k_g empty): [n_rot, kv_size, n_stream]
-    ggml_tensor *                        steps = nullptr; // steps form: the table of steps kept, [n_rot, n_steps_kept(kv_size)]
+    ggml_tensor *                        steps = nullptr; // steps form: the table of steps kept, [n_rot, steps_rows(kv_size)]
     se_keys                              form = se_keys::cache;
     int32_t                              n_rot = 0;     // table and steps: the rotated dimensions of a row
     int32_t                              rope_mode = 0; // table and steps: the pairs' layout (LLAMA_ROPE_TYPE_NORM/NEOX)
