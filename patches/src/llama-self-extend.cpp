@@ -576,8 +576,8 @@ static bool se_fused_supported(llama_context & ctx, se_keys form) {
     return true;
 }
 
-// Between the table and the cache, where the kernels run both but not the steps form (CUDA): auto takes the table,
-// which costs n_rot floats per cell where the cache costs one more K, unless
+// Between the table and the cache, where a device runs both but not the steps form (CUDA, for a RoPE of part of the
+// head): auto takes the table, which costs n_rot floats per cell where the cache costs one more K, unless
 //  - a Self-Extend layer's K lives on a device and its RoPE does not turn the whole head: the CUDA decode kernel rotates
 //    the keys by the table as it loads them only for a whole head, else every decode step would rotate the whole K view
 //    into a scratch first (0.69-0.85 of vanilla's decode at 32K on an H200; with the rotation in the kernel 0.92-1.00,

@@ -7,7 +7,8 @@
 // Exit status 0: every case within 1e-2 of its output scale (the largest |reference| of the case).
 // Options: --check runs the cases only (e.g. under compute-sanitizer), --perf the timings only (e.g. under ncu),
 // --splits times decode shapes with several numbers of KV splits. Decodes are timed with the grouped keys given, with a
-// rotation table, and, for a ratio in the same run, through llama.cpp's own vector kernel (fattn-vec.cuh) and its merge.
+// rotation table, with a table of steps, and, for a ratio in the same run, through llama.cpp's own vector kernel
+// (fattn-vec.cuh) and its merge.
 
 #define GGML_CUDA_FATTN_SE_SELFTEST
 #include "fattn-self-extend.cu"
@@ -60,7 +61,12 @@ struct se_case {
     float softcap;
     int   rot;       // fattn_se_rot: K_g as K and a rotation table of random angles (decode only)
     bool  q_rot;     // Q_g as Q and a table row per query, in rot's layout (NEOX without rot: K_g given, any n_q)
+    bool  steps;     // with rot: a table of steps instead of a row per key (group size SE_STEPS_G, SE_STEPS_LO rows of
+                     // single positions, a few of them per larger step, so that a tile's keys span several)
 };
+
+#define SE_STEPS_G  3
+#define SE_STEPS_LO 8
 
 // the pair layout of a case's tables: rot's, or NEOX where only the queries have one (K_g given)
 static int se_table_mode(const int rot) {
@@ -73,7 +79,9 @@ struct se_host {
     std::vector<float>   q, q_g;       // q: [ne3][n_q][n_head][D] (permuted view), q_g: [ne3][n_head][n_q][D]
     std::vector<half>    k, k_g, v;    // k, v: cache [ne3][n_cells][n_head_kv][D], k_g: [ne3][n_head_kv][n_kv][D]
     std::vector<half>    mask;         // [mask_ne3][n_q_pad][n_kv_pad]
-    std::vector<float>   tab;          // rotation table (rot): [ne3][n_kv][D]; k_g then holds the rotated keys
+    std::vector<float>   tab;          // rotation table (rot): [ne3][n_kv][D], or (steps) [n_steps][D]; k_g then holds
+                                       // the rotated keys
+    int                  n_steps = 0;  // rows of the table of steps
     std::vector<float>   qtab;         // the queries' table (q_rot): [ne3][n_q][D]; q_g then holds the rotated queries
     std::vector<int32_t> pos_q, pos_k; // [ne3][n_q], [ne3][n_kv]
 
@@ -186,7 +194,7 @@ static se_host se_make_inputs(const se_case & c, std::mt19937 & rng) {
                 }
             }
         };
-        if (c.rot != FATTN_SE_ROT_NONE) {
+        if (c.rot != FATTN_SE_ROT_NONE && !c.steps) {
             rotate(h.tab, h.n_kv, [&](int s, int j, int a, int b, double co, double si) {
                 for (int hk = 0; hk < h.n_head_kv; ++hk) {
                     const double ka = h.kv(s, j, hk, a), kb = h.kv(s, j, hk, b);
@@ -224,6 +232,49 @@ static se_host se_make_inputs(const se_case & c, std::mt19937 & rng) {
         }
         for (int i = 0; i < h.n_q; ++i) {
             h.pos_q[size_t(s)*h.n_q + i] = h.n_kv - h.n_q + i + s; // the streams are at different positions
+        }
+    }
+
+    if (c.steps) {
+        // a random angle per row and pair; key j takes the sum of its two rows' angles (ggml_flash_attn_ext_se_steps)
+        const int D = h.D, mode = c.rot;
+        int m_max = 0;
+        for (const int32_t pk : h.pos_k) {
+            m_max = std::max(m_max, pk > 0 ? pk - pk/SE_STEPS_G : 0);
+        }
+        h.n_steps = SE_STEPS_LO + m_max/SE_STEPS_LO + 1;
+        std::uniform_real_distribution<double> angle(-3.2, 3.2);
+        std::vector<double> phi(size_t(h.n_steps)*D/2);
+        for (double & x : phi) {
+            x = angle(rng);
+        }
+        h.tab.resize(size_t(h.n_steps)*D);
+        for (int r = 0; r < h.n_steps; ++r) {
+            for (int i = 0; i < D/2; ++i) {
+                const int a = mode == FATTN_SE_ROT_NORM ? 2*i : i;
+                const int b = mode == FATTN_SE_ROT_NORM ? 2*i + 1 : i + D/2;
+                h.tab[size_t(r)*D + a] = float(std::cos(phi[size_t(r)*D/2 + i]));
+                h.tab[size_t(r)*D + b] = float(std::sin(phi[size_t(r)*D/2 + i]));
+            }
+        }
+        for (int s = 0; s < h.ne3; ++s) {
+            for (int j = 0; j < h.n_kv; ++j) {
+                const int32_t pk = h.pos_k[size_t(s)*h.n_kv + j];
+                const int m = pk > 0 ? pk - pk/SE_STEPS_G : 0;
+                const int r_lo = m % SE_STEPS_LO, r_hi = SE_STEPS_LO + m/SE_STEPS_LO;
+                for (int i = 0; i < D/2; ++i) {
+                    const int a = mode == FATTN_SE_ROT_NORM ? 2*i : i;
+                    const int b = mode == FATTN_SE_ROT_NORM ? 2*i + 1 : i + D/2;
+                    const double ph = phi[size_t(r_lo)*D/2 + i] + phi[size_t(r_hi)*D/2 + i];
+                    const double co = std::cos(ph), si = std::sin(ph);
+                    for (int hk = 0; hk < h.n_head_kv; ++hk) {
+                        const double ka = h.kv(s, j, hk, a), kb = h.kv(s, j, hk, b);
+                        half * kg = h.k_g.data() + ((size_t(s)*h.n_head_kv + hk)*h.n_kv + j)*D;
+                        kg[a] = __float2half(float(ka*co - kb*si));
+                        kg[b] = __float2half(float(ka*si + kb*co));
+                    }
+                }
+            }
         }
     }
 
@@ -326,6 +377,13 @@ static bool se_run_case(const se_case & c, const int nsm, std::mt19937 & rng) {
     fattn_se_params p = se_params_of(h, d, scale, c.softcap, c.W);
     p.k_rot = c.rot;
     p.q_rot = c.q_rot ? se_table_mode(c.rot) : FATTN_SE_ROT_NONE;
+    if (c.steps) {
+        p.k_rot     |= FATTN_SE_ROT_STEPS;
+        p.k_steps_G  = SE_STEPS_G;
+        p.k_steps_lo = SE_STEPS_LO;
+        p.k_steps_hi = h.n_steps - SE_STEPS_LO;
+        p.nb_kg3     = 0;
+    }
     const fattn_se_plan P = fattn_se_make_plan(p, nsm);
     if (c.rot != FATTN_SE_ROT_NONE && !P.decode) {
         fprintf(stderr, "%s: a rotation table is read by decode kernels only\n", c.name);
@@ -451,10 +509,11 @@ static double se_time_us(const F & run) {
 }
 
 // nsplit: KV splits per block of columns, or 0 for the plan's own; rot: K_g as K and a rotation table (decode), q_rot:
-// with Q_g as Q and a table row per query too
+// with Q_g as Q and a table row per query too, steps: a table of steps (libllama's 128 rows of single positions, G = 8)
+// instead of the table
 static void se_time(const char * name, const int D, const int n_head, const int n_head_kv, const int n_q, const int n_kv,
                     const int W, const int nsm, const int nsplit = 0, const int rot = FATTN_SE_ROT_NONE,
-                    const bool q_rot = false) {
+                    const bool q_rot = false, const bool steps = false) {
     se_host h; // shapes only: the data is generated on the device
     h.D = D; h.n_q = n_q; h.n_kv = n_kv; h.n_head = n_head; h.n_head_kv = n_head_kv; h.ne3 = 1; h.mask_ne3 = 1;
     h.n_cells = n_kv; h.n_kv_pad = n_kv; h.n_q_pad = n_q;
@@ -475,9 +534,11 @@ static void se_time(const char * name, const int D, const int n_head, const int 
     se_fill_causal<<<dim3(64, n_q), 256>>>(d.mask, n_q, n_kv);
     se_fill_iota<<<64, 256>>>(d.pos_q, n_q, n_kv - n_q);
     se_fill_iota<<<64, 256>>>(d.pos_k, n_kv, 0);
+    constexpr int steps_lo = 128, steps_G = 8;
+    const int n_tab = steps ? steps_lo + n_kv/steps_lo + 1 : n_kv;
     if (rot != FATTN_SE_ROT_NONE) {
-        CUDA_CHECK(cudaMalloc(&d.tab, size_t(n_kv)*D*sizeof(float)));
-        se_fill_float<<<1024, 256>>>(d.tab, size_t(n_kv)*D, 6);
+        CUDA_CHECK(cudaMalloc(&d.tab, size_t(n_tab)*D*sizeof(float)));
+        se_fill_float<<<1024, 256>>>(d.tab, size_t(n_tab)*D, 6);
     }
     if (q_rot) {
         CUDA_CHECK(cudaMalloc(&d.qtab, size_t(n_q)*D*sizeof(float)));
@@ -488,6 +549,13 @@ static void se_time(const char * name, const int D, const int n_head, const int 
     fattn_se_params p = se_params_of(h, d, 1.0f/sqrtf(float(D)), 0.0f, W);
     p.k_rot = rot;
     p.q_rot = q_rot ? se_table_mode(rot) : FATTN_SE_ROT_NONE;
+    if (steps) {
+        p.k_rot     |= FATTN_SE_ROT_STEPS;
+        p.k_steps_G  = steps_G;
+        p.k_steps_lo = steps_lo;
+        p.k_steps_hi = n_tab - steps_lo;
+        p.nb_kg3     = 0;
+    }
     fattn_se_plan P = fattn_se_make_plan(p, nsm);
     if (nsplit > 0) {
         P.nsplit = nsplit;
@@ -504,7 +572,8 @@ static void se_time(const char * name, const int D, const int n_head, const int 
     const double tflops = 4.0*D*pairs*n_head/(us*1e-6)/1e12;
     const double gbs    = 2.0*double(n_kv)*n_head_kv*D*sizeof(half)/(us*1e-6)/1e9;
     printf("%-34s %-7s NHB=%d RPB=%2d nsplit=%3d  %10.1f us/call  %6.1f TFLOP/s  %7.1f GB/s (K+V)\n",
-           name, q_rot ? "tables" : rot ? "table" : P.decode ? "decode" : "prefill", P.NHB, P.RPB, P.nsplit, us, tflops, gbs);
+           name, steps ? "steps" : q_rot ? "tables" : rot ? "table" : P.decode ? "decode" : "prefill", P.NHB, P.RPB, P.nsplit,
+           us, tflops, gbs);
 }
 
 // llama.cpp's own flash attention for one query (fattn-vec.cuh with its merge, as its launch_fattn sets them up) on the
@@ -582,12 +651,14 @@ static void se_time_vanilla(const char * name, const int D, const int n_head, co
 }
 
 // A decode of one query with the grouped keys given, with a rotation table for the keys, with tables for the keys and the
-// query, and through llama.cpp's own kernel on the same shape.
+// query, with a table of steps for the keys and a table row for the query, and through llama.cpp's own kernel on the
+// same shape.
 static void se_time_decode(const char * name, const int D, const int n_head, const int n_head_kv, const int n_kv, const int W,
                            const int nsm) {
     se_time(name, D, n_head, n_head_kv, 1, n_kv, W, nsm);
     se_time(name, D, n_head, n_head_kv, 1, n_kv, W, nsm, 0, FATTN_SE_ROT_NEOX);
     se_time(name, D, n_head, n_head_kv, 1, n_kv, W, nsm, 0, FATTN_SE_ROT_NEOX, true);
+    se_time(name, D, n_head, n_head_kv, 1, n_kv, W, nsm, 0, FATTN_SE_ROT_NEOX, true, true);
     se_time_vanilla(name, D, n_head, n_head_kv, n_kv, nsm);
 }
 
@@ -642,6 +713,12 @@ int main(int argc, char ** argv) {
         {"tables NEOX D=128 softcap, 2 streams",    128,  8, 2,   1, 1000, 100, 2, MASK_HOLES,  2, true,  30.0f, FATTN_SE_ROT_NEOX, true},
         {"tables NEOX decode D=256 n_q=3",          256,  4, 1,   3, 1000, 100, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NEOX, true},
         {"tables NORM decode D=128 n_q=2",          128, 16, 4,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f, FATTN_SE_ROT_NORM, true},
+        // K_g as K and a table of steps
+        {"steps NORM D=64 gqa=4",                    64, 16, 4,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NORM, false, true},
+        {"steps NEOX D=128 softcap, 2 streams",     128,  8, 2,   1, 1000, 100, 2, MASK_HOLES,  2, true,  30.0f, FATTN_SE_ROT_NEOX, false, true},
+        {"steps NEOX D=256 gqa=4",                  256,  4, 1,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NEOX, false, true},
+        {"steps NORM decode D=128 n_q=2, q rows",   128, 16, 4,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f, FATTN_SE_ROT_NORM, true,  true},
+        {"steps NEOX D=256 2 sequences, q rows",    256,  4, 2,   1, 1000,  33, 1, MASK_SEQS,   1, false,  0.0f, FATTN_SE_ROT_NEOX, true,  true},
         {"qrows prefill D=128 n_q=512",             128, 32, 8, 512, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NONE, true},
         {"qrows prefill D=64 n_q=100 2 streams",     64,  8, 2, 100, 1000, 100, 2, MASK_HOLES,  2, true,   0.0f, FATTN_SE_ROT_NONE, true},
         {"qrows prefill D=256 n_q=512 softcap",     256,  4, 1, 512, 4096, 512, 1, MASK_CAUSAL, 1, false, 50.0f, FATTN_SE_ROT_NONE, true},

@@ -25,7 +25,9 @@
 //   The rotation-table form of the op (K_g given as cos/sin per key): decode loads the table rows of a grouped tile with
 //   its K rows and rotates the B operands of Q_g K_g^T as they come out of shared memory (fattn_se_kq_rot), so that a
 //   step reads no second K; prefill first rotates the K view into a pool scratch (flash_attn_ext_se_rotate_k), then runs
-//   the same kernel.
+//   the same kernel. With a table of steps instead (nothing per cell, ggml_flash_attn_ext_se_steps) the tile's rows are
+//   each key's single-position step and the larger step, one row for n_lo consecutive positions, is read from global
+//   memory (cached) as the operands are rotated; the scratch of a prefill composes both.
 //
 // Classification
 //   prefill: flash_attn_ext_se_classify runs first and classifies every (block of queries, tile of 64 keys) once for all
@@ -106,6 +108,8 @@ struct fattn_se_params {
     float scale, softcap;
     int   k_rot;                                        // fattn_se_rot: NONE, or k_g is a rotation table of D floats
                                                         // per key (decode only), F32 [D, n_kv, 1, ne3], nb_kg2 unused
+    int   k_steps_G;                                    // > 0: k_g is a table of steps for this group size instead,
+    int   k_steps_lo, k_steps_hi;                       // F32 [n_rot, lo + hi] shared by the streams (nb_kg3 0)
     int   q_rot;                                        // fattn_se_rot: NONE, or q_g is a rotation table of n_rot_q
     int   n_rot_q;                                      // floats per query (nb_qg2 0): Q_g is Q rotated as it is staged
 };
@@ -174,8 +178,11 @@ static void fattn_se_block_shape(const int n_q, const int gqa, bool & decode, in
 }
 
 // The forms of K_g a kernel reads (template parameter ROT): the grouped keys themselves, or K and a rotation table tile of D
-// floats per key (ggml-self-extend.h), the pairs (2i, 2i + 1) or (i, i + D/2) rotated as the B operands are loaded.
-enum fattn_se_rot { FATTN_SE_ROT_NONE = 0, FATTN_SE_ROT_NORM = 1, FATTN_SE_ROT_NEOX = 2 };
+// floats per key (ggml-self-extend.h), the pairs (2i, 2i + 1) or (i, i + D/2) rotated as the B operands are loaded. With
+// FATTN_SE_ROT_STEPS the tile holds each key's single-position step of a table of steps, and the larger step is applied
+// as the B operands are rotated.
+enum fattn_se_rot { FATTN_SE_ROT_NONE = 0, FATTN_SE_ROT_NORM = 1, FATTN_SE_ROT_NEOX = 2, FATTN_SE_ROT_PAIRS = 3,
+                    FATTN_SE_ROT_STEPS = 4 };
 
 // Row stride of a rotation table tile in floats: rows 32 bytes apart modulo 128, so that the float2 reads of a half warp
 // (4 rows x 4 lanes) hit distinct banks.
@@ -225,6 +232,39 @@ static __device__ __forceinline__ void fattn_se_load_kv(
             const int64_t k = min(k0 + j0 + i*rows_pass, n_kv - 1);
             cp_async_cg_16<64>(dst + i*rows_pass*S*sizeof(half), src_c + k*nb1);
         }
+    }
+}
+
+// Table of steps (ggml_flash_attn_ext_se_steps): the two rows whose product rotates a key at position pos on to pos/G. It
+// goes back m = pos - pos/G positions (0 for an empty cell, pos < 0): row m % lo (lo a power of two) and row lo + m/lo,
+// clamped to the table, which the graph sizes to cover every cell.
+static __device__ __forceinline__ void fattn_se_steps_rows(const fattn_se_params & p, const int pos, int & r_lo, int & r_hi) {
+    const int m = pos > 0 ? pos - pos/p.k_steps_G : 0;
+    r_lo = m & (p.k_steps_lo - 1);
+    r_hi = p.k_steps_lo + min(m/p.k_steps_lo, p.k_steps_hi - 1);
+}
+
+// Table of steps: the single-position rows of the keys of a tile (positions at pos_tile, the first nvalid valid) into a
+// rotation table tile, laid out as fattn_se_load_kv lays out a table's rows (D: halves per row, twice the floats).
+template <int D, int T, int S>
+static __device__ __forceinline__ void fattn_se_load_steps_lo(
+        half * GGML_CUDA_RESTRICT tile, const fattn_se_params & p, const int * GGML_CUDA_RESTRICT pos_tile, const int nvalid,
+        const int tid) {
+    constexpr int chunks_row = D/8;
+    constexpr int rows_pass  = FATTN_SE_NTHREADS/chunks_row;
+    static_assert(FATTN_SE_NTHREADS % chunks_row == 0 && T % rows_pass == 0, "bad table tile size");
+
+    const int j0 = tid / chunks_row;
+    const int jc = tid % chunks_row;
+    const unsigned int dst = ggml_cuda_cvta_generic_to_shared(tile + j0*S + 8*jc);
+#pragma unroll
+    for (int i = 0; i < T/rows_pass; ++i) {
+        const int j = j0 + i*rows_pass;
+        int r_lo = 0, r_hi;
+        if (j < nvalid) { // keys past the cache are masked: any finite row
+            fattn_se_steps_rows(p, pos_tile[j], r_lo, r_hi);
+        }
+        cp_async_cg_16<0>(dst + i*rows_pass*S*sizeof(half), p.k_g + int64_t(r_lo)*p.nb_kg1 + 16*jc);
     }
 }
 
@@ -406,17 +446,22 @@ static __device__ __forceinline__ int fattn_se_rot_offset(const int r) {
 // S[kk] = Q_g K_g^T as fattn_se_kq, K_g made from the K rows at K and the table rows at tab: the lane's first table
 // element, row lane/4 of the first key, column 2*(lane % 4). ROT_NORM: the half2 of a B element is one pair, its cos and
 // sin one float2 of the table; ROT_NEOX: element r of dimension chunk d16 < D/32 and element r of chunk d16 + D/32 are
-// the two halves of the same pairs, whose cos and sin are float2 D/2 apart.
+// the two halves of the same pairs, whose cos and sin are float2 D/2 apart. ROT_STEPS: tab holds each key's
+// single-position step, and hi[2*kk + j] points at the lane's first element (column 2*(lane % 4)) of the larger step of
+// key 16*kk + lane/4 + 8*j, in global memory; the two compose as c = c1 c2 - s1 s2, s = s1 c2 + c1 s2.
 template <int D, int NK, int SKV, int ROT>
 static __device__ __forceinline__ void fattn_se_kq_rot(
-        tile<16, 16, float> * S, const tile<16, 8, half2> * Q_reg, const uint32_t K, const float * GGML_CUDA_RESTRICT tab) {
-    static_assert(ROT == FATTN_SE_ROT_NORM || ROT == FATTN_SE_ROT_NEOX, "not a rotation");
+        tile<16, 16, float> * S, const tile<16, 8, half2> * Q_reg, const uint32_t K, const float * GGML_CUDA_RESTRICT tab,
+        const float * const * hi) {
+    constexpr int  PAIRS = ROT & FATTN_SE_ROT_PAIRS;
+    constexpr bool STEPS = ROT & FATTN_SE_ROT_STEPS;
+    static_assert(PAIRS == FATTN_SE_ROT_NORM || PAIRS == FATTN_SE_ROT_NEOX, "not a rotation");
     constexpr int ST = fattn_se_rot_stride(D);
 #pragma unroll
     for (int kk = 0; kk < NK; ++kk) {
         S[kk] = tile<16, 16, float>{};
     }
-    if constexpr (ROT == FATTN_SE_ROT_NORM) {
+    if constexpr (PAIRS == FATTN_SE_ROT_NORM) {
 #pragma unroll
         for (int d16 = 0; d16 < D/16; ++d16) {
 #pragma unroll
@@ -425,7 +470,11 @@ static __device__ __forceinline__ void fattn_se_kq_rot(
                 fattn_se_ldsm<FATTN_SE_LDSM_B>(K_B, K + (16*kk*SKV + 16*d16)*sizeof(half));
 #pragma unroll
                 for (int r = 0; r < K_B.ne; ++r) {
-                    const float2 cs = *(const float2 *) (tab + 16*kk*ST + 16*d16 + fattn_se_rot_offset<D>(r));
+                    float2 cs = *(const float2 *) (tab + 16*kk*ST + 16*d16 + fattn_se_rot_offset<D>(r));
+                    if constexpr (STEPS) { // the pair's cos and sin times those of its larger step
+                        const float2 h = __ldg((const float2 *) (hi[2*kk + r % 2] + 16*d16 + 8*(r/2)));
+                        cs = make_float2(cs.x*h.x - cs.y*h.y, cs.y*h.x + cs.x*h.y);
+                    }
                     const float2 k  = __half22float2(K_B.x[r]);
                     K_B.x[r] = __floats2half2_rn(k.x*cs.x - k.y*cs.y, k.x*cs.y + k.y*cs.x);
                 }
@@ -444,8 +493,16 @@ static __device__ __forceinline__ void fattn_se_kq_rot(
 #pragma unroll
                 for (int r = 0; r < K_a.ne; ++r) {
                     const float * t  = tab + 16*kk*ST + 16*d16 + fattn_se_rot_offset<D>(r);
-                    const float2  c  = *(const float2 *) t;
-                    const float2  sn = *(const float2 *) (t + D/2);
+                    float2        c  = *(const float2 *) t;
+                    float2        sn = *(const float2 *) (t + D/2);
+                    if constexpr (STEPS) { // two pairs' cos and sin times those of their larger steps
+                        const float * h  = hi[2*kk + r % 2] + 16*d16 + 8*(r/2);
+                        const float2  c2 = __ldg((const float2 *) h);
+                        const float2  s2 = __ldg((const float2 *) (h + D/2));
+                        const float2  c1 = c, s1 = sn;
+                        c  = make_float2(c1.x*c2.x - s1.x*s2.x, c1.y*c2.y - s1.y*s2.y);
+                        sn = make_float2(s1.x*c2.x + c1.x*s2.x, s1.y*c2.y + c1.y*s2.y);
+                    }
                     const float2  a  = __half22float2(K_a.x[r]);
                     const float2  b  = __half22float2(K_b.x[r]);
                     K_a.x[r] = __floats2half2_rn(a.x*c.x  - b.x*sn.x, a.y*c.y  - b.y*sn.y);
@@ -619,7 +676,9 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
             fattn_se_load_kv<D, T>(sK, K, p.nb_k1, k0, p.n_kv, tid);
         }
         if (cls & FATTN_SE_GROUPED) {
-            if constexpr (ROT) {
+            if constexpr (ROT & FATTN_SE_ROT_STEPS) { // positions of tile t: in its slot since (A) of the step before
+                fattn_se_load_steps_lo<2*D, T, 2*fattn_se_rot_stride(D)>(sKg, p, sP + (t % 2)*T, nvalid_of(t), tid);
+            } else if constexpr (ROT) {
                 fattn_se_load_kv<2*D, T, 2*fattn_se_rot_stride(D)>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
             } else {
                 fattn_se_load_kv<D, T>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
@@ -638,8 +697,9 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
             load_pos_mask(1, 1, cls_next);
         }
         if constexpr (decode) {
-            // Short blocks: rather than wait for the class, load both K operands of the first tile along with Q.
-            load_k(0, FATTN_SE_MIXED);
+            // Short blocks: rather than wait for the class, load both K operands of the first tile along with Q (a table
+            // of steps needs the tile's positions first: after Q).
+            load_k(0, ROT & FATTN_SE_ROT_STEPS ? int(FATTN_SE_NEIGHBOUR) : int(FATTN_SE_MIXED));
         }
     }
 
@@ -735,6 +795,11 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 
     cp_async_wait_all();
     __syncthreads();
+    if constexpr (ROT & FATTN_SE_ROT_STEPS) {
+        if (ntb > 0) { // the first tile's steps, now that its positions are here
+            fattn_se_load_steps_lo<2*D, T, 2*fattn_se_rot_stride(D)>(sKg, p, sP, nvalid_of(0), tid);
+        }
+    }
 
     tile<16, 8, half2> Qg_A[D/16];
 #pragma unroll
@@ -793,9 +858,22 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         tile<16, 16, float> S[KW/16];
         tile<16, 8, half2>  P_A[pv_fused ? 1 : KW/16];
         if (work) {
+            // (table of steps) the larger steps of the thread's keys 16*kk + lane/4 + 8*j of the warp
+            [[maybe_unused]] const float * hi[ROT & FATTN_SE_ROT_STEPS ? 2*(KW/16) : 1];
+            if constexpr (ROT & FATTN_SE_ROT_STEPS) {
+                if (pure || (cls & FATTN_SE_GROUPED)) {
+                    const int * pk = sP + slot*T + KW*wk + lane/4;
+#pragma unroll
+                    for (int i = 0; i < 2*(KW/16); ++i) {
+                        int r_lo, r_hi;
+                        fattn_se_steps_rows(p, pk[16*(i/2) + 8*(i % 2)], r_lo, r_hi);
+                        hi[i] = (const float *) (p.k_g + int64_t(r_hi)*p.nb_kg1) + 2*(lane % 4);
+                    }
+                }
+            }
             if (pure || (cls & FATTN_SE_CLASS) == FATTN_SE_GROUPED) {
                 if constexpr (ROT) {
-                    fattn_se_kq_rot<D, KW/16, SKV, ROT>(S, Qg_A, K_sm, tab);
+                    fattn_se_kq_rot<D, KW/16, SKV, ROT>(S, Qg_A, K_sm, tab, hi);
                 } else {
                     fattn_se_kq<D, KW/16, SKV>(S, Qg_A, 0, Kg_sm);
                 }
@@ -809,7 +887,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                         tile<16, 16, float> Sg;
                         if constexpr (ROT) {
                             fattn_se_kq_rot<D, 1, SKV, ROT>(&Sg, Qg_A, K_sm + 16*kk*SKV*sizeof(half),
-                                                            tab + 16*kk*fattn_se_rot_stride(D));
+                                                            tab + 16*kk*fattn_se_rot_stride(D), hi + 2*kk);
                         } else {
                             fattn_se_kq<D, 1, SKV>(&Sg, Qg_A, 0, Kg_sm + 16*kk*SKV*sizeof(half));
                         }
@@ -1249,15 +1327,13 @@ static __global__ void flash_attn_ext_se_combine_few(
 // grouped tile once per block of queries; rotating in there would repeat the work for each). A thread makes 8
 // consecutive dimensions of a K row with 16-byte loads and stores: those of rotated pairs (dimensions (2i, 2i + 1), or
 // (i, i + n_rot/2) for NEOX, i < n_rot/2; the partner 8 of a NEOX pair is read as well), the others copied. A table whose
-// pairs do not fall on whole 8-dimension pieces that way is taken one dimension at a time.
+// pairs do not fall on whole 8-dimension pieces that way is taken one dimension at a time. A table of steps
+// (p.k_steps_G > 0): the key's row is the product of its two steps, made for the thread's pairs as it reads them.
 #define FATTN_SE_ROT_NTHREADS 256
 
 template <int D>
 __launch_bounds__(FATTN_SE_ROT_NTHREADS)
-static __global__ void flash_attn_ext_se_rotate_k(
-        const char * k, const int64_t nb_k1, const int64_t nb_k2, const int64_t nb_k3,
-        const char * tab, const int64_t nb_t1, const int64_t nb_t3,
-        half * k_g, const int n_kv, const int n_rot, const bool neox) {
+static __global__ void flash_attn_ext_se_rotate_k(const fattn_se_params p, half * k_g, const int n_rot, const bool neox) {
     fattn_se_chain();
     constexpr int CH  = D/8;                        // pieces of 8 dimensions per row
     constexpr int RPB = FATTN_SE_ROT_NTHREADS/CH;   // rows per block
@@ -1265,12 +1341,29 @@ static __global__ void flash_attn_ext_se_rotate_k(
 
     const int j  = blockIdx.x*RPB + threadIdx.x/CH; // key; head blockIdx.y, stream blockIdx.z
     const int d0 = 8*(threadIdx.x % CH);
-    if (j >= n_kv) {
+    if (j >= p.n_kv) {
         return;
     }
-    const half  * x = (const half *) (k + j*nb_k1 + blockIdx.y*nb_k2 + blockIdx.z*nb_k3);
-    const float * t = (const float *) (tab + j*nb_t1 + blockIdx.z*nb_t3);
-    half        * y = k_g + ((int64_t(blockIdx.z)*gridDim.y + blockIdx.y)*n_kv + j)*D + d0;
+    const half  * x = (const half *) (p.k + j*p.nb_k1 + blockIdx.y*p.nb_k2 + blockIdx.z*p.nb_k3);
+    const float * t = (const float *) (p.k_g + j*p.nb_kg1 + blockIdx.z*p.nb_kg3);
+    const float * t_hi = nullptr; // a table of steps: t the key's single-position step, t_hi its larger one
+    if (p.k_steps_G > 0) {
+        int r_lo, r_hi;
+        fattn_se_steps_rows(p, ((const int *) (p.pos_k + blockIdx.z*p.nb_pk1))[j], r_lo, r_hi);
+        t    = (const float *) (p.k_g + int64_t(r_lo)*p.nb_kg1);
+        t_hi = (const float *) (p.k_g + int64_t(r_hi)*p.nb_kg1);
+    }
+    // cos and sin of the pair (a, b): the table's, or the product of the two steps'
+    auto cs_of = [&](const int a, const int b, float & c, float & sn) {
+        c  = t[a];
+        sn = t[b];
+        if (t_hi) {
+            const float c2 = t_hi[a], s2 = t_hi[b], c1 = c;
+            c  = c1*c2 - sn*s2;
+            sn = sn*c2 + c1*s2;
+        }
+    };
+    half * y = k_g + ((int64_t(blockIdx.z)*gridDim.y + blockIdx.y)*p.n_kv + j)*D + d0;
     const int half_rot = n_rot/2;
 
     half2 out[4];
@@ -1281,9 +1374,16 @@ static __global__ void flash_attn_ext_se_rotate_k(
         if (!neox) {
             // pairs (d0 + 2m, d0 + 2m + 1): cos, sin at the same dimensions of the table
             float4 cs[2];
-            cs[0] = *(const float4 *) (t + d0);
-            cs[1] = *(const float4 *) (t + d0 + 4);
-            const float * c = (const float *) cs;
+            float * c = (float *) cs;
+            if (t_hi) {
+#pragma unroll
+                for (int m = 0; m < 4; ++m) {
+                    cs_of(d0 + 2*m, d0 + 2*m + 1, c[2*m], c[2*m + 1]);
+                }
+            } else {
+                cs[0] = *(const float4 *) (t + d0);
+                cs[1] = *(const float4 *) (t + d0 + 4);
+            }
 #pragma unroll
             for (int m = 0; m < 4; ++m) {
                 const float2 v = __half22float2(out[m]);
@@ -1296,12 +1396,19 @@ static __global__ void flash_attn_ext_se_rotate_k(
             half2 other[4];
             *(uint4 *) other = *(const uint4 *) (x + (first ? d0 + half_rot : i0));
             float4 cv[2], sv[2];
-            cv[0] = *(const float4 *) (t + i0);
-            cv[1] = *(const float4 *) (t + i0 + 4);
-            sv[0] = *(const float4 *) (t + i0 + half_rot);
-            sv[1] = *(const float4 *) (t + i0 + half_rot + 4);
-            const float * c  = (const float *) cv;
-            const float * sn = (const float *) sv;
+            float * c  = (float *) cv;
+            float * sn = (float *) sv;
+            if (t_hi) {
+#pragma unroll
+                for (int m = 0; m < 8; ++m) {
+                    cs_of(i0 + m, i0 + m + half_rot, c[m], sn[m]);
+                }
+            } else {
+                cv[0] = *(const float4 *) (t + i0);
+                cv[1] = *(const float4 *) (t + i0 + 4);
+                sv[0] = *(const float4 *) (t + i0 + half_rot);
+                sv[1] = *(const float4 *) (t + i0 + half_rot + 4);
+            }
 #pragma unroll
             for (int m = 0; m < 4; ++m) {
                 const float2 v = __half22float2(out[m]);
@@ -1320,8 +1427,10 @@ static __global__ void flash_attn_ext_se_rotate_k(
             }
             int a, b;
             fattn_se_rot_pair(d, n_rot, neox ? FATTN_SE_ROT_NEOX : FATTN_SE_ROT_NORM, a, b);
+            float c, sn;
+            cs_of(a, b, c, sn);
             const float xa = __half2float(x[a]), xb = __half2float(x[b]);
-            e[m] = __float2half(d == a ? xa*t[a] - xb*t[b] : xa*t[b] + xb*t[a]);
+            e[m] = __float2half(d == a ? xa*c - xb*sn : xa*sn + xb*c);
         }
     }
     *(uint4 *) y = *(const uint4 *) out;
@@ -1353,6 +1462,10 @@ static fattn_se_kernel_t fattn_se_kernel_decode(const int rot, const size_t nbyt
     switch (rot) {
         case FATTN_SE_ROT_NORM: return fattn_se_kernel_instance<D, true, use_softcap, FATTN_SE_ROT_NORM>(nbytes_shared);
         case FATTN_SE_ROT_NEOX: return fattn_se_kernel_instance<D, true, use_softcap, FATTN_SE_ROT_NEOX>(nbytes_shared);
+        case FATTN_SE_ROT_NORM | FATTN_SE_ROT_STEPS:
+            return fattn_se_kernel_instance<D, true, use_softcap, FATTN_SE_ROT_NORM | FATTN_SE_ROT_STEPS>(nbytes_shared);
+        case FATTN_SE_ROT_NEOX | FATTN_SE_ROT_STEPS:
+            return fattn_se_kernel_instance<D, true, use_softcap, FATTN_SE_ROT_NEOX | FATTN_SE_ROT_STEPS>(nbytes_shared);
         default:                return fattn_se_kernel_instance<D, true, use_softcap>(nbytes_shared);
     }
 }
@@ -1574,7 +1687,7 @@ static void fattn_se_launch_rotate_k(const fattn_se_params & p, const int n_rot,
     constexpr int rows_b = FATTN_SE_ROT_NTHREADS/(D/8);
     const dim3 grid((p.n_kv + rows_b - 1)/rows_b, p.n_head_kv, p.ne3);
     ggml_cuda_kernel_launch(flash_attn_ext_se_rotate_k<D>, ggml_cuda_kernel_launch_params(grid, FATTN_SE_ROT_NTHREADS, 0, stream),
-        p.k, p.nb_k1, p.nb_k2, p.nb_k3, p.k_g, p.nb_kg1, p.nb_kg3, k_g, p.n_kv, n_rot, neox);
+        p, k_g, n_rot, neox);
 }
 
 // The tile classes of a prefill, made by the first Self-Extend op of a graph compute and read by the ops after it: every
@@ -1659,7 +1772,7 @@ static int fattn_se_rot_in_kernel(const fattn_se_params & p, const int n_rot, co
     if (!decode || n_rot != p.D || fattn_se_nbytes_shared(p.D, true, RPB, true) > smpbo) {
         return FATTN_SE_ROT_NONE;
     }
-    return neox ? FATTN_SE_ROT_NEOX : FATTN_SE_ROT_NORM;
+    return (neox ? FATTN_SE_ROT_NEOX : FATTN_SE_ROT_NORM) | (p.k_steps_G > 0 ? FATTN_SE_ROT_STEPS : 0);
 }
 
 void ggml_cuda_flash_attn_ext_se(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
@@ -1667,6 +1780,13 @@ void ggml_cuda_flash_attn_ext_se(ggml_backend_cuda_context & ctx, ggml_tensor * 
     const ggml_flash_attn_ext_se_args a = ggml_flash_attn_ext_se_get_args(dst);
     const int  n_rot = a.k_rot ? int(a.k_g->ne[0]) : 0;
     const bool neox  = a.rope_mode == GGML_ROPE_TYPE_NEOX;
+    if (a.n_group > 0) {
+        // a table of steps, shared by the streams
+        p.k_steps_G  = a.n_group;
+        p.k_steps_lo = a.n_lo;
+        p.k_steps_hi = int(a.k_g->ne[1]) - a.n_lo;
+        p.nb_kg3     = 0;
+    }
     if (a.k_rot) {
         p.k_rot = fattn_se_rot_in_kernel(p, n_rot, neox, ggml_cuda_info().devices[ctx.device].smpbo);
     }
@@ -1728,11 +1848,18 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
         return false;
     }
     if (a.k_rot) {
-        // the rotation table [n_rot, n_kv, 1, ne3], one row per key, shared by the heads (not a table of steps: the
-        // kernels load a row per key as it is)
-        if (a.n_group != 0 || k_g->type != GGML_TYPE_F32 || k_g->nb[0] != sizeof(float) || k_g->ne[0] % 2 != 0 || k_g->ne[0] > D ||
-            k_g->ne[1] != n_kv || k_g->ne[2] != 1 || k_g->ne[3] != ne3 ||
-            (a.rope_mode != 0 && a.rope_mode != GGML_ROPE_TYPE_NEOX)) {
+        // the rotation table [n_rot, n_kv, 1, ne3], one row per key, shared by the heads
+        if (k_g->type != GGML_TYPE_F32 || k_g->nb[0] != sizeof(float) || k_g->ne[0] % 2 != 0 || k_g->ne[0] > D ||
+            k_g->ne[2] != 1 || (a.rope_mode != 0 && a.rope_mode != GGML_ROPE_TYPE_NEOX)) {
+            return false;
+        }
+        if (a.n_group > 0) {
+            // or a table of steps [n_rot, n_lo + n_hi, 1, 1], for a RoPE of the whole head: with a partial one every decode
+            // step would rotate the whole K view into a scratch (libllama then keeps a row per key or the grouped keys)
+            if (a.n_lo < 1 || (a.n_lo & (a.n_lo - 1)) != 0 || k_g->ne[1] <= a.n_lo || k_g->ne[3] != 1 || k_g->ne[0] != D) {
+                return false;
+            }
+        } else if (k_g->ne[1] != n_kv || k_g->ne[3] != ne3) {
             return false;
         }
     } else if (k_g->type != GGML_TYPE_F16 || !ggml_are_same_shape(k, k_g)) {
