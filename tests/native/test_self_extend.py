@@ -169,8 +169,6 @@ def test_the_table_form_rotates_the_queries_in_the_op(model: TinyModel, n_tokens
     reference's either way (test_token_by_token_decode, test_any_ubatch_size)."""
     if ON_GPU and model.head_dim not in (64, 128, 256):
         pytest.skip("the CUDA kernel takes head sizes 64, 128 and 256")
-    if ON_GPU and keys == "steps":
-        pytest.skip("the CUDA kernel has no steps form: the context takes the grouped-key cache")
     monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", keys)
     names: list[str] = []
     with LlamaRunner(model.path, n_ctx=256, flash_attn=True, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16,
@@ -269,10 +267,10 @@ def test_positions_past_the_cache_take_a_larger_table_of_steps(tmp_path: Path, m
     """Steps form: the table of steps kept with the cache covers positions up to its size, so a graph uploads none; cells
     moved past that (llama_memory_seq_add) make the next graphs take a larger table as an input, with the logits of a
     fresh run at those positions (one layer, as test_long_positions)."""
-    if ON_GPU:
-        pytest.skip("the CUDA kernel has no steps form")
     monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "steps")
     model = make_tiny_gguf(tmp_path / "llama-1layer.gguf", arch="llama", n_layer=1, n_head_kv=2, seed=5)
+    if ON_GPU and model.head_dim not in (64, 128, 256):
+        pytest.skip("the CUDA kernel takes head sizes 64, 128 and 256")
     tokens = tokens_for(model, seed=13)
     names: list[str] = []
     shift = 30000
