@@ -59,7 +59,7 @@ struct se_case {
     int   mask_ne3;  // 1: broadcast over the streams
     bool  shuffled;  // positions of the cells in random order, some duplicated; else cell j has position j
     float softcap;
-    int   rot;       // fattn_se_rot: K_g as K and a rotation table of random angles (decode only)
+    int   rot;       // fattn_se_rot: K_g as K and a rotation table of random angles (a prefill rotates K into a scratch)
     bool  q_rot;     // Q_g as Q and a table row per query, in rot's layout (NEOX without rot: K_g given, any n_q)
     bool  steps;     // with rot: a table of steps instead of a row per key (group size SE_STEPS_G, SE_STEPS_LO rows of
                      // single positions, a few of them per larger step, so that a tile's keys span several)
@@ -99,22 +99,41 @@ struct se_device {
     float * tab = nullptr, * qtab = nullptr;
     int32_t * pos_q = nullptr, * pos_k = nullptr;
     char  * ws = nullptr;
+    half  * k_g_scratch = nullptr; // a table form's grouped keys where the kernel does not rotate K itself
 
     ~se_device() {
         for (void * ptr : {(void *) q, (void *) q_g, (void *) dst, (void *) k, (void *) k_g, (void *) v, (void *) mask,
-                           (void *) tab, (void *) qtab, (void *) pos_q, (void *) pos_k, (void *) ws}) {
+                           (void *) tab, (void *) qtab, (void *) pos_q, (void *) pos_k, (void *) ws, (void *) k_g_scratch}) {
             cudaFree(ptr);
         }
     }
 };
 
-// one op as the backend runs the first Self-Extend op of a graph: the tile classes (prefill), then the attention; ws
-// holds the classes, then the workspace
-static void se_run(const fattn_se_params & p, const fattn_se_plan & P, char * ws) {
+// one op as the backend runs the first Self-Extend op of a graph: the tile classes (prefill), then (a table form whose
+// kernel does not rotate K itself) the grouped keys into k_g, then the attention; ws holds the classes, then the workspace
+static void se_run(const fattn_se_params & p, const fattn_se_plan & P, char * ws, half * k_g = nullptr,
+                   const bool neox = false) {
     if (P.classify) {
         fattn_se_classify(p, P, ws, 0);
     }
-    fattn_se_run(p, P, ws, ws + P.nbytes_cls, 0);
+    fattn_se_params pr = p;
+    if (k_g) {
+        fattn_se_rotate_into(pr, p.D, neox, k_g, 0);
+    }
+    fattn_se_run(pr, P, ws, ws + P.nbytes_cls, 0);
+}
+
+static size_t se_smpbo = 0; // the device's shared memory per block, opted in
+
+// A table form (rot: its pair layout; p.k_steps_G > 0: a table of steps) as the backend sets it up: the kernel rotates K
+// where it can (fattn_se_rot_in_kernel), else returns a scratch for the grouped keys, which se_run fills first.
+static half * se_table_setup(fattn_se_params & p, const int rot) {
+    p.k_rot = fattn_se_rot_in_kernel(p, p.D, rot == FATTN_SE_ROT_NEOX, se_smpbo);
+    half * k_g = nullptr;
+    if (p.k_rot == FATTN_SE_ROT_NONE) {
+        CUDA_CHECK(cudaMalloc(&k_g, size_t(p.D)*p.n_kv*p.n_head_kv*p.ne3*sizeof(half)));
+    }
+    return k_g;
 }
 
 template <typename T>
@@ -375,24 +394,19 @@ static bool se_run_case(const se_case & c, const int nsm, std::mt19937 & rng) {
 
     const float scale = 1.0f/sqrtf(float(c.D));
     fattn_se_params p = se_params_of(h, d, scale, c.softcap, c.W);
-    p.k_rot = c.rot;
     p.q_rot = c.q_rot ? se_table_mode(c.rot) : FATTN_SE_ROT_NONE;
     if (c.steps) {
-        p.k_rot     |= FATTN_SE_ROT_STEPS;
         p.k_steps_G  = SE_STEPS_G;
         p.k_steps_lo = SE_STEPS_LO;
         p.k_steps_hi = h.n_steps - SE_STEPS_LO;
         p.nb_kg3     = 0;
     }
+    d.k_g_scratch = c.rot != FATTN_SE_ROT_NONE ? se_table_setup(p, c.rot) : nullptr;
     const fattn_se_plan P = fattn_se_make_plan(p, nsm);
-    if (c.rot != FATTN_SE_ROT_NONE && !P.decode) {
-        fprintf(stderr, "%s: a rotation table is read by decode kernels only\n", c.name);
-        return false;
-    }
     if (P.nbytes_cls + P.nbytes_ws > 0) {
         CUDA_CHECK(cudaMalloc(&d.ws, P.nbytes_cls + P.nbytes_ws));
     }
-    se_run(p, P, d.ws);
+    se_run(p, P, d.ws, d.k_g_scratch, c.rot == FATTN_SE_ROT_NEOX);
     CUDA_CHECK(cudaDeviceSynchronize());
 
     std::vector<float> out(n_out);
@@ -547,15 +561,14 @@ static void se_time(const char * name, const int D, const int n_head, const int 
     CUDA_CHECK(cudaGetLastError());
 
     fattn_se_params p = se_params_of(h, d, 1.0f/sqrtf(float(D)), 0.0f, W);
-    p.k_rot = rot;
     p.q_rot = q_rot ? se_table_mode(rot) : FATTN_SE_ROT_NONE;
     if (steps) {
-        p.k_rot     |= FATTN_SE_ROT_STEPS;
         p.k_steps_G  = steps_G;
         p.k_steps_lo = steps_lo;
         p.k_steps_hi = n_tab - steps_lo;
         p.nb_kg3     = 0;
     }
+    d.k_g_scratch = rot != FATTN_SE_ROT_NONE ? se_table_setup(p, rot) : nullptr;
     fattn_se_plan P = fattn_se_make_plan(p, nsm);
     if (nsplit > 0) {
         P.nsplit = nsplit;
@@ -565,7 +578,7 @@ static void se_time(const char * name, const int D, const int n_head, const int 
         CUDA_CHECK(cudaMalloc(&d.ws, P.nbytes_cls + P.nbytes_ws));
     }
 
-    const double us = se_time_us([&]() { se_run(p, P, d.ws); });
+    const double us = se_time_us([&]() { se_run(p, P, d.ws, d.k_g_scratch, rot == FATTN_SE_ROT_NEOX); });
 
     // work: the visible (query, key) pairs, 2 products of 2*D flops each; traffic: K or K_g and V once per KV head
     const double pairs = double(n_q)*(n_kv - n_q) + 0.5*double(n_q)*(n_q + 1);
@@ -668,6 +681,7 @@ int main(int argc, char ** argv) {
     cudaDeviceProp prop;
     CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     printf("device: %s, cc %d.%d, %d SMs\n\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
+    se_smpbo = prop.sharedMemPerBlockOptin;
     if (prop.major < 8) {
         fprintf(stderr, "the kernels need an Ampere or newer GPU\n");
         return 1;
@@ -719,6 +733,10 @@ int main(int argc, char ** argv) {
         {"steps NEOX D=256 gqa=4",                  256,  4, 1,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NEOX, false, true},
         {"steps NORM decode D=128 n_q=2, q rows",   128, 16, 4,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f, FATTN_SE_ROT_NORM, true,  true},
         {"steps NEOX D=256 2 sequences, q rows",    256,  4, 2,   1, 1000,  33, 1, MASK_SEQS,   1, false,  0.0f, FATTN_SE_ROT_NEOX, true,  true},
+        // a prefill of a table form: K rotated into a scratch first (flash_attn_ext_se_rotate_k)
+        {"table NEOX prefill D=128 n_q=512, q rows", 128, 32, 8, 512, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NEOX, true},
+        {"steps NORM prefill D=64 n_q=100 2 streams", 64, 8, 2, 100, 1000, 100, 2, MASK_HOLES,  2, true,   0.0f, FATTN_SE_ROT_NORM, false, true},
+        {"steps NEOX prefill D=256 n_q=512 softcap", 256,  4, 1, 512, 4096, 512, 1, MASK_CAUSAL, 1, false, 50.0f, FATTN_SE_ROT_NEOX, true,  true},
         {"qrows prefill D=128 n_q=512",             128, 32, 8, 512, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NONE, true},
         {"qrows prefill D=64 n_q=100 2 streams",     64,  8, 2, 100, 1000, 100, 2, MASK_HOLES,  2, true,   0.0f, FATTN_SE_ROT_NONE, true},
         {"qrows prefill D=256 n_q=512 softcap",     256,  4, 1, 512, 4096, 512, 1, MASK_CAUSAL, 1, false, 50.0f, FATTN_SE_ROT_NONE, true},
@@ -761,6 +779,10 @@ int main(int argc, char ** argv) {
     se_time("ubatch 512 D=128 16/4 heads 8K",  128, 16, 4, 512,  8192, 1024, prop.multiProcessorCount);
     se_time("ubatch 512 D=128 16/4 heads 32K", 128, 16, 4, 512, 32768, 1024, prop.multiProcessorCount);
     se_time("ubatch 512 D=128 32/8 heads 8K",  128, 32, 8, 512,  8192, 1024, prop.multiProcessorCount);
+    // the same 32K ubatch with a table of rows and a table of steps: K rotated into a scratch first, as the backend does
+    se_time("ubatch 512 D=128 16/4 heads 32K", 128, 16, 4, 512, 32768, 1024, prop.multiProcessorCount, 0, FATTN_SE_ROT_NORM, true);
+    se_time("ubatch 512 D=128 16/4 heads 32K", 128, 16, 4, 512, 32768, 1024, prop.multiProcessorCount, 0, FATTN_SE_ROT_NORM, true,
+            true);
     se_time_decode("decode D=64 16/4 heads",      64, 16, 4, 32768, 1024, prop.multiProcessorCount);
     se_time_decode("decode D=128 16/4 heads 8K", 128, 16, 4,  8192, 1024, prop.multiProcessorCount);
     se_time_decode("decode D=128 32/8 heads",    128, 32, 8, 32768, 1024, prop.multiProcessorCount);

@@ -1633,6 +1633,45 @@ static void fattn_se_run(const fattn_se_params & p, fattn_se_plan P, char * cls,
     }
 }
 
+template <int D>
+static void fattn_se_launch_rotate_k(const fattn_se_params & p, const int n_rot, const bool neox, half * k_g,
+                                     cudaStream_t stream) {
+    constexpr int rows_b = FATTN_SE_ROT_NTHREADS/(D/8);
+    const dim3 grid((p.n_kv + rows_b - 1)/rows_b, p.n_head_kv, p.ne3);
+    ggml_cuda_kernel_launch(flash_attn_ext_se_rotate_k<D>, ggml_cuda_kernel_launch_params(grid, FATTN_SE_ROT_NTHREADS, 0, stream),
+        p, k_g, n_rot, neox);
+}
+
+// Table form: whether a decode kernel reads the table itself (fattn_se_rot), rotating K as it loads its B operands: where the
+// table covers the whole head and the kernel's larger tiles fit the device. Else the grouped keys go to a scratch first,
+// once per op: a prefill reads every grouped tile once per block of queries, and rotating there would repeat the work
+// for each block and each of its warps.
+static int fattn_se_rot_in_kernel(const fattn_se_params & p, const int n_rot, const bool neox, const size_t smpbo) {
+    bool decode;
+    int  NHB, RPB;
+    fattn_se_block_shape(p.n_q, p.n_head/p.n_head_kv, decode, NHB, RPB);
+    if (!decode || n_rot != p.D || fattn_se_nbytes_shared(p.D, true, RPB, true) > smpbo) {
+        return FATTN_SE_ROT_NONE;
+    }
+    return (neox ? FATTN_SE_ROT_NEOX : FATTN_SE_ROT_NORM) | (p.k_steps_G > 0 ? FATTN_SE_ROT_STEPS : 0);
+}
+
+// The table forms where the kernel does not rotate K itself (fattn_se_rot_in_kernel gave NONE): the grouped keys made
+// from K and the table, or the table of steps, into k_g (D*n_kv*n_head_kv*ne3 halves laid out as a contiguous K), which p
+// then reads as K_g.
+static void fattn_se_rotate_into(fattn_se_params & p, const int n_rot, const bool neox, half * k_g, cudaStream_t stream) {
+    switch (p.D) {
+        case  64: fattn_se_launch_rotate_k< 64>(p, n_rot, neox, k_g, stream); break;
+        case 128: fattn_se_launch_rotate_k<128>(p, n_rot, neox, k_g, stream); break;
+        case 256: fattn_se_launch_rotate_k<256>(p, n_rot, neox, k_g, stream); break;
+        default:  GGML_ABORT("%s: unsupported head size %d", __func__, p.D);
+    }
+    p.k_g    = (const char *) k_g;
+    p.nb_kg1 = int64_t(p.D)*sizeof(half);
+    p.nb_kg2 = p.nb_kg1*p.n_kv;
+    p.nb_kg3 = p.nb_kg2*p.n_head_kv;
+}
+
 // ------------------------------------------------------------------------------------------------------------------
 // ggml interface (left out when the self-test includes this file)
 
@@ -1679,15 +1718,6 @@ static fattn_se_params fattn_se_params_from_tensor(const ggml_tensor * dst) {
         p.nb_qg2  = 0; // one row per query serves its heads
     }
     return p;
-}
-
-template <int D>
-static void fattn_se_launch_rotate_k(const fattn_se_params & p, const int n_rot, const bool neox, half * k_g,
-                                     cudaStream_t stream) {
-    constexpr int rows_b = FATTN_SE_ROT_NTHREADS/(D/8);
-    const dim3 grid((p.n_kv + rows_b - 1)/rows_b, p.n_head_kv, p.ne3);
-    ggml_cuda_kernel_launch(flash_attn_ext_se_rotate_k<D>, ggml_cuda_kernel_launch_params(grid, FATTN_SE_ROT_NTHREADS, 0, stream),
-        p, k_g, n_rot, neox);
 }
 
 // The tile classes of a prefill, made by the first Self-Extend op of a graph compute and read by the ops after it: every
@@ -1761,20 +1791,6 @@ void ggml_cuda_flash_attn_ext_se_graph_end(ggml_backend_cuda_context & ctx) {
     fattn_se_cls_kept.erase(&ctx);
 }
 
-// Table form: whether a decode kernel reads the table itself (fattn_se_rot), rotating K as it loads its B operands: where the
-// table covers the whole head and the kernel's larger tiles fit the device. Else the grouped keys go to a scratch first,
-// once per op: a prefill reads every grouped tile once per block of queries, and rotating there would repeat the work
-// for each block and each of its warps.
-static int fattn_se_rot_in_kernel(const fattn_se_params & p, const int n_rot, const bool neox, const size_t smpbo) {
-    bool decode;
-    int  NHB, RPB;
-    fattn_se_block_shape(p.n_q, p.n_head/p.n_head_kv, decode, NHB, RPB);
-    if (!decode || n_rot != p.D || fattn_se_nbytes_shared(p.D, true, RPB, true) > smpbo) {
-        return FATTN_SE_ROT_NONE;
-    }
-    return (neox ? FATTN_SE_ROT_NEOX : FATTN_SE_ROT_NORM) | (p.k_steps_G > 0 ? FATTN_SE_ROT_STEPS : 0);
-}
-
 void ggml_cuda_flash_attn_ext_se(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     fattn_se_params p = fattn_se_params_from_tensor(dst);
     const ggml_flash_attn_ext_se_args a = ggml_flash_attn_ext_se_get_args(dst);
@@ -1799,16 +1815,7 @@ void ggml_cuda_flash_attn_ext_se(ggml_backend_cuda_context & ctx, ggml_tensor * 
     if (a.k_rot && p.k_rot == FATTN_SE_ROT_NONE) {
         // table form, rotated beforehand: p.k_g is the table; the grouped keys go to a scratch laid out as a contiguous K
         k_g.alloc(size_t(p.D)*p.n_kv*p.n_head_kv*p.ne3);
-        switch (p.D) {
-            case  64: fattn_se_launch_rotate_k< 64>(p, n_rot, neox, k_g.get(), ctx.stream()); break;
-            case 128: fattn_se_launch_rotate_k<128>(p, n_rot, neox, k_g.get(), ctx.stream()); break;
-            case 256: fattn_se_launch_rotate_k<256>(p, n_rot, neox, k_g.get(), ctx.stream()); break;
-            default:  GGML_ABORT("%s: unsupported head size %d", __func__, p.D);
-        }
-        p.k_g    = (const char *) k_g.get();
-        p.nb_kg1 = int64_t(p.D)*sizeof(half);
-        p.nb_kg2 = p.nb_kg1*p.n_kv;
-        p.nb_kg3 = p.nb_kg2*p.n_head_kv;
+        fattn_se_rotate_into(p, n_rot, neox, k_g.get(), ctx.stream());
     }
 
     ggml_cuda_pool_alloc<char> ws(ctx.pool());
