@@ -61,12 +61,12 @@ struct se_case {
     float softcap;
     int   rot;       // fattn_se_rot: K_g as K and a rotation table of random angles (a prefill rotates K into a scratch)
     bool  q_rot;     // Q_g as Q and a table row per query, in rot's layout (NEOX without rot: K_g given, any n_q)
-    bool  steps;     // with rot: a table of steps instead of a row per key (group size SE_STEPS_G, SE_STEPS_LO rows of
-                     // single positions, a few of them per larger step, so that a tile's keys span several)
+    int   steps;     // with rot, > 0: a table of steps instead of a row per key (group size SE_STEPS_G, this many rows
+                     // of single positions: 128 as libllama makes it, or 8, so that a tile's keys span several larger steps
+                     // and the kernel reads those of its keys from global memory)
 };
 
 #define SE_STEPS_G  3
-#define SE_STEPS_LO 8
 
 // the pair layout of a case's tables: rot's, or NEOX where only the queries have one (K_g given)
 static int se_table_mode(const int rot) {
@@ -261,7 +261,7 @@ static se_host se_make_inputs(const se_case & c, std::mt19937 & rng) {
         for (const int32_t pk : h.pos_k) {
             m_max = std::max(m_max, pk > 0 ? pk - pk/SE_STEPS_G : 0);
         }
-        h.n_steps = SE_STEPS_LO + m_max/SE_STEPS_LO + 1;
+        h.n_steps = c.steps + m_max/c.steps + 1;
         std::uniform_real_distribution<double> angle(-3.2, 3.2);
         std::vector<double> phi(size_t(h.n_steps)*D/2);
         for (double & x : phi) {
@@ -280,7 +280,7 @@ static se_host se_make_inputs(const se_case & c, std::mt19937 & rng) {
             for (int j = 0; j < h.n_kv; ++j) {
                 const int32_t pk = h.pos_k[size_t(s)*h.n_kv + j];
                 const int m = pk > 0 ? pk - pk/SE_STEPS_G : 0;
-                const int r_lo = m % SE_STEPS_LO, r_hi = SE_STEPS_LO + m/SE_STEPS_LO;
+                const int r_lo = m % c.steps, r_hi = c.steps + m/c.steps;
                 for (int i = 0; i < D/2; ++i) {
                     const int a = mode == FATTN_SE_ROT_NORM ? 2*i : i;
                     const int b = mode == FATTN_SE_ROT_NORM ? 2*i + 1 : i + D/2;
@@ -396,10 +396,7 @@ static bool se_run_case(const se_case & c, const int nsm, std::mt19937 & rng) {
     fattn_se_params p = se_params_of(h, d, scale, c.softcap, c.W);
     p.q_rot = c.q_rot ? se_table_mode(c.rot) : FATTN_SE_ROT_NONE;
     if (c.steps) {
-        p.k_steps_G  = SE_STEPS_G;
-        p.k_steps_lo = SE_STEPS_LO;
-        p.k_steps_hi = h.n_steps - SE_STEPS_LO;
-        p.nb_kg3     = 0;
+        fattn_se_set_steps(p, SE_STEPS_G, c.steps, h.n_steps);
     }
     d.k_g_scratch = c.rot != FATTN_SE_ROT_NONE ? se_table_setup(p, c.rot) : nullptr;
     const fattn_se_plan P = fattn_se_make_plan(p, nsm);
@@ -563,10 +560,7 @@ static void se_time(const char * name, const int D, const int n_head, const int 
     fattn_se_params p = se_params_of(h, d, 1.0f/sqrtf(float(D)), 0.0f, W);
     p.q_rot = q_rot ? se_table_mode(rot) : FATTN_SE_ROT_NONE;
     if (steps) {
-        p.k_steps_G  = steps_G;
-        p.k_steps_lo = steps_lo;
-        p.k_steps_hi = n_tab - steps_lo;
-        p.nb_kg3     = 0;
+        fattn_se_set_steps(p, steps_G, steps_lo, n_tab);
     }
     d.k_g_scratch = rot != FATTN_SE_ROT_NONE ? se_table_setup(p, rot) : nullptr;
     fattn_se_plan P = fattn_se_make_plan(p, nsm);
@@ -728,15 +722,16 @@ int main(int argc, char ** argv) {
         {"tables NEOX decode D=256 n_q=3",          256,  4, 1,   3, 1000, 100, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NEOX, true},
         {"tables NORM decode D=128 n_q=2",          128, 16, 4,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f, FATTN_SE_ROT_NORM, true},
         // K_g as K and a table of steps
-        {"steps NORM D=64 gqa=4",                    64, 16, 4,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NORM, false, true},
-        {"steps NEOX D=128 softcap, 2 streams",     128,  8, 2,   1, 1000, 100, 2, MASK_HOLES,  2, true,  30.0f, FATTN_SE_ROT_NEOX, false, true},
-        {"steps NEOX D=256 gqa=4",                  256,  4, 1,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NEOX, false, true},
-        {"steps NORM decode D=128 n_q=2, q rows",   128, 16, 4,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f, FATTN_SE_ROT_NORM, true,  true},
-        {"steps NEOX D=256 2 sequences, q rows",    256,  4, 2,   1, 1000,  33, 1, MASK_SEQS,   1, false,  0.0f, FATTN_SE_ROT_NEOX, true,  true},
+        {"steps NORM D=64 gqa=4",                    64, 16, 4,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NORM, false, 128},
+        {"steps NEOX D=128 gqa=4",                  128, 16, 4,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NEOX, false, 128},
+        {"steps NEOX D=128 softcap, 2 streams",     128,  8, 2,   1, 1000, 100, 2, MASK_HOLES,  2, true,  30.0f, FATTN_SE_ROT_NEOX, false,   8},
+        {"steps NEOX D=256 gqa=4",                  256,  4, 1,   1, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NEOX, false, 128},
+        {"steps NORM decode D=128 n_q=2, q rows",   128, 16, 4,   2, 4096, 512, 1, MASK_HOLES,  1, true,   0.0f, FATTN_SE_ROT_NORM, true,  128},
+        {"steps NEOX D=256 2 sequences, q rows",    256,  4, 2,   1, 1000,  33, 1, MASK_SEQS,   1, false,  0.0f, FATTN_SE_ROT_NEOX, true,    8},
         // a prefill of a table form: K rotated into a scratch first (flash_attn_ext_se_rotate_k)
         {"table NEOX prefill D=128 n_q=512, q rows", 128, 32, 8, 512, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NEOX, true},
-        {"steps NORM prefill D=64 n_q=100 2 streams", 64, 8, 2, 100, 1000, 100, 2, MASK_HOLES,  2, true,   0.0f, FATTN_SE_ROT_NORM, false, true},
-        {"steps NEOX prefill D=256 n_q=512 softcap", 256,  4, 1, 512, 4096, 512, 1, MASK_CAUSAL, 1, false, 50.0f, FATTN_SE_ROT_NEOX, true,  true},
+        {"steps NORM prefill D=64 n_q=100 2 streams", 64, 8, 2, 100, 1000, 100, 2, MASK_HOLES,  2, true,   0.0f, FATTN_SE_ROT_NORM, false,   8},
+        {"steps NEOX prefill D=256 n_q=512 softcap", 256,  4, 1, 512, 4096, 512, 1, MASK_CAUSAL, 1, false, 50.0f, FATTN_SE_ROT_NEOX, true,  128},
         {"qrows prefill D=128 n_q=512",             128, 32, 8, 512, 4096, 512, 1, MASK_CAUSAL, 1, false,  0.0f, FATTN_SE_ROT_NONE, true},
         {"qrows prefill D=64 n_q=100 2 streams",     64,  8, 2, 100, 1000, 100, 2, MASK_HOLES,  2, true,   0.0f, FATTN_SE_ROT_NONE, true},
         {"qrows prefill D=256 n_q=512 softcap",     256,  4, 1, 512, 4096, 512, 1, MASK_CAUSAL, 1, false, 50.0f, FATTN_SE_ROT_NONE, true},

@@ -109,7 +109,9 @@ struct fattn_se_params {
     int   k_rot;                                        // fattn_se_rot: NONE, or k_g is a rotation table of D floats
                                                         // per key (decode only), F32 [D, n_kv, 1, ne3], nb_kg2 unused
     int   k_steps_G;                                    // > 0: k_g is a table of steps for this group size instead,
-    int   k_steps_lo, k_steps_hi;                       // F32 [n_rot, lo + hi] shared by the streams (nb_kg3 0)
+    int   k_steps_lo, k_steps_hi;                       // F32 [n_rot, lo + hi] shared by the streams (nb_kg3 0);
+    uint3 k_steps_G_div;                                // set by fattn_se_set_steps: division by G,
+    int   k_steps_lo_log2;                              // and by lo (a power of two)
     int   q_rot;                                        // fattn_se_rot: NONE, or q_g is a rotation table of n_rot_q
     int   n_rot_q;                                      // floats per query (nb_qg2 0): Q_g is Q rotated as it is staged
 };
@@ -190,12 +192,13 @@ static constexpr __host__ __device__ int fattn_se_rot_stride(const int D) {
     return D + 8;
 }
 
-// Must match the carving of shared memory in flash_attn_ext_se_f16. rot: K_g is a rotation table tile, in place of a K_g
-// tile of D + 8 halves per key.
-static size_t fattn_se_nbytes_shared(const int D, const bool decode, const int RPB, const bool rot) {
+// Must match the carving of shared memory in flash_attn_ext_se_f16. rot (fattn_se_rot): K_g is a rotation table tile, in
+// place of a K_g tile of D + 8 halves per key; with FATTN_SE_ROT_STEPS two larger steps follow it.
+static size_t fattn_se_nbytes_shared(const int D, const bool decode, const int RPB, const int rot) {
     const int T = fattn_se_T(D, decode);
     return 2*T*(D + 8)*sizeof(half)                     // K, V tiles, rows padded by 16 bytes
          + T*(rot ? fattn_se_rot_stride(D)*sizeof(float) : (D + 8)*sizeof(half)) // K_g tile, or table tile
+         + (rot & FATTN_SE_ROT_STEPS ? 2*fattn_se_rot_stride(D)*sizeof(float) : 0) // the tile's larger steps
          + 2*RPB*(T + 8)*sizeof(half)                   // mask, 2 slots
          + 2*T*sizeof(int)                              // pos_k, 2 slots
          + FATTN_SE_NWARPS*sizeof(int4)                 // per warp parts of the class of the next tile
@@ -235,35 +238,67 @@ static __device__ __forceinline__ void fattn_se_load_kv(
     }
 }
 
-// Table of steps (ggml_flash_attn_ext_se_steps): the two rows whose product rotates a key at position pos on to pos/G. It
-// goes back m = pos - pos/G positions (0 for an empty cell, pos < 0): row m % lo (lo a power of two) and row lo + m/lo,
-// clamped to the table, which the graph sizes to cover every cell.
+// Table of steps (ggml_flash_attn_ext_se_steps): G, n_rows of which lo (a power of two) are single positions.
+static void fattn_se_set_steps(fattn_se_params & p, const int G, const int lo, const int n_rows) {
+    p.k_steps_G       = G;
+    p.k_steps_lo      = lo;
+    p.k_steps_hi      = n_rows - lo;
+    p.k_steps_G_div   = init_fastdiv_values(G);
+    p.k_steps_lo_log2 = __builtin_ctz(lo);
+    p.nb_kg3          = 0; // shared by the streams
+}
+
+// The two rows of a table of steps whose product rotates a key at position pos on to pos/G. It goes back m = pos - pos/G
+// positions (0 for an empty cell, pos < 0): row m % lo and row lo + m/lo, clamped to the table, which the graph sizes
+// to cover every cell. (The decode kernel makes them for every key of every tile: no hardware division.)
 static __device__ __forceinline__ void fattn_se_steps_rows(const fattn_se_params & p, const int pos, int & r_lo, int & r_hi) {
-    const int m = pos > 0 ? pos - pos/p.k_steps_G : 0;
+    const int m = pos > 0 ? pos - int(fastdiv(uint32_t(pos), p.k_steps_G_div)) : 0;
     r_lo = m & (p.k_steps_lo - 1);
-    r_hi = p.k_steps_lo + min(m/p.k_steps_lo, p.k_steps_hi - 1);
+    r_hi = p.k_steps_lo + min(m >> p.k_steps_lo_log2, p.k_steps_hi - 1);
 }
 
 // Table of steps: the single-position rows of the keys of a tile (positions at pos_tile, the first nvalid valid) into a
-// rotation table tile, laid out as fattn_se_load_kv lays out a table's rows (D: halves per row, twice the floats).
+// rotation table tile, laid out as fattn_se_load_kv lays out a table's rows (D: halves per row, twice the floats), and
+// after it (at tile + T*S) the larger step of the tile's first key and the one after it: with the keys in position order
+// and p.k_steps_lo >= T, every key of the tile takes one of those two.
 template <int D, int T, int S>
-static __device__ __forceinline__ void fattn_se_load_steps_lo(
+static __device__ __forceinline__ void fattn_se_load_steps(
         half * GGML_CUDA_RESTRICT tile, const fattn_se_params & p, const int * GGML_CUDA_RESTRICT pos_tile, const int nvalid,
         const int tid) {
     constexpr int chunks_row = D/8;
     constexpr int rows_pass  = FATTN_SE_NTHREADS/chunks_row;
     static_assert(FATTN_SE_NTHREADS % chunks_row == 0 && T % rows_pass == 0, "bad table tile size");
+    static_assert(2*chunks_row <= FATTN_SE_NTHREADS, "bad table row size");
 
-    const int j0 = tid / chunks_row;
-    const int jc = tid % chunks_row;
+    if (tid < 2*chunks_row) {
+        int r_lo, r_hi;
+        fattn_se_steps_rows(p, nvalid > 0 ? pos_tile[0] : 0, r_lo, r_hi);
+        const int r = min(r_hi + tid/chunks_row, p.k_steps_lo + p.k_steps_hi - 1);
+        cp_async_cg_16<0>(ggml_cuda_cvta_generic_to_shared(tile + (T + tid/chunks_row)*S + 8*(tid % chunks_row)),
+                          p.k_g + int64_t(r)*p.nb_kg1 + 16*(tid % chunks_row));
+    }
+
+    // Thread tid copies the same 16 byte column of rows j0 + i*rows_pass. The rows of a warp's keys are made once, one
+    // per lane (lane a*passes + i: the i-th row of the warp's a-th first row), then passed round.
+    constexpr int passes = T/rows_pass;
+    constexpr int sub    = chunks_row < WARP_SIZE ? WARP_SIZE/chunks_row : 1; // first rows per warp
+    static_assert(sub*passes <= WARP_SIZE, "bad table tile size");
+    const int lane = tid % WARP_SIZE;
+    const int j0   = tid / chunks_row;
+    const int jc   = tid % chunks_row;
+    int r_lane = 0;
+    {
+        const int j = (tid - lane)/chunks_row + lane/passes + (lane % passes)*rows_pass;
+        int r_hi;
+        if (lane < sub*passes && j < nvalid) { // keys past the cache are masked: any finite row
+            fattn_se_steps_rows(p, pos_tile[j], r_lane, r_hi);
+        }
+    }
+    const int src0 = (lane/chunks_row)*passes; // 0 where a row takes a whole warp or more
     const unsigned int dst = ggml_cuda_cvta_generic_to_shared(tile + j0*S + 8*jc);
 #pragma unroll
-    for (int i = 0; i < T/rows_pass; ++i) {
-        const int j = j0 + i*rows_pass;
-        int r_lo = 0, r_hi;
-        if (j < nvalid) { // keys past the cache are masked: any finite row
-            fattn_se_steps_rows(p, pos_tile[j], r_lo, r_hi);
-        }
+    for (int i = 0; i < passes; ++i) {
+        const int r_lo = __shfl_sync(0xFFFFFFFF, r_lane, src0 + i);
         cp_async_cg_16<0>(dst + i*rows_pass*S*sizeof(half), p.k_g + int64_t(r_lo)*p.nb_kg1 + 16*jc);
     }
 }
@@ -448,7 +483,7 @@ static __device__ __forceinline__ int fattn_se_rot_offset(const int r) {
 // sin one float2 of the table; ROT_NEOX: element r of dimension chunk d16 < D/32 and element r of chunk d16 + D/32 are
 // the two halves of the same pairs, whose cos and sin are float2 D/2 apart. ROT_STEPS: tab holds each key's
 // single-position step, and hi[2*kk + j] points at the lane's first element (column 2*(lane % 4)) of the larger step of
-// key 16*kk + lane/4 + 8*j, in global memory; the two compose as c = c1 c2 - s1 s2, s = s1 c2 + c1 s2.
+// key 16*kk + lane/4 + 8*j, in shared or global memory; the two compose as c = c1 c2 - s1 s2, s = s1 c2 + c1 s2.
 template <int D, int NK, int SKV, int ROT>
 static __device__ __forceinline__ void fattn_se_kq_rot(
         tile<16, 16, float> * S, const tile<16, 8, half2> * Q_reg, const uint32_t K, const float * GGML_CUDA_RESTRICT tab,
@@ -472,7 +507,7 @@ static __device__ __forceinline__ void fattn_se_kq_rot(
                 for (int r = 0; r < K_B.ne; ++r) {
                     float2 cs = *(const float2 *) (tab + 16*kk*ST + 16*d16 + fattn_se_rot_offset<D>(r));
                     if constexpr (STEPS) { // the pair's cos and sin times those of its larger step
-                        const float2 h = __ldg((const float2 *) (hi[2*kk + r % 2] + 16*d16 + 8*(r/2)));
+                        const float2 h = *(const float2 *) (hi[2*kk + r % 2] + 16*d16 + 8*(r/2));
                         cs = make_float2(cs.x*h.x - cs.y*h.y, cs.y*h.x + cs.x*h.y);
                     }
                     const float2 k  = __half22float2(K_B.x[r]);
@@ -497,8 +532,8 @@ static __device__ __forceinline__ void fattn_se_kq_rot(
                     float2        sn = *(const float2 *) (t + D/2);
                     if constexpr (STEPS) { // two pairs' cos and sin times those of their larger steps
                         const float * h  = hi[2*kk + r % 2] + 16*d16 + 8*(r/2);
-                        const float2  c2 = __ldg((const float2 *) h);
-                        const float2  s2 = __ldg((const float2 *) (h + D/2));
+                        const float2  c2 = *(const float2 *) h;
+                        const float2  s2 = *(const float2 *) (h + D/2);
                         const float2  c1 = c, s1 = sn;
                         c  = make_float2(c1.x*c2.x - s1.x*s2.x, c1.y*c2.y - s1.y*s2.y);
                         sn = make_float2(s1.x*c2.x + c1.x*s2.x, s1.y*c2.y + c1.y*s2.y);
@@ -648,7 +683,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     extern __shared__ half2 fattn_se_smem[];
     half * sK  = (half *) fattn_se_smem;
     half * sKg = sK  + T*SKV;                 // or the table tile, rows of D + 8 floats
-    half * sV  = sKg + T*(ROT ? 2*fattn_se_rot_stride(D) : SKV);
+    half * sV  = sKg + (T + (ROT & FATTN_SE_ROT_STEPS ? 2 : 0))*(ROT ? 2*fattn_se_rot_stride(D) : SKV); // (+ 2 larger steps)
     half * sM  = sV  + T*SKV;               // mask of tile t at sM + (t % 2)*P.RPB*SM
     int  * sP  = (int *) (sM + 2*P.RPB*SM); // pos_k of tile t at sP + (t % 2)*T
     int4 * sC  = (int4 *) (sP + 2*T);       // quarters of the class of the next tile
@@ -677,7 +712,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         }
         if (cls & FATTN_SE_GROUPED) {
             if constexpr (ROT & FATTN_SE_ROT_STEPS) { // positions of tile t: in its slot since (A) of the step before
-                fattn_se_load_steps_lo<2*D, T, 2*fattn_se_rot_stride(D)>(sKg, p, sP + (t % 2)*T, nvalid_of(t), tid);
+                fattn_se_load_steps<2*D, T, 2*fattn_se_rot_stride(D)>(sKg, p, sP + (t % 2)*T, nvalid_of(t), tid);
             } else if constexpr (ROT) {
                 fattn_se_load_kv<2*D, T, 2*fattn_se_rot_stride(D)>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
             } else {
@@ -797,7 +832,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     __syncthreads();
     if constexpr (ROT & FATTN_SE_ROT_STEPS) {
         if (ntb > 0) { // the first tile's steps, now that its positions are here
-            fattn_se_load_steps_lo<2*D, T, 2*fattn_se_rot_stride(D)>(sKg, p, sP, nvalid_of(0), tid);
+            fattn_se_load_steps<2*D, T, 2*fattn_se_rot_stride(D)>(sKg, p, sP, nvalid_of(0), tid);
         }
     }
 
@@ -858,16 +893,21 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         tile<16, 16, float> S[KW/16];
         tile<16, 8, half2>  P_A[pv_fused ? 1 : KW/16];
         if (work) {
-            // (table of steps) the larger steps of the thread's keys 16*kk + lane/4 + 8*j of the warp
+            // (table of steps) the larger steps of the thread's keys 16*kk + lane/4 + 8*j of the warp: one of the two
+            // after the table tile, else (keys out of position order) the table's row in global memory
             [[maybe_unused]] const float * hi[ROT & FATTN_SE_ROT_STEPS ? 2*(KW/16) : 1];
             if constexpr (ROT & FATTN_SE_ROT_STEPS) {
                 if (pure || (cls & FATTN_SE_GROUPED)) {
+                    int r_lo, r_hi0;
+                    fattn_se_steps_rows(p, sP[slot*T], r_lo, r_hi0);
                     const int * pk = sP + slot*T + KW*wk + lane/4;
 #pragma unroll
                     for (int i = 0; i < 2*(KW/16); ++i) {
-                        int r_lo, r_hi;
+                        int r_hi;
                         fattn_se_steps_rows(p, pk[16*(i/2) + 8*(i % 2)], r_lo, r_hi);
-                        hi[i] = (const float *) (p.k_g + int64_t(r_hi)*p.nb_kg1) + 2*(lane % 4);
+                        hi[i] = unsigned(r_hi - r_hi0) < 2u
+                            ? (const float *) sKg + (T + r_hi - r_hi0)*fattn_se_rot_stride(D) + 2*(lane % 4)
+                            : (const float *) (p.k_g + int64_t(r_hi)*p.nb_kg1) + 2*(lane % 4);
                     }
                 }
             }
@@ -1549,7 +1589,7 @@ static fattn_se_plan fattn_se_make_plan(const fattn_se_params & p, const int nsm
     P.q_scale   = p.softcap != 0.0f ? p.scale/p.softcap : p.scale*FATTN_SE_LOG2E;
     P.logit_mul = p.softcap*FATTN_SE_LOG2E;
 
-    P.nbytes_shared = fattn_se_nbytes_shared(p.D, P.decode, P.RPB, p.k_rot != FATTN_SE_ROT_NONE);
+    P.nbytes_shared = fattn_se_nbytes_shared(p.D, P.decode, P.RPB, p.k_rot);
 
     const int64_t nslots = int64_t(fattn_se_blocks_per_sm(fattn_se_kernel(p, P), P.nbytes_shared))*nsm;
 
@@ -1650,10 +1690,11 @@ static int fattn_se_rot_in_kernel(const fattn_se_params & p, const int n_rot, co
     bool decode;
     int  NHB, RPB;
     fattn_se_block_shape(p.n_q, p.n_head/p.n_head_kv, decode, NHB, RPB);
-    if (!decode || n_rot != p.D || fattn_se_nbytes_shared(p.D, true, RPB, true) > smpbo) {
+    const int rot = (neox ? FATTN_SE_ROT_NEOX : FATTN_SE_ROT_NORM) | (p.k_steps_G > 0 ? FATTN_SE_ROT_STEPS : 0);
+    if (!decode || n_rot != p.D || fattn_se_nbytes_shared(p.D, true, RPB, rot) > smpbo) {
         return FATTN_SE_ROT_NONE;
     }
-    return (neox ? FATTN_SE_ROT_NEOX : FATTN_SE_ROT_NORM) | (p.k_steps_G > 0 ? FATTN_SE_ROT_STEPS : 0);
+    return rot;
 }
 
 // The table forms where the kernel does not rotate K itself (fattn_se_rot_in_kernel gave NONE): the grouped keys made
@@ -1797,11 +1838,7 @@ void ggml_cuda_flash_attn_ext_se(ggml_backend_cuda_context & ctx, ggml_tensor * 
     const int  n_rot = a.k_rot ? int(a.k_g->ne[0]) : 0;
     const bool neox  = a.rope_mode == GGML_ROPE_TYPE_NEOX;
     if (a.n_group > 0) {
-        // a table of steps, shared by the streams
-        p.k_steps_G  = a.n_group;
-        p.k_steps_lo = a.n_lo;
-        p.k_steps_hi = int(a.k_g->ne[1]) - a.n_lo;
-        p.nb_kg3     = 0;
+        fattn_se_set_steps(p, a.n_group, a.n_lo, int(a.k_g->ne[1]));
     }
     if (a.k_rot) {
         p.k_rot = fattn_se_rot_in_kernel(p, n_rot, neox, ggml_cuda_info().devices[ctx.device].smpbo);
@@ -1911,7 +1948,7 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
     int  NHB, RPB;
     fattn_se_block_shape(n_q, q->ne[2]/k->ne[2], decode, NHB, RPB);
     // (the table form always has the scratch to fall back on)
-    return q->ne[2]/NHB <= 65535 && fattn_se_nbytes_shared(D, decode, RPB, false) <= ggml_cuda_info().devices[device].smpbo;
+    return q->ne[2]/NHB <= 65535 && fattn_se_nbytes_shared(D, decode, RPB, FATTN_SE_ROT_NONE) <= ggml_cuda_info().devices[device].smpbo;
 }
 
 #endif // GGML_CUDA_FATTN_SE_SELFTEST
