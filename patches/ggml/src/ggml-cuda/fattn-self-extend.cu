@@ -181,10 +181,13 @@ static void fattn_se_block_shape(const int n_q, const int gqa, bool & decode, in
 
 // The forms of K_g a kernel reads (template parameter ROT): the grouped keys themselves, or K and a rotation table tile of D
 // floats per key (ggml-self-extend.h), the pairs (2i, 2i + 1) or (i, i + D/2) rotated as the B operands are loaded. With
-// FATTN_SE_ROT_STEPS the tile holds each key's single-position step of a table of steps, and the larger step is applied
-// as the B operands are rotated.
+// FATTN_SE_ROT_STEPS the kernel keeps the single-position steps of a table of steps in place of the table tile, and
+// applies each key's larger step as the B operands are rotated.
 enum fattn_se_rot { FATTN_SE_ROT_NONE = 0, FATTN_SE_ROT_NORM = 1, FATTN_SE_ROT_NEOX = 2, FATTN_SE_ROT_PAIRS = 3,
                     FATTN_SE_ROT_STEPS = 4 };
+
+// Single-position steps that a decode kernel keeps whole in shared memory (libllama makes 128).
+#define FATTN_SE_STEPS_LO_MAX 128
 
 // Row stride of a rotation table tile in floats: rows 32 bytes apart modulo 128, so that the float2 reads of a half warp
 // (4 rows x 4 lanes) hit distinct banks.
@@ -192,13 +195,18 @@ static constexpr __host__ __device__ int fattn_se_rot_stride(const int D) {
     return D + 8;
 }
 
+// Rows of the table region of a kernel's shared memory (fattn_se_rot): a table tile, or (FATTN_SE_ROT_STEPS) the single
+// steps and two larger ones.
+static constexpr __host__ __device__ int fattn_se_tab_rows(const int T, const int rot) {
+    return rot & FATTN_SE_ROT_STEPS ? FATTN_SE_STEPS_LO_MAX + 2 : T;
+}
+
 // Must match the carving of shared memory in flash_attn_ext_se_f16. rot (fattn_se_rot): K_g is a rotation table tile, in
-// place of a K_g tile of D + 8 halves per key; with FATTN_SE_ROT_STEPS two larger steps follow it.
+// place of a K_g tile of D + 8 halves per key, or a table of steps' single steps and two larger steps.
 static size_t fattn_se_nbytes_shared(const int D, const bool decode, const int RPB, const int rot) {
     const int T = fattn_se_T(D, decode);
     return 2*T*(D + 8)*sizeof(half)                     // K, V tiles, rows padded by 16 bytes
-         + T*(rot ? fattn_se_rot_stride(D)*sizeof(float) : (D + 8)*sizeof(half)) // K_g tile, or table tile
-         + (rot & FATTN_SE_ROT_STEPS ? 2*fattn_se_rot_stride(D)*sizeof(float) : 0) // the tile's larger steps
+         + (rot ? fattn_se_tab_rows(T, rot)*fattn_se_rot_stride(D)*sizeof(float) : T*(D + 8)*sizeof(half)) // K_g, table
          + 2*RPB*(T + 8)*sizeof(half)                   // mask, 2 slots
          + 2*T*sizeof(int)                              // pos_k, 2 slots
          + FATTN_SE_NWARPS*sizeof(int4)                 // per warp parts of the class of the next tile
@@ -257,49 +265,30 @@ static __device__ __forceinline__ void fattn_se_steps_rows(const fattn_se_params
     r_hi = p.k_steps_lo + min(m >> p.k_steps_lo_log2, p.k_steps_hi - 1);
 }
 
-// Table of steps: the single-position rows of the keys of a tile (positions at pos_tile, the first nvalid valid) into a
-// rotation table tile, laid out as fattn_se_load_kv lays out a table's rows (D: halves per row, twice the floats), and
-// after it (at tile + T*S) the larger step of the tile's first key and the one after it: with the keys in position order
-// and p.k_steps_lo >= T, every key of the tile takes one of those two.
-template <int D, int T, int S>
-static __device__ __forceinline__ void fattn_se_load_steps(
-        half * GGML_CUDA_RESTRICT tile, const fattn_se_params & p, const int * GGML_CUDA_RESTRICT pos_tile, const int nvalid,
-        const int tid) {
+// Table of steps: its single-position rows into rows 0 .. p.k_steps_lo - 1 of the table region (rows of S halves, as
+// fattn_se_load_kv lays out a table's rows; D: halves per row, twice the floats).
+template <int D, int S>
+static __device__ __forceinline__ void fattn_se_load_steps_lo(half * GGML_CUDA_RESTRICT tab, const fattn_se_params & p, const int tid) {
     constexpr int chunks_row = D/8;
-    constexpr int rows_pass  = FATTN_SE_NTHREADS/chunks_row;
-    static_assert(FATTN_SE_NTHREADS % chunks_row == 0 && T % rows_pass == 0, "bad table tile size");
-    static_assert(2*chunks_row <= FATTN_SE_NTHREADS, "bad table row size");
+    for (int c = tid; c < p.k_steps_lo*chunks_row; c += FATTN_SE_NTHREADS) {
+        const int r = c / chunks_row, jc = c % chunks_row;
+        cp_async_cg_16<0>(ggml_cuda_cvta_generic_to_shared(tab + r*S + 8*jc), p.k_g + int64_t(r)*p.nb_kg1 + 16*jc);
+    }
+}
 
+// Table of steps: the larger step of a tile's first key (at pos0) and the one after it into the two rows after the single
+// steps: with the keys in position order and p.k_steps_lo >= T, every key of the tile takes one of those.
+template <int D, int S>
+static __device__ __forceinline__ void fattn_se_load_steps_hi(
+        half * GGML_CUDA_RESTRICT tab, const fattn_se_params & p, const int pos0, const int tid) {
+    constexpr int chunks_row = D/8;
+    static_assert(2*chunks_row <= FATTN_SE_NTHREADS, "bad table row size");
     if (tid < 2*chunks_row) {
         int r_lo, r_hi;
-        fattn_se_steps_rows(p, nvalid > 0 ? pos_tile[0] : 0, r_lo, r_hi);
+        fattn_se_steps_rows(p, pos0, r_lo, r_hi);
         const int r = min(r_hi + tid/chunks_row, p.k_steps_lo + p.k_steps_hi - 1);
-        cp_async_cg_16<0>(ggml_cuda_cvta_generic_to_shared(tile + (T + tid/chunks_row)*S + 8*(tid % chunks_row)),
+        cp_async_cg_16<0>(ggml_cuda_cvta_generic_to_shared(tab + (FATTN_SE_STEPS_LO_MAX + tid/chunks_row)*S + 8*(tid % chunks_row)),
                           p.k_g + int64_t(r)*p.nb_kg1 + 16*(tid % chunks_row));
-    }
-
-    // Thread tid copies the same 16 byte column of rows j0 + i*rows_pass. The rows of a warp's keys are made once, one
-    // per lane (lane a*passes + i: the i-th row of the warp's a-th first row), then passed round.
-    constexpr int passes = T/rows_pass;
-    constexpr int sub    = chunks_row < WARP_SIZE ? WARP_SIZE/chunks_row : 1; // first rows per warp
-    static_assert(sub*passes <= WARP_SIZE, "bad table tile size");
-    const int lane = tid % WARP_SIZE;
-    const int j0   = tid / chunks_row;
-    const int jc   = tid % chunks_row;
-    int r_lane = 0;
-    {
-        const int j = (tid - lane)/chunks_row + lane/passes + (lane % passes)*rows_pass;
-        int r_hi;
-        if (lane < sub*passes && j < nvalid) { // keys past the cache are masked: any finite row
-            fattn_se_steps_rows(p, pos_tile[j], r_lane, r_hi);
-        }
-    }
-    const int src0 = (lane/chunks_row)*passes; // 0 where a row takes a whole warp or more
-    const unsigned int dst = ggml_cuda_cvta_generic_to_shared(tile + j0*S + 8*jc);
-#pragma unroll
-    for (int i = 0; i < passes; ++i) {
-        const int r_lo = __shfl_sync(0xFFFFFFFF, r_lane, src0 + i);
-        cp_async_cg_16<0>(dst + i*rows_pass*S*sizeof(half), p.k_g + int64_t(r_lo)*p.nb_kg1 + 16*jc);
     }
 }
 
@@ -481,13 +470,14 @@ static __device__ __forceinline__ int fattn_se_rot_offset(const int r) {
 // S[kk] = Q_g K_g^T as fattn_se_kq, K_g made from the K rows at K and the table rows at tab: the lane's first table
 // element, row lane/4 of the first key, column 2*(lane % 4). ROT_NORM: the half2 of a B element is one pair, its cos and
 // sin one float2 of the table; ROT_NEOX: element r of dimension chunk d16 < D/32 and element r of chunk d16 + D/32 are
-// the two halves of the same pairs, whose cos and sin are float2 D/2 apart. ROT_STEPS: tab holds each key's
-// single-position step, and hi[2*kk + j] points at the lane's first element (column 2*(lane % 4)) of the larger step of
-// key 16*kk + lane/4 + 8*j, in shared or global memory; the two compose as c = c1 c2 - s1 s2, s = s1 c2 + c1 s2.
+// the two halves of the same pairs, whose cos and sin are float2 D/2 apart. ROT_STEPS: instead of tab, lo[2*kk + j] and
+// hi[2*kk + j] point at the lane's first element (column 2*(lane % 4)) of the single-position and the larger step of key
+// 16*kk + lane/4 + 8*j (in shared memory, the larger one maybe in global); they compose as c = c1 c2 - s1 s2,
+// s = s1 c2 + c1 s2.
 template <int D, int NK, int SKV, int ROT>
 static __device__ __forceinline__ void fattn_se_kq_rot(
         tile<16, 16, float> * S, const tile<16, 8, half2> * Q_reg, const uint32_t K, const float * GGML_CUDA_RESTRICT tab,
-        const float * const * hi) {
+        const float * const * lo, const float * const * hi) {
     constexpr int  PAIRS = ROT & FATTN_SE_ROT_PAIRS;
     constexpr bool STEPS = ROT & FATTN_SE_ROT_STEPS;
     static_assert(PAIRS == FATTN_SE_ROT_NORM || PAIRS == FATTN_SE_ROT_NEOX, "not a rotation");
@@ -505,10 +495,13 @@ static __device__ __forceinline__ void fattn_se_kq_rot(
                 fattn_se_ldsm<FATTN_SE_LDSM_B>(K_B, K + (16*kk*SKV + 16*d16)*sizeof(half));
 #pragma unroll
                 for (int r = 0; r < K_B.ne; ++r) {
-                    float2 cs = *(const float2 *) (tab + 16*kk*ST + 16*d16 + fattn_se_rot_offset<D>(r));
-                    if constexpr (STEPS) { // the pair's cos and sin times those of its larger step
+                    float2 cs;
+                    if constexpr (STEPS) { // the pair's cos and sin: its single step's times its larger step's
+                        const float2 l = *(const float2 *) (lo[2*kk + r % 2] + 16*d16 + 8*(r/2));
                         const float2 h = *(const float2 *) (hi[2*kk + r % 2] + 16*d16 + 8*(r/2));
-                        cs = make_float2(cs.x*h.x - cs.y*h.y, cs.y*h.x + cs.x*h.y);
+                        cs = make_float2(l.x*h.x - l.y*h.y, l.y*h.x + l.x*h.y);
+                    } else {
+                        cs = *(const float2 *) (tab + 16*kk*ST + 16*d16 + fattn_se_rot_offset<D>(r));
                     }
                     const float2 k  = __half22float2(K_B.x[r]);
                     K_B.x[r] = __floats2half2_rn(k.x*cs.x - k.y*cs.y, k.x*cs.y + k.y*cs.x);
@@ -527,7 +520,8 @@ static __device__ __forceinline__ void fattn_se_kq_rot(
                 fattn_se_ldsm<FATTN_SE_LDSM_B>(K_b, K + (16*kk*SKV + 16*d16 + D/2)*sizeof(half));
 #pragma unroll
                 for (int r = 0; r < K_a.ne; ++r) {
-                    const float * t  = tab + 16*kk*ST + 16*d16 + fattn_se_rot_offset<D>(r);
+                    const float * t  = STEPS ? lo[2*kk + r % 2] + 16*d16 + 8*(r/2)
+                                             : tab + 16*kk*ST + 16*d16 + fattn_se_rot_offset<D>(r);
                     float2        c  = *(const float2 *) t;
                     float2        sn = *(const float2 *) (t + D/2);
                     if constexpr (STEPS) { // two pairs' cos and sin times those of their larger steps
@@ -683,7 +677,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     extern __shared__ half2 fattn_se_smem[];
     half * sK  = (half *) fattn_se_smem;
     half * sKg = sK  + T*SKV;                 // or the table tile, rows of D + 8 floats
-    half * sV  = sKg + (T + (ROT & FATTN_SE_ROT_STEPS ? 2 : 0))*(ROT ? 2*fattn_se_rot_stride(D) : SKV); // (+ 2 larger steps)
+    half * sV  = sKg + fattn_se_tab_rows(T, ROT)*(ROT ? 2*fattn_se_rot_stride(D) : SKV);
     half * sM  = sV  + T*SKV;               // mask of tile t at sM + (t % 2)*P.RPB*SM
     int  * sP  = (int *) (sM + 2*P.RPB*SM); // pos_k of tile t at sP + (t % 2)*T
     int4 * sC  = (int4 *) (sP + 2*T);       // quarters of the class of the next tile
@@ -712,7 +706,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         }
         if (cls & FATTN_SE_GROUPED) {
             if constexpr (ROT & FATTN_SE_ROT_STEPS) { // positions of tile t: in its slot since (A) of the step before
-                fattn_se_load_steps<2*D, T, 2*fattn_se_rot_stride(D)>(sKg, p, sP + (t % 2)*T, nvalid_of(t), tid);
+                fattn_se_load_steps_hi<2*D, 2*fattn_se_rot_stride(D)>(sKg, p, nvalid_of(t) > 0 ? sP[(t % 2)*T] : 0, tid);
             } else if constexpr (ROT) {
                 fattn_se_load_kv<2*D, T, 2*fattn_se_rot_stride(D)>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
             } else {
@@ -733,8 +727,11 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         }
         if constexpr (decode) {
             // Short blocks: rather than wait for the class, load both K operands of the first tile along with Q (a table
-            // of steps needs the tile's positions first: after Q).
+            // of steps: its single steps; the tile's larger ones need its positions first: after Q).
             load_k(0, ROT & FATTN_SE_ROT_STEPS ? int(FATTN_SE_NEIGHBOUR) : int(FATTN_SE_MIXED));
+            if constexpr (ROT & FATTN_SE_ROT_STEPS) {
+                fattn_se_load_steps_lo<2*D, 2*fattn_se_rot_stride(D)>(sKg, p, tid);
+            }
         }
     }
 
@@ -832,7 +829,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     __syncthreads();
     if constexpr (ROT & FATTN_SE_ROT_STEPS) {
         if (ntb > 0) { // the first tile's steps, now that its positions are here
-            fattn_se_load_steps<2*D, T, 2*fattn_se_rot_stride(D)>(sKg, p, sP, nvalid_of(0), tid);
+            fattn_se_load_steps_hi<2*D, 2*fattn_se_rot_stride(D)>(sKg, p, sP[0], tid);
         }
     }
 
@@ -893,8 +890,10 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         tile<16, 16, float> S[KW/16];
         tile<16, 8, half2>  P_A[pv_fused ? 1 : KW/16];
         if (work) {
-            // (table of steps) the larger steps of the thread's keys 16*kk + lane/4 + 8*j of the warp: one of the two
-            // after the table tile, else (keys out of position order) the table's row in global memory
+            // (table of steps) the steps of the thread's keys 16*kk + lane/4 + 8*j of the warp, [2*kk + j]: the single
+            // one among those kept, the larger one of the two after them, else (keys out of position order) the table's
+            // row in global memory; at the lane's first element (column 2*(lane % 4))
+            [[maybe_unused]] const float * lo[ROT & FATTN_SE_ROT_STEPS ? 2*(KW/16) : 1];
             [[maybe_unused]] const float * hi[ROT & FATTN_SE_ROT_STEPS ? 2*(KW/16) : 1];
             if constexpr (ROT & FATTN_SE_ROT_STEPS) {
                 if (pure || (cls & FATTN_SE_GROUPED)) {
@@ -905,15 +904,20 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                     for (int i = 0; i < 2*(KW/16); ++i) {
                         int r_hi;
                         fattn_se_steps_rows(p, pk[16*(i/2) + 8*(i % 2)], r_lo, r_hi);
+                        lo[i] = (const float *) sKg + r_lo*fattn_se_rot_stride(D) + 2*(lane % 4);
+#ifdef FATTN_SE_TIMING_HI_SHARED
+                        hi[i] = (const float *) sKg + (FATTN_SE_STEPS_LO_MAX + min(max(r_hi - r_hi0, 0), 1))*fattn_se_rot_stride(D) + 2*(lane % 4);
+#else
                         hi[i] = unsigned(r_hi - r_hi0) < 2u
-                            ? (const float *) sKg + (T + r_hi - r_hi0)*fattn_se_rot_stride(D) + 2*(lane % 4)
+                            ? (const float *) sKg + (FATTN_SE_STEPS_LO_MAX + r_hi - r_hi0)*fattn_se_rot_stride(D) + 2*(lane % 4)
                             : (const float *) (p.k_g + int64_t(r_hi)*p.nb_kg1) + 2*(lane % 4);
+#endif
                     }
                 }
             }
             if (pure || (cls & FATTN_SE_CLASS) == FATTN_SE_GROUPED) {
                 if constexpr (ROT) {
-                    fattn_se_kq_rot<D, KW/16, SKV, ROT>(S, Qg_A, K_sm, tab, hi);
+                    fattn_se_kq_rot<D, KW/16, SKV, ROT>(S, Qg_A, K_sm, tab, lo, hi);
                 } else {
                     fattn_se_kq<D, KW/16, SKV>(S, Qg_A, 0, Kg_sm);
                 }
@@ -927,7 +931,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                         tile<16, 16, float> Sg;
                         if constexpr (ROT) {
                             fattn_se_kq_rot<D, 1, SKV, ROT>(&Sg, Qg_A, K_sm + 16*kk*SKV*sizeof(half),
-                                                            tab + 16*kk*fattn_se_rot_stride(D), hi + 2*kk);
+                                                            tab + 16*kk*fattn_se_rot_stride(D), lo + 2*kk, hi + 2*kk);
                         } else {
                             fattn_se_kq<D, 1, SKV>(&Sg, Qg_A, 0, Kg_sm + 16*kk*SKV*sizeof(half));
                         }
@@ -1691,7 +1695,8 @@ static int fattn_se_rot_in_kernel(const fattn_se_params & p, const int n_rot, co
     int  NHB, RPB;
     fattn_se_block_shape(p.n_q, p.n_head/p.n_head_kv, decode, NHB, RPB);
     const int rot = (neox ? FATTN_SE_ROT_NEOX : FATTN_SE_ROT_NORM) | (p.k_steps_G > 0 ? FATTN_SE_ROT_STEPS : 0);
-    if (!decode || n_rot != p.D || fattn_se_nbytes_shared(p.D, true, RPB, rot) > smpbo) {
+    if (!decode || n_rot != p.D || fattn_se_nbytes_shared(p.D, true, RPB, rot) > smpbo ||
+        (p.k_steps_G > 0 && p.k_steps_lo > FATTN_SE_STEPS_LO_MAX)) {
         return FATTN_SE_ROT_NONE;
     }
     return rot;
