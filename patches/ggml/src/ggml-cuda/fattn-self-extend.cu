@@ -890,11 +890,14 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         tile<16, 16, float> S[KW/16];
         tile<16, 8, half2>  P_A[pv_fused ? 1 : KW/16];
         if (work) {
-            // (table of steps) the steps of the thread's keys 16*kk + lane/4 + 8*j of the warp, [2*kk + j]: the single
-            // one among those kept, the larger one of the two after them, else (keys out of position order) the table's
-            // row in global memory; at the lane's first element (column 2*(lane % 4))
+            // (table of steps) the steps of the thread's keys 16*kk + lane/4 + 8*j of the warp, [2*kk + j], at the lane's
+            // first element (column 2*(lane % 4)): the single one among those kept, the larger one of the two after
+            // them. Where a key of the warp takes neither (keys out of position order), the products are made again
+            // with the larger steps from the table in global memory (r_hi).
             [[maybe_unused]] const float * lo[ROT & FATTN_SE_ROT_STEPS ? 2*(KW/16) : 1];
             [[maybe_unused]] const float * hi[ROT & FATTN_SE_ROT_STEPS ? 2*(KW/16) : 1];
+            [[maybe_unused]] int  r_hi[ROT & FATTN_SE_ROT_STEPS ? 2*(KW/16) : 1];
+            [[maybe_unused]] bool far = false;
             if constexpr (ROT & FATTN_SE_ROT_STEPS) {
                 if (pure || (cls & FATTN_SE_GROUPED)) {
                     int r_lo, r_hi0;
@@ -902,22 +905,35 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                     const int * pk = sP + slot*T + KW*wk + lane/4;
 #pragma unroll
                     for (int i = 0; i < 2*(KW/16); ++i) {
-                        int r_hi;
-                        fattn_se_steps_rows(p, pk[16*(i/2) + 8*(i % 2)], r_lo, r_hi);
+                        fattn_se_steps_rows(p, pk[16*(i/2) + 8*(i % 2)], r_lo, r_hi[i]);
+                        far = far || unsigned(r_hi[i] - r_hi0) >= 2u;
                         lo[i] = (const float *) sKg + r_lo*fattn_se_rot_stride(D) + 2*(lane % 4);
-#ifdef FATTN_SE_TIMING_HI_SHARED
-                        hi[i] = (const float *) sKg + (FATTN_SE_STEPS_LO_MAX + min(max(r_hi - r_hi0, 0), 1))*fattn_se_rot_stride(D) + 2*(lane % 4);
-#else
-                        hi[i] = unsigned(r_hi - r_hi0) < 2u
-                            ? (const float *) sKg + (FATTN_SE_STEPS_LO_MAX + r_hi - r_hi0)*fattn_se_rot_stride(D) + 2*(lane % 4)
-                            : (const float *) (p.k_g + int64_t(r_hi)*p.nb_kg1) + 2*(lane % 4);
-#endif
+                        hi[i] = (const float *) sKg + (FATTN_SE_STEPS_LO_MAX + min(max(r_hi[i] - r_hi0, 0), 1))*fattn_se_rot_stride(D)
+                              + 2*(lane % 4);
                     }
+                    far = __any_sync(0xFFFFFFFF, far);
                 }
             }
+            // S_ (NK C tiles) = Q_g K_g^T of the warp's keys 16*kk0 .. with the rotation table or table of steps
+            auto kq_rot = [&](tile<16, 16, float> * S_, auto nk, const int kk0) {
+                constexpr int NK = decltype(nk)::value;
+                const uint32_t K_   = K_sm + 16*kk0*SKV*sizeof(half);
+                const float *  tab_ = tab + 16*kk0*fattn_se_rot_stride(D);
+                fattn_se_kq_rot<D, NK, SKV, ROT>(S_, Qg_A, K_, tab_, lo + 2*kk0, hi + 2*kk0);
+                if constexpr (ROT & FATTN_SE_ROT_STEPS) {
+                    if (far) {
+                        const float * hg[2*NK];
+#pragma unroll
+                        for (int i = 0; i < 2*NK; ++i) {
+                            hg[i] = (const float *) (p.k_g + int64_t(r_hi[2*kk0 + i])*p.nb_kg1) + 2*(lane % 4);
+                        }
+                        fattn_se_kq_rot<D, NK, SKV, ROT>(S_, Qg_A, K_, tab_, lo + 2*kk0, hg);
+                    }
+                }
+            };
             if (pure || (cls & FATTN_SE_CLASS) == FATTN_SE_GROUPED) {
                 if constexpr (ROT) {
-                    fattn_se_kq_rot<D, KW/16, SKV, ROT>(S, Qg_A, K_sm, tab, lo, hi);
+                    kq_rot(S, std::integral_constant<int, KW/16>(), 0);
                 } else {
                     fattn_se_kq<D, KW/16, SKV>(S, Qg_A, 0, Kg_sm);
                 }
@@ -930,8 +946,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                     for (int kk = 0; kk < KW/16; ++kk) {
                         tile<16, 16, float> Sg;
                         if constexpr (ROT) {
-                            fattn_se_kq_rot<D, 1, SKV, ROT>(&Sg, Qg_A, K_sm + 16*kk*SKV*sizeof(half),
-                                                            tab + 16*kk*fattn_se_rot_stride(D), lo + 2*kk, hi + 2*kk);
+                            kq_rot(&Sg, std::integral_constant<int, 1>(), kk);
                         } else {
                             fattn_se_kq<D, 1, SKV>(&Sg, Qg_A, 0, Kg_sm + 16*kk*SKV*sizeof(half));
                         }
