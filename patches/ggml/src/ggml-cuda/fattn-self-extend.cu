@@ -892,8 +892,10 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         if (work) {
             // (table of steps) the steps of the thread's keys 16*kk + lane/4 + 8*j of the warp, [2*kk + j], at the lane's
             // first element (column 2*(lane % 4)): the single one among those kept, the larger one of the two after
-            // them. Where a key of the warp takes neither (keys out of position order), the products are made again
-            // with the larger steps from the table in global memory (r_hi).
+            // them. Where a key of the warp takes neither (keys out of position order), the table's row in global
+            // memory: for heads up to 128 in a second pass over the products, which the warps that need it make again;
+            // for 256 by a pointer to either memory (a second pass there spills registers).
+            constexpr bool hi_pass = D <= 128;
             [[maybe_unused]] const float * lo[ROT & FATTN_SE_ROT_STEPS ? 2*(KW/16) : 1];
             [[maybe_unused]] const float * hi[ROT & FATTN_SE_ROT_STEPS ? 2*(KW/16) : 1];
             [[maybe_unused]] int  r_hi[ROT & FATTN_SE_ROT_STEPS ? 2*(KW/16) : 1];
@@ -908,10 +910,12 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                         fattn_se_steps_rows(p, pk[16*(i/2) + 8*(i % 2)], r_lo, r_hi[i]);
                         far = far || unsigned(r_hi[i] - r_hi0) >= 2u;
                         lo[i] = (const float *) sKg + r_lo*fattn_se_rot_stride(D) + 2*(lane % 4);
-                        hi[i] = (const float *) sKg + (FATTN_SE_STEPS_LO_MAX + min(max(r_hi[i] - r_hi0, 0), 1))*fattn_se_rot_stride(D)
-                              + 2*(lane % 4);
+                        hi[i] = !hi_pass && unsigned(r_hi[i] - r_hi0) >= 2u
+                              ? (const float *) (p.k_g + int64_t(r_hi[i])*p.nb_kg1) + 2*(lane % 4)
+                              : (const float *) sKg + (FATTN_SE_STEPS_LO_MAX + min(max(r_hi[i] - r_hi0, 0), 1))*fattn_se_rot_stride(D)
+                                  + 2*(lane % 4);
                     }
-                    far = __any_sync(0xFFFFFFFF, far);
+                    far = hi_pass && __any_sync(0xFFFFFFFF, far);
                 }
             }
             // S_ (NK C tiles) = Q_g K_g^T of the warp's keys 16*kk0 .. with the rotation table or table of steps
@@ -920,7 +924,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                 const uint32_t K_   = K_sm + 16*kk0*SKV*sizeof(half);
                 const float *  tab_ = tab + 16*kk0*fattn_se_rot_stride(D);
                 fattn_se_kq_rot<D, NK, SKV, ROT>(S_, Qg_A, K_, tab_, lo + 2*kk0, hi + 2*kk0);
-                if constexpr (ROT & FATTN_SE_ROT_STEPS) {
+                if constexpr ((ROT & FATTN_SE_ROT_STEPS) && hi_pass) {
                     if (far) {
                         const float * hg[2*NK];
 #pragma unroll
