@@ -576,8 +576,8 @@ static bool se_fused_supported(llama_context & ctx, se_keys form) {
     return true;
 }
 
-// Between the table and the cache, where a device runs both but not the steps form (CUDA, for a RoPE of part of the
-// head): auto takes the table, which costs n_rot floats per cell where the cache costs one more K, unless
+// Between the table and the cache, where auto does not take the steps form (se_keys_form): it takes the table, which
+// costs n_rot floats per cell where the cache costs one more K, unless
 //  - a Self-Extend layer's K lives on a device and its RoPE does not turn the whole head: the CUDA decode kernel rotates
 //    the keys by the table as it loads them only for a whole head, else every decode step would rotate the whole K view
 //    into a scratch first (0.69-0.85 of vanilla's decode at 32K on an H200; with the rotation in the kernel 0.92-1.00,
@@ -609,9 +609,31 @@ static bool se_prefer_table(llama_context & ctx) {
     return true;
 }
 
+// Whether a Self-Extend layer's K lives on a GPU of this host (not in host memory, not on an RPC server). There the
+// CUDA decode kernel is faster with the rotation table than with the table of steps at short depths, and for few
+// layers of one KV head the grouped keys are faster than both (RESULTS 4.5).
+static bool se_keys_on_local_gpu(llama_context & ctx) {
+    const llama_hparams & hp = ctx.get_model().hparams;
+    for (const llama_kv_cache * kv : se_kv_caches(ctx)) {
+        for (const auto & layer : llama_se_access::layers(kv)) {
+            ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
+            ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+            if (!se_layer_applies(hp, layer.il) || ggml_backend_buft_is_host(buft) || !dev) {
+                continue;
+            }
+            ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+            if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU && !(reg && strncmp(ggml_backend_reg_name(reg), "RPC", 3) == 0)) {
+                return true;
+            }
+        }
+    }
+    return false;
+}
+
 // The form of the fused path's grouped keys. LLAMA_SELF_EXTEND_KEYS=steps, table or cache asks for one (the cache where
-// a device lacks the form asked for); auto (the default) takes the steps form where every device has it, which keeps
-// nothing per cell and reads no table per cell, else chooses between the table and the cache (se_prefer_table).
+// a device lacks the form asked for); auto (the default) takes the steps form, which keeps nothing per cell and reads no
+// table per cell, where every device has it and none is a GPU of this host (the CPU, RPC servers, whose table rows would
+// travel with every ubatch), else chooses between the table and the cache (se_prefer_table).
 static se_keys se_keys_form(llama_context & ctx) {
     const char * v = getenv("LLAMA_SELF_EXTEND_KEYS");
     if (v && *v && strcmp(v, "auto") != 0) {
@@ -625,7 +647,7 @@ static se_keys se_keys_form(llama_context & ctx) {
         }
         LLAMA_LOG_WARN("%s: LLAMA_SELF_EXTEND_KEYS=%s is not auto, steps, table or cache: using auto\n", __func__, v);
     }
-    if (se_fused_supported(ctx, se_keys::steps)) {
+    if (!se_keys_on_local_gpu(ctx) && se_fused_supported(ctx, se_keys::steps)) {
         return se_keys::steps;
     }
     return se_prefer_table(ctx) && se_fused_supported(ctx, se_keys::table) ? se_keys::table : se_keys::cache;
