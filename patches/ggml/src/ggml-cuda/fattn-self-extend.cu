@@ -25,9 +25,10 @@
 //   The rotation-table form of the op (K_g given as cos/sin per key): decode loads the table rows of a grouped tile with
 //   its K rows and rotates the B operands of Q_g K_g^T as they come out of shared memory (fattn_se_kq_rot), so that a
 //   step reads no second K; prefill first rotates the K view into a pool scratch (flash_attn_ext_se_rotate_k), then runs
-//   the same kernel. With a table of steps instead (nothing per cell, ggml_flash_attn_ext_se_steps) the tile's rows are
-//   each key's single-position step and the larger step, one row for n_lo consecutive positions, is read from global
-//   memory (cached) as the operands are rotated; the scratch of a prefill composes both.
+//   the same kernel. With a table of steps instead (nothing per cell, ggml_flash_attn_ext_se_steps) a decode block keeps
+//   the table's single-position steps whole in shared memory in place of the table tile (loaded once, with Q), and per
+//   tile the two larger steps (one row for n_lo consecutive positions) that keys in position order can take; each key's
+//   cos/sin are the product of its two as the operands are rotated. The scratch of a prefill composes both the same way.
 //
 // Classification
 //   prefill: flash_attn_ext_se_classify runs first and classifies every (block of queries, tile of 64 keys) once for all
@@ -676,7 +677,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 
     extern __shared__ half2 fattn_se_smem[];
     half * sK  = (half *) fattn_se_smem;
-    half * sKg = sK  + T*SKV;                 // or the table tile, rows of D + 8 floats
+    half * sKg = sK  + T*SKV;                 // or the table tile (or single and larger steps), rows of D + 8 floats
     half * sV  = sKg + fattn_se_tab_rows(T, ROT)*(ROT ? 2*fattn_se_rot_stride(D) : SKV);
     half * sM  = sV  + T*SKV;               // mask of tile t at sM + (t % 2)*P.RPB*SM
     int  * sP  = (int *) (sM + 2*P.RPB*SM); // pos_k of tile t at sP + (t % 2)*T
