@@ -8,7 +8,9 @@ process's speed varies from one process to the next (a small model on a fast GPU
 ``--processes N``: N vanilla and N Self-Extend processes, alternating, their timed runs pooled; the line then also gives
 the range of the ratios of each vanilla process and the Self-Extend process after it ("pairs"). Memory is what
 llama.cpp itself logs for each context: KV cache, Self-Extend's grouped keys (or their rotation table) and the
-compute buffers, in MiB. LLAMA_SELF_EXTEND_KEYS=table|cache in the environment picks the form of the grouped keys.
+compute buffers, in MiB. ``--forms steps,table`` runs each of those forms of the grouped keys
+(LLAMA_SELF_EXTEND_KEYS) in its own processes, alternating with vanilla's, one line each; the default, auto, leaves the
+environment's setting.
 
     python benchmarks/ttft.py [MODEL] --tokens 8k,16k --ubatch 512,2048 --ga-n 8 --ga-w 1024 [-ngl 99] [--json]
 
@@ -85,18 +87,25 @@ def memory_mib(log: str) -> dict[str, float]:
     return {**{k: round(v, 2) for k, v in got.items()}, "total": round(sum(got.values()), 2)}
 
 
-def measure(args: argparse.Namespace, n_tokens: int, ubatch: int, ga_n: int) -> dict[str, Any]:
+def keys_env(form: str | None) -> dict[str, str]:
+    """The environment of a child process that runs Self-Extend with this form of the grouped keys (None or auto: the
+    environment's own setting)."""
+    return dict(os.environ, **({"LLAMA_SELF_EXTEND_KEYS": form} if form and form != "auto" else {}))
+
+
+def measure(args: argparse.Namespace, n_tokens: int, ubatch: int, ga_n: int, form: str = "auto") -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--model", args.model, "--n-tokens", str(n_tokens), "--ubatch",
            str(ubatch), "--ga-n", str(ga_n), "--ga-w", str(args.ga_w), "--n-gen", str(args.n_gen),
            "--repeats", str(args.repeats), "--warmups", str(args.warmups), "-ngl", str(args.ngl),
            "--swa-full", args.swa_full]
     cmd += ["-t", str(args.threads)] if args.threads else []
-    got = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    got = subprocess.run(cmd, capture_output=True, text=True, check=False, env=keys_env(form if ga_n > 1 else None))
     if got.returncode:
         sys.exit(f"ttft: the {'selfext' if ga_n > 1 else 'vanilla'} run failed:\n{got.stderr[-2000:]}")
     runs = json.loads(got.stdout.strip().splitlines()[-1])
     return {"n_tokens": n_tokens, "ubatch": ubatch, "mode": "selfext" if ga_n > 1 else "vanilla",
-            "ga_n": ga_n, "ga_w": args.ga_w if ga_n > 1 else 0, **runs, "memory_mib": memory_mib(got.stderr),
+            "ga_n": ga_n, "ga_w": args.ga_w if ga_n > 1 else 0, **({"form": form} if ga_n > 1 else {}), **runs,
+            "memory_mib": memory_mib(got.stderr),
             "prefill_median": statistics.median(runs["prefill_tps"]),
             "decode_median": statistics.median(runs["decode_tps"])}
 
@@ -141,6 +150,8 @@ def main() -> None:
     ap.add_argument("-ngl", "--n-gpu-layers", dest="ngl", type=int, default=0)
     ap.add_argument("-t", "--threads", type=int, default=0)
     add_swa_full(ap)
+    ap.add_argument("--forms", default="auto", help="forms of the grouped keys (LLAMA_SELF_EXTEND_KEYS), "
+                                                      "comma-separated: auto, steps, table, cache")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--n-tokens", type=int, help=argparse.SUPPRESS)
@@ -153,34 +164,44 @@ def main() -> None:
     if args.model is None:
         from selfext_cpp.models import default_model_path
         args.model = str(default_model_path())
+    forms = [f for f in args.forms.split(",") if f]
+    label = forms != ["auto"]  # a column for the form
     rows = []
     for n in sizes(args.tokens):
         for ub in sizes(args.ubatch):
-            vs, ss = [], []
+            vs: list[dict[str, Any]] = []
+            ss: dict[str, list[dict[str, Any]]] = {f: [] for f in forms}
             for _ in range(args.processes):
                 vs.append(measure(args, n, ub, 1))
-                ss.append(measure(args, n, ub, args.ga_n))
-            v, s = pooled(vs), pooled(ss)
-            rows += [v, s]
-            ratio = {k: round(s[f"{k}_median"] / v[f"{k}_median"], 3) for k in ("prefill", "decode")}
-            ratio["memory"] = round(s["memory_mib"]["total"] / v["memory_mib"]["total"], 3)
-            if args.processes > 1:
-                for k in ("prefill", "decode"):
-                    ratio[f"{k}_pairs"] = pair_range(vs, ss, k)
-            rows[-1]["ratio"] = ratio
-            if not args.json:
-                pairs = ""
+                for f in forms:
+                    ss[f].append(measure(args, n, ub, args.ga_n, f))
+            v = pooled(vs)
+            rows.append(v)
+            for f in forms:
+                s = pooled(ss[f])
+                rows.append(s)
+                ratio = {k: round(s[f"{k}_median"] / v[f"{k}_median"], 3) for k in ("prefill", "decode")}
+                ratio["memory"] = round(s["memory_mib"]["total"] / v["memory_mib"]["total"], 3)
                 if args.processes > 1:
-                    pairs = "  pairs: prefill {:.3f}-{:.3f}, decode {:.3f}-{:.3f}".format(*ratio["prefill_pairs"],
-                                                                                       *ratio["decode_pairs"])
-                print(f"{n:>7} tokens  ubatch {ub:>5}  prefill {v['prefill_median']:9.1f} -> {s['prefill_median']:9.1f} "
-                      f"tok/s ({ratio['prefill']:.3f})  decode {v['decode_median']:8.1f} -> "
-                      f"{s['decode_median']:8.1f} tok/s ({ratio['decode']:.3f})  memory {v['memory_mib']['total']:.0f} -> "
-                      f"{s['memory_mib']['total']:.0f} MiB ({ratio['memory']:.3f}){pairs}", flush=True)
+                    for k in ("prefill", "decode"):
+                        ratio[f"{k}_pairs"] = pair_range(vs, ss[f], k)
+                s["ratio"] = ratio
+                if not args.json:
+                    pairs = ""
+                    if args.processes > 1:
+                        pairs = "  pairs: prefill {:.3f}-{:.3f}, decode {:.3f}-{:.3f}".format(
+                            *ratio["prefill_pairs"], *ratio["decode_pairs"])
+                    form = f"  {f:<5}" if label else ""
+                    mem_v, mem_s = v["memory_mib"]["total"], s["memory_mib"]["total"]
+                    print(f"{n:>7} tokens  ubatch {ub:>5}{form}  prefill {v['prefill_median']:9.1f} -> "
+                          f"{s['prefill_median']:9.1f} tok/s ({ratio['prefill']:.3f})  "
+                          f"decode {v['decode_median']:8.1f} -> {s['decode_median']:8.1f} tok/s ({ratio['decode']:.3f})  "
+                          f"memory {mem_v:.0f} -> {mem_s:.0f} MiB ({ratio['memory']:.3f}){pairs}", flush=True)
     if args.json:
         print(json.dumps({"model": os.path.basename(args.model), "ga_n": args.ga_n, "ga_w": args.ga_w,
                           "n_gen": args.n_gen, "repeats": args.repeats, "warmups": args.warmups,
-                          "processes": args.processes, "ngl": args.ngl, "swa_full": args.swa_full, "results": rows}))
+                          "processes": args.processes, "ngl": args.ngl, "swa_full": args.swa_full, "forms": forms,
+                          "results": rows}))
 
 
 if __name__ == "__main__":

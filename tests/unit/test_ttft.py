@@ -1,4 +1,5 @@
-"""benchmarks/ttft.py pools the timed runs of several processes of one setting and passes its settings to them."""
+"""benchmarks/ttft.py pools the timed runs of several processes of one setting and passes its settings (and forms of
+the grouped keys) to them."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def test_processes_flag_alternates_vanilla_and_selfext(ttft: ModuleType, monkeyp
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     calls = []
 
-    def fake_measure(args, n_tokens, ubatch, ga_n):
+    def fake_measure(args, n_tokens, ubatch, ga_n, form="auto"):
         calls.append(ga_n)
         row = process([100.0 if ga_n == 1 else 95.0], [10.0])
         return {**row, "mode": "vanilla" if ga_n == 1 else "selfext", "n_tokens": n_tokens, "ubatch": ubatch}
@@ -83,7 +84,7 @@ def test_processes_report_the_range_of_their_pairs(ttft: ModuleType, monkeypatch
     # the second pair ran on a slower host: its ratio is the low end, the pooled ratio stays the medians'
     speeds = iter([(100.0, 10.0), (97.0, 9.5), (80.0, 10.0), (68.0, 9.0), (101.0, 10.0), (98.0, 10.0)])
 
-    def fake_measure(args, n_tokens, ubatch, ga_n):
+    def fake_measure(args, n_tokens, ubatch, ga_n, form="auto"):
         prefill, decode = next(speeds)
         return {**process([prefill], [decode]), "mode": "vanilla" if ga_n == 1 else "selfext"}
 
@@ -94,3 +95,34 @@ def test_processes_report_the_range_of_their_pairs(ttft: ModuleType, monkeypatch
     assert "(0.970)" in line  # 97 / 100: the pooled medians
     assert "pairs: prefill 0.850-0.970, decode 0.900-1.000" in line
     assert ttft.pair_range([process([100.0], [1.0])], [process([95.0], [1.0])], "prefill") == [0.95, 0.95]
+
+
+def test_forms_run_each_in_its_own_processes_with_its_setting(ttft: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # per process round: vanilla, then each form; only Self-Extend's children get LLAMA_SELF_EXTEND_KEYS
+    monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "cache")
+    children = []
+
+    def fake_run(cmd, **kw):
+        ga_n = int(cmd[cmd.index("--ga-n") + 1])
+        children.append((ga_n, kw["env"].get("LLAMA_SELF_EXTEND_KEYS")))
+        tps = 100.0 if ga_n == 1 else 90.0 if kw["env"]["LLAMA_SELF_EXTEND_KEYS"] == "steps" else 80.0
+        return subprocess.CompletedProcess(cmd, 0, stdout=f'{{"prefill_tps": [{tps}], "decode_tps": [10.0]}}\n',
+                                           stderr="llama_kv_cache: size =    1.00 MiB\n")
+
+    monkeypatch.setattr(ttft.subprocess, "run", fake_run)
+    monkeypatch.setattr("sys.argv", ["ttft.py", "m.gguf", "--tokens", "1k", "--ubatch", "512", "--processes", "2",
+                                     "--forms", "steps,table"])
+    ttft.main()
+    assert children == [(1, "cache"), (8, "steps"), (8, "table")] * 2  # vanilla keeps the environment as it is
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert "steps" in lines[0] and "(0.900)" in lines[0]
+    assert "table" in lines[1] and "(0.800)" in lines[1]
+
+
+def test_auto_leaves_the_environments_form(ttft: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "table")
+    assert ttft.keys_env("auto")["LLAMA_SELF_EXTEND_KEYS"] == "table"
+    assert ttft.keys_env(None)["LLAMA_SELF_EXTEND_KEYS"] == "table"
+    assert ttft.keys_env("steps")["LLAMA_SELF_EXTEND_KEYS"] == "steps"
