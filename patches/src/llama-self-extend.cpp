@@ -139,7 +139,8 @@ struct llama_se_kcache {
 
     // steps form: the single-position steps. A decode step rotates each grouped key by one of these rows, so they
     // must stay in the caches next to the K/V rows streaming past: 128 rows are 32 KiB for a 64-dimension head, 128 KiB
-    // for 256; the queries are rotated by the larger step, again every 128 positions.
+    // for 256; the queries are rotated by the larger step, again every 128 positions. (The CUDA decode kernel keeps
+    // up to 128 of them in shared memory, FATTN_SE_STEPS_LO_MAX; with more it would rotate K into a scratch first.)
     static constexpr int64_t             SE_STEP_LO = 128;
 
     // steps form: the rows of a table of steps that covers positions below n_pos (at least one larger step)
