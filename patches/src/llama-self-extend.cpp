@@ -623,7 +623,8 @@ static bool se_keys_on_local_gpu(llama_context & ctx) {
                 continue;
             }
             ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
-            if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU && !(reg && strncmp(ggml_backend_reg_name(reg), "RPC", 3) == 0)) {
+            const bool rpc = reg && strncmp(ggml_backend_reg_name(reg), "RPC", 3) == 0; // RPC[host:port]
+            if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU && !rpc) {
                 return true;
             }
         }
