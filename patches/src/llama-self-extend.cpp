@@ -516,6 +516,13 @@ static void se_kcache_for_stale(const llama_kv_cache_context * mctx, F f) {
     }
 }
 
+// the device whose memory holds a cache tensor (the CPU for the CPU buffer type, which names no device), or null
+static ggml_backend_dev_t se_buffer_device(const ggml_tensor * t) {
+    ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(t->buffer);
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+    return dev || !ggml_backend_buft_is_host(buft) ? dev : ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+}
+
 // whether the device of every Self-Extend KV layer runs GGML_OP_FLASH_ATTN_EXT_SE for that layer's shapes and cache
 // types, in the given form of the grouped keys
 static bool se_fused_supported(llama_context & ctx, se_keys form) {
@@ -562,11 +569,7 @@ static bool se_fused_supported(llama_context & ctx, se_keys form) {
                 ggml_tensor * k_g = ggml_new_tensor_3d(c, se_grouped_key_type(layer.k), dk, n, nkv);
                 ops.push_back(ggml_flash_attn_ext_se(c, q, k, v, m, q_g, k_g, p_q, p_k, 1, 1.0f, 0.0f));
             }
-            ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
-            ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
-            if (!dev && ggml_backend_buft_is_host(buft)) {
-                dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU); // the CPU buffer type names no device
-            }
+            ggml_backend_dev_t dev = se_buffer_device(layer.k);
             for (ggml_tensor * op : ops) {
                 if (!dev || !ggml_backend_dev_supports_op(dev, op)) {
                     return false;
@@ -617,9 +620,8 @@ static bool se_keys_on_local_gpu(llama_context & ctx) {
     const llama_hparams & hp = ctx.get_model().hparams;
     for (const llama_kv_cache * kv : se_kv_caches(ctx)) {
         for (const auto & layer : llama_se_access::layers(kv)) {
-            ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
-            ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
-            if (!se_layer_applies(hp, layer.il) || ggml_backend_buft_is_host(buft) || !dev) {
+            ggml_backend_dev_t dev = se_buffer_device(layer.k);
+            if (!se_layer_applies(hp, layer.il) || ggml_backend_buffer_is_host(layer.k->buffer) || !dev) {
                 continue;
             }
             ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
