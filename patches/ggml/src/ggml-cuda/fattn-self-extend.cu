@@ -267,7 +267,8 @@ static __device__ __forceinline__ void fattn_se_steps_rows(const fattn_se_params
 }
 
 // Table of steps: its single-position rows into rows 0 .. p.k_steps_lo - 1 of the table region (rows of S halves, as
-// fattn_se_load_kv lays out a table's rows; D: halves per row, twice the floats).
+// fattn_se_load_kv lays out a table's rows; D: halves per row, twice the floats). A loop, not fattn_se_load_kv's unrolled
+// passes: those hold 128 rows' addresses at once, 16-19 registers more in the decode kernel for heads of 256.
 template <int D, int S>
 static __device__ __forceinline__ void fattn_se_load_steps_lo(half * GGML_CUDA_RESTRICT tab, const fattn_se_params & p, const int tid) {
     constexpr int chunks_row = D/8;
