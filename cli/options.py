@@ -25,6 +25,10 @@ GaN = Annotated[Optional[int], typer.Option("--ga-n", "-gan", metavar="G", show_
 GaW = Annotated[Optional[int], typer.Option(
     "--ga-w", "-gaw", metavar="W", show_default=False,
     help="Self-Extend neighbour window W >= 1, in tokens. Default: a quarter of the trained context.")]
+GaKeys = Annotated[str, typer.Option(
+    "--ga-keys", metavar="FORM",
+    help="How the fused op gets the grouped keys: steps (nothing kept per cell), table (a rotation table, a row per "
+         "cell), cache (one more K cache: most memory, fastest on some GPUs) or auto (chosen per device).")]
 Auto = Annotated[bool, typer.Option("--auto", help="Choose G and W from the model's trained context and the "
                                                    "length needed (prompt + n_predict).")]
 CtxSize = Annotated[int, typer.Option("--ctx-size", "-c", metavar="N", min=0,

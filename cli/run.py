@@ -15,7 +15,7 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import fail, handle_errors, hint, stderr_is_tty
-from .options import Auto, CtxSize, FlashAttn, GaN, GaW, GpuLayers, Json, ModelArg, Rpc, Threads, Verbose, example
+from .options import Auto, CtxSize, FlashAttn, GaKeys, GaN, GaW, GpuLayers, Json, ModelArg, Rpc, Threads, Verbose, example
 
 if TYPE_CHECKING:
     from selfext_cpp.engine import SelfExtend
@@ -49,6 +49,7 @@ def run(
     file: PromptFile = None,
     ga_n: GaN = None,
     ga_w: GaW = None,
+    ga_keys: GaKeys = "auto",
     auto: Auto = False,
     n_predict: NPredict = 128,
     temp: Temp = 0.8,
@@ -81,6 +82,7 @@ def run(
 
     _check_sampling(n_predict, temp, top_k, top_p)
     engine.check_request(ga_n=ga_n, ga_w=ga_w, auto=auto)  # before anything slow
+    engine.check_keys(ga_keys)
     text = _read_prompt(prompt, file)
     logs = verbose or stderr_is_tty()
     if model is None:
@@ -107,12 +109,13 @@ def run(
     n_threads = threads or os.cpu_count() or 1
     # one prompt per context, so the sliding-window layers get llama.cpp's own programs' cache of n_swa + n_ubatch cells
     # (swa_full off; llama-cpp-python keeps a full-size one for its prefix reuse, which would need the older cells)
-    llm = engine.load(path, ga_n=se.ga_n, ga_w=se.ga_w, n_ctx=n_ctx, verbose=verbose, n_gpu_layers=gpu_layers,
+    llm = engine.load(path, ga_n=se.ga_n, ga_w=se.ga_w, ga_keys=ga_keys, n_ctx=n_ctx, verbose=verbose, n_gpu_layers=gpu_layers,
                       flash_attn=flash_attn, n_threads=n_threads, n_threads_batch=n_threads, rpc=rpc, swa_full=False)
     load_s = time.perf_counter() - t0
     se, n_ctx = engine.get_self_extend(llm), llm.n_ctx()  # report what the context has (llama.cpp pads n_ctx)
     if logs:
-        kind = "fused" if engine.self_extend_fused(llm) else "generic path: flash attention off or not on every device"
+        keys = engine.self_extend_keys(llm)
+        kind = f"fused, --ga-keys {keys}" if keys else "generic path: flash attention off or not on every device"
         setting = f"--ga-n {se.ga_n} --ga-w {se.ga_w} ({kind})" if se.enabled else "off"
         hint(f"loaded {path.name} in {load_s:.1f} s: trained context {n_ctx_train}, n_ctx {n_ctx}, "
              f"Self-Extend {setting}; prompt {n_prompt} tokens")
@@ -130,7 +133,8 @@ def run(
         hint(f"prompt {gen.n_prompt} tokens in {gen.prefill_s:.2f} s ({_rate(gen.n_prompt, gen.prefill_s)} "
              f"tok/s); generated {gen.n_generated} tokens ({_rate(gen.n_generated, gen.generate_s)} tok/s)")
     if json_out:
-        typer.echo(json.dumps(_result(gen, path, se, n_ctx, n_ctx_train, use_chat, load_s), ensure_ascii=False))
+        result = _result(gen, path, se, engine.self_extend_keys(llm), n_ctx, n_ctx_train, use_chat, load_s)
+        typer.echo(json.dumps(result, ensure_ascii=False))
 
 
 def _check_sampling(n_predict: int, temp: float, top_k: int, top_p: float) -> None:
@@ -279,7 +283,7 @@ def _rate(n: int, seconds: float) -> str:
     return f"{n / seconds:.1f}" if seconds > 0 else "-"
 
 
-def _result(gen: Any, path: Path, se: SelfExtend, n_ctx: int, n_ctx_train: int, chat: bool,
+def _result(gen: Any, path: Path, se: SelfExtend, keys: str | None, n_ctx: int, n_ctx_train: int, chat: bool,
             load_s: float) -> dict[str, Any]:
     return {
         "text": "".join(gen.text),
@@ -290,6 +294,7 @@ def _result(gen: Any, path: Path, se: SelfExtend, n_ctx: int, n_ctx_train: int, 
         "ga_n": se.ga_n,
         "ga_w": se.ga_w,
         "self_extend": se.enabled,
+        "ga_keys": keys,  # the fused op's grouped keys (steps, table, cache); null without the fused op
         "n_ctx": n_ctx,
         "n_ctx_train": n_ctx_train,
         "capacity": se.capacity(n_ctx_train),

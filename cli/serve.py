@@ -12,7 +12,7 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import FLAGS, handle_errors, stderr_is_tty
-from .options import FlashAttn, GaN, GaW, GpuLayers, ModelArg, Rpc, Threads, Verbose, example
+from .options import FlashAttn, GaKeys, GaN, GaW, GpuLayers, ModelArg, Rpc, Threads, Verbose, example
 
 EPILOG = example("selfext serve model.gguf --auto-max-ctx 16384 --port 8080")
 
@@ -50,6 +50,7 @@ def serve(
     model: ModelArg = None,
     ga_n: GaN = None,
     ga_w: GaW = None,
+    ga_keys: GaKeys = "auto",
     auto_max_ctx: AutoMaxCtx = None,
     ctx_size: ServeCtx = 0,
     host: Host = "127.0.0.1",
@@ -73,8 +74,12 @@ def serve(
     With --parallel N, llama.cpp's own server answers N requests at once (each with the full per-request
     context); --chat-format then names a llama.cpp chat template, and logprobs are always allowed.
     """
+    from selfext_cpp.engine import check_keys
+
+    check_keys(ga_keys)  # before the model is resolved (maybe downloaded)
     if parallel is not None:
-        return _serve_parallel(model, parallel, ga_n=ga_n, ga_w=ga_w, auto_max_ctx=auto_max_ctx, n_ctx=ctx_size,
+        return _serve_parallel(model, parallel, ga_n=ga_n, ga_w=ga_w, ga_keys=ga_keys, auto_max_ctx=auto_max_ctx,
+                               n_ctx=ctx_size,
                                host=host, port=port, api_key=api_key, chat_format=chat_format, alias=alias,
                                threads=threads, gpu_layers=gpu_layers, rpc=rpc, flash_attn=flash_attn,
                                verbose=verbose)
@@ -83,7 +88,8 @@ def serve(
     path = _resolve(model)
     n_threads = threads or os.cpu_count() or 1
     settings = server.model_settings(
-        path, ga_n=ga_n, ga_w=ga_w, n_ctx=ctx_size, auto_max_ctx=auto_max_ctx, model_alias=alias or path.name,
+        path, ga_n=ga_n, ga_w=ga_w, ga_keys=ga_keys, n_ctx=ctx_size, auto_max_ctx=auto_max_ctx,
+        model_alias=alias or path.name,
         chat_format=chat_format, n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=gpu_layers,
         flash_attn=flash_attn, logits_all=logprobs, verbose=verbose, rpc_servers=rpc,
     )  # fmt: skip
@@ -101,7 +107,7 @@ def serve(
     server.run(app, sock, verbose=verbose)
 
 
-def _serve_parallel(model: Optional[str], parallel: int, *, ga_n: Optional[int], ga_w: Optional[int],
+def _serve_parallel(model: Optional[str], parallel: int, *, ga_n: Optional[int], ga_w: Optional[int], ga_keys: str,
                     auto_max_ctx: Optional[int],
                     n_ctx: int, host: str, port: int, api_key: Optional[str], chat_format: Optional[str],
                     alias: Optional[str], threads: Optional[int], gpu_layers: int, rpc: Optional[str],
@@ -114,7 +120,7 @@ def _serve_parallel(model: Optional[str], parallel: int, *, ga_n: Optional[int],
         raise ServerError(f"--parallel needs llama-server, which this install lacks; {llama_server.INSTALL_HINT}")
     path = _resolve(model)
     cfg = llama_server.config(
-        path, parallel=parallel, ga_n=ga_n, ga_w=ga_w, n_ctx=n_ctx, auto_max_ctx=auto_max_ctx,
+        path, parallel=parallel, ga_n=ga_n, ga_w=ga_w, ga_keys=ga_keys, n_ctx=n_ctx, auto_max_ctx=auto_max_ctx,
         threads=threads or os.cpu_count() or 1, n_gpu_layers=gpu_layers, flash_attn=flash_attn,
         alias=alias or path.name, api_key=api_key,
         extra=(("--chat-template", chat_format) if chat_format else ()) + (("--rpc", rpc) if rpc else ()),

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .engine import (SelfExtend, capacity, choose, enable_self_extend, get_self_extend, load, model_support,
-                         plan, self_extend_fused)
+                         plan, self_extend_fused, self_extend_keys, set_self_extend_keys)
     from .errors import (CapacityError, HubError, LibraryError, ModelError, ParameterError, RpcError,
                          SelfextError, SlowPathWarning, UnsupportedModelError)
 
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     # engine
     "SelfExtend", "capacity", "choose", "plan", "enable_self_extend", "get_self_extend", "load", "model_support",
-    "self_extend_fused",
+    "self_extend_fused", "set_self_extend_keys", "self_extend_keys",
     # errors
     "SelfextError", "LibraryError", "ModelError", "UnsupportedModelError", "ParameterError", "CapacityError",
     "HubError", "RpcError", "SlowPathWarning",

@@ -21,6 +21,13 @@ LLAMA_SELF_EXTEND_ERR_ROPE_TYPE = -3
 LLAMA_SELF_EXTEND_ERR_MEMORY = -4
 LLAMA_SELF_EXTEND_ERR_ARCH = -5
 
+# enum llama_self_extend_keys: the fused path's grouped keys
+LLAMA_SELF_EXTEND_KEYS_NONE = -1
+LLAMA_SELF_EXTEND_KEYS_AUTO = 0
+LLAMA_SELF_EXTEND_KEYS_STEPS = 1
+LLAMA_SELF_EXTEND_KEYS_TABLE = 2
+LLAMA_SELF_EXTEND_KEYS_CACHE = 3
+
 
 # LLAMA_API int32_t llama_self_extend_api_version(void);
 @ctypes_function("llama_self_extend_api_version", [], ctypes.c_int32)
@@ -75,6 +82,20 @@ def llama_get_self_extend(ctx: llama_context_p, ga_n: "ctypes._Pointer[ctypes.c_
 @ctypes_function("llama_self_extend_fused", [llama_context_p], ctypes.c_bool)
 def llama_self_extend_fused(ctx: llama_context_p, /) -> bool:
     """Whether the context's Self-Extend layers run the fused flash-attention op."""
+    ...
+
+
+# LLAMA_API int32_t llama_set_self_extend_keys(struct llama_context * ctx, int32_t keys);
+@ctypes_function("llama_set_self_extend_keys", [llama_context_p, ctypes.c_int32], ctypes.c_int32)
+def llama_set_self_extend_keys(ctx: llama_context_p, keys: int, /) -> int:
+    """Ask for a form of the fused path's grouped keys (LLAMA_SELF_EXTEND_KEYS_*); returns a status."""
+    ...
+
+
+# LLAMA_API int32_t llama_get_self_extend_keys(const struct llama_context * ctx);
+@ctypes_function("llama_get_self_extend_keys", [llama_context_p], ctypes.c_int32)
+def llama_get_self_extend_keys(ctx: llama_context_p, /) -> int:
+    """The form of the grouped keys in use, or LLAMA_SELF_EXTEND_KEYS_NONE without the fused path."""
     ...
 
 

@@ -246,6 +246,33 @@ def self_extend_fused(llm: Llama) -> bool:
     return bool(_capi().llama_self_extend_fused(llm.ctx))
 
 
+KEYS_FORMS = ("auto", "steps", "table", "cache")  # LLAMA_SELF_EXTEND_KEYS_AUTO .. _CACHE, in the C enum's order
+
+
+def check_keys(keys: str) -> int:
+    """The C value of a form of the grouped keys named by ``keys`` (one of KEYS_FORMS); ParameterError otherwise."""
+    if keys not in KEYS_FORMS:
+        raise ParameterError(f"{{ga_keys}} is one of {', '.join(KEYS_FORMS)}, not {keys!r}")
+    return KEYS_FORMS.index(keys)
+
+
+def set_self_extend_keys(llm: Llama, keys: str) -> None:
+    """Ask for a form of the fused path's grouped keys on ``llm``: "steps" (nothing kept per cell), "table" (a
+    rotation table, n_rot floats per cell), "cache" (one more K cache), or "auto", the library's choice per device.
+    Takes effect at once; a form that a device holding the KV cache lacks gives "cache" (:func:`self_extend_keys`)."""
+    capi = _capi()
+    status = capi.llama_set_self_extend_keys(llm.ctx, check_keys(keys))
+    if status != capi.LLAMA_SELF_EXTEND_OK:
+        raise ParameterError(capi.status_str(status))
+
+
+def self_extend_keys(llm: Llama) -> str | None:
+    """The form of the grouped keys ``llm``'s fused path keeps ("steps", "table" or "cache"); None where it does not
+    run the fused path (Self-Extend off, or its generic path)."""
+    keys = _capi().llama_get_self_extend_keys(llm.ctx)
+    return KEYS_FORMS[keys] if keys > 0 else None
+
+
 def n_ctx_train(llm: Llama) -> int:
     """The context length the model in ``llm`` was trained with."""
     return int(_capi().llama_cpp.llama_model_n_ctx_train(llm.model))
@@ -260,15 +287,17 @@ def get_self_extend(llm: Llama) -> SelfExtend:
 LLAMA_CTX_PAD = 256  # llama_context pads n_ctx to a multiple of this (llama-context.cpp)
 
 
-def load(model_path: str | Path, *, ga_n: int = 1, ga_w: int = 0, n_ctx: int = 0, verbose: bool = False,
-         rpc: str | Sequence[str] | None = None, **llama_kwargs: Any) -> Llama:
+def load(model_path: str | Path, *, ga_n: int = 1, ga_w: int = 0, ga_keys: str = "auto", n_ctx: int = 0,
+         verbose: bool = False, rpc: str | Sequence[str] | None = None, **llama_kwargs: Any) -> Llama:
     """A ``llama_cpp.Llama`` on our libllama with Self-Extend set; keyword arguments go to ``Llama``.
 
     Flash attention is on unless ``flash_attn=False`` is given: Self-Extend layers then run the fused op
-    (``llama_self_extend_fused``), several times faster at long context than the generic path.
+    (``llama_self_extend_fused``), several times faster at long context than the generic path, keeping its grouped
+    keys in the form ``ga_keys`` asks for (:func:`set_self_extend_keys`).
     ``rpc``: RPC servers (``"host:port"``, a list or comma-separated) that take the ``n_gpu_layers`` offloaded
     layers (:mod:`selfext_cpp.rpc`); RpcError when one is unreachable or lost.
     """
+    check_keys(ga_keys)
     llama_kwargs.setdefault("flash_attn", True)
     if n_ctx > 0:  # llama.cpp pads every context to this; asking for it keeps llama-cpp-python's buffers as large
         n_ctx = -(-n_ctx // LLAMA_CTX_PAD) * LLAMA_CTX_PAD
@@ -286,6 +315,7 @@ def load(model_path: str | Path, *, ga_n: int = 1, ga_w: int = 0, n_ctx: int = 0
             llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, verbose=verbose, **llama_kwargs)
     except ValueError as exc:
         raise ModelError(f"llama.cpp could not load {path}: {last_llama_error() or exc}") from exc
+    set_self_extend_keys(llm, ga_keys)  # before the setting, so that the grouped keys are made once
     enable_self_extend(llm, params.ga_n, params.ga_w, warn_slow=False)  # flash_attn is the caller's choice here
     return llm
 

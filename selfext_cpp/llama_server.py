@@ -66,6 +66,7 @@ class Config:
     n_ctx_train: int
     ga_n: int = 1
     ga_w: int = 0
+    ga_keys: str = "auto"  # the fused op's grouped keys, passed as LLAMA_SELF_EXTEND_KEYS (llama-server has no flag)
     threads: int | None = None
     n_gpu_layers: int = 0
     flash_attn: bool = True
@@ -95,14 +96,15 @@ def config(model: str | Path, *, parallel: int, ga_n: int | None = None, ga_w: i
     """The llama-server setting for ``parallel`` slots of ``model``, G/W and tokens per slot planned as for
     ``selfext serve`` (``n_ctx`` or ``auto_max_ctx`` are tokens per request, i.e. per slot).
 
-    Other keyword arguments are :class:`Config` fields (threads, n_gpu_layers, flash_attn, alias, api_key,
+    Other keyword arguments are :class:`Config` fields (ga_keys, threads, n_gpu_layers, flash_attn, alias, api_key,
     extra). Raises ParameterError, CapacityError, ModelError, UnsupportedModelError.
     """
-    from .engine import check_context_memory, serving_plan
+    from .engine import check_context_memory, check_keys, serving_plan
     from .models import inspect
 
     if parallel < 1:
         raise ParameterError(f"{{parallel}} must be >= 1, got {parallel}")
+    check_keys(options.get("ga_keys", "auto"))
     path = Path(model)
     if not path.is_file():
         raise ModelError(f"no model file at {path}")
@@ -189,8 +191,9 @@ def start(cfg: Config, *, host: str = "127.0.0.1", port: int = 8080, verbose: bo
     if exe is None:
         raise ServerError(f"llama-server is not built into this install; {INSTALL_HINT}")
     # its own session: a Ctrl-C in the terminal reaches us, and stop() passes it on
+    env = {**os.environ, **({"LLAMA_SELF_EXTEND_KEYS": cfg.ga_keys} if cfg.ga_keys != "auto" else {})}
     proc = subprocess.Popen([str(exe), *cfg.args(host, port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     running = Running(proc, echo=verbose)
     if port:
         running.url = f"http://{host}:{port}"

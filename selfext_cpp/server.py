@@ -32,8 +32,8 @@ from typing import Any, Mapping
 
 from . import compat
 from ._lib import load_llama_cpp
-from .engine import (SelfExtend, check_context_memory, enable_self_extend, last_llama_error, n_ctx_train, serving_plan,
-                     set_llama_log)
+from .engine import (SelfExtend, check_context_memory, check_keys, enable_self_extend, last_llama_error, n_ctx_train,
+                     self_extend_keys, serving_plan, set_llama_log, set_self_extend_keys)
 from .errors import ModelError, SelfextError, ServerError, UnsupportedModelError
 
 
@@ -61,6 +61,7 @@ class Serving:
     self_extend: SelfExtend
     n_ctx_train: int
     n_ctx: int  # prompt + completion tokens of one request
+    keys: str | None = None  # the fused op's grouped keys (self_extend_keys)
 
     @property
     def capacity(self) -> int:
@@ -69,7 +70,8 @@ class Serving:
     def to_dict(self) -> dict[str, Any]:
         se = self.self_extend
         return {"model": self.model, "n_ctx": self.n_ctx, "n_ctx_train": self.n_ctx_train,
-                "self_extend": {"ga_n": se.ga_n, "ga_w": se.ga_w, "capacity": self.capacity} if se.enabled else None}
+                "self_extend": {"ga_n": se.ga_n, "ga_w": se.ga_w, "ga_keys": self.keys, "capacity": self.capacity}
+                if se.enabled else None}
 
 
 _loaded: Serving | None = None  # the model the proxy holds now (it holds one at a time)
@@ -81,17 +83,19 @@ class SelfExtendModelSettings(ModelSettings):
 
     ga_n: int = Field(default=1, ge=1, description="Self-Extend group size G (1 = off).")
     ga_w: int = Field(default=0, ge=0, description="Self-Extend neighbour window W, in tokens.")
+    ga_keys: str = Field(default="auto", description="The fused op's grouped keys: auto, steps, table or cache.")
 
 
-def model_settings(model_path: str | Path, *, ga_n: int | None = None, ga_w: int | None = None, n_ctx: int = 0,
-                   auto_max_ctx: int | None = None, **settings: Any) -> SelfExtendModelSettings:
+def model_settings(model_path: str | Path, *, ga_n: int | None = None, ga_w: int | None = None, ga_keys: str = "auto",
+                   n_ctx: int = 0, auto_max_ctx: int | None = None, **settings: Any) -> SelfExtendModelSettings:
     """Settings that serve ``model_path`` with G, W and the context from :func:`serving_plan`, read from its
-    header.
+    header, and the form of the grouped keys ``ga_keys`` (:func:`selfext_cpp.engine.set_self_extend_keys`).
 
     Other keyword arguments are ModelSettings fields: n_threads, n_gpu_layers, chat_format, model_alias, ...
     """
     from .models import inspect
 
+    check_keys(ga_keys)
     meta = inspect(model_path)  # the header only: milliseconds
     params, context = serving_plan(meta.n_ctx_train, ga_n=ga_n, ga_w=ga_w, n_ctx=n_ctx, auto_max_ctx=auto_max_ctx)
     check_context_memory(meta, context, n_gpu_layers=settings.get("n_gpu_layers", 0),
@@ -100,8 +104,8 @@ def model_settings(model_path: str | Path, *, ga_n: int | None = None, ga_w: int
         raise UnsupportedModelError(f"Self-Extend is not available for {meta.path}: {meta.self_extend_status}; "
                                     "serve it without {ga_n}/{auto}")
     settings.setdefault("model_alias", Path(model_path).name)
-    return SelfExtendModelSettings(model=str(model_path), ga_n=params.ga_n, ga_w=params.ga_w, n_ctx=context,
-                                   **settings)
+    return SelfExtendModelSettings(model=str(model_path), ga_n=params.ga_n, ga_w=params.ga_w, ga_keys=ga_keys,
+                                   n_ctx=context, **settings)
 
 
 class SelfExtendProxy(LlamaProxy):
@@ -121,6 +125,7 @@ class SelfExtendProxy(LlamaProxy):
         except ValueError as exc:
             raise ModelError(f"llama.cpp could not load {settings.model}: {last_llama_error() or exc}") from exc
         try:
+            set_self_extend_keys(llm, getattr(settings, "ga_keys", "auto"))
             enable_self_extend(llm, params.ga_n, params.ga_w, warn_slow=False)
             trained = n_ctx_train(llm)
             wanted = settings.n_ctx or trained  # llama-cpp-python's n_ctx=0: the trained context
@@ -131,7 +136,8 @@ class SelfExtendProxy(LlamaProxy):
         except BaseException:
             llm.close()
             raise
-        _loaded = Serving(settings.model_alias or settings.model, params, trained, compat.context_limit(llm))
+        _loaded = Serving(settings.model_alias or settings.model, params, trained, compat.context_limit(llm),
+                          self_extend_keys(llm))
         return llm
 
 

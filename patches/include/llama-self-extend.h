@@ -16,7 +16,7 @@
 extern "C" {
 #endif
 
-#define LLAMA_SELF_EXTEND_API_VERSION 2
+#define LLAMA_SELF_EXTEND_API_VERSION 3
 
 enum llama_self_extend_status {
     LLAMA_SELF_EXTEND_OK                =  0,
@@ -58,6 +58,27 @@ LLAMA_API void llama_get_self_extend(const struct llama_context * ctx, int32_t *
 // (CPU; CUDA for f16 caches). Otherwise they run the exact generic path: two KQ products merged before
 // one softmax, several times slower at long context. Both give the same results up to rounding.
 LLAMA_API bool llama_self_extend_fused(const struct llama_context * ctx);
+
+// What the fused path keeps to rotate cached keys on to their grouped positions (the keys are cached roped at their
+// true positions):
+enum llama_self_extend_keys {
+    LLAMA_SELF_EXTEND_KEYS_NONE  = -1, // (llama_get_self_extend_keys only) no fused path: Self-Extend off, or generic
+    LLAMA_SELF_EXTEND_KEYS_AUTO  =  0, // the library chooses per context (LLAMA_SELF_EXTEND_KEYS in the environment
+                                       // may ask for one of the three below by name: steps, table, cache)
+    LLAMA_SELF_EXTEND_KEYS_STEPS =  1, // nothing per cell: the kernels compose each key's rotation from a small table
+    LLAMA_SELF_EXTEND_KEYS_TABLE =  2, // one rotation table, n_rot floats per cell
+    LLAMA_SELF_EXTEND_KEYS_CACHE =  3, // the grouped keys themselves: one more K per Self-Extend layer
+};
+
+// Ask for a form of the fused path's grouped keys (AUTO: the library's choice, the default). Takes effect at once
+// where the fused path runs (what was kept in another form is rebuilt from K by the next llama_decode()), else with
+// the next llama_set_self_extend that turns it on. A form that a device holding the KV cache lacks gives the grouped
+// keys instead: llama_get_self_extend_keys says which form is in use.
+// Returns LLAMA_SELF_EXTEND_OK or LLAMA_SELF_EXTEND_ERR_INVALID_ARG (null ctx, or keys not AUTO, STEPS, TABLE, CACHE).
+LLAMA_API int32_t llama_set_self_extend_keys(struct llama_context * ctx, int32_t keys);
+
+// The form of the grouped keys in use: STEPS, TABLE or CACHE, or NONE where the context does not run the fused path.
+LLAMA_API int32_t llama_get_self_extend_keys(const struct llama_context * ctx);
 
 #ifdef __cplusplus
 }

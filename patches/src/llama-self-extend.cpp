@@ -271,7 +271,7 @@ int32_t llama_model_self_extend_support(const llama_model * model) {
 }
 
 // the KV caches of a context's memory (one, or base + SWA)
-static std::vector<const llama_kv_cache *> se_kv_caches(llama_context & ctx) {
+static std::vector<const llama_kv_cache *> se_kv_caches(const llama_context & ctx) {
     llama_memory_t mem = ctx.get_memory();
     if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
         return { kv };
@@ -634,27 +634,84 @@ static bool se_keys_on_local_gpu(llama_context & ctx) {
     return false;
 }
 
-// The form of the fused path's grouped keys. LLAMA_SELF_EXTEND_KEYS=steps, table or cache asks for one (the cache where
-// a device lacks the form asked for); auto (the default) takes the steps form, which keeps nothing per cell and reads no
-// table per cell, where every device has it and none is a GPU of this host (the CPU, RPC servers, whose table rows would
-// travel with every ubatch), else chooses between the table and the cache (se_prefer_table).
-static se_keys se_keys_form(llama_context & ctx) {
+// The form of the grouped keys asked for by name in the environment, LLAMA_SELF_EXTEND_KEYS=steps, table or cache, for
+// the contexts that leave it to auto (programs that do not call llama_set_self_extend_keys: llama-server); 0 (auto)
+// when unset, auto or unknown.
+static int32_t se_keys_from_env() {
     const char * v = getenv("LLAMA_SELF_EXTEND_KEYS");
-    if (v && *v && strcmp(v, "auto") != 0) {
-        for (auto [name, form] : { std::pair("steps", se_keys::steps), std::pair("table", se_keys::table) }) {
-            if (strcmp(v, name) == 0) {
-                return se_fused_supported(ctx, form) ? form : se_keys::cache;
-            }
+    if (!v || !*v || strcmp(v, "auto") == 0) {
+        return LLAMA_SELF_EXTEND_KEYS_AUTO;
+    }
+    for (auto [name, keys] : { std::pair("steps", LLAMA_SELF_EXTEND_KEYS_STEPS), std::pair("table", LLAMA_SELF_EXTEND_KEYS_TABLE),
+                               std::pair("cache", LLAMA_SELF_EXTEND_KEYS_CACHE) }) {
+        if (strcmp(v, name) == 0) {
+            return keys;
         }
-        if (strcmp(v, "cache") == 0) {
-            return se_keys::cache;
-        }
-        LLAMA_LOG_WARN("%s: LLAMA_SELF_EXTEND_KEYS=%s is not auto, steps, table or cache: using auto\n", __func__, v);
+    }
+    LLAMA_LOG_WARN("%s: LLAMA_SELF_EXTEND_KEYS=%s is not auto, steps, table or cache: using auto\n", __func__, v);
+    return LLAMA_SELF_EXTEND_KEYS_AUTO;
+}
+
+// The form of the fused path's grouped keys: the one asked for (llama_set_self_extend_keys, else the environment), the
+// grouped keys where a device lacks it; auto takes the steps form, which keeps nothing per cell and reads no table per
+// cell, where every device has it and none is a GPU of this host (the CPU, RPC servers, whose table rows would travel
+// with every ubatch), else chooses between the table and the cache (se_prefer_table).
+static se_keys se_keys_form(llama_context & ctx) {
+    int32_t asked = llama_se_access::cparams(ctx).se_keys;
+    if (asked == LLAMA_SELF_EXTEND_KEYS_AUTO) {
+        asked = se_keys_from_env();
+    }
+    if (asked == LLAMA_SELF_EXTEND_KEYS_CACHE) {
+        return se_keys::cache;
+    }
+    if (asked != LLAMA_SELF_EXTEND_KEYS_AUTO) {
+        const se_keys form = asked == LLAMA_SELF_EXTEND_KEYS_STEPS ? se_keys::steps : se_keys::table;
+        return se_fused_supported(ctx, form) ? form : se_keys::cache;
     }
     if (!se_keys_on_local_gpu(ctx) && se_fused_supported(ctx, se_keys::steps)) {
         return se_keys::steps;
     }
     return se_prefer_table(ctx) && se_fused_supported(ctx, se_keys::table) ? se_keys::table : se_keys::cache;
+}
+
+// Makes the Self-Extend state of every cache for the setting ga_n/ga_w and the form se_keys_form chooses: the fused
+// path where every KV device has the op and its memory fits, else the generic path. Grouped keys kept in the form
+// wanted are rebuilt where rebuild says so (the setting changed), kept in another form they are made anew. who: the
+// API function, for the log.
+static void se_configure(llama_context & ctx, int32_t ga_n, int32_t ga_w, bool rebuild, const char * who) {
+    auto & cparams = llama_se_access::cparams(ctx);
+    bool fused = ga_n > 1 && cparams.flash_attn && se_fused_supported(ctx, se_keys::cache);
+    const se_keys form = fused ? se_keys_form(ctx) : se_keys::cache;
+    for (const llama_kv_cache * kv : se_kv_caches(ctx)) {
+        if (!fused) {
+            break;
+        }
+        if (!se_cache_applies(kv)) {
+            continue; // no Self-Extend layer reads this cache
+        }
+        const llama_se_kcache * kc = llama_se_access::kcache(kv);
+        if (kc && kc->form == form) {
+            if (rebuild) {
+                llama_se_kcache_invalidate(*kv); // built under the previous setting, in the form wanted now
+            }
+        } else {
+            fused = se_kcache_alloc(const_cast<llama_kv_cache *>(kv), cparams, form);
+        }
+    }
+    if (!fused) {
+        for (const llama_kv_cache * kv : se_kv_caches(ctx)) {
+            llama_se_access::kcache(const_cast<llama_kv_cache *>(kv)).reset();
+        }
+    }
+    if (ga_n > 1 && cparams.flash_attn && !fused) {
+        LLAMA_LOG_INFO("%s: a device lacks the fused Self-Extend attention op: using the exact non-flash path\n", who);
+    }
+    LLAMA_LOG_INFO("%s: ga_n = %d, ga_w = %d%s\n", who, ga_n, ga_w, fused ? " (fused flash attention)" : "");
+    cparams.se_n  = ga_n;
+    cparams.se_w  = ga_w;
+    cparams.se_fa = fused;
+    // the graph changes shape and size: drop cached graphs and re-reserve the compute buffers
+    llama_se_access::need_reserve(ctx);
 }
 
 int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
@@ -673,44 +730,38 @@ int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {
     } else {
         ga_w = 0;
     }
-
-    auto & cparams = llama_se_access::cparams(*ctx);
-    if (cparams.se_n == ga_n && cparams.se_w == ga_w) {
-        return LLAMA_SELF_EXTEND_OK;
+    const auto & cparams = llama_se_access::cparams(*ctx);
+    if (cparams.se_n != ga_n || cparams.se_w != ga_w) {
+        se_configure(*ctx, ga_n, ga_w, true, __func__);
     }
-    // flash attention on: the fused op where every KV device has it, its grouped keys in the form se_keys_form chooses;
-    // the generic path when the op is missing somewhere or its memory does not fit
-    bool fused = ga_n > 1 && cparams.flash_attn && se_fused_supported(*ctx, se_keys::cache);
-    const se_keys form = fused ? se_keys_form(*ctx) : se_keys::cache;
-    for (const llama_kv_cache * kv : se_kv_caches(*ctx)) {
-        if (!fused) {
-            break;
-        }
-        if (!se_cache_applies(kv)) {
-            continue; // no Self-Extend layer reads this cache
-        }
-        const llama_se_kcache * kc = llama_se_access::kcache(kv);
-        if (kc && kc->form == form) {
-            llama_se_kcache_invalidate(*kv); // built under the previous setting, in the form wanted now
-        } else {
-            fused = se_kcache_alloc(const_cast<llama_kv_cache *>(kv), cparams, form);
-        }
-    }
-    if (!fused) {
-        for (const llama_kv_cache * kv : se_kv_caches(*ctx)) {
-            llama_se_access::kcache(const_cast<llama_kv_cache *>(kv)).reset();
-        }
-    }
-    if (ga_n > 1 && cparams.flash_attn && !fused) {
-        LLAMA_LOG_INFO("%s: a device lacks the fused Self-Extend attention op: using the exact non-flash path\n", __func__);
-    }
-    LLAMA_LOG_INFO("%s: ga_n = %d, ga_w = %d%s\n", __func__, ga_n, ga_w, fused ? " (fused flash attention)" : "");
-    cparams.se_n  = ga_n;
-    cparams.se_w  = ga_w;
-    cparams.se_fa = fused;
-    // the graph changes shape and size: drop cached graphs and re-reserve the compute buffers
-    llama_se_access::need_reserve(*ctx);
     return LLAMA_SELF_EXTEND_OK;
+}
+
+int32_t llama_set_self_extend_keys(llama_context * ctx, int32_t keys) {
+    if (!ctx || keys < LLAMA_SELF_EXTEND_KEYS_AUTO || keys > LLAMA_SELF_EXTEND_KEYS_CACHE) {
+        return LLAMA_SELF_EXTEND_ERR_INVALID_ARG;
+    }
+    auto & cparams = llama_se_access::cparams(*ctx);
+    if (cparams.se_keys != keys) {
+        cparams.se_keys = keys;
+        if (cparams.se_n > 1) {
+            se_configure(*ctx, cparams.se_n, cparams.se_w, false, __func__);
+        }
+    }
+    return LLAMA_SELF_EXTEND_OK;
+}
+
+int32_t llama_get_self_extend_keys(const llama_context * ctx) {
+    if (!ctx || !llama_se_access::cparams(*ctx).se_fa) {
+        return LLAMA_SELF_EXTEND_KEYS_NONE;
+    }
+    for (const llama_kv_cache * kv : se_kv_caches(*ctx)) {
+        if (const llama_se_kcache * kc = llama_se_access::kcache(kv)) {
+            return kc->form == se_keys::steps ? LLAMA_SELF_EXTEND_KEYS_STEPS :
+                   kc->form == se_keys::table ? LLAMA_SELF_EXTEND_KEYS_TABLE : LLAMA_SELF_EXTEND_KEYS_CACHE;
+        }
+    }
+    return LLAMA_SELF_EXTEND_KEYS_NONE;
 }
 
 void llama_get_self_extend(const llama_context * ctx, int32_t * ga_n, int32_t * ga_w) {

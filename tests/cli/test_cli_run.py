@@ -48,8 +48,9 @@ def test_prompt_option_streams_only_the_generated_text_to_stdout(cli: Invoke, ti
 def test_json_is_exactly_one_object_with_counts_setting_context_and_timings(cli: Invoke, tiny_model: Path) -> None:
     d = run_json(cli, tiny_model, "-p", "hello world", "-n", "5", "--temp", "0", "--ga-n", "2", "--ga-w", "32")
     assert set(d) == {"text", "model", "prompt_tokens", "generated_tokens", "finish_reason", "ga_n", "ga_w",
-                      "self_extend", "n_ctx", "n_ctx_train", "capacity", "chat", "timings"}
+                      "self_extend", "ga_keys", "n_ctx", "n_ctx_train", "capacity", "chat", "timings"}
     assert (d["prompt_tokens"], d["ga_n"], d["ga_w"], d["self_extend"], d["chat"]) == (3, 2, 32, True, False)
+    assert d["ga_keys"] == "steps"  # the fused op on the CPU: its table of steps
     assert d["n_ctx_train"] == TINY_L and d["capacity"] == (TINY_L - 32) * 2 + 32
     assert d["generated_tokens"] == 5 and d["finish_reason"] == "length"
     assert set(d["timings"]) == {"load_s", "prefill_s", "generate_s", "prefill_tokens_per_s",
@@ -158,7 +159,7 @@ def test_verbose_shows_the_prefill_bar_summary_and_llama_log(cli: Invoke, tiny_m
     assert "prefill" in result.stderr and "451/451" in result.stderr and "tok/s" in result.stderr
     assert "llama_model_loader" in result.stderr  # llama.cpp's own log
     assert "selfext: loaded tiny-llama.gguf" in result.stderr
-    assert "Self-Extend --ga-n 4 --ga-w 64 (fused)" in result.stderr  # flash attention is on by default
+    assert "Self-Extend --ga-n 4 --ga-w 64 (fused, --ga-keys steps)" in result.stderr  # flash attention is on
     assert "selfext: prompt 451 tokens in" in result.stderr
     assert "prefill" not in result.stdout and "selfext:" not in result.stdout
 
@@ -189,6 +190,32 @@ def test_llama_self_extend_keys_table_keeps_one_rotation_table_instead_of_a_seco
     table = float(re.search(r"grouped-key rotations \(one table, kernels rotate K\): ([\d.]+) MiB", result.stderr)[1])
     assert (kv, table) == (2.0, 4096 * 16 * 4 / 2**20)  # KV: 4096 cells x 2 layers x (64 + 64) x f16
     assert "grouped keys:" not in result.stderr
+
+
+def test_ga_keys_asks_for_a_form_of_the_grouped_keys(cli: Invoke, tiny_model: Path) -> None:
+    # --ga-keys: what the fused op keeps per cell, logged by llama.cpp and reported by --json; the same text in
+    # every form (greedy, and the forms agree to float rounding); the CPU's own choice is the table of steps
+    logs = {"steps": "steps, kernels rotate K", "table": "one table, kernels rotate K", "cache": "grouped keys:"}
+    texts = set()
+    for keys in ("auto", "steps", "table", "cache"):
+        result = cli("run", tiny_model, "--ga-n", "4", "--ga-w", "64", "-n", "4", "--temp", "0", "--ga-keys", keys,
+                     "--json", "-v", input=DOC)
+        assert result.exit_code == 0, result.output
+        got = json.loads(result.stdout)
+        assert got["ga_keys"] == ("steps" if keys == "auto" else keys)
+        assert logs[got["ga_keys"]] in result.stderr
+        assert f"fused, --ga-keys {got['ga_keys']}" in result.stderr
+        texts.add(got["text"])
+    assert len(texts) == 1
+    assert run_json(cli, tiny_model, "--ga-n", "4", "--ga-w", "64", "-n", "1", "--ga-keys", "cache", "-no-fa",
+                    input=DOC)["ga_keys"] is None  # the generic path keeps no grouped keys
+    assert run_json(cli, tiny_model, "-n", "1", input=DOC[:100])["ga_keys"] is None  # Self-Extend off
+
+
+def test_an_unknown_ga_keys_is_one_usage_error_line(cli: Invoke, tiny_model: Path) -> None:
+    result = cli("run", tiny_model, "--ga-n", "4", "--ga-keys", "grouped", "-n", "1", input=DOC)
+    assert result.exit_code == 2
+    assert result.stderr == "selfext: error: --ga-keys is one of auto, steps, table, cache, not 'grouped'\n"
 
 
 def test_run_gives_the_sliding_window_layers_a_cache_of_their_window(cli: Invoke, tmp_path: Path) -> None:

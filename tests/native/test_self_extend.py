@@ -215,6 +215,63 @@ def test_invalid_values_are_refused_and_leave_the_context_unchanged(
     assert capi.get_self_extend(r.ctx) == (4, 16)
 
 
+KEYS = ("steps", "table", "cache")
+
+
+@pytest.mark.parametrize("keys", KEYS)
+def test_a_form_of_the_grouped_keys_asked_through_the_api(model: TinyModel, keys: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama_set_self_extend_keys picks the fused path's form (over LLAMA_SELF_EXTEND_KEYS, which names another one
+    here), llama_get_self_extend_keys reads it back, and every form gives the reference's logits."""
+    if ON_GPU and model.head_dim not in (64, 128, 256):
+        pytest.skip("the CUDA kernel takes head sizes 64, 128 and 256")
+    monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", next(k for k in KEYS if k != keys))
+    tokens = tokens_for(model, seed=20)
+    with LlamaRunner(model.path, n_ctx=256, flash_attn=True) as r:
+        assert r.keys is None  # Self-Extend off
+        assert r.set_keys(keys) == 0 and r.keys is None  # kept for the setting below
+        assert r.set_self_extend(4, 16) == 0 and r.fused
+        assert r.keys == keys
+        got = r.decode(tokens)
+    assert_close(got, reference_logits(model, tokens, ga_n=4, ga_w=16), ATOL)
+
+
+@pytest.mark.parametrize(("first", "then"), [("cache", "steps"), ("steps", "table"), ("table", "cache")])
+def test_a_live_context_changes_its_form_and_rebuilds_from_k(model: TinyModel, first: str, then: str) -> None:
+    """Asked for on a context whose fused path has run, the new form is made at once, what it keeps is rebuilt from
+    the cached K by the next llama_decode (token by token: decode steps, which read what the form kept), and the
+    logits stay the reference's; "auto" then gives back the library's choice."""
+    if ON_GPU and model.head_dim not in (64, 128, 256):
+        pytest.skip("the CUDA kernel takes head sizes 64, 128 and 256")
+    tokens = tokens_for(model, seed=21)
+    with LlamaRunner(model.path, n_ctx=256, flash_attn=True) as r:
+        assert r.set_keys(first) == 0 and r.set_self_extend(4, 16) == 0 and r.keys == first
+        head = r.decode(tokens[:60])
+        assert r.set_keys(then) == 0 and r.keys == then
+        tail = r.decode(tokens[60:], chunk=1)
+        assert r.set_keys("auto") == 0
+        assert r.keys == "steps"  # auto's choice on the CPU (a GPU skips these heads of 16 above)
+    want = reference_logits(model, tokens, ga_n=4, ga_w=16)
+    assert_close(np.concatenate([head, tail]), want, ATOL)
+
+
+@pytest.mark.parametrize("keys", [-2, 4, 99])
+def test_an_unknown_form_is_refused_and_changes_nothing(model: TinyModel, keys: int) -> None:
+    from selfext_cpp import capi
+
+    with LlamaRunner(model.path, n_ctx=256, flash_attn=True) as r:
+        assert r.set_keys("cache") == 0 and r.set_self_extend(4, 16) == 0
+        assert capi.llama_set_self_extend_keys(r.ctx, keys) == capi.LLAMA_SELF_EXTEND_ERR_INVALID_ARG
+        assert r.keys == "cache"
+
+
+def test_the_generic_path_keeps_no_form(model: TinyModel) -> None:
+    """Flash attention off: no fused path, so no grouped keys in any form, whatever was asked."""
+    with LlamaRunner(model.path, n_ctx=256, flash_attn=False) as r:
+        assert r.set_keys("table") == 0 and r.set_self_extend(4, 16) == 0
+        assert not r.fused and r.keys is None
+
+
 # --- quantized K cache with the Hadamard rotation llama.cpp applies when head_dim % 64 == 0 -------------
 
 

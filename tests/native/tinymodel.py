@@ -474,6 +474,22 @@ class LlamaRunner:
 
         return bool(capi.llama_self_extend_fused(self.ctx))
 
+    def set_keys(self, keys: str) -> int:
+        """llama_set_self_extend_keys with a form named as selfext_cpp.engine.KEYS_FORMS; returns its status."""
+        from selfext_cpp import capi
+        from selfext_cpp.engine import KEYS_FORMS
+
+        return int(capi.llama_set_self_extend_keys(self.ctx, KEYS_FORMS.index(keys)))
+
+    @property
+    def keys(self) -> str | None:
+        """The form of the grouped keys in use (llama_get_self_extend_keys), None without the fused path."""
+        from selfext_cpp import capi
+        from selfext_cpp.engine import KEYS_FORMS
+
+        k = int(capi.llama_get_self_extend_keys(self.ctx))
+        return KEYS_FORMS[k] if k > 0 else None
+
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """Remove the sequence's cells with positions in [p0, p1) (-1: open end)."""
         return bool(self._ll.llama_memory_seq_rm(self.memory, seq_id, p0, p1))

@@ -49,7 +49,7 @@ def test_layers_on_an_rpc_server_give_the_local_greedy_tokens_past_the_trained_w
     assert _tokens(remote.stdout) == _tokens(local.stdout)
     assert f"RPC0[{rpc_server.endpoint}] model buffer size" in remote.stderr  # the layers went there
     # the fused op runs on the server when it says it can (RPC_CMD_SUPPORTS_OP); without -fa the generic path
-    assert ("--ga-w 64 (fused)" in remote.stderr) == (fa == "-fa")
+    assert ("--ga-w 64 (fused, --ga-keys steps)" in remote.stderr) == (fa == "-fa")  # RPC: auto takes steps
 
 
 def _tokens(stdout: str) -> tuple[str, int, int]:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import openai
 import pytest
-from live_server import CAPACITY, GA_N, GA_W, N_CTX_TRAIN, LiveServer, words
+from live_server import (CAPACITY, GA_N, GA_W, N_CTX_TRAIN, SELF_EXTEND_ARGS, LiveServer, StartServer,
+                         words)
 
 ATOL = 1e-4  # same process-independent f32 CPU maths as the library (observed: identical); vanilla is ~1e-1 off
 LONG = words(150)  # 151 tokens: past the trained 64, within the capacity 208
@@ -23,8 +24,13 @@ TOO_LONG = words(240)  # 241 tokens: past the capacity
 def test_health_reports_the_self_extend_setting(server: LiveServer) -> None:
     assert server.json("GET", "/health") == (200, {
         "status": "ok", "model": "tiny.gguf", "n_ctx": CAPACITY, "n_ctx_train": N_CTX_TRAIN,
-        "self_extend": {"ga_n": GA_N, "ga_w": GA_W, "capacity": CAPACITY},
-    })  # fmt: skip
+        "self_extend": {"ga_n": GA_N, "ga_w": GA_W, "ga_keys": "steps", "capacity": CAPACITY},
+    })  # fmt: skip  (ga_keys: the CPU's own choice)
+
+
+def test_ga_keys_picks_the_form_of_the_grouped_keys(start_server: StartServer) -> None:
+    other = start_server(*SELF_EXTEND_ARGS, "--ga-keys", "cache")
+    assert other.json("GET", "/health")[1]["self_extend"]["ga_keys"] == "cache"
 
 
 def test_models_lists_the_served_model(server: LiveServer) -> None:

@@ -28,7 +28,11 @@ def serve(*args: str) -> subprocess.CompletedProcess[str]:
      "--auto-max-ctx chooses G and W itself: give either --auto-max-ctx or --ga-n/--ga-w, not both"),
     (["-c", "100", "--auto-max-ctx", "300"], 2,
      "give either -c or --auto-max-ctx, not both (--auto-max-ctx 300 serves a 300-token context)"),
-], ids=["window-too-wide", "context-beyond-capacity", "ga-n-and-auto", "c-and-auto"])  # fmt: skip
+    (["--ga-n", "4", "--ga-keys", "rows"], 2, "--ga-keys is one of auto, steps, table, cache, not 'rows'"),
+    (["--ga-n", "4", "--ga-keys", "rows", "--parallel", "2"], 2,
+     "--ga-keys is one of auto, steps, table, cache, not 'rows'"),
+], ids=["window-too-wide", "context-beyond-capacity", "ga-n-and-auto", "c-and-auto", "ga-keys",
+        "ga-keys-parallel"])  # fmt: skip
 def test_bad_settings_fail_in_one_line_before_loading(tiny_model: Path, args: list[str], code: int,
                                                       message: str) -> None:
     got = serve(str(tiny_model), *args)
@@ -95,7 +99,7 @@ def test_auto_max_ctx_serves_that_many_tokens_with_g_and_w_from_choose(auto_serv
     status, health = auto_server.json("GET", "/health")
 
     assert (status, health["n_ctx"], health["self_extend"]) == (200, 600, {
-        "ga_n": params.ga_n, "ga_w": params.ga_w, "capacity": params.capacity(256)})
+        "ga_n": params.ga_n, "ga_w": params.ga_w, "ga_keys": "steps", "capacity": params.capacity(256)})
     assert (f"selfext: serving tiny256.gguf at {auto_server.url}/v1 (Self-Extend --ga-n {params.ga_n} "
             f"--ga-w {params.ga_w}; 600 tokens per request, trained on 256)\n") in auto_server.log()
 

@@ -140,3 +140,10 @@ def test_a_context_that_cannot_fit_this_machine_is_refused_before_llama_cpp_allo
                                              r"than this machine's [\d.]+ GiB of memory: lower n_ctx"):
         engine.check_context_memory(meta, fits + 1)
     engine.check_context_memory(meta, fits + 1, rpc=True)  # remote memory: not judged here
+
+
+@pytest.mark.parametrize("keys", ["rows", "", "STEPS", 1])
+def test_an_unknown_form_of_the_grouped_keys_is_refused_before_any_model(keys: object, tmp_path) -> None:
+    with pytest.raises(ParameterError, match=r"^ga_keys is one of auto, steps, table, cache, not "):
+        engine.load(tmp_path / "never-read.gguf", ga_n=4, ga_w=16, ga_keys=keys)  # type: ignore[arg-type]
+    assert [engine.check_keys(k) for k in engine.KEYS_FORMS] == [0, 1, 2, 3]  # the C enum's values
