@@ -35,9 +35,12 @@ bool common_self_extend_apply(llama_context * ctx, const common_params & params,
     }
     const int32_t cap     = se_capacity(n_ctx_train, ga_n, ga_w);
     const int32_t n_seq   = (int32_t) llama_n_ctx_seq(ctx);
-    LOG_INF("%s: Self-Extend on the %s context: G = %d, W = %d, %s; reaches %d tokens per sequence "
+    static const char * const keys[] = { "steps", "table", "cache" }; // LLAMA_SELF_EXTEND_KEYS_STEPS ..
+    const int32_t k = llama_get_self_extend_keys(ctx);
+    LOG_INF("%s: Self-Extend on the %s context: G = %d, W = %d, %s%s%s; reaches %d tokens per sequence "
             "(trained on %d; %d per sequence here)\n", __func__, what, ga_n, ga_w,
-            llama_self_extend_fused(ctx) ? "fused flash attention" : "generic attention path", cap, n_ctx_train, n_seq);
+            k > 0 ? "fused flash attention (keys: " : "generic attention path", k > 0 ? keys[k - 1] : "", k > 0 ? ")" : "",
+            cap, n_ctx_train, n_seq);
     if (n_seq > cap) {
         LOG_WRN("%s: the %s context holds %d tokens per sequence, more than Self-Extend reaches (%d): "
                 "sequences are capped at %d\n", __func__, what, n_seq, cap, cap);

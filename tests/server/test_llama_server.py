@@ -143,6 +143,15 @@ def test_a_window_past_the_trained_context_is_refused_before_starting(start_serv
         start_server("--parallel", "2", "--ga-n", "4", "--ga-w", "64")
 
 
+@pytest.mark.parametrize("keys", ["cache", "table"])
+def test_ga_keys_reaches_every_context_of_llama_server(start_server: StartServer, keys: str) -> None:
+    server = start_server("--parallel", "2", "--ga-n", str(GA_N), "--ga-w", str(GA_W), "--ga-keys", keys, "-t", "2",
+                          "--verbose")
+
+    assert complete(server, PROMPTS[0], 4).usage.prompt_tokens == 151
+    assert f"G = {GA_N}, W = {GA_W}, fused flash attention (keys: {keys})" in server.log()
+
+
 def test_ctx_size_is_per_slot(start_server: StartServer) -> None:
     server = start_server("--parallel", "2", "--ga-n", str(GA_N), "--ga-w", str(GA_W), "-c", "160", "-t", "2")
 
