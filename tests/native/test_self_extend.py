@@ -255,11 +255,25 @@ def test_a_live_context_changes_its_form_and_rebuilds_from_k(model: TinyModel, f
     assert_close(np.concatenate([head, tail]), want, ATOL)
 
 
+def test_every_form_in_turn_on_one_live_context(wide_model: TinyModel) -> None:
+    """As above on heads of 64 with an f16 cache, which the CUDA op takes too: the grouped keys, then the table of
+    steps, then the rotation table, each asked for between decode steps of one sequence."""
+    tokens = tokens_for(wide_model, seed=22)
+    with LlamaRunner(wide_model.path, n_ctx=256, flash_attn=True, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16) as r:
+        assert r.set_keys("cache") == 0 and r.set_self_extend(4, 16) == 0 and r.keys == "cache"
+        parts = [r.decode(tokens[:40])]
+        for keys, part in (("steps", tokens[40:70]), ("table", tokens[70:])):
+            assert r.set_keys(keys) == 0 and r.keys == keys
+            parts.append(r.decode(part, chunk=1))
+    assert_close(np.concatenate(parts), reference_logits(wide_model, tokens, ga_n=4, ga_w=16), ATOL_F16)
+
+
 @pytest.mark.parametrize("keys", [-2, 4, 99])
-def test_an_unknown_form_is_refused_and_changes_nothing(model: TinyModel, keys: int) -> None:
+def test_an_unknown_form_is_refused_and_changes_nothing(wide_model: TinyModel, keys: int) -> None:
     from selfext_cpp import capi
 
-    with LlamaRunner(model.path, n_ctx=256, flash_attn=True) as r:
+    with LlamaRunner(wide_model.path, n_ctx=256, flash_attn=True, type_k=GGML_TYPE_F16,
+                     type_v=GGML_TYPE_F16) as r:  # heads of 64 and an f16 cache: fused on CUDA too
         assert r.set_keys("cache") == 0 and r.set_self_extend(4, 16) == 0
         assert capi.llama_set_self_extend_keys(r.ctx, keys) == capi.LLAMA_SELF_EXTEND_ERR_INVALID_ARG
         assert r.keys == "cache"
