@@ -24,8 +24,8 @@ def fail(message: str, code: int = 1) -> "typer.Exit":
 
 # how the command line spells the library's parameters (selfext_cpp.errors.PARAMETERS) in messages
 FLAGS = {
-    "ga_n": "--ga-n", "ga_w": "--ga-w", "ga_keys": "--ga-keys", "auto": "--auto", "n_ctx": "--ctx-size", "n_batch": "--batch-size",
-    "chat": "--chat", "no_chat": "--no-chat", "system": "--system", "text": "text (-f FILE)",
+    "ga_n": "--ga-n", "ga_w": "--ga-w", "ga_keys": "--ga-keys", "auto": "--auto", "n_ctx": "--ctx-size",
+    "n_batch": "--batch-size", "chat": "--chat", "no_chat": "--no-chat", "system": "--system", "text": "text (-f FILE)",
     "lengths": "--lengths", "window": "--window", "n_prompt": "--n-prompt", "n_gen": "--n-gen",
     "repeats": "--repeats", "depths": "--depths", "logprobs": "--logprobs", "host": "--host", "port": "--port",
     "plot": "--plot", "parallel": "--parallel", "rpc": "--rpc",

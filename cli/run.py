@@ -15,7 +15,8 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import fail, handle_errors, hint, stderr_is_tty
-from .options import Auto, CtxSize, FlashAttn, GaKeys, GaN, GaW, GpuLayers, Json, ModelArg, Rpc, Threads, Verbose, example
+from .options import (Auto, CtxSize, FlashAttn, GaKeys, GaN, GaW, GpuLayers, Json, ModelArg, Rpc, Threads, Verbose,
+                      example)
 
 if TYPE_CHECKING:
     from selfext_cpp.engine import SelfExtend
@@ -109,8 +110,9 @@ def run(
     n_threads = threads or os.cpu_count() or 1
     # one prompt per context, so the sliding-window layers get llama.cpp's own programs' cache of n_swa + n_ubatch cells
     # (swa_full off; llama-cpp-python keeps a full-size one for its prefix reuse, which would need the older cells)
-    llm = engine.load(path, ga_n=se.ga_n, ga_w=se.ga_w, ga_keys=ga_keys, n_ctx=n_ctx, verbose=verbose, n_gpu_layers=gpu_layers,
-                      flash_attn=flash_attn, n_threads=n_threads, n_threads_batch=n_threads, rpc=rpc, swa_full=False)
+    llm = engine.load(path, ga_n=se.ga_n, ga_w=se.ga_w, ga_keys=ga_keys, n_ctx=n_ctx, verbose=verbose,
+                      n_gpu_layers=gpu_layers, flash_attn=flash_attn, n_threads=n_threads, n_threads_batch=n_threads,
+                      rpc=rpc, swa_full=False)
     load_s = time.perf_counter() - t0
     se, n_ctx = engine.get_self_extend(llm), llm.n_ctx()  # report what the context has (llama.cpp pads n_ctx)
     if logs:
