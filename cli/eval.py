@@ -13,7 +13,7 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import fail, handle_errors, hint
-from .options import Auto, FlashAttn, GaN, GaW, GpuLayers, Json, ModelArg, Rpc, Threads, Verbose, example
+from .options import Auto, FlashAttn, GaKeys, GaN, GaW, GpuLayers, Json, ModelArg, Rpc, Threads, Verbose, example
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,  # plain help, as in app.py
                   help="Measure Self-Extend on a model: passkey retrieval, perplexity, speed.",
@@ -223,11 +223,11 @@ def speed(model: ModelArg = None,
                                                help="Runs per measurement (medians reported).")] = 3,
           fa: Annotated[str, typer.Option("--fa", metavar="off,on",
                                           help="Flash attention settings to measure: off,on | off | on.")] = "off,on",
-          ga_n: GaN = None, ga_w: GaW = None,
+          ga_n: GaN = None, ga_w: GaW = None, ga_keys: GaKeys = "auto",
           batch_size: BatchSize = 512, threads: Threads = None, gpu_layers: GpuLayers = 0, rpc: Rpc = None,
           as_json: Json = False, quiet: Quiet = False, verbose: Verbose = False) -> None:
     """Prefill and decode tokens/s at cache depths: Self-Extend against vanilla, flash attention off and on."""
-    from selfext_cpp.engine import check_request
+    from selfext_cpp.engine import check_keys, check_request
     from selfext_cpp.eval.parsing import parse_sizes
     from selfext_cpp.eval.report import speed_document, speed_table
     from selfext_cpp.eval.speed import SpeedConfig, SpeedRun
@@ -236,11 +236,13 @@ def speed(model: ModelArg = None,
     if not fa_modes or any(m not in ("on", "off") for m in fa_modes):
         raise fail(f"--fa takes off,on, off or on; got {fa!r}", 2)
     check_request(ga_n=ga_n, ga_w=ga_w)
+    check_keys(ga_keys)
     depths_ = parse_sizes(depths, allow_zero=True)
     path = _model_path(model)
     cfg = SpeedConfig(depths=depths_, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats,
                       flash_attn=[m == "on" for m in dict.fromkeys(fa_modes)], ga=_self_extend(path, ga_n, ga_w),
-                      n_batch=batch_size, llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose, rpc))
+                      n_batch=batch_size, ga_keys=ga_keys,
+                      llama_kwargs=_llama_kwargs(threads, gpu_layers, verbose, rpc))
     run = SpeedRun(path, cfg)
 
     def report(results: list[Any], complete: bool) -> None:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine import SelfExtend, enable_self_extend, plan
+from ..engine import SelfExtend, check_keys, enable_self_extend, plan, self_extend_keys
 from ..errors import ParameterError
 from .modes import Contexts, Setting
 from .runner import Runner
@@ -33,12 +33,14 @@ class SpeedConfig:
     flash_attn: Sequence[bool] = (False, True)
     ga: SelfExtend | None = None  # None: see speed_self_extend()
     n_batch: int = 512
+    ga_keys: str = "auto"  # the form of the fused op's grouped keys asked for (engine.set_self_extend_keys)
     llama_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"depths": list(self.depths), "n_prompt": self.n_prompt, "n_gen": self.n_gen,
                 "repeats": self.repeats, "flash_attn": list(self.flash_attn), "n_batch": self.n_batch,
-                "ga_n": self.ga.ga_n if self.ga else None, "ga_w": self.ga.ga_w if self.ga else None}
+                "ga_n": self.ga.ga_n if self.ga else None, "ga_w": self.ga.ga_w if self.ga else None,
+                "ga_keys": self.ga_keys}
 
 
 @dataclass
@@ -52,6 +54,7 @@ class SpeedResult:
     decode_tps: float  # median tokens/s of the n_gen single-token decodes
     prefill_runs: list[float]
     decode_runs: list[float]
+    ga_keys: str | None = None  # the form the fused op kept in this run (None: no fused op)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +101,7 @@ class SpeedRun:
     def __init__(self, model_path: str | Path, config: SpeedConfig) -> None:
         if config.n_prompt < 1 or config.n_gen < 1 or config.repeats < 1 or not config.depths:
             raise ParameterError("need {n_prompt}, {n_gen} and {repeats} >= 1 and at least one depth")
+        check_keys(config.ga_keys)
         self.model_path = model_path
         self.config = config
         self.n_ctx = max(config.depths) + config.n_prompt + config.n_gen + 8
@@ -135,7 +139,7 @@ class SpeedRun:
         tick = on_tokens or (lambda n: None)
         for fa in c.flash_attn:
             self._contexts = Contexts(self.model_path, n_ctx=self.n_ctx, n_batch=c.n_batch, keep=1,
-                                      flash_attn=fa, **c.llama_kwargs)
+                                      flash_attn=fa, ga_keys=c.ga_keys, **c.llama_kwargs)
             try:
                 llm = self._contexts.llm()
                 runner = self._contexts.sequence(Setting("vanilla")).runner
@@ -153,6 +157,7 @@ class SpeedRun:
                             on_start(mode, depth, fa)
                         ga = self.ga if mode == "selfext" else SelfExtend(1, 0)
                         enable_self_extend(llm, ga.ga_n, ga.ga_w, warn_slow=False)
+                        keys = self_extend_keys(llm)
                         runs = []
                         for _ in range(c.repeats):
                             runs.append(self._time(runner, depth))
@@ -160,7 +165,7 @@ class SpeedRun:
                         pp, tg = [r[0] for r in runs], [r[1] for r in runs]
                         yield SpeedResult(depth, fa, mode, ga.ga_n, ga.ga_w, round(statistics.median(pp), 2),
                                           round(statistics.median(tg), 2), [round(x, 2) for x in pp],
-                                          [round(x, 2) for x in tg])
+                                          [round(x, 2) for x in tg], keys)
             finally:
                 self._contexts.close()
                 self._contexts = None

@@ -140,6 +140,18 @@ def test_speed_json_with_ratios(tiny: TinyModel) -> None:
         (0, False, "vanilla"), (0, False, "selfext"), (100, False, "vanilla"), (100, False, "selfext")]
     assert [(r["depth"], r["flash_attn"]) for r in doc["ratios"]] == [(0, False), (100, False)]
     assert all(r["prefill"] > 0 and r["decode"] > 0 for r in doc["ratios"])
+    assert [r["ga_keys"] for r in doc["results"]] == [None] * 4  # flash attention off: no fused op
+
+
+@pytest.mark.parametrize("keys", ["auto", "table", "cache"])
+def test_speed_times_the_form_of_the_grouped_keys_asked_for(tiny: TinyModel, keys: str) -> None:
+    result = invoke("speed", str(tiny.path), "--depths", "100", "-p", "16", "-n", "2", "-r", "1", "--fa", "on",
+                    "--ga-n", "4", "--ga-w", "16", "--ga-keys", keys, *SMALL, "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["config"]["ga_keys"] == keys
+    assert [(r["mode"], r["ga_keys"]) for r in doc["results"]] == [
+        ("vanilla", None), ("selfext", "steps" if keys == "auto" else keys)]  # auto on the CPU: the steps form
 
 
 @pytest.mark.parametrize("args, message", [
@@ -150,6 +162,7 @@ def test_speed_json_with_ratios(tiny: TinyModel) -> None:
     (["passkey", "--lengths", "4q"], "not a token count"),
     (["passkey", "--modes", "shift", "--ga-n", "3", "--ga-w", "16"], "multiple of --ga-n"),
     (["speed", "--fa", "maybe"], "--fa takes"),
+    (["speed", "--ga-keys", "rows"], "--ga-keys is one of auto, steps, table, cache, not 'rows'"),
 ])
 def test_usage_errors_exit_2_with_one_line(tiny: TinyModel, args: list[str], message: str) -> None:
     result = invoke(*args[:1], str(tiny.path), *args[1:], *SMALL)
