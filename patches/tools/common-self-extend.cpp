@@ -7,6 +7,8 @@
 #include "llama.h"
 #include "llama-self-extend.h"
 
+#include <cstdio>
+
 static int32_t se_capacity(int32_t n_ctx_train, int32_t ga_n, int32_t ga_w) {
     // the longest sequence whose farthest grouped position stays below n_ctx_train (as selfext_cpp's
     // SelfExtend.capacity): (L - W)*G + W when G divides W
@@ -37,10 +39,12 @@ bool common_self_extend_apply(llama_context * ctx, const common_params & params,
     const int32_t n_seq   = (int32_t) llama_n_ctx_seq(ctx);
     static const char * const keys[] = { "steps", "table", "cache" }; // LLAMA_SELF_EXTEND_KEYS_STEPS ..
     const int32_t k = llama_get_self_extend_keys(ctx);
-    LOG_INF("%s: Self-Extend on the %s context: G = %d, W = %d, %s%s%s; reaches %d tokens per sequence "
-            "(trained on %d; %d per sequence here)\n", __func__, what, ga_n, ga_w,
-            k > 0 ? "fused flash attention (keys: " : "generic attention path", k > 0 ? keys[k - 1] : "", k > 0 ? ")" : "",
-            cap, n_ctx_train, n_seq);
+    char path[64] = "generic attention path";
+    if (k > 0) {
+        snprintf(path, sizeof(path), "fused flash attention (keys: %s)", keys[k - 1]);
+    }
+    LOG_INF("%s: Self-Extend on the %s context: G = %d, W = %d, %s; reaches %d tokens per sequence "
+            "(trained on %d; %d per sequence here)\n", __func__, what, ga_n, ga_w, path, cap, n_ctx_train, n_seq);
     if (n_seq > cap) {
         LOG_WRN("%s: the %s context holds %d tokens per sequence, more than Self-Extend reaches (%d): "
                 "sequences are capped at %d\n", __func__, what, n_seq, cap, cap);
