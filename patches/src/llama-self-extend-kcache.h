@@ -4,6 +4,8 @@
 // (llama-self-extend.cpp), the graph (llama-self-extend-graph.cpp) and the cache's upkeep (llama-self-extend-kcache.cpp)
 // share.
 
+#include "llama-self-extend.h"
+
 #include "llama-context.h"
 #include "llama-kv-cache.h"
 #include "llama-model.h"
@@ -35,10 +37,10 @@
 // layer's K, sized for positions up to the cache's size (0.06 MiB for SmolLM2 at 16K, about 1 MiB for Gemma 3 at 128K);
 // a graph whose positions go past it takes a larger table as an input instead. (As an input of every graph it was
 // uploaded with every ubatch: 64-200 KB per decode step at 8K-32K, sent to each device or RPC server.)
-enum class se_keys {
-    cache, // the grouped keys, one more K per layer
-    table, // the rotation table, a row per cell
-    steps, // a table of steps
+enum class se_keys : int32_t { // the C API's values (llama_self_extend_keys), so that a form converts by a cast
+    cache = LLAMA_SELF_EXTEND_KEYS_CACHE, // the grouped keys, one more K per layer
+    table = LLAMA_SELF_EXTEND_KEYS_TABLE, // the rotation table, a row per cell
+    steps = LLAMA_SELF_EXTEND_KEYS_STEPS, // a table of steps
 };
 
 struct llama_se_kcache {

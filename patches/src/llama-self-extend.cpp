@@ -255,12 +255,9 @@ static se_keys se_keys_form(llama_context & ctx) {
     if (asked == LLAMA_SELF_EXTEND_KEYS_AUTO) {
         asked = se_keys_from_env();
     }
-    if (asked == LLAMA_SELF_EXTEND_KEYS_CACHE) {
-        return se_keys::cache;
-    }
     if (asked != LLAMA_SELF_EXTEND_KEYS_AUTO) {
-        const se_keys form = asked == LLAMA_SELF_EXTEND_KEYS_STEPS ? se_keys::steps : se_keys::table;
-        return se_fused_supported(ctx, form) ? form : se_keys::cache;
+        const se_keys form = se_keys(asked);
+        return form == se_keys::cache || se_fused_supported(ctx, form) ? form : se_keys::cache;
     }
     if (!se_keys_on_local_gpu(ctx) && se_fused_supported(ctx, se_keys::steps)) {
         return se_keys::steps;
@@ -351,8 +348,7 @@ int32_t llama_get_self_extend_keys(const llama_context * ctx) {
     }
     for (const llama_kv_cache * kv : se_kv_caches(*ctx)) {
         if (const llama_se_kcache * kc = llama_se_access::kcache(kv)) {
-            return kc->form == se_keys::steps ? LLAMA_SELF_EXTEND_KEYS_STEPS :
-                   kc->form == se_keys::table ? LLAMA_SELF_EXTEND_KEYS_TABLE : LLAMA_SELF_EXTEND_KEYS_CACHE;
+            return int32_t(kc->form);
         }
     }
     return LLAMA_SELF_EXTEND_KEYS_NONE;
