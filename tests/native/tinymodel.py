@@ -483,12 +483,11 @@ class LlamaRunner:
 
     @property
     def keys(self) -> str | None:
-        """The form of the grouped keys in use (llama_get_self_extend_keys), None without the fused path."""
-        from selfext_cpp import capi
-        from selfext_cpp.engine import KEYS_FORMS
+        """The form of the grouped keys in use, None without the fused path (selfext_cpp.engine.self_extend_keys,
+        which reads only the context)."""
+        from selfext_cpp.engine import self_extend_keys
 
-        k = int(capi.llama_get_self_extend_keys(self.ctx))
-        return KEYS_FORMS[k] if k > 0 else None
+        return self_extend_keys(self)  # type: ignore[arg-type]
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """Remove the sequence's cells with positions in [p0, p1) (-1: open end)."""
