@@ -54,7 +54,7 @@ def build(g: Ggml, backend: int, D: int, H: int, Hkv: int, n_q: int, n_kv: int, 
         "q_g": (tensor(GGML_TYPE_F32, D, n_q, H), rng.standard_normal((H, n_q, D), dtype=np.float32)),
         "pos_q": (tensor(GGML_TYPE_I32, n_q), np.arange(n_kv - n_q, n_kv, dtype=np.int32)),
         "pos_k": (tensor(GGML_TYPE_I32, n_kv), np.arange(n_kv, dtype=np.int32)),
-        "k_rot": (tensor(GGML_TYPE_F32, D, n_kv), rotation_rows(rng, n_kv, D)),
+        "k_rot": (tensor(GGML_TYPE_F16, D, n_kv), rotation_rows(rng, n_kv, D).astype(np.float16)),
         "k_steps": (tensor(GGML_TYPE_F32, D, N_LO + n_hi), rotation_rows(rng, N_LO + n_hi, D)),
     }
     for name in ("k", "k_g", "v"):  # cells of the cache: [n_kv][Hkv][D]

@@ -417,7 +417,7 @@ bool llama_se_build_layer(
                 rows = ggml_set_rows(ctx, rows, ggml_view_2d(ctx, inp.k_rot_rows, n_rot, n_cur, rs, 0), k_idxs);
                 inp.k_rot = ggml_reshape_3d(ctx, rows, n_rot, kv_size, tab->ne[2]);
             }
-            const size_t row = ggml_row_size(GGML_TYPE_F32, n_rot);
+            const size_t row = ggml_row_size(tab->type, n_rot);
             kg = ggml_view_4d(ctx, inp.k_rot, n_rot, 1, n_kv, ns, row, row, row*kv_size,
                               row*kv_size*llama_se_access::stream0(mctx));
             out.rope_mode = cache->rope_mode;

@@ -48,7 +48,7 @@ struct llama_se_inp {
 struct llama_se_attn {
     ggml_tensor * q     = nullptr; // F32 [n_embd_head_k, n_head,    n_tokens]          rotated to i/G + W - W/G
     ggml_tensor * k     = nullptr; // F32/F16 [n_embd_head_k, n_head_kv, n_kv, n_stream] rotated to j/G
-                                   // (rotation-table form: the table, F32 [n_rot, 1, n_kv, n_stream];
+                                   // (rotation-table form: the table, F16/F32 [n_rot, 1, n_kv, n_stream];
                                    //  steps form: the table of steps, F32 [n_rot, n_rows])
     ggml_tensor * nbr   = nullptr;
     ggml_tensor * grp   = nullptr;

@@ -89,7 +89,8 @@ bool se_kcache_alloc(llama_kv_cache * kv, const llama_cparams & cparams, se_keys
             if (!kc->n_rot && se_layer_applies(model.hparams, layer.il)) { // next to the first Self-Extend layer's K
                 const se_rope_params rp(model, cparams, layer.il);
                 if (form == se_keys::table) {
-                    kc->tab = ggml_new_tensor_3d(ctx_for(buft), GGML_TYPE_F32, rp.n_rot, layer.k->ne[1], layer.k->ne[2]);
+                    kc->tab = ggml_new_tensor_3d(ctx_for(buft), se_grouped_key_type(layer.k), rp.n_rot, layer.k->ne[1],
+                                                 layer.k->ne[2]);
                     ggml_set_name(kc->tab, "se_k_rot");
                 } else {
                     kc->steps = ggml_new_tensor_2d(ctx_for(buft), GGML_TYPE_F32, rp.n_rot,

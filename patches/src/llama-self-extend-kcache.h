@@ -26,10 +26,11 @@
 // stream rotates the stale cells' keys again from K, so one sequence's shift or restore costs the others nothing.
 //
 // Rotation-table form (the backends' kernels make the grouped keys from K themselves): instead of one grouped K per
-// layer, one table per cache, F32 [n_rot, kv_size, n_stream], whose row for a cell holds the cos/sin that rotate a
-// key roped at its position p on to p/G (ggml-self-extend.h). Every layer and head shares it, so it costs n_rot
-// floats per cell instead of a second K cache; the rows are computed on the host, in double precision, for the
-// cells each ubatch writes (and the stale ones), and stored with set_rows like the grouped keys.
+// layer, one table per cache, [n_rot, kv_size, n_stream] of the grouped keys' type (F16, or F32 for an f32 K), whose
+// row for a cell holds the cos/sin that rotate a key roped at its position p on to p/G (ggml-self-extend.h). Every
+// layer and head shares it, so it costs n_rot values per cell instead of a second K cache; the rows are computed on
+// the host, in double precision, for the cells each ubatch writes (and the stale ones), and stored with set_rows like
+// the grouped keys.
 //
 // Steps form (ggml_flash_attn_ext_se_steps, where every device has it): the kernels compose each key's row from two
 // rows of a small table of steps; nothing is kept per cell, so the context's memory is vanilla's and nothing goes

@@ -146,7 +146,7 @@ static bool se_fused_supported(llama_context & ctx, se_keys form) {
             if (form == se_keys::table) {
                 // with the grouped queries (a RoPE node), and with the queries' rows of the table (what the graph builds)
                 const int64_t n_rot = hp.n_rot(layer.il);
-                ggml_tensor * k_rot = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_rot, n);
+                ggml_tensor * k_rot = ggml_new_tensor_2d(c, se_grouped_key_type(layer.k), n_rot, n);
                 ggml_tensor * q_rot = ggml_new_tensor_3d(c, GGML_TYPE_F32, n_rot, 1, 1);
                 ops.push_back(ggml_flash_attn_ext_se_rot(c, q, k, v, m, q_g, k_rot, hp.rope_type, p_q, p_k, 1, 1.0f, 0.0f));
                 ops.push_back(ggml_flash_attn_ext_se_rot(c, q, k, v, m, q_rot, k_rot, hp.rope_type, p_q, p_k, 1, 1.0f, 0.0f));
@@ -175,7 +175,8 @@ static bool se_fused_supported(llama_context & ctx, se_keys form) {
 }
 
 // Between the table and the cache, where auto does not take the steps form (se_keys_form): it takes the table, which
-// costs n_rot floats per cell where the cache costs one more K, unless
+// costs n_rot values per cell (halves, or floats for an f32 K, as the grouped keys) where the cache costs one more K,
+// unless
 //  - a Self-Extend layer's K lives on a device and its RoPE does not turn the whole head: the CUDA decode kernel rotates
 //    the keys by the table as it loads them only for a whole head, else every decode step would rotate the whole K view
 //    into a scratch first (0.69-0.85 of vanilla's decode at 32K on an H200; with the rotation in the kernel 0.92-1.00,
@@ -183,8 +184,9 @@ static bool se_fused_supported(llama_context & ctx, se_keys form) {
 //    2 % of a whole document's prefill at 512-token ubatches, where the cache costs 1.2-1.5x vanilla's memory.
 //  - the table is more than half the grouped keys' size: a decode reads the table next to K, which costs more than
 //    reading the grouped keys once the table is as large as they are (Gemma 3 270M on 2 cores, a 64K document: 1 KiB of
-//    table per cell against 1.5 KiB of grouped keys; decode 0.80 of vanilla with the table, 1.09 with the grouped keys;
-//    RESULTS 7.1).
+//    f32 table per cell against 1.5 KiB of grouped keys; decode 0.80 of vanilla with the table, 1.09 with the grouped
+//    keys; RESULTS 7.1). Its f16 table is a third of them: on an H200 the context's memory 1.04-1.06 of vanilla's
+//    instead of 1.12-1.19, decode 0.95-0.97 where the grouped keys give 0.96-0.99 (RESULTS 4.5).
 static bool se_prefer_table(llama_context & ctx) {
     const llama_hparams & hp = ctx.get_model().hparams;
     for (const llama_kv_cache * kv : se_kv_caches(ctx)) {
@@ -197,7 +199,7 @@ static bool se_prefer_table(llama_context & ctx) {
             if (!ggml_backend_buffer_is_host(layer.k->buffer) && hp.n_rot(layer.il) != hp.n_embd_head_k(layer.il)) {
                 return false;
             }
-            table = std::max<size_t>(table, hp.n_rot(layer.il)*sizeof(float));
+            table = std::max<size_t>(table, ggml_row_size(se_grouped_key_type(layer.k), hp.n_rot(layer.il)));
             keys += ggml_row_size(se_grouped_key_type(layer.k), layer.k->ne[0]);
         }
         if (2*table > keys) {
@@ -208,8 +210,7 @@ static bool se_prefer_table(llama_context & ctx) {
 }
 
 // Whether a Self-Extend layer's K lives on a GPU of this host (not in host memory, not on an RPC server). There the
-// CUDA decode kernel is faster with the rotation table than with the table of steps at short depths, and for few
-// layers of one KV head the grouped keys are faster than both (RESULTS 4.5).
+// CUDA decode kernel is faster with the rotation table than with the table of steps at short depths (RESULTS 4.5).
 static bool se_keys_on_local_gpu(llama_context & ctx) {
     const llama_hparams & hp = ctx.get_model().hparams;
     for (const llama_kv_cache * kv : se_kv_caches(ctx)) {

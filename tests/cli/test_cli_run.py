@@ -181,14 +181,14 @@ def test_the_fused_path_on_the_cpu_keeps_nothing_per_cell(cli: Invoke, tiny_mode
 
 def test_llama_self_extend_keys_table_keeps_one_rotation_table_instead_of_a_second_k_cache(
         cli: Invoke, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # LLAMA_SELF_EXTEND_KEYS=table (the default on CUDA): one table of n_rot floats per cell (the tiny llama: head
-    # size 16, all rotated) for all layers and heads, where grouped keys would add half the KV cache
+    # LLAMA_SELF_EXTEND_KEYS=table (the default on CUDA): one table of n_rot halves per cell (the tiny llama: head
+    # size 16, all rotated; an f16 cache) for all layers and heads, where grouped keys would add half the KV cache
     monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "table")
     result = cli("run", tiny_model, "--ga-n", "4", "--ga-w", "64", "-n", "1", "-c", "4096", "-v", input=DOC)
     assert result.exit_code == 0
     kv = float(re.search(r"KV buffer size = +([\d.]+) MiB", result.stderr)[1])
     table = float(re.search(r"grouped-key rotations \(one table, kernels rotate K\): ([\d.]+) MiB", result.stderr)[1])
-    assert (kv, table) == (2.0, 4096 * 16 * 4 / 2**20)  # KV: 4096 cells x 2 layers x (64 + 64) x f16
+    assert (kv, table) == (2.0, round(4096 * 16 * 2 / 2**20, 2))  # KV: 4096 cells x 2 layers x (64 + 64) x f16
     assert "grouped keys:" not in result.stderr
 
 

@@ -126,8 +126,8 @@ def run_op(g: Ggml, backend: int, c: Case, x: dict[str, np.ndarray], scale: floa
     if rope_mode is not None:
         del t["k_g"]
         shape = x["k_rot"].shape
-        t["k_rot"] = (tensor(GGML_TYPE_F32, shape[-1], shape[0]) if steps
-                      else tensor(GGML_TYPE_F32, shape[-1], c.n_kv, 1, c.n_stream))
+        t["k_rot"] = (tensor(GGML_TYPE_F32, shape[-1], shape[0]) if steps  # a table of steps: F32
+                      else tensor(GGML_TYPE_F16, shape[-1], c.n_kv, 1, c.n_stream))  # of rows: F16
     if q_rot:
         del t["q_g"]
         t["q_rot"] = tensor(GGML_TYPE_F32, x["q_rot"].shape[-1], c.n_q, 1, c.n_stream)
@@ -269,12 +269,12 @@ def assert_every_backend_matches(ggml: Ggml, case: Case, x: dict[str, np.ndarray
 @pytest.mark.parametrize("q_rot", [False, True], ids=["q_g", "q_rot"])
 @pytest.mark.parametrize("case,mode,n_rot", ROT_CASES, ids=[f"{c}-{'neox' if m else 'norm'}{r}" for c, m, r in ROT_CASES])
 def test_rotation_table_form_matches_reference(ggml: Ggml, case: Case, mode: int, n_rot: int, q_rot: bool) -> None:
-    """ggml_flash_attn_ext_se_rot: the grouped keys made in the kernel from K and a cos/sin table per key equal
+    """ggml_flash_attn_ext_se_rot: the grouped keys made in the kernel from K and a cos/sin table per key (F16) equal
     the keys form given those keys rotated in float64, on every backend that has this form (CPU, CUDA). With
     ggml_flash_attn_ext_se_q_rot the grouped queries are made from q and a table row per query the same way."""
     rng = np.random.default_rng(zlib.crc32(f"{case}-{mode}-{n_rot}-{q_rot}".encode()))
     x = make_inputs(case, rng)
-    x["k_rot"] = random_table(rng, (case.n_stream, 1, case.n_kv), n_rot, mode)
+    x["k_rot"] = random_table(rng, (case.n_stream, 1, case.n_kv), n_rot, mode).astype(np.float16)  # as it is stored
     x["k_g"] = rotated(x["k"], x["k_rot"], mode)
     if q_rot:
         with_query_rows(rng, case, x, n_rot, mode)

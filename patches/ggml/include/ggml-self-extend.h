@@ -28,19 +28,22 @@
 // (0/1), its RoPE mode, q_g is a rotation table (0/1), G of a table of steps (0: none), its n_lo }.
 //
 // ggml_flash_attn_ext_se_rot: the same op without grouped keys. Its k_g is a rotation table
-//   k_rot  : F32          [n_rot, n_kv, 1, ne3]      n_rot <= DK, even
+//   k_rot  : F16/F32      [n_rot, n_kv, 1, ne3]      n_rot <= DK, even
 // whose row j turns RoPE at pos_k[j] into RoPE at key j's grouped position: for each rotated pair (a, b) of
 // dimensions (rope_mode 0: (2i, 2i + 1); GGML_ROPE_TYPE_NEOX: (i, i + n_rot/2)) it holds cos at a and sin at b,
 // and the kernel takes k_g[a] = k[a] cos - k[b] sin, k_g[b] = k[a] sin + k[b] cos (k dequantized; dimensions past
 // n_rot as they are). One table serves every layer and head that share the RoPE parameters, in place of a second
-// K cache. Backends without this form report it unsupported (supports_op).
+// K cache. For an f16 or quantized K its cos and sin are best kept as halves (a row of a whole head is the size of one
+// head's f16 K row), so that a decode, which reads the table next to K, loads half the bytes of f32 rows; their
+// rounding is of the order of the f16 grouped keys' that the table replaces (CUDA takes F16 only). Backends without
+// this form report it unsupported (supports_op).
 //
 // ggml_flash_attn_ext_se_steps: the rotation-table form without a row per key. Its k_g is a table of steps
 //   k_steps: F32          [n_rot, n_lo + n_hi, 1, 1]  the same pair layout, shared by the streams
 // whose row r < n_lo rotates by -r positions and row n_lo + h by -h*n_lo positions (n_lo a power of two). Key j at
 // position p = pos_k[j] goes back m = p - p/G positions (on to p/G; G = n_group; m = 0 for p < 0, an empty cell): its
 // row is the product of rows m % n_lo and n_lo + m/n_lo, per pair (c, s) = (c1 c2 - s1 s2, s1 c2 + c1 s2). The table
-// must cover every key: m/n_lo < n_hi. It costs nothing per cell, where the table of rows costs n_rot floats per cell.
+// must cover every key: m/n_lo < n_hi. It costs nothing per cell, where the table of rows costs n_rot values per cell.
 // Backends without this form report it unsupported (supports_op).
 //
 // ggml_flash_attn_ext_se_q_rot(op), on a node of ggml_flash_attn_ext_se_rot (or _steps) whose q_g is

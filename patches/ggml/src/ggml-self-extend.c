@@ -27,12 +27,14 @@ static struct ggml_tensor * ggml_flash_attn_ext_se_impl(
         GGML_ASSERT(ggml_are_same_shape(k, k_g));
     } else {
         GGML_ASSERT(k_rot == 0 || k_rot == GGML_ROPE_TYPE_NEOX);
-        GGML_ASSERT(k_g->type == GGML_TYPE_F32 && k_g->nb[0] == sizeof(float));
         GGML_ASSERT(k_g->ne[0] % 2 == 0 && k_g->ne[0] <= k->ne[0] && k_g->ne[2] == 1);
+        GGML_ASSERT(k_g->nb[0] == ggml_type_size(k_g->type));
         if (n_group > 0) {
+            GGML_ASSERT(k_g->type == GGML_TYPE_F32 && "a table of steps is F32");
             GGML_ASSERT(n_lo >= 1 && (n_lo & (n_lo - 1)) == 0 && "n_lo must be a power of two");
             GGML_ASSERT(k_g->ne[1] > n_lo && k_g->ne[3] == 1 && ggml_is_contiguous(k_g));
         } else {
+            GGML_ASSERT((k_g->type == GGML_TYPE_F16 || k_g->type == GGML_TYPE_F32) && "a table of rows is F16 or F32");
             GGML_ASSERT(k_g->ne[1] == k->ne[1] && k_g->ne[3] == k->ne[3]);
         }
     }

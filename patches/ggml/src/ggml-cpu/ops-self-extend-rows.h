@@ -82,7 +82,7 @@ struct se_scratch {
     float * V;         // [SE_TILE_KV, DV]
     float * sel;       // [q_blk, SE_TILE_KV] mask value per (query, key), -inf: not visible
     float * row;       // [max(DK, DV)]      one converted row
-    float * cs;        // [DK]               table of steps: a key's row, composed
+    float * cs;        // [DK]               table forms: a key's row, converted (a row per key) or composed (steps)
     float * M, * L;    // [R]                running max and sum
     float * O;         // [R, DV]            unnormalized output
     size_t  n_floats;
@@ -260,13 +260,19 @@ inline se_steps se_k_steps(const se_args & a, const se_plan & pl, int64_t j, int
              (const float *) ((const char *) tab->data + (a.n_lo + h)*tab->nb[1]), h };
 }
 
-// Rotation-table form: the row of the table that rotates key j's K row on to its grouped position: row j, or with a
-// table of steps the single-position step only, with h = the larger step's index, which the caller applies to the
-// queries instead (q . R_hi R_lo k = R_hi^-1 q . R_lo k); h = -1 without steps.
-inline const float * se_k_rot_cs(const se_args & a, const se_plan & pl, int64_t j, int64_t s, int64_t & h) {
+// Rotation-table form: the row of the table that rotates key j's K row on to its grouped position: row j (an F16 row
+// converted into buf, n_rot floats), or with a table of steps the single-position step only, with h = the larger
+// step's index, which the caller applies to the queries instead (q . R_hi R_lo k = R_hi^-1 q . R_lo k); h = -1
+// without steps.
+inline const float * se_k_rot_cs(const se_args & a, const se_plan & pl, int64_t j, int64_t s, int64_t & h, float * buf) {
     if (a.n_group == 0) {
         h = -1;
-        return (const float *) ((const char *) a.k_g->data + j*a.k_g->nb[1] + s*a.k_g->nb[3]);
+        const char * row = (const char *) a.k_g->data + j*a.k_g->nb[1] + s*a.k_g->nb[3];
+        if (a.k_g->type == GGML_TYPE_F32) {
+            return (const float *) row;
+        }
+        ggml_fp16_to_fp32_row((const ggml_fp16_t *) row, buf, a.k_g->ne[0]);
+        return buf;
     }
     const se_steps st = se_k_steps(a, pl, j, s);
     h = st.h;
@@ -274,14 +280,14 @@ inline const float * se_k_rot_cs(const se_args & a, const se_plan & pl, int64_t 
 }
 
 // Rotation-table form: key j's grouped operand made from its K row, as f32: the row rotated by row j of the table, or
-// by the product of its two steps (cs: scratch for that product)
+// by the product of its two steps (cs: scratch for that row or product)
 void se_k_rot_row(const se_args & a, const se_plan & pl, int64_t j, int64_t hk, int64_t s, float * row, float * cs) {
     const ggml_tensor * k = a.k;
     const int64_t n_rot = a.k_g->ne[0];
     se_row_to_f32(k, (const char *) k->data + j*k->nb[1] + hk*k->nb[2] + s*k->nb[3], row, k->ne[0]);
     if (a.n_group == 0) {
         int64_t h;
-        se_rotate_row(row, se_k_rot_cs(a, pl, j, s, h), n_rot, a.rope_mode);
+        se_rotate_row(row, se_k_rot_cs(a, pl, j, s, h, cs), n_rot, a.rope_mode);
         return;
     }
     const se_steps st = se_k_steps(a, pl, j, s);

@@ -116,7 +116,7 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
                         // step, and the queries by the larger one)
                         if (rot_key != ic + j) {
                             int64_t h;
-                            rot.cs    = se_k_rot_cs(a, p, ic + j, s, h);
+                            rot.cs    = se_k_rot_cs(a, p, ic + j, s, h, w.cs);
                             rot_key   = ic + j;
                             row_ready = false;
                             if (h >= 0 && h != rot_h) { // keys in position order change h once per n_lo positions
@@ -259,7 +259,8 @@ void ggml_compute_forward_flash_attn_ext_se(const ggml_compute_params * params, 
     GGML_ASSERT(a.q->type == GGML_TYPE_F32 && a.q_g->type == GGML_TYPE_F32);
     GGML_ASSERT(a.q->nb[0] == sizeof(float) && a.q_g->nb[0] == sizeof(float));
     GGML_ASSERT(a.k->nb[0] == ggml_type_size(a.k->type) && a.k_g->nb[0] == ggml_type_size(a.k_g->type));
-    GGML_ASSERT(!a.k_rot || (a.k_g->type == GGML_TYPE_F32 && a.k_g->ne[0] <= a.k->ne[0]));
+    GGML_ASSERT(!a.k_rot || ((a.k_g->type == GGML_TYPE_F32 || (a.n_group == 0 && a.k_g->type == GGML_TYPE_F16)) &&
+                             a.k_g->ne[0] <= a.k->ne[0]));
     GGML_ASSERT(a.n_group == 0 || (a.n_lo >= 1 && (a.n_lo & (a.n_lo - 1)) == 0 && a.k_g->ne[1] > a.n_lo));
     GGML_ASSERT(a.q_rot ? a.k_rot && a.q_g->ne[0] == a.k_g->ne[0] && a.q_g->ne[2] == 1 : ggml_are_same_shape(a.q, a.q_g));
     GGML_ASSERT(a.v->nb[0] == ggml_type_size(a.v->type));

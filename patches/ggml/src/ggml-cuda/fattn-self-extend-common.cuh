@@ -48,8 +48,8 @@ struct fattn_se_params {
     int   D, n_q, n_kv, n_head, n_head_kv, ne3;
     int   W;
     float scale, softcap;
-    int   k_rot;                                        // fattn_se_rot: NONE, or k_g is a rotation table of D floats
-                                                        // per key (decode only), F32 [D, n_kv, 1, ne3], nb_kg2 unused
+    int   k_rot;                                        // fattn_se_rot: NONE, or k_g is a rotation table of D halves
+                                                        // per key (decode only), F16 [D, n_kv, 1, ne3], nb_kg2 unused
     int   k_steps_G;                                    // > 0: k_g is a table of steps for this group size instead,
     int   k_steps_lo, k_steps_hi;                       // F32 [n_rot, lo + hi] shared by the streams (nb_kg3 0);
     uint3 k_steps_G_div;                                // set by fattn_se_set_steps: division by G,
@@ -122,33 +122,31 @@ static void fattn_se_block_shape(const int n_q, const int gqa, bool & decode, in
 }
 
 // The forms of K_g a kernel reads (template parameter ROT): the grouped keys themselves, or K and a rotation table tile of D
-// floats per key (ggml-self-extend.h), the pairs (2i, 2i + 1) or (i, i + D/2) rotated as the B operands are loaded. With
-// FATTN_SE_ROT_STEPS the kernel keeps the single-position steps of a table of steps in place of the table tile, and
-// applies each key's larger step as the B operands are rotated.
+// halves per key (ggml-self-extend.h; laid out like a K_g tile), the pairs (2i, 2i + 1) or (i, i + D/2) rotated as the B
+// operands are loaded. With FATTN_SE_ROT_STEPS the kernel keeps the single-position steps of a table of steps (f32) in
+// place of the table tile, and applies each key's larger step as the B operands are rotated.
 enum fattn_se_rot { FATTN_SE_ROT_NONE = 0, FATTN_SE_ROT_NORM = 1, FATTN_SE_ROT_NEOX = 2, FATTN_SE_ROT_PAIRS = 3,
                     FATTN_SE_ROT_STEPS = 4 };
 
 // Single-position steps that a decode kernel keeps whole in shared memory (libllama makes 128).
 #define FATTN_SE_STEPS_LO_MAX 128
 
-// Row stride of a rotation table tile in floats: rows 32 bytes apart modulo 128, so that the float2 reads of a half warp
-// (4 rows x 4 lanes) hit distinct banks.
+// Row stride of the steps kept in shared memory (FATTN_SE_ROT_STEPS) in floats: rows 32 bytes apart modulo 128, so that
+// the float2 reads of a half warp (4 rows x 4 lanes) hit distinct banks.
 static constexpr __host__ __device__ int fattn_se_rot_stride(const int D) {
     return D + 8;
 }
 
-// Rows of the table region of a kernel's shared memory (fattn_se_rot): a table tile, or (FATTN_SE_ROT_STEPS) the single
-// steps and two larger ones.
-static constexpr __host__ __device__ int fattn_se_tab_rows(const int T, const int rot) {
-    return rot & FATTN_SE_ROT_STEPS ? FATTN_SE_STEPS_LO_MAX + 2 : T;
-}
+// Rows of those steps: the single steps and two larger ones.
+#define FATTN_SE_STEPS_ROWS (FATTN_SE_STEPS_LO_MAX + 2)
 
-// Must match the carving of shared memory in flash_attn_ext_se_f16. rot (fattn_se_rot): K_g is a rotation table tile, in
-// place of a K_g tile of D + 8 halves per key, or a table of steps' single steps and two larger steps.
+// Must match the carving of shared memory in flash_attn_ext_se_f16. rot (fattn_se_rot): K_g is the grouped keys' tile or a
+// rotation table tile (both T rows of D + 8 halves), or a table of steps' single steps and two larger steps.
 static size_t fattn_se_nbytes_shared(const int D, const bool decode, const int RPB, const int rot) {
     const int T = fattn_se_T(D, decode);
     return 2*T*(D + 8)*sizeof(half)                     // K, V tiles, rows padded by 16 bytes
-         + (rot ? fattn_se_tab_rows(T, rot)*fattn_se_rot_stride(D)*sizeof(float) : T*(D + 8)*sizeof(half)) // K_g, table
+         + (rot & FATTN_SE_ROT_STEPS ? FATTN_SE_STEPS_ROWS*fattn_se_rot_stride(D)*sizeof(float) // steps,
+                                     : T*(D + 8)*sizeof(half))                               // K_g or table
          + 2*RPB*(T + 8)*sizeof(half)                   // mask, 2 slots
          + 2*T*sizeof(int)                              // pos_k, 2 slots
          + FATTN_SE_NWARPS*sizeof(int4)                 // per warp parts of the class of the next tile

@@ -254,27 +254,27 @@ static __device__ __forceinline__ void fattn_se_kq(
 }
 
 // Element r of a B operand loaded by fattn_se_ldsm<FATTN_SE_LDSM_B> is the half2 at row lane/4 + 8*(r % 2), halves
-// 8*(r/2) + 2*(lane % 4) and the next: the table offset of that pair from the lane's first one (fattn_se_kq_rot's tab).
-template <int D>
+// 8*(r/2) + 2*(lane % 4) and the next: the offset of that pair from the lane's first one in a table tile laid out like
+// the K tile (rows of SKV halves; fattn_se_kq_rot's tab).
+template <int SKV>
 static __device__ __forceinline__ int fattn_se_rot_offset(const int r) {
-    return 8*(r % 2)*fattn_se_rot_stride(D) + 8*(r/2);
+    return 8*(r % 2)*SKV + 8*(r/2);
 }
 
-// S[kk] = Q_g K_g^T as fattn_se_kq, K_g made from the K rows at K and the table rows at tab: the lane's first table
-// element, row lane/4 of the first key, column 2*(lane % 4). ROT_NORM: the half2 of a B element is one pair, its cos and
-// sin one float2 of the table; ROT_NEOX: element r of dimension chunk d16 < D/32 and element r of chunk d16 + D/32 are
-// the two halves of the same pairs, whose cos and sin are float2 D/2 apart. ROT_STEPS: instead of tab, lo[2*kk + j] and
-// hi[2*kk + j] point at the lane's first element (column 2*(lane % 4)) of the single-position and the larger step of key
-// 16*kk + lane/4 + 8*j (in shared memory, the larger one maybe in global); they compose as c = c1 c2 - s1 s2,
-// s = s1 c2 + c1 s2.
+// S[kk] = Q_g K_g^T as fattn_se_kq, K_g made from the K rows at K and the table rows at tab (f16, a tile laid out like
+// K's): the lane's first table element, row lane/4 of the first key, column 2*(lane % 4). ROT_NORM: the half2 of a B
+// element is one pair, its cos and sin one half2 of the table; ROT_NEOX: element r of dimension chunk d16 < D/32 and
+// element r of chunk d16 + D/32 are the two halves of the same pairs, whose cos and sin are half2 D/2 apart.
+// ROT_STEPS: instead of tab, lo[2*kk + j] and hi[2*kk + j] point at the lane's first element (column 2*(lane % 4)) of
+// the single-position and the larger step (f32) of key 16*kk + lane/4 + 8*j (in shared memory, the larger one maybe in
+// global); they compose as c = c1 c2 - s1 s2, s = s1 c2 + c1 s2.
 template <int D, int NK, int SKV, int ROT>
 static __device__ __forceinline__ void fattn_se_kq_rot(
-        tile<16, 16, float> * S, const tile<16, 8, half2> * Q_reg, const uint32_t K, const float * GGML_CUDA_RESTRICT tab,
+        tile<16, 16, float> * S, const tile<16, 8, half2> * Q_reg, const uint32_t K, const half * GGML_CUDA_RESTRICT tab,
         const float * const * lo, const float * const * hi) {
     constexpr int  PAIRS = ROT & FATTN_SE_ROT_PAIRS;
     constexpr bool STEPS = ROT & FATTN_SE_ROT_STEPS;
     static_assert(PAIRS == FATTN_SE_ROT_NORM || PAIRS == FATTN_SE_ROT_NEOX, "not a rotation");
-    constexpr int ST = fattn_se_rot_stride(D);
 #pragma unroll
     for (int kk = 0; kk < NK; ++kk) {
         S[kk] = tile<16, 16, float>{};
@@ -294,7 +294,7 @@ static __device__ __forceinline__ void fattn_se_kq_rot(
                         const float2 h = *(const float2 *) (hi[2*kk + r % 2] + 16*d16 + 8*(r/2));
                         cs = make_float2(l.x*h.x - l.y*h.y, l.y*h.x + l.x*h.y);
                     } else {
-                        cs = *(const float2 *) (tab + 16*kk*ST + 16*d16 + fattn_se_rot_offset<D>(r));
+                        cs = __half22float2(*(const half2 *) (tab + 16*kk*SKV + 16*d16 + fattn_se_rot_offset<SKV>(r)));
                     }
                     const float2 k  = __half22float2(K_B.x[r]);
                     K_B.x[r] = __floats2half2_rn(k.x*cs.x - k.y*cs.y, k.x*cs.y + k.y*cs.x);
@@ -313,11 +313,16 @@ static __device__ __forceinline__ void fattn_se_kq_rot(
                 fattn_se_ldsm<FATTN_SE_LDSM_B>(K_b, K + (16*kk*SKV + 16*d16 + D/2)*sizeof(half));
 #pragma unroll
                 for (int r = 0; r < K_a.ne; ++r) {
-                    const float * t  = STEPS ? lo[2*kk + r % 2] + 16*d16 + 8*(r/2)
-                                             : tab + 16*kk*ST + 16*d16 + fattn_se_rot_offset<D>(r);
-                    float2        c  = *(const float2 *) t;
-                    float2        sn = *(const float2 *) (t + D/2);
-                    if constexpr (STEPS) { // two pairs' cos and sin times those of their larger steps
+                    float2 c, sn;
+                    if constexpr (!STEPS) {
+                        const half * t = tab + 16*kk*SKV + 16*d16 + fattn_se_rot_offset<SKV>(r);
+                        c  = __half22float2(*(const half2 *) t);
+                        sn = __half22float2(*(const half2 *) (t + D/2));
+                    } else {
+                        const float * t = lo[2*kk + r % 2] + 16*d16 + 8*(r/2);
+                        c  = *(const float2 *) t;
+                        sn = *(const float2 *) (t + D/2);
+                        // two pairs' cos and sin times those of their larger steps
                         const float * h  = hi[2*kk + r % 2] + 16*d16 + 8*(r/2);
                         const float2  c2 = *(const float2 *) h;
                         const float2  s2 = *(const float2 *) (h + D/2);

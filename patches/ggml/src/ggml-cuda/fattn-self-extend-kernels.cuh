@@ -87,8 +87,8 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 
     extern __shared__ half2 fattn_se_smem[];
     half * sK  = (half *) fattn_se_smem;
-    half * sKg = sK  + T*SKV;                 // or the table tile (or single and larger steps), rows of D + 8 floats
-    half * sV  = sKg + fattn_se_tab_rows(T, ROT)*(ROT ? 2*fattn_se_rot_stride(D) : SKV);
+    half * sKg = sK  + T*SKV;               // or the table tile, or (steps) single and larger steps, rows of D + 8 floats
+    half * sV  = sKg + (ROT & FATTN_SE_ROT_STEPS ? 2*FATTN_SE_STEPS_ROWS*fattn_se_rot_stride(D) : T*SKV);
     half * sM  = sV  + T*SKV;               // mask of tile t at sM + (t % 2)*P.RPB*SM
     int  * sP  = (int *) (sM + 2*P.RPB*SM); // pos_k of tile t at sP + (t % 2)*T
     int4 * sC  = (int4 *) (sP + 2*T);       // quarters of the class of the next tile
@@ -118,9 +118,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         if (cls & FATTN_SE_GROUPED) {
             if constexpr (ROT & FATTN_SE_ROT_STEPS) { // positions of tile t: in its slot since (A) of the step before
                 fattn_se_load_steps_hi<2*D, 2*fattn_se_rot_stride(D)>(sKg, p, nvalid_of(t) > 0 ? sP[(t % 2)*T] : 0, tid);
-            } else if constexpr (ROT) {
-                fattn_se_load_kv<2*D, T, 2*fattn_se_rot_stride(D)>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
-            } else {
+            } else { // the grouped keys, or the table tile (f16 rows of D, like K)
                 fattn_se_load_kv<D, T>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
             }
         }
@@ -256,7 +254,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                                                                 + fattn_se_lane_col<FATTN_SE_LDSM_B>(lane));
     const uint32_t Kg_sm = K_sm + T*SKV*sizeof(half); // sKg follows sK
     // (ROT) the lane's first table element: row lane/4 of the warp's first key, column 2*(lane % 4)
-    const float * tab = (const float *) sKg + (KW*wk + lane/4)*fattn_se_rot_stride(D) + 2*(lane % 4);
+    const half * tab = sKg + (KW*wk + lane/4)*SKV + 2*(lane % 4);
     const uint32_t V_sm = ggml_cuda_cvta_generic_to_shared(sV + (KW*wk + fattn_se_lane_row<FATTN_SE_LDSM_BT>(lane))*SKV
                                                                 + fattn_se_lane_col<FATTN_SE_LDSM_BT>(lane));
 
@@ -333,7 +331,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
             auto kq_rot = [&](tile<16, 16, float> * S_, auto nk, const int kk0) {
                 constexpr int NK = decltype(nk)::value;
                 const uint32_t K_   = K_sm + 16*kk0*SKV*sizeof(half);
-                const float *  tab_ = tab + 16*kk0*fattn_se_rot_stride(D);
+                const half *   tab_ = tab + 16*kk0*SKV;
                 fattn_se_kq_rot<D, NK, SKV, ROT>(S_, Qg_A, K_, tab_, lo + 2*kk0, hi + 2*kk0);
                 if constexpr ((ROT & FATTN_SE_ROT_STEPS) && hi_pass) {
                     if (far) {
@@ -818,9 +816,10 @@ static __global__ void flash_attn_ext_se_rotate_k(const fattn_se_params p, half 
     if (j >= p.n_kv) {
         return;
     }
-    const half  * x = (const half *) (p.k + j*p.nb_k1 + blockIdx.y*p.nb_k2 + blockIdx.z*p.nb_k3);
-    const float * t = (const float *) (p.k_g + j*p.nb_kg1 + blockIdx.z*p.nb_kg3);
-    const float * t_hi = nullptr; // a table of steps: t the key's single-position step, t_hi its larger one
+    const half  * x  = (const half *) (p.k + j*p.nb_k1 + blockIdx.y*p.nb_k2 + blockIdx.z*p.nb_k3);
+    const half  * th = (const half *) (p.k_g + j*p.nb_kg1 + blockIdx.z*p.nb_kg3); // the key's row of a table of rows
+    const float * t  = nullptr; // a table of steps: t the key's single-position step, t_hi its larger one
+    const float * t_hi = nullptr;
     if (p.k_steps_G > 0) {
         int r_lo, r_hi;
         fattn_se_steps_rows(p, ((const int *) (p.pos_k + blockIdx.z*p.nb_pk1))[j], r_lo, r_hi);
@@ -829,12 +828,24 @@ static __global__ void flash_attn_ext_se_rotate_k(const fattn_se_params p, half 
     }
     // cos and sin of the pair (a, b): the table's, or the product of the two steps'
     auto cs_of = [&](const int a, const int b, float & c, float & sn) {
-        c  = t[a];
-        sn = t[b];
-        if (t_hi) {
-            const float c2 = t_hi[a], s2 = t_hi[b], c1 = c;
-            c  = c1*c2 - sn*s2;
-            sn = sn*c2 + c1*s2;
+        if (!t_hi) {
+            c  = __half2float(th[a]);
+            sn = __half2float(th[b]);
+            return;
+        }
+        const float c1 = t[a], s1 = t[b], c2 = t_hi[a], s2 = t_hi[b];
+        c  = c1*c2 - s1*s2;
+        sn = s1*c2 + c1*s2;
+    };
+    // the table's values of 8 consecutive dimensions from i, as floats
+    auto tab8 = [&](const int i, float * out) {
+        half2 h[4];
+        *(uint4 *) h = *(const uint4 *) (th + i);
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+            const float2 f = __half22float2(h[m]);
+            out[2*m] = f.x;
+            out[2*m + 1] = f.y;
         }
     };
     half * y = k_g + ((int64_t(blockIdx.z)*gridDim.y + blockIdx.y)*p.n_kv + j)*D + d0;
@@ -844,19 +855,17 @@ static __global__ void flash_attn_ext_se_rotate_k(const fattn_se_params p, half 
     *(uint4 *) out = *(const uint4 *) (x + d0);
     if (d0 >= n_rot) {
         // past the rotated dimensions: copied
-    } else if (d0 + 8 <= n_rot && n_rot % 4 == 0 && (!neox || half_rot % 8 == 0)) {
+    } else if (d0 + 8 <= n_rot && n_rot % 8 == 0 && (!neox || half_rot % 8 == 0)) { // (16-byte loads of halves)
         if (!neox) {
             // pairs (d0 + 2m, d0 + 2m + 1): cos, sin at the same dimensions of the table
-            float4 cs[2];
-            float * c = (float *) cs;
+            float c[8];
             if (t_hi) {
 #pragma unroll
                 for (int m = 0; m < 4; ++m) {
                     cs_of(d0 + 2*m, d0 + 2*m + 1, c[2*m], c[2*m + 1]);
                 }
             } else {
-                cs[0] = *(const float4 *) (t + d0);
-                cs[1] = *(const float4 *) (t + d0 + 4);
+                tab8(d0, c);
             }
 #pragma unroll
             for (int m = 0; m < 4; ++m) {
@@ -869,19 +878,15 @@ static __global__ void flash_attn_ext_se_rotate_k(const fattn_se_params p, half 
             const int  i0    = first ? d0 : d0 - half_rot;
             half2 other[4];
             *(uint4 *) other = *(const uint4 *) (x + (first ? d0 + half_rot : i0));
-            float4 cv[2], sv[2];
-            float * c  = (float *) cv;
-            float * sn = (float *) sv;
+            float c[8], sn[8];
             if (t_hi) {
 #pragma unroll
                 for (int m = 0; m < 8; ++m) {
                     cs_of(i0 + m, i0 + m + half_rot, c[m], sn[m]);
                 }
             } else {
-                cv[0] = *(const float4 *) (t + i0);
-                cv[1] = *(const float4 *) (t + i0 + 4);
-                sv[0] = *(const float4 *) (t + i0 + half_rot);
-                sv[1] = *(const float4 *) (t + i0 + half_rot + 4);
+                tab8(i0, c);
+                tab8(i0 + half_rot, sn);
             }
 #pragma unroll
             for (int m = 0; m < 4; ++m) {

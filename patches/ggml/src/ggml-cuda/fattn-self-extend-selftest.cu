@@ -79,8 +79,8 @@ struct se_host {
     std::vector<float>   q, q_g;       // q: [ne3][n_q][n_head][D] (permuted view), q_g: [ne3][n_head][n_q][D]
     std::vector<half>    k, k_g, v;    // k, v: cache [ne3][n_cells][n_head_kv][D], k_g: [ne3][n_head_kv][n_kv][D]
     std::vector<half>    mask;         // [mask_ne3][n_q_pad][n_kv_pad]
-    std::vector<float>   tab;          // rotation table (rot): [ne3][n_kv][D], or (steps) [n_steps][D]; k_g then holds
-                                       // the rotated keys
+    std::vector<float>   tab;          // rotation table (rot): [ne3][n_kv][D] (values that f16 holds exactly: the device
+                                       // gets it in f16), or (steps) [n_steps][D]; k_g then holds the rotated keys
     int                  n_steps = 0;  // rows of the table of steps
     std::vector<float>   qtab;         // the queries' table (q_rot): [ne3][n_q][D]; q_g then holds the rotated queries
     std::vector<int32_t> pos_q, pos_k; // [ne3][n_q], [ne3][n_kv]
@@ -96,14 +96,15 @@ struct se_host {
 struct se_device {
     float * q = nullptr, * q_g = nullptr, * dst = nullptr;
     half  * k = nullptr, * k_g = nullptr, * v = nullptr, * mask = nullptr;
-    float * tab = nullptr, * qtab = nullptr;
+    half  * tab_rows = nullptr;           // rotation table of rows (F16)
+    float * tab = nullptr, * qtab = nullptr; // table of steps (F32), the queries' table
     int32_t * pos_q = nullptr, * pos_k = nullptr;
     char  * ws = nullptr;
     half  * k_g_scratch = nullptr; // a table form's grouped keys where the kernel does not rotate K itself
 
     ~se_device() {
         for (void * ptr : {(void *) q, (void *) q_g, (void *) dst, (void *) k, (void *) k_g, (void *) v, (void *) mask,
-                           (void *) tab, (void *) qtab, (void *) pos_q, (void *) pos_k, (void *) ws, (void *) k_g_scratch}) {
+                           (void *) tab_rows, (void *) tab, (void *) qtab, (void *) pos_q, (void *) pos_k, (void *) ws, (void *) k_g_scratch}) {
             cudaFree(ptr);
         }
     }
@@ -161,6 +162,9 @@ static fattn_se_params se_params_of(const se_host & h, const se_device & d, cons
     p.dst   = d.dst;
     p.D = h.D; p.n_q = h.n_q; p.n_kv = h.n_kv; p.n_head = h.n_head; p.n_head_kv = h.n_head_kv; p.ne3 = h.ne3;
     p.W = W; p.scale = scale; p.softcap = softcap;
+    if (d.tab_rows) {
+        p.k_g = (const char *) d.tab_rows; p.nb_kg1 = D*2; p.nb_kg2 = 0; p.nb_kg3 = int64_t(h.n_kv)*D*2;
+    }
     if (d.tab) {
         p.k_g = (const char *) d.tab; p.nb_kg1 = D*4; p.nb_kg2 = 0; p.nb_kg3 = int64_t(h.n_kv)*D*4;
     }
@@ -197,7 +201,8 @@ static se_host se_make_inputs(const se_case & c, std::mt19937 & rng) {
         // (q_rot) Q_g = Q rotated
         const int D = h.D;
         std::uniform_real_distribution<float> angle(-3.2f, 3.2f);
-        auto rotate = [&](std::vector<float> & tab, const int n_rows, auto && put) {
+        // (round: the table's values as the F16 table of rows holds them)
+        auto rotate = [&](std::vector<float> & tab, const int n_rows, const bool round, auto && put) {
             tab.resize(size_t(h.ne3)*n_rows*D);
             for (int s = 0; s < h.ne3; ++s) {
                 for (int j = 0; j < n_rows; ++j) {
@@ -206,15 +211,15 @@ static se_host se_make_inputs(const se_case & c, std::mt19937 & rng) {
                         const int a = mode == FATTN_SE_ROT_NORM ? 2*i : i;
                         const int b = mode == FATTN_SE_ROT_NORM ? 2*i + 1 : i + D/2;
                         const float phi = angle(rng);
-                        t[a] = cosf(phi);
-                        t[b] = sinf(phi);
+                        t[a] = round ? __half2float(__float2half(cosf(phi))) : cosf(phi);
+                        t[b] = round ? __half2float(__float2half(sinf(phi))) : sinf(phi);
                         put(s, j, a, b, t[a], t[b]);
                     }
                 }
             }
         };
         if (c.rot != FATTN_SE_ROT_NONE && !c.steps) {
-            rotate(h.tab, h.n_kv, [&](int s, int j, int a, int b, double co, double si) {
+            rotate(h.tab, h.n_kv, true, [&](int s, int j, int a, int b, double co, double si) {
                 for (int hk = 0; hk < h.n_head_kv; ++hk) {
                     const double ka = h.kv(s, j, hk, a), kb = h.kv(s, j, hk, b);
                     half * kg = h.k_g.data() + ((size_t(s)*h.n_head_kv + hk)*h.n_kv + j)*D;
@@ -224,7 +229,7 @@ static se_host se_make_inputs(const se_case & c, std::mt19937 & rng) {
             });
         }
         if (c.q_rot) {
-            rotate(h.qtab, h.n_q, [&](int s, int i, int a, int b, double co, double si) {
+            rotate(h.qtab, h.n_q, false, [&](int s, int i, int a, int b, double co, double si) {
                 for (int hq = 0; hq < h.n_head; ++hq) {
                     const double qa = h.qv(s, i, hq, a), qb = h.qv(s, i, hq, b);
                     float * qg = h.q_g.data() + ((size_t(s)*h.n_head + hq)*h.n_q + i)*D;
@@ -385,7 +390,17 @@ static bool se_run_case(const se_case & c, const int nsm, std::mt19937 & rng) {
     d.q   = to_device(h.q);   d.q_g = to_device(h.q_g);
     d.k   = to_device(h.k);   d.k_g = to_device(h.k_g); d.v = to_device(h.v);
     d.mask  = c.mask != MASK_NONE ? to_device(h.mask) : nullptr;
-    d.tab   = c.rot != FATTN_SE_ROT_NONE ? to_device(h.tab) : nullptr;
+    if (c.rot != FATTN_SE_ROT_NONE) {
+        if (c.steps) {
+            d.tab = to_device(h.tab);
+        } else {
+            std::vector<half> rows(h.tab.size());
+            for (size_t i = 0; i < rows.size(); ++i) {
+                rows[i] = __float2half(h.tab[i]);
+            }
+            d.tab_rows = to_device(rows);
+        }
+    }
     d.qtab  = c.q_rot ? to_device(h.qtab) : nullptr;
     d.pos_q = to_device(h.pos_q); d.pos_k = to_device(h.pos_k);
     const size_t n_out = size_t(h.ne3)*h.n_q*h.n_head*h.D;
@@ -547,9 +562,12 @@ static void se_time(const char * name, const int D, const int n_head, const int 
     se_fill_iota<<<64, 256>>>(d.pos_k, n_kv, 0);
     constexpr int steps_lo = 128, steps_G = 8;
     const int n_tab = steps ? steps_lo + n_kv/steps_lo + 1 : n_kv;
-    if (rot != FATTN_SE_ROT_NONE) {
+    if (rot != FATTN_SE_ROT_NONE && steps) {
         CUDA_CHECK(cudaMalloc(&d.tab, size_t(n_tab)*D*sizeof(float)));
         se_fill_float<<<1024, 256>>>(d.tab, size_t(n_tab)*D, 6);
+    } else if (rot != FATTN_SE_ROT_NONE) {
+        CUDA_CHECK(cudaMalloc(&d.tab_rows, size_t(n_tab)*D*sizeof(half)));
+        se_fill_half<<<1024, 256>>>(d.tab_rows, size_t(n_tab)*D, 6);
     }
     if (q_rot) {
         CUDA_CHECK(cudaMalloc(&d.qtab, size_t(n_q)*D*sizeof(float)));

@@ -484,18 +484,20 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
         return false;
     }
     if (a.k_rot) {
-        // the rotation table [n_rot, n_kv, 1, ne3], one row per key, shared by the heads
-        if (k_g->type != GGML_TYPE_F32 || k_g->nb[0] != sizeof(float) || k_g->ne[0] % 2 != 0 || k_g->ne[0] > D ||
-            k_g->ne[2] != 1 || (a.rope_mode != 0 && a.rope_mode != GGML_ROPE_TYPE_NEOX)) {
+        // the rotation table [n_rot, n_kv, 1, ne3], one F16 row per key, shared by the heads (rows 16-byte aligned)
+        if (k_g->ne[0] % 2 != 0 || k_g->ne[0] > D || k_g->ne[2] != 1 ||
+            (a.rope_mode != 0 && a.rope_mode != GGML_ROPE_TYPE_NEOX)) {
             return false;
         }
         if (a.n_group > 0) {
-            // or a table of steps [n_rot, n_lo + n_hi, 1, 1], for a RoPE of the whole head: with a partial one every decode
-            // step would rotate the whole K view into a scratch (libllama then keeps a row per key or the grouped keys)
-            if (a.n_lo < 1 || (a.n_lo & (a.n_lo - 1)) != 0 || k_g->ne[1] <= a.n_lo || k_g->ne[3] != 1 || k_g->ne[0] != D) {
+            // or an F32 table of steps [n_rot, n_lo + n_hi, 1, 1], for a RoPE of the whole head: with a partial one every
+            // decode step would rotate the whole K view into a scratch (libllama then keeps a row per key or the grouped keys)
+            if (k_g->type != GGML_TYPE_F32 || k_g->nb[0] != sizeof(float) ||
+                a.n_lo < 1 || (a.n_lo & (a.n_lo - 1)) != 0 || k_g->ne[1] <= a.n_lo || k_g->ne[3] != 1 || k_g->ne[0] != D) {
                 return false;
             }
-        } else if (k_g->ne[1] != n_kv || k_g->ne[3] != ne3) {
+        } else if (k_g->type != GGML_TYPE_F16 || k_g->nb[0] != sizeof(half) || k_g->nb[1] % 16 != 0 ||
+                   !ggml_cuda_is_aligned(k_g, 16) || k_g->ne[1] != n_kv || k_g->ne[3] != ne3) {
             return false;
         }
     } else if (k_g->type != GGML_TYPE_F16 || !ggml_are_same_shape(k, k_g)) {
@@ -520,7 +522,7 @@ bool ggml_cuda_flash_attn_ext_se_supported(int device, const ggml_tensor * dst) 
     if (q->nb[0] != sizeof(float) || q_g->nb[0] != sizeof(float)) {
         return false;
     }
-    // K, K_g and V are copied to shared memory in 16 byte pieces (the table form's K_g is a scratch of ours)
+    // K, K_g and V are copied to shared memory in 16 byte pieces (the table forms' K_g: checked above, or a scratch of ours)
     for (const ggml_tensor * t : {k, a.k_rot ? k : k_g, v}) {
         if (t->nb[0] != sizeof(half) || !ggml_cuda_is_aligned(t, 16)) {
             return false;
