@@ -258,7 +258,7 @@ def check_keys(keys: str) -> int:
 
 def set_self_extend_keys(llm: Llama, keys: str) -> None:
     """Ask for a form of the fused path's grouped keys on ``llm``: "steps" (nothing kept per cell), "table" (a
-    rotation table, n_rot floats per cell), "cache" (one more K cache), or "auto", the library's choice per device.
+    rotation table, n_rot halves per cell), "cache" (one more K cache), or "auto", the library's choice per device.
     Takes effect at once; a form that a device holding the KV cache lacks gives "cache" (:func:`self_extend_keys`)."""
     capi = _capi()
     status = capi.llama_set_self_extend_keys(llm.ctx, check_keys(keys))
