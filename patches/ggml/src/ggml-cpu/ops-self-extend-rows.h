@@ -260,23 +260,26 @@ inline se_steps se_k_steps(const se_args & a, const se_plan & pl, int64_t j, int
              (const float *) ((const char *) tab->data + (a.n_lo + h)*tab->nb[1]), h };
 }
 
-// Rotation-table form: the row of the table that rotates key j's K row on to its grouped position: row j (an F16 row
-// converted into buf, n_rot floats), or with a table of steps the single-position step only, with h = the larger
-// step's index, which the caller applies to the queries instead (q . R_hi R_lo k = R_hi^-1 q . R_lo k); h = -1
-// without steps.
-inline const float * se_k_rot_cs(const se_args & a, const se_plan & pl, int64_t j, int64_t s, int64_t & h, float * buf) {
+// Rotation-table form: the row of the table that rotates key j's K row on to its grouped position, in the table's
+// type: row j (F16 or F32), or with a table of steps (F32) the single-position step only, with h = the larger step's
+// index, which the caller applies to the queries instead (q . R_hi R_lo k = R_hi^-1 q . R_lo k); h = -1 without steps.
+inline const void * se_k_rot_cs(const se_args & a, const se_plan & pl, int64_t j, int64_t s, int64_t & h) {
     if (a.n_group == 0) {
         h = -1;
-        const char * row = (const char *) a.k_g->data + j*a.k_g->nb[1] + s*a.k_g->nb[3];
-        if (a.k_g->type == GGML_TYPE_F32) {
-            return (const float *) row;
-        }
-        ggml_fp16_to_fp32_row((const ggml_fp16_t *) row, buf, a.k_g->ne[0]);
-        return buf;
+        return (const char *) a.k_g->data + j*a.k_g->nb[1] + s*a.k_g->nb[3];
     }
     const se_steps st = se_k_steps(a, pl, j, s);
     h = st.h;
     return st.lo;
+}
+
+// a row of n values of a table of type t as f32: the row itself (F32), or converted into buf (F16)
+inline const float * se_tab_f32(ggml_type t, const void * row, int64_t n, float * buf) {
+    if (t == GGML_TYPE_F32) {
+        return (const float *) row;
+    }
+    ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) row, buf, n);
+    return buf;
 }
 
 // Rotation-table form: key j's grouped operand made from its K row, as f32: the row rotated by row j of the table, or
@@ -287,7 +290,7 @@ void se_k_rot_row(const se_args & a, const se_plan & pl, int64_t j, int64_t hk, 
     se_row_to_f32(k, (const char *) k->data + j*k->nb[1] + hk*k->nb[2] + s*k->nb[3], row, k->ne[0]);
     if (a.n_group == 0) {
         int64_t h;
-        se_rotate_row(row, se_k_rot_cs(a, pl, j, s, h, cs), n_rot, a.rope_mode);
+        se_rotate_row(row, se_tab_f32(a.k_g->type, se_k_rot_cs(a, pl, j, s, h), n_rot, cs), n_rot, a.rope_mode);
         return;
     }
     const se_steps st = se_k_steps(a, pl, j, s);
@@ -303,11 +306,12 @@ void se_pack_k_rot(const se_args & a, const se_plan & pl, int64_t c0, int64_t nk
 }
 
 // The rotation a key row takes on its way into a dot product (se_dot_rows): none, or by a row cs of a rotation table
-// over its first n_rot dimensions, in either pair layout (ggml-self-extend.h)
+// (F32, or F16: cs_f16) over its first n_rot dimensions, in either pair layout (ggml-self-extend.h)
 struct se_rot {
-    const float * cs = nullptr; // null: none
-    int64_t       n_rot = 0;
-    bool          neox = false;
+    const void * cs = nullptr; // null: none
+    bool         cs_f16 = false;
+    int64_t      n_rot = 0;
+    bool         neox = false;
 };
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
@@ -318,10 +322,10 @@ inline __m256 se_load8(const void * k, int64_t d) {
 }
 
 // out[r*SE_TILE_KV] = (R k) . Q[r] for N query rows in f32: the key (f16 or f32) loaded once, rotated (ROT: 0 none,
-// 1 NORM pairs, 2 NEOX pairs) by rot in registers. A decode step dots each grouped key of the table forms this way:
+// 1 NORM pairs, 2 NEOX pairs) by rot (a row of f16: T16) in registers. A decode step dots each grouped key of the table forms this way:
 // made in a scratch row first, by calls that convert, rotate and dot one after the other, it cost them a fifth of
 // SmolLM2's decode at 16K on two cores against the grouped-key cache (docs/RESULTS.md 4.2).
-template <int N, bool F16, int ROT>
+template <int N, bool F16, int ROT, bool T16>
 void se_dot_rows_n(const void * k, int64_t DK, const float * Q, const se_rot & rot, float * out) {
     __m256 acc[N];
     for (int r = 0; r < N; ++r) {
@@ -335,7 +339,7 @@ void se_dot_rows_n(const void * k, int64_t DK, const float * Q, const se_rot & r
     int64_t d = 0;
     if (ROT == 1) { // 4 interleaved pairs (x, y) per 8 floats: even lanes x c - y s, odd lanes y c + x s
         for (; d < rot.n_rot; d += 8) {
-            const __m256 v = se_load8<F16>(k, d), t = _mm256_loadu_ps(rot.cs + d);
+            const __m256 v = se_load8<F16>(k, d), t = se_load8<T16>(rot.cs, d);
             const __m256 sw = _mm256_permute_ps(v, 0xB1);
             add(_mm256_fmaddsub_ps(v, _mm256_moveldup_ps(t), _mm256_mul_ps(sw, _mm256_movehdup_ps(t))), d);
         }
@@ -343,7 +347,7 @@ void se_dot_rows_n(const void * k, int64_t DK, const float * Q, const se_rot & r
         const int64_t half = rot.n_rot/2;
         for (; d < half; d += 8) {
             const __m256 x = se_load8<F16>(k, d), y = se_load8<F16>(k, half + d);
-            const __m256 c = _mm256_loadu_ps(rot.cs + d), sn = _mm256_loadu_ps(rot.cs + half + d);
+            const __m256 c = se_load8<T16>(rot.cs, d), sn = se_load8<T16>(rot.cs, half + d);
             add(_mm256_fmsub_ps(x, c, _mm256_mul_ps(y, sn)), d);
             add(_mm256_fmadd_ps(x, sn, _mm256_mul_ps(y, c)), half + d);
         }
@@ -360,27 +364,33 @@ void se_dot_rows_n(const void * k, int64_t DK, const float * Q, const se_rot & r
     }
 }
 
-template <bool F16, int ROT>
+template <bool F16, int ROT, bool T16>
 bool se_dot_rows_t(const void * k, int64_t DK, const float * Q, int64_t n, const se_rot & rot, float * out) {
     switch (n) {
-        case 1: se_dot_rows_n<1, F16, ROT>(k, DK, Q, rot, out); return true;
-        case 2: se_dot_rows_n<2, F16, ROT>(k, DK, Q, rot, out); return true;
-        case 3: se_dot_rows_n<3, F16, ROT>(k, DK, Q, rot, out); return true;
-        case 4: se_dot_rows_n<4, F16, ROT>(k, DK, Q, rot, out); return true;
-        case 5: se_dot_rows_n<5, F16, ROT>(k, DK, Q, rot, out); return true;
-        case 6: se_dot_rows_n<6, F16, ROT>(k, DK, Q, rot, out); return true;
-        case 7: se_dot_rows_n<7, F16, ROT>(k, DK, Q, rot, out); return true;
-        case 8: se_dot_rows_n<8, F16, ROT>(k, DK, Q, rot, out); return true;
+        case 1: se_dot_rows_n<1, F16, ROT, T16>(k, DK, Q, rot, out); return true;
+        case 2: se_dot_rows_n<2, F16, ROT, T16>(k, DK, Q, rot, out); return true;
+        case 3: se_dot_rows_n<3, F16, ROT, T16>(k, DK, Q, rot, out); return true;
+        case 4: se_dot_rows_n<4, F16, ROT, T16>(k, DK, Q, rot, out); return true;
+        case 5: se_dot_rows_n<5, F16, ROT, T16>(k, DK, Q, rot, out); return true;
+        case 6: se_dot_rows_n<6, F16, ROT, T16>(k, DK, Q, rot, out); return true;
+        case 7: se_dot_rows_n<7, F16, ROT, T16>(k, DK, Q, rot, out); return true;
+        case 8: se_dot_rows_n<8, F16, ROT, T16>(k, DK, Q, rot, out); return true;
         default: return false;
     }
+}
+
+template <bool F16, int ROT>
+bool se_dot_rows_c(const void * k, int64_t DK, const float * Q, int64_t n, const se_rot & rot, float * out) {
+    return rot.cs_f16 ? se_dot_rows_t<F16, ROT, true>(k, DK, Q, n, rot, out)
+                      : se_dot_rows_t<F16, ROT, false>(k, DK, Q, n, rot, out);
 }
 
 template <bool F16>
 bool se_dot_rows_r(const void * k, int64_t DK, const float * Q, int64_t n, const se_rot & rot, float * out) {
     if (!rot.cs) {
-        return se_dot_rows_t<F16, 0>(k, DK, Q, n, rot, out);
+        return se_dot_rows_t<F16, 0, false>(k, DK, Q, n, rot, out);
     }
-    return rot.neox ? se_dot_rows_t<F16, 2>(k, DK, Q, n, rot, out) : se_dot_rows_t<F16, 1>(k, DK, Q, n, rot, out);
+    return rot.neox ? se_dot_rows_c<F16, 2>(k, DK, Q, n, rot, out) : se_dot_rows_c<F16, 1>(k, DK, Q, n, rot, out);
 }
 
 // the same for any n <= 8 and an F16 or F32 key row, rotated by rot (if any); false when this build has no such kernel

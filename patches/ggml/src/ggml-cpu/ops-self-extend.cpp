@@ -116,9 +116,10 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
                         // step, and the queries by the larger one)
                         if (rot_key != ic + j) {
                             int64_t h;
-                            rot.cs    = se_k_rot_cs(a, p, ic + j, s, h, w.cs);
-                            rot_key   = ic + j;
-                            row_ready = false;
+                            rot.cs     = se_k_rot_cs(a, p, ic + j, s, h);
+                            rot.cs_f16 = a.k_g->type == GGML_TYPE_F16;
+                            rot_key    = ic + j;
+                            row_ready  = false;
                             if (h >= 0 && h != rot_h) { // keys in position order change h once per n_lo positions
                                 memcpy(w.Qh, Qg, R*DK*sizeof(float));
                                 const float * hi = (const float *) ((const char *) a.k_g->data + (a.n_lo + h)*a.k_g->nb[1]);
@@ -134,7 +135,7 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
                         }
                         if (!row_ready) { // made once per key of the tile (every query shares it)
                             se_row_to_f32(a.k, kr, row, DK);
-                            se_rotate_row(row, rot.cs, rot.n_rot, a.rope_mode);
+                            se_rotate_row(row, se_tab_f32(a.k_g->type, rot.cs, rot.n_rot, w.cs), rot.n_rot, a.rope_mode);
                             row_ready = true;
                         }
                         for (int64_t hh = 0; hh < gqa; ++hh) {
