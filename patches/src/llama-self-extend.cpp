@@ -274,6 +274,7 @@ static void se_configure(llama_context & ctx, int32_t ga_n, int32_t ga_w, bool r
     auto & cparams = llama_se_access::cparams(ctx);
     bool fused = ga_n > 1 && cparams.flash_attn && se_fused_supported(ctx, se_keys::cache);
     const se_keys form = fused ? se_keys_form(ctx) : se_keys::cache;
+    bool changed = rebuild || ga_n != cparams.se_n || ga_w != cparams.se_w; // whether the graphs change
     for (const llama_kv_cache * kv : se_kv_caches(ctx)) {
         if (!fused) {
             break;
@@ -287,14 +288,17 @@ static void se_configure(llama_context & ctx, int32_t ga_n, int32_t ga_w, bool r
                 llama_se_kcache_invalidate(*kv); // built under the previous setting, in the form wanted now
             }
         } else {
-            fused = se_kcache_alloc(const_cast<llama_kv_cache *>(kv), cparams, form);
+            fused   = se_kcache_alloc(const_cast<llama_kv_cache *>(kv), cparams, form);
+            changed = true;
         }
     }
     if (!fused) {
         for (const llama_kv_cache * kv : se_kv_caches(ctx)) {
+            changed = changed || llama_se_access::kcache(kv);
             llama_se_access::kcache(const_cast<llama_kv_cache *>(kv)).reset();
         }
     }
+    changed = changed || fused != cparams.se_fa;
     if (ga_n > 1 && cparams.flash_attn && !fused) {
         LLAMA_LOG_INFO("%s: a device lacks the fused Self-Extend attention op: using the exact non-flash path\n", who);
     }
@@ -302,8 +306,11 @@ static void se_configure(llama_context & ctx, int32_t ga_n, int32_t ga_w, bool r
     cparams.se_n  = ga_n;
     cparams.se_w  = ga_w;
     cparams.se_fa = fused;
-    // the graph changes shape and size: drop cached graphs and re-reserve the compute buffers
-    llama_se_access::need_reserve(ctx);
+    if (changed) {
+        // the graph changes shape and size: drop cached graphs and re-reserve the compute buffers (asking for the form
+        // already in use changes nothing)
+        llama_se_access::need_reserve(ctx);
+    }
 }
 
 int32_t llama_set_self_extend(llama_context * ctx, int32_t ga_n, int32_t ga_w) {

@@ -268,6 +268,31 @@ def test_every_form_in_turn_on_one_live_context(wide_model: TinyModel) -> None:
     assert_close(np.concatenate(parts), reference_logits(wide_model, tokens, ga_n=4, ga_w=16), ATOL_F16)
 
 
+def test_asking_for_the_form_in_use_keeps_the_compute_buffers(wide_model: TinyModel,
+                                                              capfd: pytest.CaptureFixture[str]) -> None:
+    """Naming the form that auto took changes no graph, so the next decode reserves nothing (llama.cpp logs
+    "sched_reserve: reserving" when it does); naming another form does."""
+    from selfext_cpp.engine import set_llama_log
+
+    tokens = tokens_for(wide_model, seed=23)
+    with LlamaRunner(wide_model.path, n_ctx=256, flash_attn=True, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16) as r:
+        set_llama_log(True)  # llama.cpp's log to stderr, whichever callback an earlier test left
+        try:
+            assert r.set_self_extend(4, 16) == 0
+            r.decode(tokens[:40])
+            auto = r.keys
+            capfd.readouterr()
+            assert r.set_keys(auto) == 0 and r.keys == auto
+            r.decode(tokens[40:42], chunk=1)
+            assert "reserving" not in capfd.readouterr().err
+            other = "cache" if auto != "cache" else "steps"
+            assert r.set_keys(other) == 0 and r.keys == other
+            r.decode(tokens[42:44], chunk=1)
+            assert "reserving" in capfd.readouterr().err
+        finally:
+            set_llama_log(False)
+
+
 @pytest.mark.parametrize("keys", [-2, 4, 99])
 def test_an_unknown_form_is_refused_and_changes_nothing(wide_model: TinyModel, keys: int) -> None:
     from selfext_cpp import capi
