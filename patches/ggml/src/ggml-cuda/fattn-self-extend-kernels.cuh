@@ -817,10 +817,12 @@ static __global__ void flash_attn_ext_se_rotate_k(const fattn_se_params p, half 
         return;
     }
     const half  * x  = (const half *) (p.k + j*p.nb_k1 + blockIdx.y*p.nb_k2 + blockIdx.z*p.nb_k3);
-    const half  * th = (const half *) (p.k_g + j*p.nb_kg1 + blockIdx.z*p.nb_kg3); // the key's row of a table of rows
+    const half  * th = nullptr; // a table of rows: the key's row
     const float * t  = nullptr; // a table of steps: t the key's single-position step, t_hi its larger one
     const float * t_hi = nullptr;
-    if (p.k_steps_G > 0) {
+    if (p.k_steps_G == 0) {
+        th = (const half *) (p.k_g + j*p.nb_kg1 + blockIdx.z*p.nb_kg3);
+    } else {
         int r_lo, r_hi;
         fattn_se_steps_rows(p, ((const int *) (p.pos_k + blockIdx.z*p.nb_pk1))[j], r_lo, r_hi);
         t    = (const float *) (p.k_g + int64_t(r_lo)*p.nb_kg1);
