@@ -322,9 +322,9 @@ inline __m256 se_load8(const void * k, int64_t d) {
 }
 
 // out[r*SE_TILE_KV] = (R k) . Q[r] for N query rows in f32: the key (f16 or f32) loaded once, rotated (ROT: 0 none,
-// 1 NORM pairs, 2 NEOX pairs) by rot (a row of f16: T16) in registers. A decode step dots each grouped key of the table forms this way:
-// made in a scratch row first, by calls that convert, rotate and dot one after the other, it cost them a fifth of
-// SmolLM2's decode at 16K on two cores against the grouped-key cache (docs/RESULTS.md 4.2).
+// 1 NORM pairs, 2 NEOX pairs) by rot (a row of f16: T16) in registers. A decode step dots each grouped key of the
+// table forms this way: made in a scratch row first, by calls that convert, rotate and dot one after the other, it
+// cost them a fifth of SmolLM2's decode at 16K on two cores against the grouped-key cache (docs/RESULTS.md 4.2).
 template <int N, bool F16, int ROT, bool T16>
 void se_dot_rows_n(const void * k, int64_t DK, const float * Q, const se_rot & rot, float * out) {
     __m256 acc[N];

@@ -135,7 +135,8 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
                         }
                         if (!row_ready) { // made once per key of the tile (every query shares it)
                             se_row_to_f32(a.k, kr, row, DK);
-                            se_rotate_row(row, se_tab_f32(a.k_g->type, rot.cs, rot.n_rot, w.cs), rot.n_rot, a.rope_mode);
+                            const float * cs = se_tab_f32(a.k_g->type, rot.cs, rot.n_rot, w.cs);
+                            se_rotate_row(row, cs, rot.n_rot, a.rope_mode);
                             row_ready = true;
                         }
                         for (int64_t hh = 0; hh < gqa; ++hh) {
