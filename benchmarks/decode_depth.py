@@ -25,7 +25,8 @@ import sys
 import tempfile
 import time
 
-from ttft import add_swa_full, document, keys_env, load_model, sizes
+from selfext_cpp.engine import keys_environ
+from ttft import add_swa_full, document, load_model, sizes
 
 
 def child(args: argparse.Namespace) -> None:
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace, ga_n: int, form: str = "", save: bool = False)
            "-ngl", str(args.ngl), "--swa-full", args.swa_full, "--state", args.state]
     cmd += ["-t", str(args.threads)] if args.threads else []
     cmd += ["--save"] if save else []
-    got = subprocess.run(cmd, capture_output=True, text=True, check=False, env=keys_env(form))
+    got = subprocess.run(cmd, capture_output=True, text=True, check=False, env=keys_environ(form))
     if got.returncode:
         sys.exit(f"decode_depth: the {form or 'vanilla'} run failed:\n{got.stderr[-2000:]}")
     return 0.0 if save else float(json.loads(got.stdout.strip().splitlines()[-1])["decode_tps"])

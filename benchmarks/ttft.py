@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Any
 
+from selfext_cpp.engine import keys_environ
+
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 
 
@@ -87,19 +89,14 @@ def memory_mib(log: str) -> dict[str, float]:
     return {**{k: round(v, 2) for k, v in got.items()}, "total": round(sum(got.values()), 2)}
 
 
-def keys_env(form: str | None) -> dict[str, str]:
-    """The environment of a child process that runs Self-Extend with this form of the grouped keys (None or auto: the
-    environment's own setting)."""
-    return dict(os.environ, **({"LLAMA_SELF_EXTEND_KEYS": form} if form and form != "auto" else {}))
-
-
 def measure(args: argparse.Namespace, n_tokens: int, ubatch: int, ga_n: int, form: str = "auto") -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--model", args.model, "--n-tokens", str(n_tokens), "--ubatch",
            str(ubatch), "--ga-n", str(ga_n), "--ga-w", str(args.ga_w), "--n-gen", str(args.n_gen),
            "--repeats", str(args.repeats), "--warmups", str(args.warmups), "-ngl", str(args.ngl),
            "--swa-full", args.swa_full]
     cmd += ["-t", str(args.threads)] if args.threads else []
-    got = subprocess.run(cmd, capture_output=True, text=True, check=False, env=keys_env(form if ga_n > 1 else None))
+    env = keys_environ(form if ga_n > 1 else None)  # vanilla's children keep the environment as it is
+    got = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if got.returncode:
         sys.exit(f"ttft: the {'selfext' if ga_n > 1 else 'vanilla'} run failed:\n{got.stderr[-2000:]}")
     runs = json.loads(got.stdout.strip().splitlines()[-1])
@@ -195,7 +192,8 @@ def main() -> None:
                     mem_v, mem_s = v["memory_mib"]["total"], s["memory_mib"]["total"]
                     print(f"{n:>7} tokens  ubatch {ub:>5}{form}  prefill {v['prefill_median']:9.1f} -> "
                           f"{s['prefill_median']:9.1f} tok/s ({ratio['prefill']:.3f})  "
-                          f"decode {v['decode_median']:8.1f} -> {s['decode_median']:8.1f} tok/s ({ratio['decode']:.3f})  "
+                          f"decode {v['decode_median']:8.1f} -> {s['decode_median']:8.1f} tok/s "
+                          f"({ratio['decode']:.3f})  "
                           f"memory {mem_v:.0f} -> {mem_s:.0f} MiB ({ratio['memory']:.3f}){pairs}", flush=True)
     if args.json:
         print(json.dumps({"model": os.path.basename(args.model), "ga_n": args.ga_n, "ga_w": args.ga_w,

@@ -256,6 +256,13 @@ def check_keys(keys: str) -> int:
     return KEYS_FORMS.index(keys)
 
 
+def keys_environ(keys: str | None) -> dict[str, str]:
+    """The environment for a child process (llama-server, a benchmark's) whose contexts leave the form of the grouped
+    keys to libllama: this one with LLAMA_SELF_EXTEND_KEYS set to ``keys``, unless it is None or "auto" (then the
+    environment's own setting stands)."""
+    return {**os.environ, **({"LLAMA_SELF_EXTEND_KEYS": keys} if keys and keys != "auto" else {})}
+
+
 def set_self_extend_keys(llm: Llama, keys: str) -> None:
     """Ask for a form of the fused path's grouped keys on ``llm``: "steps" (nothing kept per cell), "table" (a
     rotation table, n_rot halves per cell), "cache" (one more K cache), or "auto", the library's choice per device.

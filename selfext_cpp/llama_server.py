@@ -187,13 +187,14 @@ def start(cfg: Config, *, host: str = "127.0.0.1", port: int = 8080, verbose: bo
 
     Its log goes to stderr with ``verbose``; otherwise only its error lines, in the ServerError when it fails.
     """
+    from .engine import keys_environ
+
     exe = binary()
     if exe is None:
         raise ServerError(f"llama-server is not built into this install; {INSTALL_HINT}")
     # its own session: a Ctrl-C in the terminal reaches us, and stop() passes it on
-    env = {**os.environ, **({"LLAMA_SELF_EXTEND_KEYS": cfg.ga_keys} if cfg.ga_keys != "auto" else {})}
     proc = subprocess.Popen([str(exe), *cfg.args(host, port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+                            stdin=subprocess.DEVNULL, start_new_session=True, env=keys_environ(cfg.ga_keys))
     running = Running(proc, echo=verbose)
     if port:
         running.url = f"http://{host}:{port}"

@@ -66,7 +66,7 @@ enum llama_self_extend_keys {
     LLAMA_SELF_EXTEND_KEYS_AUTO  =  0, // the library chooses per context (LLAMA_SELF_EXTEND_KEYS in the environment
                                        // may ask for one of the three below by name: steps, table, cache)
     LLAMA_SELF_EXTEND_KEYS_STEPS =  1, // nothing per cell: the kernels compose each key's rotation from a small table
-    LLAMA_SELF_EXTEND_KEYS_TABLE =  2, // one rotation table, n_rot floats per cell
+    LLAMA_SELF_EXTEND_KEYS_TABLE =  2, // one rotation table, n_rot values per cell (halves; floats for an f32 K)
     LLAMA_SELF_EXTEND_KEYS_CACHE =  3, // the grouped keys themselves: one more K per Self-Extend layer
 };
 

@@ -123,6 +123,6 @@ def test_forms_run_each_in_its_own_processes_with_its_setting(ttft: ModuleType, 
 
 def test_auto_leaves_the_environments_form(ttft: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLAMA_SELF_EXTEND_KEYS", "table")
-    assert ttft.keys_env("auto")["LLAMA_SELF_EXTEND_KEYS"] == "table"
-    assert ttft.keys_env(None)["LLAMA_SELF_EXTEND_KEYS"] == "table"
-    assert ttft.keys_env("steps")["LLAMA_SELF_EXTEND_KEYS"] == "steps"
+    assert ttft.keys_environ("auto")["LLAMA_SELF_EXTEND_KEYS"] == "table"
+    assert ttft.keys_environ(None)["LLAMA_SELF_EXTEND_KEYS"] == "table"
+    assert ttft.keys_environ("steps")["LLAMA_SELF_EXTEND_KEYS"] == "steps"
