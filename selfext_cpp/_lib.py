@@ -16,7 +16,7 @@ from types import ModuleType
 from .errors import LibraryError
 
 PACKAGE_LIB_DIR = Path(__file__).resolve().parent / "lib"
-API_VERSION = 3  # LLAMA_SELF_EXTEND_API_VERSION this package speaks
+API_VERSION = 4  # LLAMA_SELF_EXTEND_API_VERSION this package speaks
 
 
 def lib_dir() -> Path:

@@ -99,6 +99,18 @@ def llama_get_self_extend_keys(ctx: llama_context_p, /) -> int:
     ...
 
 
+# LLAMA_API const char * llama_self_extend_keys_str(int32_t keys);
+@ctypes_function("llama_self_extend_keys_str", [ctypes.c_int32], ctypes.c_char_p)
+def llama_self_extend_keys_str(keys: int, /) -> bytes | None:
+    """The name of a LLAMA_SELF_EXTEND_KEYS_* value ("auto", "steps", "table", "cache"); None for NONE and others."""
+    ...
+
+
+def keys_str(keys: int) -> str | None:
+    name = llama_self_extend_keys_str(keys)
+    return name.decode() if name is not None else None
+
+
 def upstream_commit() -> str:
     return llama_self_extend_upstream_commit().decode()
 

@@ -276,8 +276,8 @@ def set_self_extend_keys(llm: Llama, keys: str) -> None:
 def self_extend_keys(llm: Llama) -> str | None:
     """The form of the grouped keys ``llm``'s fused path keeps ("steps", "table" or "cache"); None where it does not
     run the fused path (Self-Extend off, or its generic path)."""
-    keys = _capi().llama_get_self_extend_keys(llm.ctx)
-    return KEYS_FORMS[keys] if keys > 0 else None
+    capi = _capi()
+    return capi.keys_str(capi.llama_get_self_extend_keys(llm.ctx))
 
 
 def n_ctx_train(llm: Llama) -> int:

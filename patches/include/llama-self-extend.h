@@ -16,7 +16,7 @@
 extern "C" {
 #endif
 
-#define LLAMA_SELF_EXTEND_API_VERSION 3
+#define LLAMA_SELF_EXTEND_API_VERSION 4
 
 enum llama_self_extend_status {
     LLAMA_SELF_EXTEND_OK                =  0,
@@ -79,6 +79,10 @@ LLAMA_API int32_t llama_set_self_extend_keys(struct llama_context * ctx, int32_t
 
 // The form of the grouped keys in use: STEPS, TABLE or CACHE, or NONE where the context does not run the fused path.
 LLAMA_API int32_t llama_get_self_extend_keys(const struct llama_context * ctx);
+
+// The name of a llama_self_extend_keys value: "auto", "steps", "table" or "cache" (the names LLAMA_SELF_EXTEND_KEYS in
+// the environment takes); NULL for NONE and any other value.
+LLAMA_API const char * llama_self_extend_keys_str(int32_t keys);
 
 #ifdef __cplusplus
 }

@@ -232,14 +232,23 @@ static bool se_keys_on_local_gpu(llama_context & ctx) {
 // The form of the grouped keys asked for by name in the environment, LLAMA_SELF_EXTEND_KEYS=steps, table or cache, for
 // the contexts that leave it to auto (programs that do not call llama_set_self_extend_keys: llama-server); 0 (auto)
 // when unset, auto or unknown.
+const char * llama_self_extend_keys_str(int32_t keys) {
+    switch (keys) {
+        case LLAMA_SELF_EXTEND_KEYS_AUTO:  return "auto";
+        case LLAMA_SELF_EXTEND_KEYS_STEPS: return "steps";
+        case LLAMA_SELF_EXTEND_KEYS_TABLE: return "table";
+        case LLAMA_SELF_EXTEND_KEYS_CACHE: return "cache";
+        default:                           return nullptr;
+    }
+}
+
 static int32_t se_keys_from_env() {
     const char * v = getenv("LLAMA_SELF_EXTEND_KEYS");
-    if (!v || !*v || strcmp(v, "auto") == 0) {
+    if (!v || !*v) {
         return LLAMA_SELF_EXTEND_KEYS_AUTO;
     }
-    for (auto [name, keys] : { std::pair("steps", LLAMA_SELF_EXTEND_KEYS_STEPS), std::pair("table", LLAMA_SELF_EXTEND_KEYS_TABLE),
-                               std::pair("cache", LLAMA_SELF_EXTEND_KEYS_CACHE) }) {
-        if (strcmp(v, name) == 0) {
+    for (int32_t keys = LLAMA_SELF_EXTEND_KEYS_AUTO; llama_self_extend_keys_str(keys); ++keys) {
+        if (strcmp(v, llama_self_extend_keys_str(keys)) == 0) {
             return keys;
         }
     }

@@ -37,11 +37,10 @@ bool common_self_extend_apply(llama_context * ctx, const common_params & params,
     }
     const int32_t cap     = se_capacity(n_ctx_train, ga_n, ga_w);
     const int32_t n_seq   = (int32_t) llama_n_ctx_seq(ctx);
-    static const char * const keys[] = { "steps", "table", "cache" }; // LLAMA_SELF_EXTEND_KEYS_STEPS ..
-    const int32_t k = llama_get_self_extend_keys(ctx);
+    const char * keys = llama_self_extend_keys_str(llama_get_self_extend_keys(ctx));
     char path[64] = "generic attention path";
-    if (k > 0) {
-        snprintf(path, sizeof(path), "fused flash attention (keys: %s)", keys[k - 1]);
+    if (keys) {
+        snprintf(path, sizeof(path), "fused flash attention (keys: %s)", keys);
     }
     LOG_INF("%s: Self-Extend on the %s context: G = %d, W = %d, %s; reaches %d tokens per sequence "
             "(trained on %d; %d per sequence here)\n", __func__, what, ga_n, ga_w, path, cap, n_ctx_train, n_seq);

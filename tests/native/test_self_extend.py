@@ -218,6 +218,18 @@ def test_invalid_values_are_refused_and_leave_the_context_unchanged(
 KEYS = ("steps", "table", "cache")
 
 
+def test_the_library_names_the_forms_as_the_package_does() -> None:
+    """llama_self_extend_keys_str names each LLAMA_SELF_EXTEND_KEYS_* value (the names LLAMA_SELF_EXTEND_KEYS and
+    llama-server's log line use) as selfext_cpp.engine.KEYS_FORMS does, in the C enum's order; NONE and values past
+    the enum have no name."""
+    from selfext_cpp import capi
+    from selfext_cpp.engine import KEYS_FORMS
+
+    assert [capi.keys_str(k) for k in range(len(KEYS_FORMS))] == list(KEYS_FORMS)
+    assert capi.keys_str(capi.LLAMA_SELF_EXTEND_KEYS_NONE) is None
+    assert capi.keys_str(len(KEYS_FORMS)) is None
+
+
 @pytest.mark.parametrize("keys", KEYS)
 def test_a_form_of_the_grouped_keys_asked_through_the_api(model: TinyModel, keys: str,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
