@@ -47,6 +47,16 @@ const char * llama_self_extend_status_str(int32_t status) {
     }
 }
 
+const char * llama_self_extend_keys_str(int32_t keys) {
+    switch (keys) {
+        case LLAMA_SELF_EXTEND_KEYS_AUTO:  return "auto";
+        case LLAMA_SELF_EXTEND_KEYS_STEPS: return "steps";
+        case LLAMA_SELF_EXTEND_KEYS_TABLE: return "table";
+        case LLAMA_SELF_EXTEND_KEYS_CACHE: return "cache";
+        default:                           return nullptr;
+    }
+}
+
 // architectures whose attention goes through build_attn with a KV cache (plain or iSWA) and plain RoPE on q/k,
 // without position-dependent query scaling
 static bool se_arch_covered(llm_arch arch) {
@@ -232,16 +242,6 @@ static bool se_keys_on_local_gpu(llama_context & ctx) {
 // The form of the grouped keys asked for by name in the environment, LLAMA_SELF_EXTEND_KEYS=steps, table or cache, for
 // the contexts that leave it to auto (programs that do not call llama_set_self_extend_keys: llama-server); 0 (auto)
 // when unset, auto or unknown.
-const char * llama_self_extend_keys_str(int32_t keys) {
-    switch (keys) {
-        case LLAMA_SELF_EXTEND_KEYS_AUTO:  return "auto";
-        case LLAMA_SELF_EXTEND_KEYS_STEPS: return "steps";
-        case LLAMA_SELF_EXTEND_KEYS_TABLE: return "table";
-        case LLAMA_SELF_EXTEND_KEYS_CACHE: return "cache";
-        default:                           return nullptr;
-    }
-}
-
 static int32_t se_keys_from_env() {
     const char * v = getenv("LLAMA_SELF_EXTEND_KEYS");
     if (!v || !*v) {
