@@ -85,7 +85,6 @@ def make_tiny_gemma3(
 
     The two RoPE bases differ by 100x, so a rotation with the wrong layer's base moves logits visibly.
     """
-    import gguf
 
     rng = np.random.default_rng(seed)
 

@@ -127,7 +127,6 @@ def make_tiny_gguf(
     ``kv_bias`` adds q/k/v biases; None means the architecture's default (qwen2: yes, llama: no).
     Scales are chosen so attention scores have std ~2 (RoPE positions visibly matter) and logits are O(1).
     """
-    import gguf
 
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")

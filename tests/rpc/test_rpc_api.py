@@ -52,12 +52,12 @@ def test_logits_over_rpc_are_the_local_logits_past_the_trained_window(
     try:
         assert self_extend_fused(remote) == self_extend_fused(local) == flash_attn
         tokens = local.tokenize(DOC.encode())  # 451 tokens: past the trained 256
-        for step in range(8):  # the prompt, then greedy tokens one by one
+        for _ in range(8):  # the prompt, then greedy tokens one by one
             for llm in (local, remote):
-                llm.eval(tokens if step == 0 else [next_token])
+                llm.eval(tokens)
             a, b = (last_logits(llm) for llm in (local, remote))
             np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
-            next_token = int(np.argmax(a))
+            tokens = [int(np.argmax(a))]
     finally:
         local.close()
         remote.close()
