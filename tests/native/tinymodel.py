@@ -476,9 +476,9 @@ class LlamaRunner:
     def set_keys(self, keys: str) -> int:
         """llama_set_self_extend_keys with a form named as selfext_cpp.engine.KEYS_FORMS; returns its status."""
         from selfext_cpp import capi
-        from selfext_cpp.engine import KEYS_FORMS
+        from selfext_cpp.engine import check_keys
 
-        return int(capi.llama_set_self_extend_keys(self.ctx, KEYS_FORMS.index(keys)))
+        return int(capi.llama_set_self_extend_keys(self.ctx, check_keys(keys)))
 
     @property
     def keys(self) -> str | None:
