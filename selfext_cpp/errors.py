@@ -15,8 +15,8 @@ from collections.abc import Mapping
 PARAMETERS = {
     "ga_n": "ga_n", "ga_w": "ga_w", "ga_keys": "ga_keys", "auto": "auto", "n_ctx": "n_ctx", "n_batch": "n_batch",
     "chat": "chat=True", "no_chat": "chat=False", "system": "system", "text": "text", "lengths": "lengths",
-    "window": "window", "n_prompt": "n_prompt", "n_gen": "n_gen", "repeats": "repeats", "depths": "depths", "logprobs": "logprobs",
-    "host": "host", "port": "port", "plot": "plot", "parallel": "parallel", "rpc": "rpc",
+    "window": "window", "n_prompt": "n_prompt", "n_gen": "n_gen", "repeats": "repeats", "depths": "depths",
+    "logprobs": "logprobs", "host": "host", "port": "port", "plot": "plot", "parallel": "parallel", "rpc": "rpc",
 }
 _FIELD = re.compile(r"\{([a-z_]+)\}")
 
