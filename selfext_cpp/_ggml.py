@@ -35,6 +35,7 @@ _SIGNATURES = {
     # q, k, v, mask, q_g, k_steps, rope_mode, n_group, n_lo, pos_q, pos_k, n_window, scale, logit_softcap
     "ggml_flash_attn_ext_se_steps": ([_p, _p, _p, _p, _p, _p, _p, _i32, _i32, _i32, _p, _p, _i32, _f32, _f32], _p),
     "ggml_flash_attn_ext_se_q_rot": ([_p], None),
+    "ggml_flash_attn_ext_se_causal": ([_p], None),
     # q, k, v, mask, scale, max_bias, logit_softcap
     "ggml_flash_attn_ext": ([_p, _p, _p, _p, _p, _f32, _f32, _f32], _p),
     "ggml_prec_set_acc": ([_p, _int], None),

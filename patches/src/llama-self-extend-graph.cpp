@@ -37,14 +37,40 @@ static int64_t se_step_rows(const llama_kv_cache_context * mctx) {
     return llama_se_kcache::steps_rows(n_pos);
 }
 
-bool llama_se_can_reuse(const llama_se_inp & inp, const llama_kv_cache_context * mctx) {
+// Whether the fused op can mask ubatch's queries by the positions alone (llama_se_inp::causal): what llama.cpp's mask
+// of the cache holds then is, per stream, "the cell holds the stream's sequence and 0 <= its position <= the query's".
+// So: causal attention without ALiBi, SWA or 2-D positions, and in each stream the tokens of one sequence (llama.cpp's
+// mask reads a token's first sequence id). A ubatch whose tokens name no sequence (llama.cpp's graph reservation) keeps
+// the mask, so that the memory reserved covers it.
+static bool se_causal_by_positions(const llama_kv_cache_context * mctx, const llama_ubatch & ubatch,
+                                   const llama_cparams & cparams) {
+    const llama_kv_cache * kv = llama_se_access::kv(mctx);
+    if (!cparams.se_fa || !cparams.causal_attn || llama_se_access::model(kv).hparams.use_alibi ||
+        llama_se_access::swa_type(kv) != LLAMA_SWA_TYPE_NONE || ubatch.is_pos_2d()) {
+        return false;
+    }
+    const int64_t n_stream = cparams.kv_unified ? 1 : ubatch.n_seqs_unq;
+    const int64_t n_tps    = ubatch.n_tokens/n_stream;
+    for (int64_t i = 0; i < ubatch.n_tokens; ++i) {
+        if (ubatch.n_seq_id[i] < 1 || ubatch.seq_id[i][0] != ubatch.seq_id[(i/n_tps)*n_tps][0]) {
+            return false;
+        }
+    }
+    return true;
+}
+
+bool llama_se_can_reuse(const llama_se_inp & inp, const llama_kv_cache_context * mctx, const llama_ubatch & ubatch,
+                        const llama_cparams & cparams) {
     if (!inp.q_shift) {
         return true;
     }
     // a graph that rebuilt the grouped keys must not run again, and a stale cache needs that graph; a table of steps
-    // must cover the positions
+    // must cover the positions; the mask is of the same kind, and a graph without llama.cpp's mask has the cells' count
+    // (which llama.cpp checks on its mask only where it has one)
     return !inp.k_g_rebuild && !(inp.pos_q && se_kcache_stale(mctx)) &&
-           !(inp.k_steps && inp.k_steps->ne[1] < se_step_rows(mctx));
+           !(inp.k_steps && inp.k_steps->ne[1] < se_step_rows(mctx)) &&
+           inp.causal == se_causal_by_positions(mctx, ubatch, cparams) &&
+           !(inp.pos_k && inp.pos_k->ne[0] != mctx->get_n_kv());
 }
 
 // A part of the pack: a contiguous view of pack_dev at element offset off. Every part has 4-byte elements and the pack
@@ -129,6 +155,7 @@ llama_se_inp llama_se_build_inp(
         }
         add(&inp.pos_q, GGML_TYPE_I32, "se_pos_q", n_tokens/n_stream, n_stream);
         add(&inp.pos_k, GGML_TYPE_I32, "se_pos_k", n_kv, n_stream);
+        inp.causal = se_causal_by_positions(mctx, ubatch, cparams);
     } else {
         add(&inp.k_shift, GGML_TYPE_I32, "se_k_shift", n_kv*n_stream);
         add(&inp.nbr, GGML_TYPE_F32, "se_nbr", n_kv, n_tokens/n_stream, 1, n_stream);
@@ -263,12 +290,15 @@ void llama_se_set_inp(
         for (int64_t i = 0; i < n_tokens; ++i) {
             pos_q[i] = ubatch->pos[i];
         }
-        // keys: empty cells are masked; -1 classifies them with the distant (grouped) keys
+        // keys: empty cells are masked; -1 classifies them with the distant (grouped) keys, and (causal) hides them and
+        // the cells that the stream's sequence lacks
         int32_t * pos_k = se_host<int32_t>(inp, inp.pos_k);
+        const int64_t n_tps = n_tokens/n_stream;
         for (int64_t s = 0; s < n_stream; ++s) {
             const llama_kv_cells & cells = llama_se_access::cells(kv, s0 + s);
+            const llama_seq_id seq = inp.causal ? ubatch->seq_id[s*n_tps][0] : -1;
             for (int64_t j = 0; j < n_kv; ++j) {
-                pos_k[s*n_kv + j] = cells.is_empty(j) ? -1 : cells.pos_get(j);
+                pos_k[s*n_kv + j] = cells.is_empty(j) || (inp.causal && !cells.seq_has(j, seq)) ? -1 : cells.pos_get(j);
             }
         }
         return;
@@ -478,6 +508,7 @@ bool llama_se_build_layer(
     out.grp      = inp.grp;
     out.pos_q    = inp.pos_q;
     out.pos_k    = inp.pos_k;
+    out.causal   = inp.causal;
     out.n_window = cparams.se_w;
     return true;
 }
@@ -499,25 +530,26 @@ ggml_tensor * llama_se_build_fattn(
         float kq_scale,
         float softcap) {
     GGML_ASSERT(se.pos_q && v->nb[0] == ggml_type_size(v->type)); // flash attention: V not transposed
-    ggml_tensor * qg = se_q_streams(ctx, se.q, k->ne[3]);
+    ggml_tensor * qg   = se_q_streams(ctx, se.q, k->ne[3]);
+    ggml_tensor * mask = se.causal ? nullptr : kq_mask;
+    ggml_tensor * op   = nullptr;
     if (se.n_group > 0) {
-        ggml_tensor * op = ggml_flash_attn_ext_se_steps(ctx, q, k, v, kq_mask, qg, se.k, se.rope_mode, se.n_group, se.n_lo,
-                                                        se.pos_q, se.pos_k, se.n_window, kq_scale, softcap);
-        if (se.q_rot) {
-            ggml_flash_attn_ext_se_q_rot(op);
-        }
-        return op;
+        op = ggml_flash_attn_ext_se_steps(ctx, q, k, v, mask, qg, se.k, se.rope_mode, se.n_group, se.n_lo, se.pos_q,
+                                          se.pos_k, se.n_window, kq_scale, softcap);
+    } else if (se.rope_mode >= 0) {
+        op = ggml_flash_attn_ext_se_rot(ctx, q, k, v, mask, qg, ggml_permute(ctx, se.k, 0, 2, 1, 3), se.rope_mode,
+                                        se.pos_q, se.pos_k, se.n_window, kq_scale, softcap);
+    } else {
+        op = ggml_flash_attn_ext_se(ctx, q, k, v, mask, qg, ggml_permute(ctx, se.k, 0, 2, 1, 3), se.pos_q, se.pos_k,
+                                    se.n_window, kq_scale, softcap);
     }
-    ggml_tensor * kg = ggml_permute(ctx, se.k, 0, 2, 1, 3);
-    if (se.rope_mode >= 0) {
-        ggml_tensor * op = ggml_flash_attn_ext_se_rot(ctx, q, k, v, kq_mask, qg, kg, se.rope_mode, se.pos_q, se.pos_k,
-                                                      se.n_window, kq_scale, softcap);
-        if (se.q_rot) {
-            ggml_flash_attn_ext_se_q_rot(op);
-        }
-        return op;
+    if (se.q_rot) {
+        ggml_flash_attn_ext_se_q_rot(op);
     }
-    return ggml_flash_attn_ext_se(ctx, q, k, v, kq_mask, qg, kg, se.pos_q, se.pos_k, se.n_window, kq_scale, softcap);
+    if (se.causal) {
+        ggml_flash_attn_ext_se_causal(op);
+    }
+    return op;
 }
 
 ggml_tensor * llama_se_merge_kq(ggml_context * ctx, const llama_se_attn & se, ggml_tensor * kq) {

@@ -40,6 +40,9 @@ struct llama_se_inp {
     mutable ggml_tensor * k_rot = nullptr; // table form: the table once this graph stored its rows (first layer)
     ggml_tensor * pos_q   = nullptr; // I32 [n_tps, n_stream]             fused: query positions
     ggml_tensor * pos_k   = nullptr; // I32 [n_kv, n_stream]              fused: key (cell) positions
+    bool          causal  = false;   // fused: the op masks by the positions (pos_k -1: a cell the stream's sequence
+                                     // lacks) and the layers leave llama.cpp's mask out, which is then neither filled
+                                     // nor uploaded (se_causal_by_positions)
     ggml_tensor * nbr     = nullptr; // F32 [n_kv, n_tps, 1, n_stream]    generic: 1 where pos_q - pos_k <  W, else 0
     ggml_tensor * grp     = nullptr; // F32 [n_kv, n_tps, 1, n_stream]    generic: 1 - nbr
 };
@@ -54,6 +57,7 @@ struct llama_se_attn {
     ggml_tensor * grp   = nullptr;
     ggml_tensor * pos_q = nullptr; // set: build_attn_mha uses the fused op (llama_se_build_fattn)
     ggml_tensor * pos_k = nullptr;
+    bool          causal = false; // the op masks by the positions, without kq_mask (ggml_flash_attn_ext_se_causal)
     int32_t       n_window = 0;
     int32_t       rope_mode = -1; // >= 0: k is the rotation table of that RoPE mode (ggml_flash_attn_ext_se_rot)
     bool          q_rot = false;  // q is the queries' rows of that table, F32 [n_rot, 1, n_tokens] (se_q_rot)
@@ -96,8 +100,9 @@ bool llama_se_build_layer(
         llama_se_attn & out);
 
 // false when a graph built for inp cannot serve mctx's next ubatch: it rebuilt the grouped keys, or they
-// must be rebuilt now
-bool llama_se_can_reuse(const llama_se_inp & inp, const llama_kv_cache_context * mctx);
+// must be rebuilt now, or the ubatch's mask would be of the other kind
+bool llama_se_can_reuse(const llama_se_inp & inp, const llama_kv_cache_context * mctx, const llama_ubatch & ubatch,
+                        const llama_cparams & cparams);
 
 // Grouped keys go stale per cell, and are rebuilt in the next ubatch of their stream, so that one sequence's
 // K-shift or state load does not rebuild the keys of the others:
@@ -113,7 +118,8 @@ void llama_se_kcache_loaded(const llama_kv_cache & kv, uint32_t strm, const std:
 void llama_se_kcache_memory_breakdown(const llama_kv_cache & kv, std::map<ggml_backend_buffer_type_t, size_t> & ret);
 
 // The fused op: attention of the permuted q [n_embd_head_k, n_tps, n_head, n_stream] over the permuted k/v
-// views, as build_attn_mha's flash-attention branch; returns [n_embd_head_v, n_head, n_tps, n_stream].
+// views, as build_attn_mha's flash-attention branch; returns [n_embd_head_v, n_head, n_tps, n_stream]. kq_mask is
+// left out when se.causal.
 ggml_tensor * llama_se_build_fattn(
         ggml_context * ctx,
         const llama_se_attn & se,

@@ -146,6 +146,7 @@ struct llama_se_access {
     static uint32_t        stream0(const llama_kv_cache_context * m) { return m->sinfos[m->i_cur].s0; }
     static const llama_model & model(const llama_kv_cache * kv)     { return kv->model; }
     static const llama_kv_cells & cells(const llama_kv_cache * kv, uint32_t s) { return kv->v_cells[s]; }
+    static llama_swa_type  swa_type(const llama_kv_cache * kv)       { return kv->swa_type; }
     static uint32_t        stream_of(const llama_kv_cache * kv, llama_seq_id seq) { return kv->seq_to_stream[seq]; }
     static const auto &    layers(const llama_kv_cache * kv)        { return kv->layers; }
     static int32_t         layer_index(const llama_kv_cache * kv, int32_t il) { return kv->map_layer_ids.at(il); }

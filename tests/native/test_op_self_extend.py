@@ -102,11 +102,11 @@ def reference(c: Case, x: dict[str, np.ndarray], scale: float) -> np.ndarray:
 
 def run_op(g: Ggml, backend: int, c: Case, x: dict[str, np.ndarray], scale: float,
            vanilla: bool = False, rope_mode: int | None = None, q_rot: bool = False,
-           steps: tuple[int, int] | None = None) -> np.ndarray | None:
+           steps: tuple[int, int] | None = None, causal: bool = False) -> np.ndarray | None:
     """The op on one backend (``vanilla``: llama.cpp's ggml_flash_attn_ext on q, k, v, mask instead;
     ``rope_mode``: the rotation-table form, x["k_rot"] instead of x["k_g"]; ``steps`` = (G, n_lo) with it: the table
-    of steps x["k_rot"], [n_rows, n_rot]; ``q_rot``: x["q_rot"] instead of x["q_g"]); None when the backend does not
-    support this case."""
+    of steps x["k_rot"], [n_rows, n_rot]; ``q_rot``: x["q_rot"] instead of x["q_g"]; ``causal``: no mask, the op
+    masks by the positions, ggml_flash_attn_ext_se_causal); None when the backend does not support this case."""
     lib = g.lib
     ctx = lib.ggml_init(InitParams(64 * 1024 * 1024 // 64, None, True))
     H = c.n_head_kv * c.gqa
@@ -131,6 +131,8 @@ def run_op(g: Ggml, backend: int, c: Case, x: dict[str, np.ndarray], scale: floa
     if q_rot:
         del t["q_g"]
         t["q_rot"] = tensor(GGML_TYPE_F32, x["q_rot"].shape[-1], c.n_q, 1, c.n_stream)
+    if causal:
+        t["mask"] = None
     if steps:
         out = lib.ggml_flash_attn_ext_se_steps(ctx, t["q"], t["k"], t["v"], t["mask"], t["q_rot" if q_rot else "q_g"],
                                                t["k_rot"], rope_mode, *steps, t["pos_q"], t["pos_k"], c.W, scale,
@@ -148,6 +150,8 @@ def run_op(g: Ggml, backend: int, c: Case, x: dict[str, np.ndarray], scale: floa
     else:
         out = lib.ggml_flash_attn_ext_se(ctx, t["q"], t["k"], t["v"], t["mask"], t["q_g"], t["k_g"], t["pos_q"],
                                          t["pos_k"], c.W, scale, c.softcap)
+    if causal:
+        lib.ggml_flash_attn_ext_se_causal(out)
     try:
         if not lib.ggml_backend_supports_op(backend, out):
             return None
@@ -156,6 +160,8 @@ def run_op(g: Ggml, backend: int, c: Case, x: dict[str, np.ndarray], scale: floa
         buf = lib.ggml_backend_alloc_ctx_tensors(ctx, backend)
         try:
             for name, tensor_ in t.items():
+                if tensor_ is None:
+                    continue
                 a = np.ascontiguousarray(x[name])
                 if name == "k" and c.type_k == GGML_TYPE_Q8_0:
                     q8 = ctypes.create_string_buffer(lib.ggml_nbytes(tensor_))
@@ -251,6 +257,23 @@ def with_query_rows(rng: np.random.Generator, case: Case, x: dict[str, np.ndarra
     x["q_g"] = rotated(x["q"], x["q_rot"], mode)
 
 
+def with_table(rng: np.random.Generator, case: Case, x: dict[str, np.ndarray], mode: int, n_rot: int) -> None:
+    """x["k_rot"]: a random F16 table of rows (as libllama stores it), and x["k_g"] the keys rotated by it."""
+    x["k_rot"] = random_table(rng, (case.n_stream, 1, case.n_kv), n_rot, mode).astype(np.float16)
+    x["k_g"] = rotated(x["k"], x["k_rot"], mode)
+
+
+def with_steps(rng: np.random.Generator, x: dict[str, np.ndarray], mode: int, n_rot: int, G: int,
+               n_lo: int) -> np.ndarray:
+    """x["k_rot"]: a random table of steps with exactly the rows the highest position needs, and x["k_g"] each key
+    rotated by its two rows (an empty cell, at -1, by row 0); returns the steps back of each key, [n_stream, n_kv]."""
+    m = np.where(x["pos_k"] >= 0, x["pos_k"] - x["pos_k"] // G, 0)
+    steps = random_table(rng, (n_lo + int(np.max(m)) // n_lo + 1,), n_rot, mode)
+    x["k_rot"] = steps
+    x["k_g"] = rotated(rotated(x["k"], steps[m % n_lo][:, None], mode), steps[n_lo + m // n_lo][:, None], mode)
+    return m
+
+
 def assert_every_backend_matches(ggml: Ggml, case: Case, x: dict[str, np.ndarray], scale: float,
                                  want: np.ndarray, **form: Any) -> None:
     """run_op in the given form on every backend that has it (the CPU must) within 2e-3 of the output scale."""
@@ -274,8 +297,7 @@ def test_rotation_table_form_matches_reference(ggml: Ggml, case: Case, mode: int
     ggml_flash_attn_ext_se_q_rot the grouped queries are made from q and a table row per query the same way."""
     rng = np.random.default_rng(zlib.crc32(f"{case}-{mode}-{n_rot}-{q_rot}".encode()))
     x = make_inputs(case, rng)
-    x["k_rot"] = random_table(rng, (case.n_stream, 1, case.n_kv), n_rot, mode).astype(np.float16)  # as it is stored
-    x["k_g"] = rotated(x["k"], x["k_rot"], mode)
+    with_table(rng, case, x, mode, n_rot)
     if q_rot:
         with_query_rows(rng, case, x, n_rot, mode)
     scale = 1.0 / np.sqrt(case.D)
@@ -307,11 +329,8 @@ def test_table_of_steps_matches_reference(ggml: Ggml, case: Case, mode: int, n_r
     rng = np.random.default_rng(zlib.crc32(f"{case}-{mode}-{n_rot}-{G}-{n_lo}-{q_rot}".encode()))
     x = make_inputs(case, rng)
     x["pos_k"] = np.where(rng.random(x["pos_k"].shape) < 0.03, -1, x["pos_k"]).astype(np.int32)  # (masked anyway)
-    m_max = int(np.max(x["pos_k"] - x["pos_k"] // G))
-    steps = random_table(rng, (n_lo + m_max // n_lo + 1,), n_rot, mode)
-    x["k_rot"] = steps
-    m = np.where(x["pos_k"] >= 0, x["pos_k"] - x["pos_k"] // G, 0)  # [n_stream, n_kv]
-    x["k_g"] = rotated(rotated(x["k"], steps[m % n_lo][:, None], mode), steps[n_lo + m // n_lo][:, None], mode)
+    m = with_steps(rng, x, mode, n_rot, G, n_lo)
+    steps = x["k_rot"]
     if q_rot:
         with_query_rows(rng, case, x, n_rot, mode)
     scale = 1.0 / np.sqrt(case.D)
@@ -320,6 +339,69 @@ def test_table_of_steps_matches_reference(ggml: Ggml, case: Case, mode: int, n_r
     # both steps matter: the keys rotated by the single-position step alone are far off
     x_lo = dict(x, k_g=rotated(x["k"], steps[m % n_lo][:, None], mode))
     assert np.max(np.abs(reference(case, x_lo, scale) - want)) / np.max(np.abs(want)) > 10 * 2e-3
+
+
+def causal_inputs(case: Case, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """make_inputs with the mask that ggml_flash_attn_ext_se_causal derives from the positions instead: the queries a
+    fifth of the cells before the end (keys after a query lie in many tiles, for a decode too), 5 % empty cells at
+    position -1, a key visible when 0 <= pos_k <= pos_q, no additive bias."""
+    x = make_inputs(case, rng)
+    x["pos_q"] = (x["pos_q"] - case.n_kv // 5).astype(np.int32)
+    x["pos_k"] = np.where(rng.random(x["pos_k"].shape) < 0.05, -1, x["pos_k"]).astype(np.int32)
+    visible = (x["pos_k"][:, None, :] >= 0) & (x["pos_k"][:, None, :] <= x["pos_q"][:, :, None])  # [s, n_q, n_kv]
+    mask = np.full(x["mask"].shape, -np.inf, dtype=np.float32)
+    mask[:, :case.n_q][visible] = 0.0
+    x["mask"] = mask.astype(np.float16)
+    return x
+
+
+# (case, form): decode, odd and prefill query counts, heads of 64/128/256, two streams, a q8_0 K, soft-capping
+CAUSAL_CASES = [(Case(64, 2, 1, 1, 1, 700, GGML_TYPE_F16), "keys"), (Case(64, 2, 4, 7, 7, 300, GGML_TYPE_F16), "keys"),
+                (Case(128, 2, 8, 512, 512, 900, GGML_TYPE_F16), "keys"),
+                (Case(128, 2, 8, 7, 1, 1500, GGML_TYPE_F16, 2), "keys"),
+                (Case(128, 2, 1, 512, 64, 1000, GGML_TYPE_Q8_0, 2), "keys"),
+                (Case(64, 2, 4, 7, 64, 700, GGML_TYPE_F16, softcap=2.0), "keys"),
+                (Case(256, 1, 4, 512, 1, 2048, GGML_TYPE_F16), "keys"), (Case(256, 2, 2, 100, 512, 900, GGML_TYPE_F16), "keys"),
+                (Case(128, 2, 4, 512, 1, 2048, GGML_TYPE_F16), "table"),
+                (Case(128, 2, 8, 512, 512, 900, GGML_TYPE_F16), "table"),
+                (Case(256, 1, 4, 33, 1, 1000, GGML_TYPE_F16, 2), "table"),
+                (Case(64, 2, 4, 7, 1, 700, GGML_TYPE_F16), "steps"),
+                (Case(128, 2, 2, 100, 4, 1500, GGML_TYPE_F16, 2), "steps"),
+                (Case(256, 1, 4, 33, 1, 1000, GGML_TYPE_F16), "steps")]
+
+
+@pytest.mark.parametrize("case,form", CAUSAL_CASES, ids=[f"{c}-{f}" for c, f in CAUSAL_CASES])
+def test_causal_by_positions_matches_reference(ggml: Ggml, case: Case, form: str) -> None:
+    """ggml_flash_attn_ext_se_causal: without a mask, the op hides the keys after each query and the empty cells
+    (pos_k -1) by the positions, in every form of the grouped keys, on every backend that has the op: as the
+    reference with that mask. Each query here has keys after it among the cells, so a tile that is neither all
+    visible nor all hidden is in every case."""
+    rng = np.random.default_rng(zlib.crc32(f"{case}-{form}-causal".encode()))
+    x = causal_inputs(case, rng)
+    form_args: dict[str, Any] = {}
+    if form == "table":
+        with_table(rng, case, x, ROPE_NEOX, case.D)
+        with_query_rows(rng, case, x, case.D, ROPE_NEOX)
+        form_args = dict(rope_mode=ROPE_NEOX, q_rot=True)
+    elif form == "steps":
+        with_steps(rng, x, ROPE_NORM, case.D, 4, 16)
+        form_args = dict(rope_mode=ROPE_NORM, steps=(4, 16))
+    scale = 1.0 / np.sqrt(case.D)
+    want = reference(case, x, scale)
+    tol = 3e-2 if case.type_k == GGML_TYPE_Q8_0 else 2e-3
+    ran = []
+    for name, backend in ggml.backends.items():
+        got = run_op(ggml, backend, case, x, scale, causal=True, **form_args)
+        if got is None:
+            assert name != "CPU", "the CPU backend runs every form"
+            continue
+        err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+        assert err < tol, f"{name}: max error {err:.3g} (relative to the output scale) > {tol}"
+        ran.append(name)
+    assert "CPU" in ran
+    # the rule matters: the keys after the queries visible too are far off
+    acausal = dict(x, mask=np.where(x["pos_k"][:, None, :] >= 0, 0.0, -np.inf) + np.zeros(x["mask"].shape))
+    assert np.max(np.abs(reference(case, acausal, scale) - want)) / np.max(np.abs(want)) > 10 * tol
 
 
 def test_wrong_side_is_detected(ggml: Ggml) -> None:

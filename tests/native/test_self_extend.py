@@ -11,12 +11,13 @@ K caches round every cached key (rel. 5e-4 and ~4e-3): ATOL_F16 = 1e-2, ATOL_Q8 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tinymodel import (GGML_TYPE_F16, GPU_ATOL, ON_GPU, LlamaRunner, RunnerFactory, TinyModel, make_tiny_gguf,
-                       reference_logits)
+from tinymodel import (GGML_TYPE_F16, GPU_ATOL, ON_GPU, GgmlTensor, LlamaRunner, RunnerFactory, TinyModel,
+                       make_tiny_gguf, reference_logits)
 
 ATOL = GPU_ATOL if ON_GPU else 1e-4
 ATOL_F16 = max(1e-2, GPU_ATOL) if ON_GPU else 1e-2
@@ -439,6 +440,52 @@ def _interleaved(r: LlamaRunner, seqs: dict[int, tuple[list[int], list[int]]]) -
                              for i in range(0, len(toks), 64)])
     ids_arr = np.array(ids)
     return {s: logits[ids_arr == s] for s in seqs}
+
+
+@pytest.mark.parametrize("kv_unified", [False, True], ids=["stream-per-seq", "unified"])
+def test_fused_op_masks_by_positions_where_each_stream_holds_one_sequence(model: TinyModel, kv_unified: bool) -> None:
+    """Where every stream of a ubatch holds the tokens of one sequence, the fused op masks by the positions
+    (ggml_flash_attn_ext_se_causal: a key is visible when 0 <= its position <= the query's, a cell the sequence lacks
+    sits at -1) and takes no llama.cpp mask, which is then neither filled nor uploaded (n_tokens x n_kv halves a
+    ubatch); a unified cache's ubatch that mixes two sequences keeps that mask. The logits are the reference's in
+    every phase, also where a unified cache holds the other sequence's cells at the same positions: without the
+    sequence check one sequence would attend to the other's keys."""
+    if ON_GPU and model.head_dim not in (64, 128, 256):
+        pytest.skip("the CUDA kernel takes head sizes 64, 128 and 256")
+    ops: list[tuple[bool, int]] = []  # per fused op node: (has a mask, causal)
+
+    def record(node: GgmlTensor) -> None:
+        if node.name.startswith(b"fattn_self_extend"):
+            ops.append((bool(node.src[3]), node.op_params[10]))
+
+    def phase(decode: Callable[[], dict[int, np.ndarray]]) -> tuple[dict[int, np.ndarray], set[tuple[bool, int]]]:
+        ops.clear()
+        return decode(), set(ops)
+
+    a, b = tokens_for(model, 70, seed=25), tokens_for(model, 64, seed=26)
+    want = {0: reference_logits(model, a, ga_n=4, ga_w=16), 1: reference_logits(model, b, ga_n=4, ga_w=16)}
+    by_positions, with_mask = {(False, 1)}, {(True, 0)}
+    with LlamaRunner(model.path, n_ctx=512, n_batch=256, n_seq_max=2, kv_unified=kv_unified, flash_attn=True,
+                     on_tensor=record) as r:
+        assert r.set_self_extend(4, 16) == 0 and r.fused
+        # one sequence per batch, at the same positions: by the positions
+        got, kinds = phase(lambda: {0: r.decode(a[:50])})
+        assert kinds == by_positions
+        assert_close(got[0], want[0][:50], ATOL)
+        got, kinds = phase(lambda: {1: r.decode(b[:50], seq_id=1)})
+        assert kinds == by_positions
+        assert_close(got[1], want[1][:50], ATOL)
+        # both in one batch: a unified cache's one stream mixes them (llama.cpp's mask), else a stream each
+        got, kinds = phase(lambda: _interleaved(r, {0: (a[50:60], list(range(50, 60))),
+                                                    1: (b[50:60], list(range(50, 60)))}))
+        assert kinds == (with_mask if kv_unified else by_positions)
+        assert_close(got[0], want[0][50:60], ATOL)
+        assert_close(got[1], want[1][50:60], ATOL)
+        # and one at a time again, token by token
+        got, kinds = phase(lambda: {1: r.decode(b[60:], seq_id=1, chunk=1), 0: r.decode(a[60:], chunk=1)})
+        assert kinds == by_positions
+        assert_close(got[0], want[0][60:], ATOL)
+        assert_close(got[1], want[1][60:], ATOL)
 
 
 @pytest.mark.parametrize("kv_unified", [False, True], ids=["stream-per-seq", "unified"])

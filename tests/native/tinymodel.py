@@ -25,6 +25,16 @@ GPU_ATOL = 2e-2
 ARCHS = ("llama", "qwen2")  # llama: RoPE NORM (adjacent pairs); qwen2: RoPE NEOX (halves) + q/k/v biases
 
 
+class GgmlTensor(ctypes.Structure):
+    """struct ggml_tensor as the pinned ggml.h lays it out: what a graph node's operands and parameters are."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64),
+                ("extra", ctypes.c_void_p), ("padding", ctypes.c_char * 8)]
+
+
 @dataclass(frozen=True)
 class TinyLayer:
     """One decoder block's weights (float32, as written to the GGUF)."""
@@ -357,8 +367,10 @@ class LlamaRunner:
         n_threads: int = 2,
         verbose: bool = False,
         on_node: Callable[[str], None] | None = None,
+        on_tensor: Callable[[GgmlTensor], None] | None = None,
     ) -> None:
-        """``on_node``: called with the name of every node that a llama_decode computes (llama.cpp's cb_eval)."""
+        """``on_node``: called with the name of every node that a llama_decode computes (llama.cpp's cb_eval);
+        ``on_tensor``: with the node itself."""
         from selfext_cpp._lib import load_llama_cpp
 
         llama_cpp = load_llama_cpp()  # our libllama, before anything imports llama_cpp
@@ -391,14 +403,15 @@ class LlamaRunner:
         cparams.kv_unified = kv_unified
         cparams.swa_full = swa_full  # False: sliding-window layers get a cache of about their window only
         self._cb_eval: Any = None
-        if on_node is not None:
-            from selfext_cpp._ggml import libggml
-
-            get_name = libggml().ggml_get_name
+        if on_node is not None or on_tensor is not None:
 
             def cb_eval(t: int, ask: bool, user_data: int) -> bool:
                 if ask:  # the scheduler asks once per node whether we want its data: no, so it runs all at once
-                    on_node(get_name(t).decode())
+                    node = GgmlTensor.from_address(t)
+                    if on_node is not None:
+                        on_node(node.name.decode())
+                    if on_tensor is not None:
+                        on_tensor(node)
                 return False
 
             self._cb_eval = ll.ggml_backend_sched_eval_callback(cb_eval)  # kept alive with the context

@@ -19,7 +19,7 @@ STARTUP_TIMEOUT = 30.0  # seconds until a server listens (the machine is shared)
 RPC_CMD_SET_TENSOR, RPC_CMD_SET_TENSOR_HASH = 6, 7
 RPC_CMD_GRAPH_COMPUTE, RPC_CMD_HELLO, RPC_CMD_GRAPH_RECOMPUTE = 10, 14, 16
 HELLO_REQUEST = 24  # bytes: the client's connection capabilities
-OUR_PROTOCOL = (109, 0, 0)
+OUR_PROTOCOL = (110, 0, 0)
 
 
 def free_port() -> int:

@@ -69,7 +69,7 @@ def test_a_server_of_another_protocol_is_refused_at_the_hello(tiny_model: Path) 
         line = error_line(run(tiny_model, "-p", "hi", "-n", "2", "--rpc", fake.endpoint, "-ngl", "99"))
     finally:
         fake.close()
-    assert line == (f"selfext: error: RPC server {fake.endpoint} speaks RPC protocol 7.0.0, this client 109.0.0 "
+    assert line == (f"selfext: error: RPC server {fake.endpoint} speaks RPC protocol 7.0.0, this client 110.0.0 "
                     "(llama.cpp's with selfext's ops): run the rpc-server of the same selfext version there")
 
 

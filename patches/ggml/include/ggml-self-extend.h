@@ -25,7 +25,8 @@
 //
 // src[0..3] = q, k, v, mask (src[4], the sinks slot of ggml_flash_attn_ext, stays NULL), src[5..8] = q_g, k_g,
 // pos_q, pos_k; op_params = { scale, max_bias (must be 0), logit_softcap, precision, W, k_g is a rotation table
-// (0/1), its RoPE mode, q_g is a rotation table (0/1), G of a table of steps (0: none), its n_lo }.
+// (0/1), its RoPE mode, q_g is a rotation table (0/1), G of a table of steps (0: none), its n_lo, causal by the
+// positions (0/1) }.
 //
 // ggml_flash_attn_ext_se_rot: the same op without grouped keys. Its k_g is a rotation table
 //   k_rot  : F16/F32      [n_rot, n_kv, 1, ne3]      n_rot <= DK, even
@@ -51,6 +52,11 @@
 // makes q_g a rotation table as well: row i turns q (roped at pos_q[i]) into the grouped query, q_g[a] = q[a] cos -
 // q[b] sin, q_g[b] = q[a] sin + q[b] cos. The queries then need no RoPE node of their own; a kernel rotates each
 // query row as it loads it.
+//
+// ggml_flash_attn_ext_se_causal(op), on a node without a mask, masks by the positions instead: key j is visible to
+// query row i when 0 <= pos_k[j] <= pos_q[i] (an empty cell, or a cell of another sequence, at pos_k -1). That is the
+// causal mask of one sequence per stream, which the op then needs in no other form: no n_q x n_kv mask is made,
+// filled or read (for a long document on a fast GPU, filling and uploading it took most of a ubatch's time).
 
 #include "ggml.h"
 
@@ -107,6 +113,7 @@ GGML_API struct ggml_tensor * ggml_flash_attn_ext_se_steps(
         float                 logit_softcap);
 
 GGML_API void ggml_flash_attn_ext_se_q_rot(struct ggml_tensor * op);
+GGML_API void ggml_flash_attn_ext_se_causal(struct ggml_tensor * op);
 
 // The operands and parameters of a GGML_OP_FLASH_ATTN_EXT_SE node, read back from where ggml_flash_attn_ext_se
 // stores them: the one place backends learn the node's layout.
@@ -120,6 +127,7 @@ struct ggml_flash_attn_ext_se_args {
     int32_t q_rot;     // 1: q_g is a rotation table too (ggml_flash_attn_ext_se_q_rot)
     int32_t n_group;   // > 0: k_g is a table of steps (ggml_flash_attn_ext_se_steps) for this group size, 0: a row per key
     int32_t n_lo;      // steps: the rows of single positions, before the rows of n_lo positions each
+    int32_t causal;    // 1: no mask; key j is visible to row i when 0 <= pos_k[j] <= pos_q[i] (ggml_flash_attn_ext_se_causal)
 };
 
 static inline struct ggml_flash_attn_ext_se_args ggml_flash_attn_ext_se_get_args(const struct ggml_tensor * op) {
@@ -140,6 +148,7 @@ static inline struct ggml_flash_attn_ext_se_args ggml_flash_attn_ext_se_get_args
     a.q_rot     = op->op_params[7];
     a.n_group   = op->op_params[8];
     a.n_lo      = op->op_params[9];
+    a.causal    = op->op_params[10];
     return a;
 }
 

@@ -146,3 +146,8 @@ void ggml_flash_attn_ext_se_q_rot(struct ggml_tensor * op) {
     GGML_ASSERT(q_g->ne[0] == k_rot->ne[0] && q_g->ne[1] == q->ne[1] && q_g->ne[2] == 1 && q_g->ne[3] == q->ne[3]);
     op->op_params[7] = 1;
 }
+
+void ggml_flash_attn_ext_se_causal(struct ggml_tensor * op) {
+    GGML_ASSERT(op->op == GGML_OP_FLASH_ATTN_EXT_SE && op->src[3] == NULL && "the positions replace the mask");
+    op->op_params[10] = 1;
+}

@@ -126,18 +126,27 @@ inline void se_row_to_f32(const ggml_tensor * t, const char * row, float * out, 
 // The first step of a tile for one query at position pq: for its keys j < nk (positions pk[j], mask row mp or none),
 // sl[j] = the mask value (-inf: not visible; -inf too for j >= nk up to SE_TILE_KV) and gr[j] = 1 where the pair takes
 // the grouped operands (pq - pk[j] >= W); need_n / need_g are set when a visible pair takes the plain / grouped ones.
+// causal (no mask): the mask value is 0 where 0 <= pk[j] <= pq, else -inf (ggml_flash_attn_ext_se_causal).
 // Vectorized: as a scalar loop (a table lookup per mask value) it took about a tenth of a SmolLM2 prefill on 2 cores.
-inline void se_classify_row(const ggml_fp16_t * mp, const int32_t * pk, int32_t pq, int32_t W, int64_t nk, float * sl,
-                            uint8_t * gr, bool & need_n, bool & need_g) {
+inline void se_classify_row(const ggml_fp16_t * mp, bool causal, const int32_t * pk, int32_t pq, int32_t W, int64_t nk,
+                            float * sl, uint8_t * gr, bool & need_n, bool & need_g) {
     int64_t j = 0;
 #if defined(__AVX2__) && defined(__F16C__)
     const __m256i last = _mm256_set1_epi32(pq - W); // grouped: pk <= pq - W
+    const __m256i qpos = _mm256_set1_epi32(pq);
+    const __m256i zero = _mm256_setzero_si256();
     const __m256  ninf = _mm256_set1_ps(-INFINITY);
     unsigned any_n = 0, any_g = 0;
     for (; j + 8 <= nk; j += 8) {
-        const __m256 m = mp ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (mp + j))) : _mm256_setzero_ps();
-        _mm256_storeu_ps(sl + j, m);
         const __m256i   k   = _mm256_loadu_si256((const __m256i *) (pk + j));
+        __m256 m = _mm256_setzero_ps();
+        if (mp) {
+            m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (mp + j)));
+        } else if (causal) { // hidden: pk > pq or pk < 0
+            const __m256i hidden = _mm256_or_si256(_mm256_cmpgt_epi32(k, qpos), _mm256_cmpgt_epi32(zero, k));
+            m = _mm256_and_ps(_mm256_castsi256_ps(hidden), ninf);
+        }
+        _mm256_storeu_ps(sl + j, m);
         const unsigned  g   = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(k, last))) & 0xFFu;
         const unsigned  vis = _mm256_movemask_ps(_mm256_cmp_ps(m, ninf, _CMP_NEQ_OQ));
         // the 8 bits of g as 8 bytes of 0 or 1
@@ -151,7 +160,7 @@ inline void se_classify_row(const ggml_fp16_t * mp, const int32_t * pk, int32_t 
     need_n |= any_n != 0;
 #endif
     for (; j < nk; ++j) {
-        sl[j] = mp ? GGML_CPU_FP16_TO_FP32(mp[j]) : 0.0f;
+        sl[j] = mp ? GGML_CPU_FP16_TO_FP32(mp[j]) : causal && (pk[j] < 0 || pk[j] > pq) ? -INFINITY : 0.0f;
         gr[j] = pq - pk[j] >= W;
         if (sl[j] != -INFINITY) {
             need_g |=  gr[j];

@@ -87,7 +87,7 @@ void se_tile(const se_args & a, const se_plan & p, int64_t s, int64_t hk, int64_
         for (int64_t t = 0; t < nq; ++t) {
             const ggml_fp16_t * mp = a.mask ? (const ggml_fp16_t *) ((const char *) a.mask->data
                     + (i0 + t)*a.mask->nb[1] + (s % a.mask->ne[3])*a.mask->nb[3]) + ic : nullptr;
-            se_classify_row(mp, pk + ic, pq[t], a.n_window, nk, sel + t*SE_TILE_KV, grouped + t*SE_TILE_KV, need_n, need_g);
+            se_classify_row(mp, a.causal, pk + ic, pq[t], a.n_window, nk, sel + t*SE_TILE_KV, grouped + t*SE_TILE_KV, need_n, need_g);
         }
         if (!need_n && !need_g) {
             continue;

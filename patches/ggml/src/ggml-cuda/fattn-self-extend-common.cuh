@@ -41,6 +41,7 @@ struct fattn_se_params {
     const char * v;     int64_t nb_v1,  nb_v2,  nb_v3;  // F16 [D, n_kv, n_head_kv, ne3]
     const char * mask;  int64_t nb_m1,  nb_m3;          // F16 [>= n_kv padded to 8, >= n_q, 1, ne_m3] or nullptr
     int          ne_m3;                                 // 1 (broadcast over the streams) or ne3
+    int          causal;                                // no mask: key j is visible to query i when 0 <= pos_k[j] <= pos_q[i]
     const char * pos_q; int64_t nb_pq1;                 // I32 [n_q,  ne3]
     const char * pos_k; int64_t nb_pk1;                 // I32 [n_kv, ne3]
     float      * dst;                                   // F32 [D, n_head, n_q, ne3], contiguous

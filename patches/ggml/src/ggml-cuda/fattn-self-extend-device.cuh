@@ -124,11 +124,13 @@ static __device__ __forceinline__ void fattn_se_pos_range(const int * GGML_CUDA_
 
 // Decode: warp w's quarter of the class of a tile, keys w*T/4 .. (w + 1)*T/4 - 1, all rows of the block. Leaves
 // {any visible pair, any non-zero mask value, min and max pos_k over the keys visible to at least one row}.
-// A key is visible to a row if its mask value is not -inf; nvalid: keys of the tile that exist (0: a tile past the range).
+// A key is visible to a row if its mask value is not -inf, or (causal, no mask) if 0 <= pos_k <= the row's position:
+// then it is visible to some row if pos_k <= pq_max, and masked for some row unless pos_k <= pq_min. nvalid: keys of
+// the tile that exist (0: a tile past the range).
 template <int T>
 static __device__ __forceinline__ void fattn_se_class_part(
         int4 * GGML_CUDA_RESTRICT part, const int * GGML_CUDA_RESTRICT pos_tile, const half * GGML_CUDA_RESTRICT mask_tile,
-        const int rows, const int nvalid) {
+        const bool causal, const int pq_min, const int pq_max, const int rows, const int nvalid) {
     constexpr int KPW = T/FATTN_SE_NWARPS; // keys per warp
     constexpr int CPW = KPW/8;             // 8-key mask chunks per row and warp
     constexpr int RPP = WARP_SIZE/CPW;     // rows per pass over the warp's chunks
@@ -171,15 +173,21 @@ static __device__ __forceinline__ void fattn_se_class_part(
 
     // lane j < KPW looks at key kw + j, whose visibility is bit j%8 of chunk j/8, known to lane j/8 (among others)
     const uint32_t vis_chunk = __shfl_sync(0xFFFFFFFF, vis, (lane/8) % CPW, WARP_SIZE);
-    int pk_min = INT_MAX;
-    int pk_max = INT_MIN;
+    int  pk_min = INT_MAX;
+    int  pk_max = INT_MIN;
+    bool vis_k  = false; // causal: the lane's key is visible to some row
     if (lane < KPW && (vis_chunk >> (lane % 8)) & 1) {
-        pk_min = pos_tile[kw + lane];
-        pk_max = pk_min;
+        const int pk = pos_tile[kw + lane];
+        vis_k = !causal || (pk >= 0 && pk <= pq_max);
+        nz   |= causal && !(pk >= 0 && pk <= pq_min);
+        if (vis_k) {
+            pk_min = pk;
+            pk_max = pk;
+        }
     }
     pk_min = __reduce_min_sync(0xFFFFFFFF, pk_min);
     pk_max = __reduce_max_sync(0xFFFFFFFF, pk_max);
-    const int any_vis = __any_sync(0xFFFFFFFF, vis != 0);
+    const int any_vis = __any_sync(0xFFFFFFFF, causal ? vis_k : vis != 0);
     const int any_nz  = __any_sync(0xFFFFFFFF, nz  != 0);
     if (lane == 0) {
         *part = make_int4(any_vis, any_nz, pk_min, pk_max);

@@ -102,7 +102,8 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     // what tile t needs of its keys' positions and mask (decode: everything, its class is yet to be made); a grouped,
     // unmasked tile needs nothing, and then no address is computed
     auto load_pos_mask = [&](const int t, const int slot, const int cls) {
-        const bool pos  = decode || (cls & FATTN_SE_CLASS) == FATTN_SE_MIXED;
+        // (causal: a masked tile is masked by its positions)
+        const bool pos  = decode || (cls & FATTN_SE_CLASS) == FATTN_SE_MIXED || (p.causal && (cls & FATTN_SE_MASKED));
         const bool mask = decode || (cls & FATTN_SE_MASKED);
         if (!pos && !mask) {
             return;
@@ -259,7 +260,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                                                                 + fattn_se_lane_col<FATTN_SE_LDSM_BT>(lane));
 
     if constexpr (decode) {
-        fattn_se_class_part<T>(sC + w, sP, mask_rows ? sM : nullptr, rows, nvalid_of(0));
+        fattn_se_class_part<T>(sC + w, sP, mask_rows ? sM : nullptr, p.causal, pq_min, pq_max, rows, nvalid_of(0));
     }
     __syncthreads(); // Q_g staging consumed, (decode) class parts of tile 0 visible
 
@@ -290,8 +291,8 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         }
         int cls_next3 = 0; // prefill: class of tile t + 3, for the next step
         if constexpr (decode) {
-            fattn_se_class_part<T>(sC + w, sP + (1 - slot)*T, mask_rows ? sM + (1 - slot)*P.RPB*SM : nullptr, rows,
-                                   nvalid_of(t + 1));
+            fattn_se_class_part<T>(sC + w, sP + (1 - slot)*T, mask_rows ? sM + (1 - slot)*P.RPB*SM : nullptr, p.causal,
+                                   pq_min, pq_max, rows, nvalid_of(t + 1));
         } else {
             cls_next3 = class_of(t + 3);
         }
@@ -391,6 +392,19 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                         const float2 m2 = __half22float2(*(const half2 *) (mt + mrow[(l/2) % 2]*SM + 16*kk + S[kk].get_j(l)));
                         S[kk].x[l + 0] += FATTN_SE_LOG2E*m2.x;
                         S[kk].x[l + 1] += FATTN_SE_LOG2E*m2.y;
+                    }
+                }
+            } else if (!pure && p.causal && (cls & FATTN_SE_MASKED)) {
+                // keys after the column's query, and empty cells (pos_k -1)
+                const int * pk = sP + slot*T + KW*wk;
+#pragma unroll
+                for (int kk = 0; kk < KW/16; ++kk) {
+#pragma unroll
+                    for (int l = 0; l < S[kk].ne; ++l) {
+                        const int pkl = pk[16*kk + S[kk].get_j(l)];
+                        if (pkl < 0 || pkl > pq[(l/2) % 2]) {
+                            S[kk].x[l] = -INFINITY;
+                        }
                     }
                 }
             }
@@ -616,7 +630,13 @@ static __global__ void flash_attn_ext_se_classify(const fattn_se_params p, const
         bool vis0 = k     < p.n_kv; // visible to some row
         bool vis1 = k + 1 < p.n_kv;
         bool nz   = false;          // some row has a non-zero mask value for one of the keys
-        if (mask_rows && vis0) {
+        if (p.causal) { // visible to the rows at pq_max or before, and to all of them at pq_min or before
+            const int pk0 = vis0 ? pos_k[k]     : 0;
+            const int pk1 = vis1 ? pos_k[k + 1] : 0;
+            nz   = (vis0 && !(pk0 >= 0 && pk0 <= pq_min)) || (vis1 && !(pk1 >= 0 && pk1 <= pq_min));
+            vis0 = vis0 && pk0 >= 0 && pk0 <= pq_max;
+            vis1 = vis1 && pk1 >= 0 && pk1 <= pq_max;
+        } else if (mask_rows && vis0) {
             uint32_t any_vis = 0;   // per half: some row is not -inf
             uint32_t any_nz  = 0;   // per half: some row is not +-0
 #pragma unroll 8

@@ -329,7 +329,8 @@ static fattn_se_params fattn_se_params_from_tensor(const ggml_tensor * dst) {
         p.nb_m3 = mask->nb[3];
         p.ne_m3 = mask->ne[3];
     } else {
-        p.ne_m3 = 1;
+        p.ne_m3  = 1;
+        p.causal = a.causal;
     }
     p.pos_q = (const char *) pos_q->data; p.nb_pq1 = pos_q->nb[1];
     p.pos_k = (const char *) pos_k->data; p.nb_pk1 = pos_k->nb[1];
@@ -364,10 +365,11 @@ static fattn_se_params fattn_se_params_from_tensor(const ggml_tensor * dst) {
 // tensors, W, the plan's queries per block and the stream say everything the classes depend on.
 struct fattn_se_cls_key {
     const ggml_tensor * mask, * pos_q, * pos_k;
-    int                 W, RPB, stream;
+    int                 causal, W, RPB, stream;
 
     bool operator==(const fattn_se_cls_key & o) const {
-        return std::tie(mask, pos_q, pos_k, W, RPB, stream) == std::tie(o.mask, o.pos_q, o.pos_k, o.W, o.RPB, o.stream);
+        return std::tie(mask, pos_q, pos_k, causal, W, RPB, stream) ==
+               std::tie(o.mask, o.pos_q, o.pos_k, o.causal, o.W, o.RPB, o.stream);
     }
 };
 
@@ -406,7 +408,7 @@ static char * fattn_se_classes(ggml_backend_cuda_context & ctx, const ggml_flash
         fattn_se_classify(p, P, local.get(), ctx.stream());
         return local.get();
     }
-    const fattn_se_cls_key key = { a.mask, a.pos_q, a.pos_k, p.W, P.RPB, ctx.curr_stream_no };
+    const fattn_se_cls_key key = { a.mask, a.pos_q, a.pos_k, p.causal, p.W, P.RPB, ctx.curr_stream_no };
 
     std::lock_guard<std::mutex> lock(fattn_se_cls_mutex);
     fattn_se_cls_entry & e = fattn_se_cls_kept[&ctx];
