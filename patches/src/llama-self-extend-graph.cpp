@@ -37,16 +37,18 @@ static int64_t se_step_rows(const llama_kv_cache_context * mctx) {
     return llama_se_kcache::steps_rows(n_pos);
 }
 
-// Whether the fused op can mask ubatch's queries by the positions alone (llama_se_inp::causal): what llama.cpp's mask
-// of the cache holds then is, per stream, "the cell holds the stream's sequence and 0 <= its position <= the query's".
+// Whether the fused op masks ubatch's queries by the positions alone (llama_se_inp::causal): what llama.cpp's mask of
+// the cache holds then is, per stream, "the cell holds the stream's sequence and 0 <= its position <= the query's".
 // So: causal attention without ALiBi, SWA or 2-D positions, and in each stream the tokens of one sequence (llama.cpp's
-// mask reads a token's first sequence id). A ubatch whose tokens name no sequence (llama.cpp's graph reservation) keeps
-// the mask, so that the memory reserved covers it.
+// mask reads a token's first sequence id). A context whose one stream holds several sequences (a unified cache with
+// n_seq_max > 1, llama-server's default) keeps the mask for every ubatch: the graph that llama.cpp reserves memory with
+// has one sequence, and a later ubatch that mixes them would need more than it reserved.
 static bool se_causal_by_positions(const llama_kv_cache_context * mctx, const llama_ubatch & ubatch,
                                    const llama_cparams & cparams) {
     const llama_kv_cache * kv = llama_se_access::kv(mctx);
     if (!cparams.se_fa || !cparams.causal_attn || llama_se_access::model(kv).hparams.use_alibi ||
-        llama_se_access::swa_type(kv) != LLAMA_SWA_TYPE_NONE || ubatch.is_pos_2d()) {
+        llama_se_access::swa_type(kv) != LLAMA_SWA_TYPE_NONE || ubatch.is_pos_2d() ||
+        (cparams.kv_unified && cparams.n_seq_max > 1)) {
         return false;
     }
     const int64_t n_stream = cparams.kv_unified ? 1 : ubatch.n_seqs_unq;

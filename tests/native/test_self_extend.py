@@ -442,21 +442,40 @@ def _interleaved(r: LlamaRunner, seqs: dict[int, tuple[list[int], list[int]]]) -
     return {s: logits[ids_arr == s] for s in seqs}
 
 
-@pytest.mark.parametrize("kv_unified", [False, True], ids=["stream-per-seq", "unified"])
-def test_fused_op_masks_by_positions_where_each_stream_holds_one_sequence(model: TinyModel, kv_unified: bool) -> None:
-    """Where every stream of a ubatch holds the tokens of one sequence, the fused op masks by the positions
-    (ggml_flash_attn_ext_se_causal: a key is visible when 0 <= its position <= the query's, a cell the sequence lacks
-    sits at -1) and takes no llama.cpp mask, which is then neither filled nor uploaded (n_tokens x n_kv halves a
-    ubatch); a unified cache's ubatch that mixes two sequences keeps that mask. The logits are the reference's in
-    every phase, also where a unified cache holds the other sequence's cells at the same positions: without the
-    sequence check one sequence would attend to the other's keys."""
-    if ON_GPU and model.head_dim not in (64, 128, 256):
-        pytest.skip("the CUDA kernel takes head sizes 64, 128 and 256")
-    ops: list[tuple[bool, int]] = []  # per fused op node: (has a mask, causal)
-
+def _fused_op_kinds(ops: list[tuple[bool, int]]) -> Callable[[GgmlTensor], None]:
+    """An on_tensor callback that records (has a mask, masks by the positions) for every fused op node."""
     def record(node: GgmlTensor) -> None:
         if node.name.startswith(b"fattn_self_extend"):
             ops.append((bool(node.src[3]), node.op_params[10]))
+    return record
+
+
+@pytest.mark.parametrize("kv_unified", [False, True], ids=["split-kv", "unified-kv"])
+def test_fused_op_masks_one_sequence_by_positions(model: TinyModel, kv_unified: bool) -> None:
+    """A context of one sequence (the CLI's, the Python server's): every fused op, prefill and decode, masks by the
+    positions and reads no llama.cpp mask; the logits are the reference's."""
+    if ON_GPU and model.head_dim not in (64, 128, 256):
+        pytest.skip("the CUDA kernel takes head sizes 64, 128 and 256")
+    ops: list[tuple[bool, int]] = []
+    tokens = tokens_for(model, 80, seed=27)
+    with LlamaRunner(model.path, n_ctx=256, n_batch=64, n_ubatch=16, kv_unified=kv_unified, flash_attn=True,
+                     on_tensor=_fused_op_kinds(ops)) as r:
+        assert r.set_self_extend(4, 16) == 0 and r.fused
+        got = np.concatenate([r.decode(tokens[:64]), r.decode(tokens[64:], chunk=1)])
+    assert set(ops) == {(False, 1)} and len(ops) == model.n_layer * (4 + 16)
+    assert_close(got, reference_logits(model, tokens, ga_n=4, ga_w=16), ATOL)
+
+
+@pytest.mark.parametrize("kv_unified", [False, True], ids=["stream-per-seq", "unified"])
+def test_fused_op_masks_by_positions_where_each_stream_holds_one_sequence(model: TinyModel, kv_unified: bool) -> None:
+    """With a stream per sequence the fused op masks every ubatch by the positions (ggml_flash_attn_ext_se_causal: a
+    key is visible when 0 <= its position <= the query's) and takes no llama.cpp mask, which is then neither filled nor
+    uploaded (n_tokens x n_kv halves a ubatch), also for a ubatch of both sequences; a unified cache of two sequences
+    keeps that mask for every ubatch, as llama.cpp reserved its memory. The logits are the reference's in every phase
+    (the two sequences sit at the same positions)."""
+    if ON_GPU and model.head_dim not in (64, 128, 256):
+        pytest.skip("the CUDA kernel takes head sizes 64, 128 and 256")
+    ops: list[tuple[bool, int]] = []
 
     def phase(decode: Callable[[], dict[int, np.ndarray]]) -> tuple[dict[int, np.ndarray], set[tuple[bool, int]]]:
         ops.clear()
@@ -466,24 +485,25 @@ def test_fused_op_masks_by_positions_where_each_stream_holds_one_sequence(model:
     want = {0: reference_logits(model, a, ga_n=4, ga_w=16), 1: reference_logits(model, b, ga_n=4, ga_w=16)}
     by_positions, with_mask = {(False, 1)}, {(True, 0)}
     with LlamaRunner(model.path, n_ctx=512, n_batch=256, n_seq_max=2, kv_unified=kv_unified, flash_attn=True,
-                     on_tensor=record) as r:
+                     on_tensor=_fused_op_kinds(ops)) as r:
         assert r.set_self_extend(4, 16) == 0 and r.fused
-        # one sequence per batch, at the same positions: by the positions
+        expected = with_mask if kv_unified else by_positions
+        # one sequence per batch, at the same positions
         got, kinds = phase(lambda: {0: r.decode(a[:50])})
-        assert kinds == by_positions
+        assert kinds == expected
         assert_close(got[0], want[0][:50], ATOL)
         got, kinds = phase(lambda: {1: r.decode(b[:50], seq_id=1)})
-        assert kinds == by_positions
+        assert kinds == expected
         assert_close(got[1], want[1][:50], ATOL)
-        # both in one batch: a unified cache's one stream mixes them (llama.cpp's mask), else a stream each
+        # both in one batch
         got, kinds = phase(lambda: _interleaved(r, {0: (a[50:60], list(range(50, 60))),
                                                     1: (b[50:60], list(range(50, 60)))}))
-        assert kinds == (with_mask if kv_unified else by_positions)
+        assert kinds == expected
         assert_close(got[0], want[0][50:60], ATOL)
         assert_close(got[1], want[1][50:60], ATOL)
         # and one at a time again, token by token
         got, kinds = phase(lambda: {1: r.decode(b[60:], seq_id=1, chunk=1), 0: r.decode(a[60:], chunk=1)})
-        assert kinds == by_positions
+        assert kinds == expected
         assert_close(got[0], want[0][60:], ATOL)
         assert_close(got[1], want[1][60:], ATOL)
 
