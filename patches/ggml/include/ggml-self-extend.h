@@ -56,7 +56,7 @@
 // ggml_flash_attn_ext_se_causal(op), on a node without a mask, masks by the positions instead: key j is visible to
 // query row i when 0 <= pos_k[j] <= pos_q[i] (an empty cell, or a cell of another sequence, at pos_k -1). That is the
 // causal mask of one sequence per stream, which the op then needs in no other form: no n_q x n_kv mask is made,
-// filled or read (for a long document on a fast GPU, filling and uploading it took most of a ubatch's time).
+// filled or read (for a long document on a fast GPU, filling and uploading it took a third of a ubatch's time).
 
 #include "ggml.h"
 
