@@ -6,9 +6,9 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I../../include -I.. -I. fattn-self-extend-selftest.cu -o selftest && ./selftest
 // Exit status 0: every case within 1e-2 of its output scale (the largest |reference| of the case).
 // Options: --check runs the cases only (e.g. under compute-sanitizer), --perf the timings only (e.g. under ncu),
-// --splits times decode shapes with several numbers of KV splits. Decodes are timed with the grouped keys given, with a
-// rotation table, with a table of steps, and, for a ratio in the same run, through llama.cpp's own vector kernel
-// (fattn-vec.cuh) and its merge.
+// --splits times decode shapes with several numbers of KV splits (grouped keys given, and a rotation table). Decodes
+// are timed with the grouped keys given, with a rotation table, with a table of steps, and, for a ratio in the same
+// run, through llama.cpp's own vector kernel (fattn-vec.cuh) and its merge.
 
 #define GGML_CUDA_FATTN_SE_SELFTEST
 #include "fattn-self-extend.cu"
@@ -764,8 +764,10 @@ int main(int argc, char ** argv) {
             {"decode D=256 4/1 heads 64K",  256,  4, 1, 65536, 8192},
         };
         for (const auto & sh : shapes) {
-            for (const int ns : sweep) {
-                se_time(sh.name, sh.D, sh.n_head, sh.n_head_kv, 1, sh.n_kv, sh.W, prop.multiProcessorCount, ns);
+            for (const int rot : {int(FATTN_SE_ROT_NONE), int(FATTN_SE_ROT_NEOX)}) { // grouped keys, rotation table
+                for (const int ns : sweep) {
+                    se_time(sh.name, sh.D, sh.n_head, sh.n_head_kv, 1, sh.n_kv, sh.W, prop.multiProcessorCount, ns, rot);
+                }
             }
             se_time_decode(sh.name, sh.D, sh.n_head, sh.n_head_kv, sh.n_kv, sh.W, prop.multiProcessorCount);
         }
