@@ -149,9 +149,12 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     // block stages its NC x D values before its first tile, and with one wave of blocks all of them at once), so each
     // thread issues QK of them before it uses any: as a loop of one load after the other, with one select more in it,
     // the staging made the kernel 14 % slower in a prefill of 512-query ubatches on the 8B shape (H200; RESULTS 4.5).
+    // Only the columns with a query (the first rows*NHB) are read and converted: a one-token decode with 4 query heads
+    // per KV head has 4 of its 16, and the decode op is bound by the latency of its instructions (RESULTS 4.5).
     constexpr int QK = 8;
     static_assert((NC*D) % (QK*FATTN_SE_NTHREADS) == 0, "bad Q staging");
-    for (int e0 = 0; e0 < NC*D; e0 += QK*FATTN_SE_NTHREADS) {
+    const int ne_q = rows*P.NHB*D;
+    for (int e0 = 0; e0 < ne_q; e0 += QK*FATTN_SE_NTHREADS) {
         float x[QK];
         float y[QK];
         // (q_rot) the element's pair partner and the pair's cos and sin: loaded with the rest, combined after
@@ -169,7 +172,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
             x[k] = y[k] = xp[k] = sn[k] = 0.0f;
             co[k] = 1.0f;
             first[k] = true;
-            if (r < rows) {
+            if (e < ne_q) { // (r < rows)
                 const float * qr = (const float *) (p.q + s*p.nb_q3 + h*p.nb_q2 + (i0 + r)*p.nb_q1);
                 x[k] = qr[d];
                 if (p.q_rot == FATTN_SE_ROT_NONE) {
@@ -194,9 +197,15 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 #pragma unroll
         for (int k = 0; k < QK; ++k) {
             const int e = e0 + k*FATTN_SE_NTHREADS + tid;
-            sQ [(e / D)*SKV + e % D] = __float2half(P.q_scale*x[k]);
-            sQg[(e / D)*SKV + e % D] = __float2half(P.q_scale*y[k]);
+            if (e < ne_q) {
+                sQ [(e / D)*SKV + e % D] = __float2half(P.q_scale*x[k]);
+                sQg[(e / D)*SKV + e % D] = __float2half(P.q_scale*y[k]);
+            }
         }
+    }
+    for (int e = ne_q + 8*tid; e < NC*D; e += 8*FATTN_SE_NTHREADS) { // the other columns: 0, 16 bytes a store
+        *(uint4 *) (sQ  + (e / D)*SKV + e % D) = make_uint4(0, 0, 0, 0);
+        *(uint4 *) (sQg + (e / D)*SKV + e % D) = make_uint4(0, 0, 0, 0);
     }
 
     // The thread's columns j = 0, 1 are 16*wc + lane/4 + 8*j: their query (row of the mask tiles) and position.
