@@ -551,8 +551,10 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         KQ_sum[j] += __shfl_xor_sync(0xFFFFFFFF, KQ_sum[j], 1, WARP_SIZE);
         KQ_sum[j] += __shfl_xor_sync(0xFFFFFFFF, KQ_sum[j], 2, WARP_SIZE);
     }
+    // (only the columns with a query: a one-token decode with 4 query heads per KV head has 4 of 16)
     float  * eO  = (float *) fattn_se_smem;     // [NWK][NC][SO]
     float2 * eML = (float2 *) (eO + NWK*NC*SO); // [NWK][NC]: running max and sum
+    const int nc = rows*P.NHB;
     if (lane % 4 == 0) {
         eML[wk*NC + 16*wc + lane/4 + 0] = make_float2(KQ_max[0], KQ_sum[0]);
         eML[wk*NC + 16*wc + lane/4 + 8] = make_float2(KQ_max[1], KQ_sum[1]);
@@ -563,16 +565,15 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         for (int l = 0; l < O[d16].ne; l += 2) {
             const int c = 16*wc + O[d16].get_i(l);
             const int d = 16*d16 + O[d16].get_j(l);
-            *(float2 *) (eO + (wk*NC + c)*SO + d) = make_float2(O[d16].x[l], O[d16].x[l + 1]);
+            if (c < nc) {
+                *(float2 *) (eO + (wk*NC + c)*SO + d) = make_float2(O[d16].x[l], O[d16].x[l + 1]);
+            }
         }
     }
     __syncthreads();
 
-    for (int c = w; c < NC; c += FATTN_SE_NWARPS) {
+    for (int c = w; c < nc; c += FATTN_SE_NWARPS) {
         const int r = c / P.NHB;
-        if (r >= rows) {
-            continue;
-        }
         float M = eML[c].x;
 #pragma unroll
         for (int k = 1; k < NWK; ++k) {
