@@ -153,7 +153,8 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     // per KV head has 4 of its 16, and the decode op is bound by the latency of its instructions (RESULTS 4.5).
     constexpr int QK = 8;
     static_assert((NC*D) % (QK*FATTN_SE_NTHREADS) == 0, "bad Q staging");
-    const int ne_q = rows*P.NHB*D;
+    const int nc   = rows*P.NHB; // columns with a query
+    const int ne_q = nc*D;
     for (int e0 = 0; e0 < ne_q; e0 += QK*FATTN_SE_NTHREADS) {
         float x[QK];
         float y[QK];
@@ -551,10 +552,9 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         KQ_sum[j] += __shfl_xor_sync(0xFFFFFFFF, KQ_sum[j], 1, WARP_SIZE);
         KQ_sum[j] += __shfl_xor_sync(0xFFFFFFFF, KQ_sum[j], 2, WARP_SIZE);
     }
-    // (only the columns with a query: a one-token decode with 4 query heads per KV head has 4 of 16)
+    // (O of the columns with a query only, as Q above)
     float  * eO  = (float *) fattn_se_smem;     // [NWK][NC][SO]
     float2 * eML = (float2 *) (eO + NWK*NC*SO); // [NWK][NC]: running max and sum
-    const int nc = rows*P.NHB;
     if (lane % 4 == 0) {
         eML[wk*NC + 16*wc + lane/4 + 0] = make_float2(KQ_max[0], KQ_sum[0]);
         eML[wk*NC + 16*wc + lane/4 + 8] = make_float2(KQ_max[1], KQ_sum[1]);
