@@ -57,6 +57,12 @@ static __device__ __forceinline__ void fattn_se_steps_rows(const fattn_se_params
     r_hi = p.k_steps_lo + min(m >> p.k_steps_lo_log2, p.k_steps_hi - 1);
 }
 
+// The cos and sin (x, y) of a pair's angle through both steps of a key: the single step's a, then the larger one's b
+// (c = c1 c2 - s1 s2, s = s1 c2 + c1 s2, in f32).
+static __device__ __forceinline__ float2 fattn_se_steps_cs(const float2 a, const float2 b) {
+    return make_float2(a.x*b.x - a.y*b.y, a.y*b.x + a.x*b.y);
+}
+
 // Table of steps: its single-position rows into rows 0 .. p.k_steps_lo - 1 of the table region (rows of S halves, as
 // fattn_se_load_kv lays out a table's rows; D: halves per row, twice the floats). A loop, not fattn_se_load_kv's unrolled
 // passes: those hold 128 rows' addresses at once, 16-19 registers more in the decode kernel for heads of 256.
@@ -275,7 +281,7 @@ static __device__ __forceinline__ int fattn_se_rot_offset(const int r) {
 // element r of chunk d16 + D/32 are the two halves of the same pairs, whose cos and sin are half2 D/2 apart.
 // ROT_STEPS: instead of tab, lo[2*kk + j] and hi[2*kk + j] point at the lane's first element (column 2*(lane % 4)) of
 // the single-position and the larger step (f32) of key 16*kk + lane/4 + 8*j (in shared memory, the larger one maybe in
-// global); they compose as c = c1 c2 - s1 s2, s = s1 c2 + c1 s2 (in f32). A table of f16 rows rotates in half2
+// global); they compose in f32 (fattn_se_steps_cs). A table of f16 rows rotates in half2
 // arithmetic: a product rounded to f16 before the fma that adds it, 4 instructions per two pairs where converting to
 // f32 and back took about 20: the op's largest error in the self-test grows 1.1-2.0x, to 2.8e-4-5.2e-4 of the output
 // scale, as large as the other forms' (RESULTS 4.5).
@@ -302,7 +308,7 @@ static __device__ __forceinline__ void fattn_se_kq_rot(
                     if constexpr (STEPS) { // the pair's cos and sin: its single step's times its larger step's
                         const float2 l  = *(const float2 *) (lo[2*kk + r % 2] + 16*d16 + 8*(r/2));
                         const float2 h  = *(const float2 *) (hi[2*kk + r % 2] + 16*d16 + 8*(r/2));
-                        const float2 cs = make_float2(l.x*h.x - l.y*h.y, l.y*h.x + l.x*h.y);
+                        const float2 cs = fattn_se_steps_cs(l, h);
                         const float2 k  = __half22float2(K_B.x[r]);
                         K_B.x[r] = __floats2half2_rn(k.x*cs.x - k.y*cs.y, k.x*cs.y + k.y*cs.x);
                     } else { // (x, y) -> (x c - y s, x s + y c) = (x, x)(c, s) + (-y, y)(s, c)
@@ -342,8 +348,10 @@ static __device__ __forceinline__ void fattn_se_kq_rot(
                         const float * h  = hi[2*kk + r % 2] + 16*d16 + 8*(r/2);
                         const float2  c2 = *(const float2 *) h;
                         const float2  s2 = *(const float2 *) (h + D/2);
-                        const float2  c  = make_float2(c1.x*c2.x - s1.x*s2.x, c1.y*c2.y - s1.y*s2.y);
-                        const float2  sn = make_float2(s1.x*c2.x + c1.x*s2.x, s1.y*c2.y + c1.y*s2.y);
+                        const float2  px = fattn_se_steps_cs(make_float2(c1.x, s1.x), make_float2(c2.x, s2.x));
+                        const float2  py = fattn_se_steps_cs(make_float2(c1.y, s1.y), make_float2(c2.y, s2.y));
+                        const float2  c  = make_float2(px.x, py.x);
+                        const float2  sn = make_float2(px.y, py.y);
                         const float2  a  = __half22float2(K_a.x[r]);
                         const float2  b  = __half22float2(K_b.x[r]);
                         K_a.x[r] = __floats2half2_rn(a.x*c.x  - b.x*sn.x, a.y*c.y  - b.y*sn.y);

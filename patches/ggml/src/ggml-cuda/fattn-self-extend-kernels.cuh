@@ -865,9 +865,9 @@ static __global__ void flash_attn_ext_se_rotate_k(const fattn_se_params p, half 
             sn = __half2float(th[b]);
             return;
         }
-        const float c1 = t[a], s1 = t[b], c2 = t_hi[a], s2 = t_hi[b];
-        c  = c1*c2 - s1*s2;
-        sn = s1*c2 + c1*s2;
+        const float2 cs = fattn_se_steps_cs(make_float2(t[a], t[b]), make_float2(t_hi[a], t_hi[b]));
+        c  = cs.x;
+        sn = cs.y;
     };
     // the table's values of 8 consecutive dimensions from i, as floats
     auto tab8 = [&](const int i, float * out) {
