@@ -880,6 +880,11 @@ static __global__ void flash_attn_ext_se_rotate_k(const fattn_se_params p, half 
             out[2*m + 1] = f.y;
         }
     };
+    // a table of steps: 8 consecutive floats of row r from i, 16 bytes at a time
+    auto row8 = [](const float * r, const int i, float * out) {
+        *(float4 *) out       = *(const float4 *) (r + i);
+        *(float4 *) (out + 4) = *(const float4 *) (r + i + 4);
+    };
     half * y = k_g + ((int64_t(blockIdx.z)*gridDim.y + blockIdx.y)*p.n_kv + j)*D + d0;
     const int half_rot = n_rot/2;
 
@@ -887,14 +892,19 @@ static __global__ void flash_attn_ext_se_rotate_k(const fattn_se_params p, half 
     *(uint4 *) out = *(const uint4 *) (x + d0);
     if (d0 >= n_rot) {
         // past the rotated dimensions: copied
-    } else if (d0 + 8 <= n_rot && n_rot % 8 == 0 && (!neox || half_rot % 8 == 0)) { // (16-byte loads of halves)
+    } else if (d0 + 8 <= n_rot && n_rot % 8 == 0 && (!neox || half_rot % 8 == 0)) { // (16-byte loads)
         if (!neox) {
             // pairs (d0 + 2m, d0 + 2m + 1): cos, sin at the same dimensions of the table
             float c[8];
             if (t_hi) {
+                float a[8], b[8];
+                row8(t, d0, a);
+                row8(t_hi, d0, b);
 #pragma unroll
                 for (int m = 0; m < 4; ++m) {
-                    cs_of(d0 + 2*m, d0 + 2*m + 1, c[2*m], c[2*m + 1]);
+                    const float2 cs = fattn_se_steps_cs(make_float2(a[2*m], a[2*m + 1]), make_float2(b[2*m], b[2*m + 1]));
+                    c[2*m]     = cs.x;
+                    c[2*m + 1] = cs.y;
                 }
             } else {
                 tab8(d0, c);
@@ -912,9 +922,16 @@ static __global__ void flash_attn_ext_se_rotate_k(const fattn_se_params p, half 
             *(uint4 *) other = *(const uint4 *) (x + (first ? d0 + half_rot : i0));
             float c[8], sn[8];
             if (t_hi) {
+                float ac[8], as[8], bc[8], bs[8];
+                row8(t, i0, ac);
+                row8(t, i0 + half_rot, as);
+                row8(t_hi, i0, bc);
+                row8(t_hi, i0 + half_rot, bs);
 #pragma unroll
                 for (int m = 0; m < 8; ++m) {
-                    cs_of(i0 + m, i0 + m + half_rot, c[m], sn[m]);
+                    const float2 cs = fattn_se_steps_cs(make_float2(ac[m], as[m]), make_float2(bc[m], bs[m]));
+                    c[m]  = cs.x;
+                    sn[m] = cs.y;
                 }
             } else {
                 tab8(i0, c);
