@@ -141,13 +141,20 @@ static constexpr __host__ __device__ int fattn_se_rot_stride(const int D) {
 // Rows of those steps: the single steps and two larger ones.
 #define FATTN_SE_STEPS_ROWS (FATTN_SE_STEPS_LO_MAX + 2)
 
+// Whether the K/V tiles of a configuration are swizzled rows of D halves (fattn_se_chunk) rather than rows padded to D + 8:
+// prefill with heads up to 128 (for 256 the chunks' address arithmetic made the kernel spill registers).
+static constexpr __host__ __device__ bool fattn_se_swizzled(const int D, const bool decode) {
+    return !decode && D <= 128;
+}
+
 // Must match the carving of shared memory in flash_attn_ext_se_f16. rot (fattn_se_rot): K_g is the grouped keys' tile or a
-// rotation table tile (both T rows of D + 8 halves), or a table of steps' single steps and two larger steps.
+// rotation table tile (both T rows like K's), or a table of steps' single steps and two larger steps.
 static size_t fattn_se_nbytes_shared(const int D, const bool decode, const int RPB, const int rot) {
-    const int T = fattn_se_T(D, decode);
-    return 2*T*(D + 8)*sizeof(half)                     // K, V tiles, rows padded by 16 bytes
+    const int T  = fattn_se_T(D, decode);
+    const int SK = fattn_se_swizzled(D, decode) ? D : D + 8; // rows of a K/V tile: swizzled, or padded by 16 bytes
+    return 2*T*SK*sizeof(half)                          // K, V tiles
          + (rot & FATTN_SE_ROT_STEPS ? FATTN_SE_STEPS_ROWS*fattn_se_rot_stride(D)*sizeof(float) // steps,
-                                     : T*(D + 8)*sizeof(half))                               // K_g or table
+                                     : T*SK*sizeof(half))                                    // K_g or table
          + 2*RPB*(T + 8)*sizeof(half)                   // mask, 2 slots
          + 2*T*sizeof(int)                              // pos_k, 2 slots
          + FATTN_SE_NWARPS*sizeof(int4)                 // per warp parts of the class of the next tile

@@ -8,32 +8,43 @@
 // ------------------------------------------------------------------------------------------------------------------
 // device helpers
 
-// One K/V tile, rows k0 .. k0 + T - 1 of D halves, into shared memory rows of S halves (the padding of D + 8 makes ldmatrix
-// conflict-free). Rows past the end of the cache repeat its last row: their keys are masked, but V must stay finite since
-// P = 0 multiplies it. Thread tid always copies the same 16 byte column of every (128/(D/8))-th row. (Also the rows of a
-// rotation table: D = 2*(floats per row).)
-template <int D, int T, int S = D + 8>
+// Tiles of D halves per row without padding (SWZ) keep the 16-byte chunk c of row r at chunk c ^ (r % 8): the 8 rows that
+// one ldmatrix reads are then in 8 different bank groups, as the padding of rows to D + 8 halves makes them, while a row's
+// cp.async writes fill whole 128-byte lines (with the padding every row but one in 8 starts 16*(r % 8) bytes into one:
+// 2.6x the shared-memory wavefronts and 1.5x the L2 sectors of those loads, ncu on the prefill kernel, H200).
+// Offset in halves of chunk c (8 halves) of row r of a tile whose rows are S halves apart.
+template <bool SWZ, int S>
+static __device__ __forceinline__ int fattn_se_chunk(const int r, const int c) {
+    return r*S + 8*(SWZ ? c ^ (r & 7) : c);
+}
+
+// One K/V tile, rows k0 .. k0 + T - 1 of D halves, into shared memory rows of S halves: the padding of S = D + 8, or
+// S = D swizzled (SWZ, fattn_se_chunk); either makes ldmatrix conflict-free. Rows past the end of the cache repeat its
+// last row: their keys are masked, but V must stay finite since P = 0 multiplies it. Thread tid always copies the same
+// 16 byte column of every (128/(D/8))-th row. (Also the rows of a rotation table: D = 2*(floats per row).)
+template <int D, int T, int S = D + 8, bool SWZ = false>
 static __device__ __forceinline__ void fattn_se_load_kv(
         half * GGML_CUDA_RESTRICT tile, const char * GGML_CUDA_RESTRICT src, const int64_t nb1, const int k0, const int n_kv, const int tid) {
     constexpr int chunks_row = D/8;
     constexpr int rows_pass  = FATTN_SE_NTHREADS/chunks_row;
     static_assert(FATTN_SE_NTHREADS % chunks_row == 0 && T % rows_pass == 0, "bad K/V tile size");
+    static_assert(!SWZ || S == D, "a swizzled tile has no padding");
 
     const int j0 = tid / chunks_row;
     const int jc = tid % chunks_row;
-    const unsigned int dst = ggml_cuda_cvta_generic_to_shared(tile + j0*S + 8*jc);
+    const unsigned int dst = ggml_cuda_cvta_generic_to_shared(tile);
     const char * src_c = src + 16*jc;
     if (k0 + T <= n_kv) {
         src_c += int64_t(k0 + j0)*nb1;
 #pragma unroll
         for (int i = 0; i < T/rows_pass; ++i) {
-            cp_async_cg_16<64>(dst + i*rows_pass*S*sizeof(half), src_c + i*rows_pass*nb1);
+            cp_async_cg_16<64>(dst + fattn_se_chunk<SWZ, S>(j0 + i*rows_pass, jc)*sizeof(half), src_c + i*rows_pass*nb1);
         }
     } else {
 #pragma unroll
         for (int i = 0; i < T/rows_pass; ++i) {
             const int64_t k = min(k0 + j0 + i*rows_pass, n_kv - 1);
-            cp_async_cg_16<64>(dst + i*rows_pass*S*sizeof(half), src_c + k*nb1);
+            cp_async_cg_16<64>(dst + fattn_se_chunk<SWZ, S>(j0 + i*rows_pass, jc)*sizeof(half), src_c + k*nb1);
         }
     }
 }
@@ -220,6 +231,18 @@ static __device__ __forceinline__ int fattn_se_lane_col(const int lane) {
     return kind == FATTN_SE_LDSM_B ? 8*((lane/8) % 2) : 8*(lane/16);
 }
 
+// A swizzled tile (fattn_se_chunk): the lane's row r has r % 8 == lane % 8 for every kind and its chunk is c = 0 or 1,
+// so chunk 2*d16 + c of its row lies at 2*(d16 ^ swz) + (c ^ (lane % 2)) with swz = (lane/2) % 4: the lane's address
+// of dimensions 0 .. 7 plus 32*(d16 ^ swz) bytes.
+template <fattn_se_ldsm_kind kind>
+static __device__ __forceinline__ int fattn_se_lane_swz_offset(const int lane, const int S) {
+    return fattn_se_lane_row<kind>(lane)*S + 8*((fattn_se_lane_col<kind>(lane)/8) ^ (lane % 2));
+}
+
+static __device__ __forceinline__ int fattn_se_lane_swz(const int lane) {
+    return (lane/2) % 4;
+}
+
 template <fattn_se_ldsm_kind kind>
 static __device__ __forceinline__ void fattn_se_ldsm(tile<16, 8, half2> & t, const uint32_t addr) {
 #if defined(AMPERE_MMA_AVAILABLE)
@@ -241,11 +264,12 @@ static __device__ __forceinline__ void fattn_se_ldsm(tile<16, 8, half2> & t, con
 }
 
 // S[kk] = Q K^T for the 16 columns of a warp and the keys 16*kk .. 16*kk + 15, kk < NK. K: the lane's B address
-// (fattn_se_lane_row/col) of the first key row, rows SKV halves apart. Q comes from registers (Q_reg) or, if Q_reg is
-// null, from shared memory at the lane's A address Q_sm.
+// (fattn_se_lane_row/col) of the first key row, rows SKV halves apart; in a swizzled tile (fattn_se_chunk) the lane's
+// chunk of dimensions 16*d16 .. lies 32*(d16 ^ swz) bytes after it (fattn_se_lane_swz), else swz is 0. Q comes from
+// registers (Q_reg) or, if Q_reg is null, from shared memory at the lane's A address Q_sm.
 template <int D, int NK, int SKV>
 static __device__ __forceinline__ void fattn_se_kq(
-        tile<16, 16, float> * S, const tile<16, 8, half2> * Q_reg, const uint32_t Q_sm, const uint32_t K) {
+        tile<16, 16, float> * S, const tile<16, 8, half2> * Q_reg, const uint32_t Q_sm, const uint32_t K, const int swz = 0) {
 #pragma unroll
     for (int kk = 0; kk < NK; ++kk) {
         S[kk] = tile<16, 16, float>{};
@@ -261,7 +285,7 @@ static __device__ __forceinline__ void fattn_se_kq(
 #pragma unroll
         for (int kk = 0; kk < NK; ++kk) {
             tile<16, 8, half2> K_B;
-            fattn_se_ldsm<FATTN_SE_LDSM_B>(K_B, K + (16*kk*SKV + 16*d16)*sizeof(half));
+            fattn_se_ldsm<FATTN_SE_LDSM_B>(K_B, K + 16*kk*SKV*sizeof(half) + 32*(d16 ^ swz));
             mma(S[kk], Q_A, K_B);
         }
     }

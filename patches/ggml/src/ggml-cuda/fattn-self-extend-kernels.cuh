@@ -23,7 +23,9 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     constexpr int  NWK    = FATTN_SE_NWARPS/NWC; // warps along the keys of a tile
     constexpr int  NC     = 16*NWC;              // columns per block
     constexpr int  KW     = T/NWK;               // keys per warp and tile
-    constexpr int  SKV    = D + 8;               // row stride of the K/V/Q tiles in halves
+    constexpr int  SKV    = D + 8;               // row stride of the Q tiles (and decode's K/V tiles) in halves
+    constexpr bool SWZ    = fattn_se_swizzled(D, NWC == 1); // K/K_g/V tiles without padding, swizzled (fattn_se_chunk)
+    constexpr int  SKVT   = SWZ ? D : SKV;       // row stride of the K/K_g/V tiles in halves
     constexpr int  SM     = T + 8;               // row stride of the mask tiles in halves
     constexpr int  SO     = D + 4;               // row stride of the f32 O staging of the epilogue
     constexpr bool decode = NWC == 1;
@@ -38,7 +40,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     static_assert(decode || FATTN_SE_TC % T == 0, "a tile must lie in one classified tile");
     static_assert(ROT == FATTN_SE_ROT_NONE || decode, "a prefill reads K_g from a scratch (flash_attn_ext_se_rotate_k)");
     // the epilogue reuses the K/K_g/V tiles and what follows them, up to the end of Q
-    static_assert(NWK*NC*(SO*sizeof(float) + sizeof(float2)) <= (3*T + NC)*SKV*sizeof(half), "epilogue does not fit");
+    static_assert(NWK*NC*(SO*sizeof(float) + sizeof(float2)) <= (3*T*SKVT + NC*SKV)*sizeof(half), "epilogue does not fit");
 
     // 2^x as one MUFU.EX2 with or without -use_fast_math: the softmax needs neither IEEE rounding nor subnormal results
     auto exp2_approx = [](const float x) {
@@ -87,14 +89,16 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 
     extern __shared__ half2 fattn_se_smem[];
     half * sK  = (half *) fattn_se_smem;
-    half * sKg = sK  + T*SKV;               // or the table tile, or (steps) single and larger steps, rows of D + 8 floats
-    half * sV  = sKg + (ROT & FATTN_SE_ROT_STEPS ? 2*FATTN_SE_STEPS_ROWS*fattn_se_rot_stride(D) : T*SKV);
-    half * sM  = sV  + T*SKV;               // mask of tile t at sM + (t % 2)*P.RPB*SM
+    half * sKg = sK  + T*SKVT;              // or the table tile, or (steps) single and larger steps, rows of D + 8 floats
+    half * sV  = sKg + (ROT & FATTN_SE_ROT_STEPS ? 2*FATTN_SE_STEPS_ROWS*fattn_se_rot_stride(D) : T*SKVT);
+    half * sM  = sV  + T*SKVT;              // mask of tile t at sM + (t % 2)*P.RPB*SM
     int  * sP  = (int *) (sM + 2*P.RPB*SM); // pos_k of tile t at sP + (t % 2)*T
     int4 * sC  = (int4 *) (sP + 2*T);       // quarters of the class of the next tile
     half * sQ  = (half *) (sC + FATTN_SE_NWARPS);
-    // Q_g is staged where no load is in flight yet: V, or (prefill with T < NC) K and K_g, which follow each other
-    half * sQg = NC <= T ? sV : sK;
+    // Q_g is staged (rows of SKV halves) where no load is in flight yet: decode: V; prefill: K and what follows it (K_g,
+    // V), whose loads start once Q_g is in registers
+    half * sQg = decode ? sV : sK;
+    static_assert(NC*SKV <= (decode ? T*SKVT : 3*T*SKVT), "Q_g does not fit");
 
     auto nvalid_of = [&](const int t) {
         return t < ntb ? min(T, p.n_kv - (kt0 + t)*T) : 0;
@@ -114,13 +118,13 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     auto load_k = [&](const int t, const int cls) { // the key operands the class of tile t needs
         const int k0 = (kt0 + t)*T;
         if (cls & (ROT ? FATTN_SE_CLASS : FATTN_SE_NEIGHBOUR)) {
-            fattn_se_load_kv<D, T>(sK, K, p.nb_k1, k0, p.n_kv, tid);
+            fattn_se_load_kv<D, T, SKVT, SWZ>(sK, K, p.nb_k1, k0, p.n_kv, tid);
         }
         if (cls & FATTN_SE_GROUPED) {
             if constexpr (ROT & FATTN_SE_ROT_STEPS) { // positions of tile t: in its slot since (A) of the step before
                 fattn_se_load_steps_hi<2*D, 2*fattn_se_rot_stride(D)>(sKg, p, nvalid_of(t) > 0 ? sP[(t % 2)*T] : 0, tid);
             } else { // the grouped keys, or the table tile (f16 rows of D, like K)
-                fattn_se_load_kv<D, T>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
+                fattn_se_load_kv<D, T, SKVT, SWZ>(sKg, Kg, p.nb_kg1, k0, p.n_kv, tid);
             }
         }
     };
@@ -258,16 +262,20 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     for (int d16 = 0; d16 < D/16; ++d16) {
         load_ldmatrix(Qg_A[d16], (const half2 *) (sQg + 16*wc*SKV) + 8*d16, SKV/2);
     }
-    // the lane's ldmatrix addresses of its warp's Q rows, first K/K_g row and first V row
+    // the lane's ldmatrix addresses of its warp's Q rows, first K/K_g row and first V row; a load of dimensions 16*d16 ..
+    // adds 32*(d16 ^ swz) bytes (fattn_se_lane_swz; swz = 0 where the tiles are padded)
     const uint32_t Q_sm = ggml_cuda_cvta_generic_to_shared(sQ + (16*wc + fattn_se_lane_row<FATTN_SE_LDSM_A>(lane))*SKV
                                                                 + fattn_se_lane_col<FATTN_SE_LDSM_A>(lane));
-    const uint32_t K_sm = ggml_cuda_cvta_generic_to_shared(sK + (KW*wk + fattn_se_lane_row<FATTN_SE_LDSM_B>(lane))*SKV
-                                                                + fattn_se_lane_col<FATTN_SE_LDSM_B>(lane));
-    const uint32_t Kg_sm = K_sm + T*SKV*sizeof(half); // sKg follows sK
+    const int swz = SWZ ? fattn_se_lane_swz(lane) : 0;
+    const uint32_t K_sm = ggml_cuda_cvta_generic_to_shared(sK + KW*wk*SKVT + (SWZ
+        ? fattn_se_lane_swz_offset<FATTN_SE_LDSM_B>(lane, SKVT)
+        : fattn_se_lane_row<FATTN_SE_LDSM_B>(lane)*SKVT + fattn_se_lane_col<FATTN_SE_LDSM_B>(lane)));
+    const uint32_t Kg_sm = K_sm + T*SKVT*sizeof(half); // sKg follows sK
     // (ROT) the lane's first table element: row lane/4 of the warp's first key, column 2*(lane % 4)
     const half * tab = sKg + (KW*wk + lane/4)*SKV + 2*(lane % 4);
-    const uint32_t V_sm = ggml_cuda_cvta_generic_to_shared(sV + (KW*wk + fattn_se_lane_row<FATTN_SE_LDSM_BT>(lane))*SKV
-                                                                + fattn_se_lane_col<FATTN_SE_LDSM_BT>(lane));
+    const uint32_t V_sm = ggml_cuda_cvta_generic_to_shared(sV + KW*wk*SKVT + (SWZ
+        ? fattn_se_lane_swz_offset<FATTN_SE_LDSM_BT>(lane, SKVT)
+        : fattn_se_lane_row<FATTN_SE_LDSM_BT>(lane)*SKVT + fattn_se_lane_col<FATTN_SE_LDSM_BT>(lane)));
 
     if constexpr (decode) {
         fattn_se_class_part<T>(sC + w, sP, mask_rows ? sM : nullptr, p.causal, pq_min, pq_max, rows, nvalid_of(0));
@@ -297,7 +305,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
         __syncthreads(); // (A): K part(t) and pos/mask(t + 1) are here, every warp is done with V(t - 1)
 
         if (work) {
-            fattn_se_load_kv<D, T>(sV, V, p.nb_v1, (kt0 + t)*T, p.n_kv, tid);
+            fattn_se_load_kv<D, T, SKVT, SWZ>(sV, V, p.nb_v1, (kt0 + t)*T, p.n_kv, tid);
         }
         int cls_next3 = 0; // prefill: class of tile t + 3, for the next step
         if constexpr (decode) {
@@ -359,10 +367,10 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                 if constexpr (ROT) {
                     kq_rot(S, std::integral_constant<int, KW/16>(), 0);
                 } else {
-                    fattn_se_kq<D, KW/16, SKV>(S, Qg_A, 0, Kg_sm);
+                    fattn_se_kq<D, KW/16, SKVT>(S, Qg_A, 0, Kg_sm, swz);
                 }
             } else {
-                fattn_se_kq<D, KW/16, SKV>(S, nullptr, Q_sm, K_sm);
+                fattn_se_kq<D, KW/16, SKVT>(S, nullptr, Q_sm, K_sm, swz);
                 if ((cls & FATTN_SE_CLASS) == FATTN_SE_MIXED) {
                     // the tile straddles pos_q - pos_k = W: both products, the positions pick one per (column, key)
                     const int * pk = sP + slot*T + KW*wk;
@@ -372,7 +380,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
                         if constexpr (ROT) {
                             kq_rot(&Sg, std::integral_constant<int, 1>(), kk);
                         } else {
-                            fattn_se_kq<D, 1, SKV>(&Sg, Qg_A, 0, Kg_sm + 16*kk*SKV*sizeof(half));
+                            fattn_se_kq<D, 1, SKVT>(&Sg, Qg_A, 0, Kg_sm + 16*kk*SKVT*sizeof(half), swz);
                         }
 #pragma unroll
                         for (int l = 0; l < Sg.ne; ++l) {
@@ -509,7 +517,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 #pragma unroll
                     for (int d16 = 0; d16 < D/16; ++d16) {
                         tile<16, 8, half2> V_B; // V^T: dims x keys
-                        fattn_se_ldsm<FATTN_SE_LDSM_BT>(V_B, V_sm + (16*kk*SKV + 16*d16)*sizeof(half));
+                        fattn_se_ldsm<FATTN_SE_LDSM_BT>(V_B, V_sm + 16*kk*SKVT*sizeof(half) + 32*(d16 ^ swz));
                         mma(O[d16], P_A[0], V_B);
                     }
                 }
@@ -523,7 +531,7 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
 #pragma unroll
                     for (int kk = 0; kk < KW/16; ++kk) {
                         tile<16, 8, half2> V_B; // V^T: dims x keys
-                        fattn_se_ldsm<FATTN_SE_LDSM_BT>(V_B, V_sm + (16*kk*SKV + 16*d16)*sizeof(half));
+                        fattn_se_ldsm<FATTN_SE_LDSM_BT>(V_B, V_sm + 16*kk*SKVT*sizeof(half) + 32*(d16 ^ swz));
                         mma(O[d16], P_A[kk], V_B);
                     }
                 }
