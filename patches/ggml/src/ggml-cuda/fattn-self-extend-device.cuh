@@ -231,12 +231,14 @@ static __device__ __forceinline__ int fattn_se_lane_col(const int lane) {
     return kind == FATTN_SE_LDSM_B ? 8*((lane/8) % 2) : 8*(lane/16);
 }
 
-// A swizzled tile (fattn_se_chunk): the lane's row r has r % 8 == lane % 8 for every kind and its chunk is c = 0 or 1,
-// so chunk 2*d16 + c of its row lies at 2*(d16 ^ swz) + (c ^ (lane % 2)) with swz = (lane/2) % 4: the lane's address
-// of dimensions 0 .. 7 plus 32*(d16 ^ swz) bytes.
-template <fattn_se_ldsm_kind kind>
-static __device__ __forceinline__ int fattn_se_lane_swz_offset(const int lane, const int S) {
-    return fattn_se_lane_row<kind>(lane)*S + 8*((fattn_se_lane_col<kind>(lane)/8) ^ (lane % 2));
+// Offset in halves of the lane's ldmatrix row and first column in a tile of rows S halves apart. In a swizzled tile
+// (SWZ, fattn_se_chunk) the lane's row r has r % 8 == lane % 8 for every kind and its chunk is c = 0 or 1, so chunk
+// 2*d16 + c of its row lies at 2*(d16 ^ swz) + (c ^ (lane % 2)) with swz = (lane/2) % 4 (fattn_se_lane_swz): this
+// offset (the chunk for dimensions 0 .. 7) plus 32*(d16 ^ swz) bytes.
+template <fattn_se_ldsm_kind kind, bool SWZ>
+static __device__ __forceinline__ int fattn_se_lane_offset(const int lane, const int S) {
+    const int c = fattn_se_lane_col<kind>(lane)/8;
+    return fattn_se_lane_row<kind>(lane)*S + 8*(SWZ ? c ^ (lane % 2) : c);
 }
 
 static __device__ __forceinline__ int fattn_se_lane_swz(const int lane) {

@@ -267,15 +267,13 @@ static __global__ void flash_attn_ext_se_f16(const fattn_se_params p, const fatt
     const uint32_t Q_sm = ggml_cuda_cvta_generic_to_shared(sQ + (16*wc + fattn_se_lane_row<FATTN_SE_LDSM_A>(lane))*SKV
                                                                 + fattn_se_lane_col<FATTN_SE_LDSM_A>(lane));
     const int swz = SWZ ? fattn_se_lane_swz(lane) : 0;
-    const uint32_t K_sm = ggml_cuda_cvta_generic_to_shared(sK + KW*wk*SKVT + (SWZ
-        ? fattn_se_lane_swz_offset<FATTN_SE_LDSM_B>(lane, SKVT)
-        : fattn_se_lane_row<FATTN_SE_LDSM_B>(lane)*SKVT + fattn_se_lane_col<FATTN_SE_LDSM_B>(lane)));
+    const uint32_t K_sm = ggml_cuda_cvta_generic_to_shared(
+        sK + KW*wk*SKVT + fattn_se_lane_offset<FATTN_SE_LDSM_B, SWZ>(lane, SKVT));
     const uint32_t Kg_sm = K_sm + T*SKVT*sizeof(half); // sKg follows sK
     // (ROT) the lane's first table element: row lane/4 of the warp's first key, column 2*(lane % 4)
     const half * tab = sKg + (KW*wk + lane/4)*SKV + 2*(lane % 4);
-    const uint32_t V_sm = ggml_cuda_cvta_generic_to_shared(sV + KW*wk*SKVT + (SWZ
-        ? fattn_se_lane_swz_offset<FATTN_SE_LDSM_BT>(lane, SKVT)
-        : fattn_se_lane_row<FATTN_SE_LDSM_BT>(lane)*SKVT + fattn_se_lane_col<FATTN_SE_LDSM_BT>(lane)));
+    const uint32_t V_sm = ggml_cuda_cvta_generic_to_shared(
+        sV + KW*wk*SKVT + fattn_se_lane_offset<FATTN_SE_LDSM_BT, SWZ>(lane, SKVT));
 
     if constexpr (decode) {
         fattn_se_class_part<T>(sC + w, sP, mask_rows ? sM : nullptr, p.causal, pq_min, pq_max, rows, nvalid_of(0));
