@@ -142,7 +142,8 @@ static constexpr __host__ __device__ int fattn_se_rot_stride(const int D) {
 #define FATTN_SE_STEPS_ROWS (FATTN_SE_STEPS_LO_MAX + 2)
 
 // Whether the K/V tiles of a configuration are swizzled rows of D halves (fattn_se_chunk) rather than rows padded to D + 8:
-// prefill with heads up to 128 (for 256 the chunks' address arithmetic made the kernel spill registers).
+// prefill with heads up to 128. For 256 the swizzle did not pay: this address arithmetic spilled registers, and an XOR per
+// ldmatrix address that does not made the prefill 2.6-5.4 % slower (a padded row of 512 bytes wastes less of its lines).
 static constexpr __host__ __device__ bool fattn_se_swizzled(const int D, const bool decode) {
     return !decode && D <= 128;
 }
